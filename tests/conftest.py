@@ -1,0 +1,32 @@
+"""Shared fixtures. No test reaches real AWS or the internet: fake credentials, a
+private CLOUDTRAIN_HOME, and no profile or config file from the developer's machine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloudtrain.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def fake_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Fake credentials and an isolated home for every test."""
+    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                "AWS_ENDPOINT_URL", "AWS_REGION", "CLOUDTRAIN_SSH_CIDR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKEFAKEFAKEFAKE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret-never-leaves-this-machine")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("CLOUDTRAIN_HOME", str(tmp_path / "cloudtrain-home"))
+    monkeypatch.setenv("CLOUDTRAIN_OWNER", "tester@testhost")
+
+
+@pytest.fixture
+def settings(fake_aws: None) -> Iterator[Settings]:
+    yield Settings.from_env()
