@@ -1,0 +1,275 @@
+"""The ``cloudtrain`` command: parse flags, call the API, render with rich, map errors to exit codes.
+
+The one place a ``CloudtrainError`` becomes a message, a hint and an exit status.
+Heavy imports (boto3, moto) happen inside the commands, so ``--help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from cloudtrain import __version__
+from cloudtrain.errors import CloudtrainError, ExitCode, InputError
+from cloudtrain.settings import Settings
+
+if TYPE_CHECKING:
+    from cloudtrain.planner import Plan
+    from cloudtrain.report import CostReport, CostTotals
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+out = Console(soft_wrap=True)
+if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+    out = Console(soft_wrap=True, width=120)
+err = Console(stderr=True, soft_wrap=True)
+
+
+class Context:
+    """What the top-level options decide, handed to every command."""
+
+    def __init__(self, profile: str | None, debug: bool) -> None:
+        self.profile = profile
+        self.debug = debug
+
+    @functools.cached_property
+    def settings(self) -> Settings:
+        return Settings.from_env(profile=self.profile)
+
+
+def _raise_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(ExitCode.SIGTERM)
+
+
+def handle_errors(func: F) -> F:
+    """Turn cloudtrain errors into one message, a hint and the documented exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context().find_object(Context)
+        debug = bool(ctx and ctx.debug)
+        try:
+            return func(*args, **kwargs)
+        except CloudtrainError as e:
+            if debug:
+                err.print_exception()
+            err.print(f"[bold red]error:[/] {e.message}", highlight=False, markup=True)
+            if e.hint:
+                err.print(f"[bold]hint:[/] {e.hint}", highlight=False)
+            sys.exit(int(e.exit_code))
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]")
+            sys.exit(int(ExitCode.SIGINT))
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="cloudtrain")
+@click.option("--profile", metavar="NAME", help="AWS named profile (default: boto3's credential chain).")
+@click.option("--debug", is_flag=True, help="Show tracebacks and AWS calls.")
+@click.pass_context
+def main(ctx: click.Context, profile: str | None, debug: bool) -> None:
+    """Train a Keras job on the cheapest AWS GPU spot instance that fits it.
+
+    \b
+    Exit codes: 0 success, 1 the training command failed, 2 invalid input or an
+    impossible plan, 3 cloud or remote failure, 4 budget reached, 130 SIGINT, 143 SIGTERM.
+    Add --dry-run to a command to use the local simulated AWS (no account needed).
+    """
+    ctx.obj = Context(profile, debug)
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        logging.getLogger("botocore").setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _raise_sigterm)
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+# --- plan ------------------------------------------------------------------------------
+
+
+def _money(value: float) -> str:
+    return f"${value:,.4f}" if value < 10 else f"${value:,.2f}"
+
+
+def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
+    job = plan.job
+    where = "simulated AWS (dry-run)" if plan.simulated else plan.region
+    table = Table(title=f"Offers for {job.name} ({job.backend}) in {where}, best per type",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("type", no_wrap=True)
+    table.add_column("GPUs", no_wrap=True)
+    table.add_column("AZ", no_wrap=True)
+    price_header = "spot $/h" if plan.lifecycle.value == "spot" else "$/h"
+    for header in (price_header, "on-demand", "saving"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("price", no_wrap=True)
+    best_per_type: dict[str, Any] = {}
+    for offer in plan.offers:
+        best_per_type.setdefault(offer.instance.name, offer)
+    for offer in list(best_per_type.values())[:top]:
+        chosen = offer is plan.choice
+        itype = offer.instance
+        table.add_row(
+            ("→ " if chosen else "  ") + itype.name,
+            f"{itype.gpu_count} x {itype.gpu} {itype.gpu_memory_gib:g}G",
+            offer.zone or "any",
+            _money(offer.price_per_hour), _money(offer.on_demand_per_hour),
+            f"{offer.saving_pct:.0f}%", offer.price_source,
+            style="bold green" if chosen else None,
+        )
+    console.print(table)
+    choice = plan.choice
+    console.print(
+        f"Choice: [bold]{choice.instance.name}[/] ({choice.instance.gpu_count} x {choice.instance.gpu}) "
+        f"in {choice.zone or plan.region}, {choice.lifecycle.value} at {_money(choice.price_per_hour)}/h "
+        f"({choice.price_source}), {choice.saving_pct:.0f}% below on-demand "
+        f"{_money(choice.on_demand_per_hour)}/h",
+        highlight=False,
+    )
+    if choice.note:
+        console.print(f"Note: {choice.note} (catalog of {plan.catalog_date}).", highlight=False)
+    if plan.estimate:
+        est = plan.estimate
+        console.print(
+            f"Estimate for budget.max_hours {est.hours:g} h: compute {_money(est.compute_usd)} + "
+            f"EBS {job.resources.disk_gb} GiB {_money(est.ebs_usd)} = [bold]{_money(est.total_usd)}[/]",
+            highlight=False,
+        )
+    else:
+        console.print("No estimate: set budget.max_hours in the job to see what a run would cost.")
+
+
+@main.command("plan")
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--dry-run", is_flag=True, help="Use the simulated AWS and its prices (no account needed).")
+@pass_context
+@handle_errors
+def plan_command(ctx: Context, job: str, as_json: bool, dry_run: bool) -> None:
+    """Show which GPU spot instance JOB would rent, and what it would cost.
+
+    JOB is a job file (job.yaml); it is validated before any AWS call.
+    """
+    from cloudtrain.api import plan_job
+
+    plan = plan_job(job, ctx.settings, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(plan.to_json(), indent=2))
+    else:
+        render_plan(plan, out)
+
+
+# --- schema ----------------------------------------------------------------------------
+
+
+@main.command("schema")
+@handle_errors
+def schema_command() -> None:
+    """Print the job file's JSON Schema (for editor completion)."""
+    from cloudtrain.api import job_schema
+
+    click.echo(json.dumps(job_schema(), indent=2))
+
+
+# --- cost-report -----------------------------------------------------------------------
+
+
+def _parse_when(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InputError(f"{option} '{value}' is not a date",
+                         hint=f"Use ISO 8601, e.g. {option} 2026-11-01 or 2026-11-01T12:00:00Z.") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _totals_line(label: str, totals: CostTotals) -> str:
+    saving = f"{totals.saving_pct:.0f}%" if totals.saving_pct is not None else "-"
+    return (f"{label}: {totals.runs} runs, {totals.hours:,.2f} h, {_money(totals.total_usd)} "
+            f"(compute {_money(totals.cost_usd)} + EBS {_money(totals.ebs_usd)}); "
+            f"on-demand would be {_money(totals.on_demand_usd)}, saved {saving}")
+
+
+def render_cost_report(report: CostReport, console: Console) -> None:
+    key_header = {"run": "run", "day": "day", "instance-type": "instance type"}[report.group_by]
+    table = Table(title=f"Costs by {key_header}", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    table.add_column(key_header)
+    if report.group_by != "instance-type":
+        table.add_column("instance types")
+    if report.group_by == "run":
+        table.add_column("state")
+    for header in ("hours", "cost", "on-demand", "saving", "EBS", "total"):
+        table.add_column(header, justify="right")
+    for row in report.rows:
+        cells = [row.key + (" (sim)" if row.simulated and report.group_by == "run" else "")]
+        if report.group_by != "instance-type":
+            cells.append(", ".join(row.instance_types) or "-")
+        if report.group_by == "run":
+            cells.append(row.state or "")
+        saving = f"{row.saving_pct:.0f}%" if row.saving_pct is not None else "-"
+        cells += [f"{row.hours:,.2f}", _money(row.cost_usd), _money(row.on_demand_usd), saving,
+                  _money(row.ebs_usd), _money(row.total_usd)]
+        table.add_row(*cells, style="dim" if row.simulated else None)
+    console.print(table)
+    if report.matched > len(report.rows):
+        console.print(f"Showing the {len(report.rows)} most recent of {report.matched}; "
+                      "totals cover all (--limit to change).")
+    console.print(_totals_line("Real spend", report.real), highlight=False)
+    console.print(_totals_line("Simulated (dry-run)", report.simulated), highlight=False)
+
+
+@main.command("cost-report")
+@click.option("--since", metavar="DATE", help="Only runs created at or after DATE (ISO 8601, UTC).")
+@click.option("--until", metavar="DATE", help="Only runs created before DATE (ISO 8601, UTC).")
+@click.option("--group-by", type=click.Choice(["run", "day", "instance-type"]), default="run",
+              show_default=True, help="One row per run, per day, or per instance type.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+              show_default=True, help="Output format; csv and json list every row.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Rows in the table (most recent first); totals always cover every run.")
+@pass_context
+@handle_errors
+def cost_report_command(ctx: Context, since: str | None, until: str | None, group_by: str,
+                        fmt: str, as_json: bool, limit: int) -> None:
+    """What every run cost, and what it saved against on-demand.
+
+    A run relaunched after a spot interruption is one row summed over its instances.
+    Billing is per second with a 60 s minimum; a launch that never ran costs nothing.
+    Dry-run runs are marked simulated and totalled apart from real spend.
+    """
+    from cloudtrain.ledger import Ledger
+    from cloudtrain.report import cost_report, to_csv, to_json
+
+    fmt = "json" if as_json else fmt
+    with Ledger.open(ctx.settings) as ledger:
+        report = cost_report(ledger, since=_parse_when(since, "--since"), until=_parse_when(until, "--until"),
+                             group_by=group_by, limit=limit if fmt == "table" else None)
+    if fmt == "json":
+        click.echo(json.dumps(to_json(report), indent=2))
+    elif fmt == "csv":
+        click.echo(to_csv(report), nl=False)
+    else:
+        render_cost_report(report, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,443 @@
+"""AWS through boto3: spot prices, key pairs, security groups, images, launch, terminate.
+
+The only module (with its siblings in ``cloudtrain.cloud``) that imports boto3. Clients
+are made from ``Settings`` when needed, never at import time, so the dry-run
+simulator can point them at its own endpoint. botocore's standard retry mode handles
+throttling; every ``ClientError`` that reaches the user becomes a ``CloudtrainError``
+with a hint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    NoRegionError,
+    PartialCredentialsError,
+    WaiterError,
+)
+
+from cloudtrain.errors import (
+    CapacityError,
+    CloudError,
+    CredentialsError,
+    InputError,
+    PriceError,
+    QuotaError,
+)
+from cloudtrain.records import SpotPrice, iso, utcnow
+from cloudtrain.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TAG_RUN_ID = "cloudtrain:run-id"
+TAG_OWNER = "cloudtrain:owner"
+TAG_EXPIRES = "cloudtrain:expires"
+DEFAULT_IMAGE_PATTERN = "cloudtrain-gpu-*"
+RETRY_CONFIG = {"mode": "standard", "max_attempts": 8}
+SIMULATED_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+# The Service Quotas a launch can hit, by instance family letter and market.
+QUOTA_NAMES = {
+    ("g", True): "All G and VT Spot Instance Requests (L-3819A6DF)",
+    ("p", True): "All P Spot Instance Requests (L-7212CCBC)",
+    ("g", False): "Running On-Demand G and VT instances (L-DB2E81BA)",
+    ("p", False): "Running On-Demand P instances (L-417A185B)",
+}
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    name: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Image:
+    id: str
+    name: str
+    root_device_name: str
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """Everything ``run_instances`` needs, decided before the call."""
+
+    run_id: str
+    instance_type: str
+    zone: str | None
+    spot: bool
+    max_price: float | None
+    disk_gb: int
+    image: Image
+    key: KeyPair
+    security_group_id: str
+    client_token: str
+    tags: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class LaunchedInstance:
+    """What describe_instances says about a running instance."""
+
+    id: str
+    instance_type: str
+    zone: str
+    lifecycle: str  # "spot" | "on-demand"
+    public_ip: str | None
+    launched_at: datetime
+    state: str
+
+
+def quota_name(instance_type: str, spot: bool) -> str:
+    return QUOTA_NAMES.get((instance_type[:1], spot), "the EC2 vCPU quota for this instance family")
+
+
+def run_tags(run_id: str, owner: str, expires: datetime) -> dict[str, str]:
+    return {TAG_RUN_ID: run_id, TAG_OWNER: owner, TAG_EXPIRES: iso(expires), "Name": run_id}
+
+
+def _tag_spec(resource: str, tags: Mapping[str, str]) -> dict[str, Any]:
+    return {"ResourceType": resource, "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
+
+
+def translate(error: Exception, operation: str, *, instance_type: str = "", spot: bool = True) -> Exception:
+    """A cloudtrain error, with a hint, for a botocore error."""
+    if isinstance(error, NoCredentialsError | PartialCredentialsError):
+        return CredentialsError(
+            "no AWS credentials found",
+            hint="Run `aws configure`, set AWS_PROFILE or pass --profile; or try --dry-run.",
+        )
+    if isinstance(error, NoRegionError):
+        return InputError("no AWS region set", hint="Set resources.region in the job or AWS_DEFAULT_REGION.")
+    if isinstance(error, EndpointConnectionError):
+        return CloudError(f"cannot reach AWS for {operation}: {error}", hint="Check the network connection.")
+    if not isinstance(error, ClientError):
+        return CloudError(f"AWS {operation} failed: {error}")
+    code = error.response.get("Error", {}).get("Code", "")
+    message = error.response.get("Error", {}).get("Message", "")
+    if code in ("AuthFailure", "InvalidClientTokenId", "UnrecognizedClientException",
+                "SignatureDoesNotMatch", "ExpiredToken", "RequestExpired"):
+        return CredentialsError(f"AWS refused the credentials ({code}): {message}",
+                                hint="Refresh the credentials, or choose another --profile.")
+    if code == "UnauthorizedOperation":
+        return CredentialsError(f"not allowed to call {operation}: {message}",
+                                hint="Grant the IAM permission named above to this user or role.")
+    if code == "VcpuLimitExceeded":
+        return QuotaError(
+            f"the vCPU quota does not allow {instance_type or 'this instance'}: {message}",
+            hint=f"Ask for more in Service Quotas: {quota_name(instance_type, spot)}.",
+        )
+    if code == "MaxSpotInstanceCountExceeded":
+        return QuotaError(f"too many spot instances already: {message}",
+                          hint=f"Ask for more in Service Quotas: {quota_name(instance_type, True)}; "
+                          "or run `cloudtrain status` to find running ones.")
+    if code == "InsufficientInstanceCapacity":
+        return CapacityError(f"AWS has no {instance_type or 'instance'} capacity now: {message}",
+                             hint="Try another zone or GPU, or try again later.")
+    if code == "SpotMaxPriceTooLow":
+        return PriceError(f"the spot price is above max_price: {message}",
+                          hint="Raise resources.max_price in the job file.")
+    if code in ("RequestLimitExceeded", "Throttling", "ThrottlingException"):
+        return CloudError(f"AWS kept throttling {operation} after retries: {message}",
+                          hint="Wait a minute and run again.")
+    if code.startswith("InvalidAMIID"):
+        return InputError(f"the image cannot be used: {message}",
+                          hint="Check resources.image, and that it exists in the job's region.")
+    return CloudError(f"AWS {operation} failed ({code}): {message}")
+
+
+@contextmanager
+def aws_errors(operation: str, *, instance_type: str = "", spot: bool = True) -> Iterator[None]:
+    try:
+        yield
+    except (ClientError, BotoCoreError) as e:
+        raise translate(e, operation, instance_type=instance_type, spot=spot) from e
+
+
+def make_client(settings: Settings, service: str, region: str) -> Any:
+    """A boto3 client with standard retries, pointed at the simulator in dry-run."""
+    config = Config(retries=RETRY_CONFIG, connect_timeout=10, read_timeout=60)  # type: ignore[arg-type]
+    if settings.simulated:
+        session = boto3.Session(region_name=region, **SIMULATED_CREDENTIALS)
+    else:
+        session = boto3.Session(profile_name=settings.profile, region_name=region)
+    return session.client(service, config=config, endpoint_url=settings.endpoint_url)  # type: ignore[call-overload]
+
+
+def _private_key_ok(path: Path) -> None:
+    """Refuse a key folder or key file that others can read."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    wanted = 0o700 if path.is_dir() else 0o600
+    if mode & 0o077:
+        raise InputError(
+            f"{path} has permissions {mode:o}; others could read the private key",
+            hint=f"Run: chmod {wanted:o} {path}",
+        )
+
+
+def caller_cidr(settings: Settings) -> str:
+    """The /32 of the caller's public address, for the SSH ingress rule."""
+    if settings.ssh_cidr:
+        return settings.ssh_cidr
+    try:
+        with urllib.request.urlopen("https://checkip.amazonaws.com", timeout=5) as reply:
+            address = reply.read().decode().strip()
+    except OSError as e:
+        raise CloudError(
+            f"cannot find this machine's public IP address: {e}",
+            hint="Set CLOUDTRAIN_SSH_CIDR to your public address, e.g. 203.0.113.7/32.",
+        ) from e
+    return f"{address}/32"
+
+
+class AwsCloud:
+    """EC2 in one region, for one settings: every AWS call cloudtrain makes."""
+
+    def __init__(self, settings: Settings, region: str) -> None:
+        self.settings = settings
+        self.region = region
+        self.ec2 = make_client(settings, "ec2", region)
+
+    # --- prices ------------------------------------------------------------------------
+
+    def spot_prices(
+        self, instance_types: Sequence[str], zones: Sequence[str] | None = None,
+        now: datetime | None = None,
+    ) -> list[SpotPrice]:
+        """The current spot price of each type in each zone (the latest observation)."""
+        if not instance_types:
+            return []
+        kwargs: dict[str, Any] = {
+            "InstanceTypes": list(instance_types),
+            "ProductDescriptions": ["Linux/UNIX", "Linux/UNIX (Amazon VPC)"],
+            "StartTime": now or utcnow(),
+        }
+        if zones:
+            kwargs["Filters"] = [{"Name": "availability-zone", "Values": list(zones)}]
+        prices: list[SpotPrice] = []
+        with aws_errors("DescribeSpotPriceHistory"):
+            for page in self.ec2.get_paginator("describe_spot_price_history").paginate(**kwargs):
+                for item in page["SpotPriceHistory"]:
+                    stamp = item["Timestamp"]
+                    if stamp.tzinfo is None:
+                        stamp = stamp.replace(tzinfo=timezone.utc)
+                    prices.append(SpotPrice(item["InstanceType"], item["AvailabilityZone"],
+                                            float(item["SpotPrice"]), stamp))
+        return prices
+
+    # --- key pair ------------------------------------------------------------------------
+
+    def ensure_key_pair(self, run_id: str, tags: Mapping[str, str]) -> KeyPair:
+        """The run's key pair: private key 0600 in a 0700 folder, reused on relaunch."""
+        keys = self.settings.keys_dir
+        keys.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private_key_ok(keys)
+        name = f"cloudtrain-{run_id}"
+        path = keys / f"{run_id}.pem"
+        with aws_errors("DescribeKeyPairs"):
+            found = self.ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])["KeyPairs"]
+        if path.exists() and found:
+            _private_key_ok(path)
+            return KeyPair(name, path)
+        if found:  # the private half is lost: replace the pair
+            self.delete_key_pair(name)
+        with aws_errors("CreateKeyPair"):
+            created = self.ec2.create_key_pair(
+                KeyName=name, KeyType="ed25519", TagSpecifications=[_tag_spec("key-pair", tags)]
+            )
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(created["KeyMaterial"])
+        log.info("created key pair %s (%s)", name, path)
+        return KeyPair(name, path)
+
+    def delete_key_pair(self, name: str) -> None:
+        with aws_errors("DeleteKeyPair"):
+            self.ec2.delete_key_pair(KeyName=name)
+
+    # --- security group ------------------------------------------------------------------
+
+    def create_security_group(self, run_id: str, cidr: str, tags: Mapping[str, str]) -> str:
+        """A per-run group allowing tcp/22 from ``cidr`` only."""
+        with aws_errors("DescribeVpcs"):
+            vpcs = self.ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
+        if not vpcs:
+            raise CloudError(f"no default VPC in {self.region}",
+                             hint="Create one with `aws ec2 create-default-vpc`.")
+        with aws_errors("CreateSecurityGroup"):
+            group_id: str = self.ec2.create_security_group(
+                GroupName=f"cloudtrain-{run_id}",
+                Description=f"cloudtrain run {run_id}: ssh from the controller only",
+                VpcId=vpcs[0]["VpcId"],
+                TagSpecifications=[_tag_spec("security-group", tags)],
+            )["GroupId"]
+        with aws_errors("AuthorizeSecurityGroupIngress"):
+            self.ec2.authorize_security_group_ingress(
+                GroupId=group_id,
+                IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+                                "IpRanges": [{"CidrIp": cidr, "Description": "cloudtrain controller"}]}],
+            )
+        log.info("created security group %s for %s (ssh from %s)", group_id, run_id, cidr)
+        return group_id
+
+    def delete_security_group(self, group_id: str, attempts: int = 20, delay: float = 3.0) -> None:
+        """Delete the group, waiting out the seconds AWS keeps it attached after termination."""
+        for attempt in range(attempts):
+            try:
+                self.ec2.delete_security_group(GroupId=group_id)
+                log.info("deleted security group %s", group_id)
+                return
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                if code == "InvalidGroup.NotFound":
+                    return
+                if code != "DependencyViolation" or attempt == attempts - 1:
+                    raise translate(e, "DeleteSecurityGroup") from e
+                time.sleep(delay)
+
+    # --- image ---------------------------------------------------------------------------
+
+    def resolve_image(self, image: str | None) -> Image:
+        """An AMI id, or the newest image of that name (default: the cloudtrain image)."""
+        with aws_errors("DescribeImages"):
+            if image and image.startswith("ami-"):
+                found = self.ec2.describe_images(ImageIds=[image])["Images"]
+            else:
+                pattern = image or DEFAULT_IMAGE_PATTERN
+                found = self.ec2.describe_images(
+                    Owners=["self"], Filters=[{"Name": "name", "Values": [pattern]}]
+                )["Images"]
+                if not found and image:
+                    found = self.ec2.describe_images(Filters=[{"Name": "name", "Values": [pattern]}])["Images"]
+        if not found:
+            wanted = image or f"the cloudtrain image ({DEFAULT_IMAGE_PATTERN})"
+            raise InputError(
+                f"no image {wanted} in {self.region}",
+                hint="Set resources.image to an AMI id or name that exists in this region.",
+            )
+        newest = max(found, key=lambda i: i.get("CreationDate", ""))
+        return Image(newest["ImageId"], newest.get("Name", ""), newest.get("RootDeviceName", "/dev/sda1"))
+
+    # --- instances -----------------------------------------------------------------------
+
+    def launch(self, request: LaunchRequest) -> str:
+        """run_instances: one hardened instance; the same ClientToken on every retry."""
+        params: dict[str, Any] = {
+            "ImageId": request.image.id,
+            "InstanceType": request.instance_type,
+            "MinCount": 1,
+            "MaxCount": 1,
+            "KeyName": request.key.name,
+            "SecurityGroupIds": [request.security_group_id],
+            "ClientToken": request.client_token,
+            "InstanceInitiatedShutdownBehavior": "terminate",
+            "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1,
+                                "HttpEndpoint": "enabled"},
+            "BlockDeviceMappings": [{
+                "DeviceName": request.image.root_device_name,
+                "Ebs": {"VolumeSize": request.disk_gb, "VolumeType": "gp3", "Encrypted": True,
+                        "DeleteOnTermination": True},
+            }],
+            "TagSpecifications": [_tag_spec("instance", request.tags), _tag_spec("volume", request.tags)],
+        }
+        if request.zone:
+            params["Placement"] = {"AvailabilityZone": request.zone}
+        if request.spot:
+            options: dict[str, Any] = {"SpotInstanceType": "one-time",
+                                       "InstanceInterruptionBehavior": "terminate"}
+            if request.max_price is not None:
+                options["MaxPrice"] = f"{request.max_price:.4f}"
+            params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": options}
+        with aws_errors("RunInstances", instance_type=request.instance_type, spot=request.spot):
+            reply = self.ec2.run_instances(**params)
+        instance_id: str = reply["Instances"][0]["InstanceId"]
+        log.info("launched %s (%s, %s) for %s", instance_id, request.instance_type,
+                 "spot" if request.spot else "on-demand", request.run_id)
+        return instance_id
+
+    def describe(self, instance_id: str) -> LaunchedInstance:
+        with aws_errors("DescribeInstances"):
+            reservations = self.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+        data = reservations[0]["Instances"][0]
+        return LaunchedInstance(
+            id=data["InstanceId"],
+            instance_type=data["InstanceType"],
+            zone=data["Placement"]["AvailabilityZone"],
+            lifecycle="spot" if data.get("InstanceLifecycle") == "spot" else "on-demand",
+            public_ip=data.get("PublicIpAddress"),
+            launched_at=data["LaunchTime"].astimezone(timezone.utc),
+            state=data["State"]["Name"],
+        )
+
+    def wait_running(self, instance_id: str, delay: int = 5, max_attempts: int = 120) -> LaunchedInstance:
+        try:
+            self.ec2.get_waiter("instance_running").wait(
+                InstanceIds=[instance_id], WaiterConfig={"Delay": delay, "MaxAttempts": max_attempts}
+            )
+        except WaiterError as e:
+            raise CloudError(f"{instance_id} did not reach running: {e}",
+                             hint="See the EC2 console for the instance's state reason.") from e
+        return self.describe(instance_id)
+
+    def find_run_instances(self, run_id: str) -> list[LaunchedInstance]:
+        """The run's instances that are not terminated, found by tag."""
+        with aws_errors("DescribeInstances"):
+            pages = self.ec2.get_paginator("describe_instances").paginate(Filters=[
+                {"Name": f"tag:{TAG_RUN_ID}", "Values": [run_id]},
+                {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
+            ])
+            ids = [i["InstanceId"] for page in pages for r in page["Reservations"] for i in r["Instances"]]
+        return [self.describe(i) for i in ids]
+
+    def terminate(self, instance_id: str, delay: int = 5, max_attempts: int = 120) -> datetime:
+        """Terminate and confirm with describe_instances; return when it was confirmed."""
+        try:
+            self.ec2.terminate_instances(InstanceIds=[instance_id])
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
+                raise translate(e, "TerminateInstances") from e
+            return utcnow()
+        try:
+            self.ec2.get_waiter("instance_terminated").wait(
+                InstanceIds=[instance_id], WaiterConfig={"Delay": delay, "MaxAttempts": max_attempts}
+            )
+        except WaiterError as e:
+            raise CloudError(
+                f"{instance_id} was asked to terminate but is not confirmed terminated: {e}",
+                hint=f"Check it with `aws ec2 describe-instances --instance-ids {instance_id}`.",
+            ) from e
+        state = self.describe(instance_id).state
+        if state != "terminated":
+            raise CloudError(f"{instance_id} is {state}, not terminated",
+                             hint=f"Terminate it by hand: aws ec2 terminate-instances --instance-ids {instance_id}")
+        log.info("terminated %s", instance_id)
+        return utcnow()
+
+
+def profile_region(settings: Settings) -> str | None:
+    """The region the AWS profile (or environment) names, if any."""
+    if settings.simulated:
+        return settings.region
+    try:
+        return boto3.Session(profile_name=settings.profile).region_name or settings.region
+    except BotoCoreError as e:  # ProfileNotFound and friends
+        raise InputError(f"AWS profile problem: {e}",
+                         hint="Check --profile / AWS_PROFILE against ~/.aws/config.") from e

@@ -1,0 +1,241 @@
+"""The planner: JobSpec + catalog + spot prices -> a costed, printable Plan.
+
+Pure: no AWS, no clock, no I/O. The cloud layer fetches the prices and passes them
+in, with ``now`` to judge how fresh they are. Stale or implausible quotes (moto's
+0.00001 dated 2006, say) are replaced by a catalog estimate, marked as such.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from cloudtrain.catalog import Catalog, InstanceType
+from cloudtrain.errors import PlanError
+from cloudtrain.prices import estimated_spot, price_problem
+from cloudtrain.records import Lifecycle, SpotPrice
+from cloudtrain.spec import JobSpec
+
+HOURS_PER_MONTH = 730.0
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One way to run the job: an instance type in a zone, at a price."""
+
+    instance: InstanceType
+    region: str
+    zone: str | None  # None: any zone AWS picks
+    lifecycle: Lifecycle
+    price_per_hour: float
+    on_demand_per_hour: float
+    price_source: str  # "live" | "simulated" | "estimate" | "on-demand"
+    note: str | None = None  # why a price is an estimate
+
+    @property
+    def saving_pct(self) -> float:
+        if self.on_demand_per_hour <= 0:
+            return 0.0
+        return 100.0 * (1.0 - self.price_per_hour / self.on_demand_per_hour)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "instance_type": self.instance.name,
+            "gpu": self.instance.gpu,
+            "gpu_count": self.instance.gpu_count,
+            "gpu_memory_gib": self.instance.gpu_memory_gib,
+            "vcpus": self.instance.vcpus,
+            "memory_gib": self.instance.memory_gib,
+            "region": self.region,
+            "zone": self.zone,
+            "lifecycle": self.lifecycle.value,
+            "price_per_hour": self.price_per_hour,
+            "on_demand_per_hour": self.on_demand_per_hour,
+            "saving_pct": round(self.saving_pct, 1),
+            "price_source": self.price_source,
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """What the job would cost if it ran for ``hours`` (budget.max_hours)."""
+
+    hours: float
+    compute_usd: float
+    ebs_usd: float
+
+    @property
+    def total_usd(self) -> float:
+        return self.compute_usd + self.ebs_usd
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hours": self.hours,
+            "compute_usd": round(self.compute_usd, 4),
+            "ebs_usd": round(self.ebs_usd, 4),
+            "total_usd": round(self.total_usd, 4),
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen offer, the ranked alternatives, and the cost estimate."""
+
+    job: JobSpec
+    region: str
+    choice: Offer
+    offers: tuple[Offer, ...]  # every candidate, cheapest first
+    ebs_per_gb_month: float
+    estimate: CostEstimate | None
+    catalog_date: date
+    simulated: bool
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return self.choice.lifecycle
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": 1,
+            "job": self.job.name,
+            "backend": self.job.backend,
+            "region": self.region,
+            "lifecycle": self.lifecycle.value,
+            "max_price": self.job.resources.max_price,
+            "disk_gb": self.job.resources.disk_gb,
+            "ebs_per_gb_month": self.ebs_per_gb_month,
+            "choice": self.choice.to_json(),
+            "offers": [offer.to_json() for offer in self.offers],
+            "estimate": self.estimate.to_json() if self.estimate else None,
+            "catalog_date": self.catalog_date.isoformat(),
+            "simulated": self.simulated,
+        }
+
+
+def candidate_types(spec: JobSpec, catalog: Catalog) -> list[InstanceType]:
+    """The instance types that satisfy the job's gpu / instance_type request."""
+    res = spec.resources
+    if res.instance_type is not None:
+        found = catalog.get(res.instance_type)
+        return [found] if found else []
+    if res.gpu_model is not None:
+        model, count = catalog.canonical_gpu(res.gpu_model), res.gpu_count
+        return [t for t in catalog.instance_types if t.gpu == model and t.gpu_count == count]
+    return [t for t in catalog.instance_types if t.gpu_count == 1]
+
+
+def describe_request(spec: JobSpec) -> str:
+    res = spec.resources
+    if res.instance_type:
+        return res.instance_type
+    if res.gpu:
+        return f"{res.gpu_count} x {res.gpu_model}"
+    return "a single-GPU instance"
+
+
+def _latest(prices: Iterable[SpotPrice]) -> dict[tuple[str, str], SpotPrice]:
+    latest: dict[tuple[str, str], SpotPrice] = {}
+    for price in prices:
+        key = (price.instance_type, price.zone)
+        if key not in latest or price.timestamp > latest[key].timestamp:
+            latest[key] = price
+    return latest
+
+
+def _spot_offers(
+    itype: InstanceType,
+    region: str,
+    on_demand: float,
+    observed: dict[tuple[str, str], SpotPrice],
+    zones: Sequence[str] | None,
+    now: datetime,
+    simulated: bool,
+) -> list[Offer]:
+    quotes = [p for (name, zone), p in observed.items()
+              if name == itype.name and zone.startswith(region) and (not zones or zone in zones)]
+    if not quotes:
+        if zones:  # no price history there: the type is not offered in those zones
+            return []
+        return [Offer(itype, region, None, Lifecycle.SPOT, estimated_spot(on_demand), on_demand,
+                      "estimate", "no spot price history; catalog estimate")]
+    offers = []
+    for quote in quotes:
+        problem = price_problem(quote.price, on_demand, quote.timestamp, now)
+        if problem is None:
+            source = "simulated" if simulated else "live"
+            offers.append(Offer(itype, region, quote.zone, Lifecycle.SPOT, quote.price, on_demand, source))
+        else:
+            offers.append(Offer(itype, region, quote.zone, Lifecycle.SPOT, estimated_spot(on_demand),
+                                on_demand, "estimate", f"spot quote {problem}; catalog estimate"))
+    return offers
+
+
+def plan(
+    spec: JobSpec,
+    catalog: Catalog,
+    prices: Iterable[SpotPrice],
+    *,
+    region: str,
+    now: datetime,
+    simulated: bool = False,
+) -> Plan:
+    """Choose the cheapest offer that fits the job; raise ``PlanError`` if none does."""
+    res = spec.resources
+    types = candidate_types(spec, catalog)
+    offered = [t for t in types if t.on_demand_price(region) is not None]
+    if not offered:
+        elsewhere = sorted({r for t in types for r in t.on_demand})
+        raise PlanError(
+            f"no {describe_request(spec)} is offered in {region} (catalog of {catalog.generated})",
+            hint=f"Set resources.region to one of: {', '.join(elsewhere)}" if elsewhere
+            else "Choose another resources.gpu or resources.instance_type.",
+        )
+    observed = _latest(prices)
+    offers: list[Offer] = []
+    for itype in offered:
+        on_demand = itype.on_demand_price(region)
+        assert on_demand is not None
+        if res.spot:
+            offers += _spot_offers(itype, region, on_demand, observed, res.zones, now, simulated)
+        else:
+            zone = res.zones[0] if res.zones else None
+            offers.append(Offer(itype, region, zone, Lifecycle.ON_DEMAND, on_demand, on_demand, "on-demand"))
+    if not offers:
+        raise PlanError(
+            f"no {describe_request(spec)} spot offer in zones {', '.join(res.zones or [])}",
+            hint="Remove resources.zones or list other zones of the region.",
+        )
+    offers.sort(key=lambda o: (o.price_per_hour, o.on_demand_per_hour, o.instance.name, o.zone or ""))
+    affordable = [o for o in offers if res.max_price is None or o.price_per_hour <= res.max_price]
+    if not affordable:
+        cheapest = offers[0]
+        where = cheapest.zone or region
+        raise PlanError(
+            f"no offer under max_price ${res.max_price:.4f}/h: the cheapest is "
+            f"{cheapest.instance.name} in {where} at ${cheapest.price_per_hour:.4f}/h "
+            f"({cheapest.lifecycle.value}, {cheapest.price_source})",
+            hint="Raise resources.max_price, or ask for a cheaper resources.gpu.",
+        )
+    choice = affordable[0]
+    ebs_rate = catalog.ebs_price(region)
+    estimate = None
+    if spec.budget.max_hours is not None:
+        hours = spec.budget.max_hours
+        estimate = CostEstimate(
+            hours=hours,
+            compute_usd=choice.price_per_hour * hours,
+            ebs_usd=res.disk_gb * ebs_rate * hours / HOURS_PER_MONTH,
+        )
+    return Plan(
+        job=spec,
+        region=region,
+        choice=choice,
+        offers=tuple(offers),
+        ebs_per_gb_month=ebs_rate,
+        estimate=estimate,
+        catalog_date=catalog.generated,
+        simulated=simulated,
+    )

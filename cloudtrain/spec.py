@@ -1,0 +1,362 @@
+"""The job file: load ``job.yaml``, validate it, and return a frozen ``JobSpec``.
+
+Every problem becomes a ``SpecError`` naming the file, the line, the key path, what
+was expected and, for a misspelt key, the key that was probably meant. Nothing here
+touches AWS: the whole spec is checked before the first call.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from cloudtrain.catalog import Catalog, load_catalog
+from cloudtrain.errors import SpecError
+
+NAME_RE = r"^[a-z0-9][a-z0-9-]{0,39}$"
+REGION_RE = r"^[a-z]{2}(-gov)?-[a-z]+-\d$"
+ENV_NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
+AMI_ID_RE = re.compile(r"^ami-[0-9a-f]{8,17}$")
+
+
+def _relative_path(value: str) -> str:
+    """A path that must stay inside the workdir: relative, no ``..``."""
+    path = PurePosixPath(value)
+    if not value or value.strip() in ("", "."):
+        raise ValueError("must name a path inside the workdir, not the workdir itself")
+    if path.is_absolute() or re.match(r"^[A-Za-z]:[\\/]", value):
+        raise ValueError(f"'{value}' is absolute; give a path relative to the workdir")
+    if ".." in path.parts:
+        raise ValueError(f"'{value}' escapes the workdir with '..'")
+    return value
+
+
+def _env_value(value: Any) -> Any:
+    """YAML gives ints, floats and bools for unquoted values; the environment wants text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSource(_Strict):
+    """An extra input: a local path synced to the instance, or an S3 prefix fetched there."""
+
+    src: str = Field(min_length=1, description="Local path (relative to the job file) or s3://bucket/prefix")
+    dst: str = Field(min_length=1, description="Destination, relative to the workdir on the instance")
+
+    @field_validator("dst")
+    @classmethod
+    def _dst_inside(cls, value: str) -> str:
+        return _relative_path(value)
+
+    @field_validator("src")
+    @classmethod
+    def _src_form(cls, value: str) -> str:
+        if value.startswith("s3://") and not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", value):
+            raise ValueError(f"'{value}' is not an S3 URL like s3://bucket/prefix/")
+        return value
+
+    @property
+    def is_s3(self) -> bool:
+        return self.src.startswith("s3://")
+
+
+class Resources(_Strict):
+    """What to rent: a GPU (model[:count]) or an instance type, spot or on-demand, where."""
+
+    gpu: str | None = Field(None, description='GPU model and count: "T4", "A10G:1", "V100:4"')
+    instance_type: str | None = Field(None, description="An exact EC2 instance type (exclusive with gpu)")
+    spot: bool = Field(True, description="Rent a spot instance (false: on-demand)")
+    max_price: float | None = Field(None, gt=0, description="Highest acceptable USD per hour")
+    region: str | None = Field(None, pattern=REGION_RE, description="AWS region; default the profile's, else us-east-1")
+    zones: list[str] | None = Field(None, min_length=1, description="Allowed availability zones")
+    disk_gb: int = Field(100, gt=0, le=16384, description="Root EBS volume size (GiB), encrypted")
+    image: str | None = Field(None, min_length=1, description="AMI id or name; default the cloudtrain image")
+
+    @model_validator(mode="after")
+    def _exclusive(self) -> Resources:
+        if self.gpu is not None and self.instance_type is not None:
+            raise ValueError("give either gpu or instance_type, not both")
+        if self.region and self.zones:
+            for zone in self.zones:
+                if not (zone.startswith(self.region) and len(zone) == len(self.region) + 1):
+                    raise ValueError(f"zone '{zone}' is not in region {self.region}")
+        return self
+
+    @property
+    def gpu_model(self) -> str | None:
+        return None if self.gpu is None else self.gpu.split(":", 1)[0]
+
+    @property
+    def gpu_count(self) -> int | None:
+        if self.gpu is None:
+            return None
+        _, _, count = self.gpu.partition(":")
+        return int(count) if count else 1
+
+
+class Budget(_Strict):
+    """Per-run limits, across relaunches."""
+
+    max_hours: float | None = Field(None, gt=0, description="Wall-clock hours before the run is stopped")
+    max_cost_usd: float | None = Field(None, gt=0, description="USD before the run is stopped")
+
+
+class JobSpec(_Strict):
+    """A validated job file. Paths are absolute once loaded through ``load_job``."""
+
+    name: str = Field(pattern=NAME_RE, description="Run name: lower-case letters, digits, '-'")
+    backend: Literal["tensorflow", "theano"] = Field("tensorflow", description="Keras backend")
+    workdir: str = Field(".", description="Folder synced to the instance; default the job file's folder")
+    setup: str | None = Field(None, min_length=1, description="Shell run once per instance before `run`")
+    run: str = Field(min_length=1, description="Shell command that trains")
+    outputs: list[Annotated[str, AfterValidator(_relative_path)]] = Field(default_factory=list, description="Paths under workdir pulled back after the run")
+    data: list[DataSource] = Field(default_factory=list, description="Extra inputs")
+    env: dict[str, Annotated[str, BeforeValidator(_env_value)]] = Field(
+        default_factory=dict, description="Environment variables for setup and run"
+    )
+    seed: int | None = Field(None, ge=0, description="Random seed applied to the run")
+    resources: Resources = Field(default_factory=Resources)  # type: ignore[arg-type]
+    budget: Budget = Field(default_factory=Budget)  # type: ignore[arg-type]
+    secrets: list[str] = Field(
+        default_factory=list,
+        description="Names of local environment variables passed to the run, never written anywhere",
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not re.match(ENV_NAME_RE, key):
+                raise ValueError(f"'{key}' is not a valid environment variable name")
+        return value
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, value: list[str]) -> list[str]:
+        for key in value:
+            if not re.match(ENV_NAME_RE, key):
+                raise ValueError(f"'{key}' is not a valid environment variable name")
+        return value
+
+    @property
+    def workdir_path(self) -> Path:
+        return Path(self.workdir)
+
+
+def json_schema() -> dict[str, Any]:
+    """The job file's JSON Schema, for editor completion (``cloudtrain schema``)."""
+    schema = JobSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "cloudtrain job"
+    return schema
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+class _Positions:
+    """Line numbers (1-based) of every key path in a YAML document."""
+
+    def __init__(self, root: yaml.Node | None) -> None:
+        self.lines: dict[tuple[str | int, ...], int] = {}
+        if root is not None:
+            self._walk(root, ())
+
+    def _walk(self, node: yaml.Node, path: tuple[str | int, ...]) -> None:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = (*path, str(key.value))
+                self.lines[sub] = key.start_mark.line + 1
+                self._walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._walk(item, (*path, index))
+
+    def line(self, path: tuple[str | int, ...]) -> int:
+        """The line of the longest known prefix of ``path``."""
+        for end in range(len(path), -1, -1):
+            if path[:end] in self.lines:
+                return self.lines[path[:end]]
+        return 1
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(document)"
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the mapping at ``loc`` (for did-you-mean)."""
+    model: type[BaseModel] = JobSpec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nested is None:
+            return None
+        model = nested
+    return model
+
+
+def _describe(error: Mapping[str, Any]) -> tuple[tuple[str | int, ...], str]:
+    loc: tuple[str | int, ...] = tuple(error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        owner = _model_at(loc[:-1])
+        known = sorted(owner.model_fields) if owner else []
+        guess = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        text = f"unknown key '{key}'"
+        text += f" (did you mean '{guess[0]}'?)" if guess else f"; expected one of: {', '.join(known)}"
+        return loc, text
+    if kind == "missing":
+        return loc, "is required"
+    if kind == "string_pattern_mismatch" and loc and loc[-1] == "name":
+        return loc, f"'{error['input']}' must be 1-40 lower-case letters, digits or '-', starting with a letter or digit"
+    if kind == "string_pattern_mismatch" and loc and loc[-1] == "region":
+        return loc, f"'{error['input']}' is not an AWS region name like us-east-1"
+    message = str(error["msg"])
+    message = message.removeprefix("Value error, ")
+    if kind.endswith("_type") or kind in ("literal_error", "greater_than", "greater_than_equal",
+                                          "less_than_equal", "too_short"):
+        message = f"{message} (got {error.get('input')!r})"
+    # A model-level validator reports at the model's own location.
+    return loc, message
+
+
+def _problem(path: Path, positions: _Positions, loc: tuple[str | int, ...], message: str) -> str:
+    return f"{path}:{positions.line(loc)}: {_dotted(loc)}: {message}"
+
+
+def _raise(path: Path, problems: list[str]) -> None:
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise SpecError(problems[0], hint="Fix the key and run again; `cloudtrain schema` lists every key.")
+    listing = "\n".join(f"  {p}" for p in problems)
+    raise SpecError(
+        f"{path}: {len(problems)} problems in the job file:\n{listing}",
+        hint="Fix the keys above and run again; `cloudtrain schema` lists every key.",
+    )
+
+
+def _iter_semantic_problems(
+    spec: JobSpec, base: Path, catalog: Catalog
+) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    workdir = (base / spec.workdir).resolve()
+    if not workdir.is_dir():
+        yield ("workdir",), f"folder '{workdir}' does not exist"
+    for index, source in enumerate(spec.data):
+        if not source.is_s3 and not (base / source.src).exists():
+            yield ("data", index, "src"), f"'{(base / source.src).resolve()}' does not exist"
+    res = spec.resources
+    if res.gpu is not None:
+        model, _, count = res.gpu.partition(":")
+        if count and not (count.isdigit() and int(count) > 0):
+            yield ("resources", "gpu"), f"'{res.gpu}': the count after ':' must be a positive whole number"
+        canonical = catalog.canonical_gpu(model)
+        if canonical is None:
+            guess = difflib.get_close_matches(model.upper(), catalog.gpu_names(), n=1, cutoff=0.5)
+            hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+            yield ("resources", "gpu"), (
+                f"unknown GPU '{model}'{hint}; expected one of: {', '.join(catalog.gpu_names())}"
+            )
+    if res.instance_type is not None and catalog.get(res.instance_type) is None:
+        names = [t.name for t in catalog.instance_types]
+        guess = difflib.get_close_matches(res.instance_type, names, n=1, cutoff=0.6)
+        hint = f" (did you mean '{guess[0]}'?)" if guess else "; `cloudtrain plan --list-types` lists them"
+        yield ("resources", "instance_type"), (
+            f"'{res.instance_type}' is not a GPU instance type cloudtrain knows{hint}"
+        )
+    if res.image is not None and res.image.startswith("ami-") and not AMI_ID_RE.match(res.image):
+        yield ("resources", "image"), f"'{res.image}' is not an AMI id (ami- followed by 8 or 17 hex digits)"
+
+
+def load_job(path: str | os.PathLike[str], catalog: Catalog | None = None) -> JobSpec:
+    """Read, validate and resolve a job file; raise ``SpecError`` on any problem."""
+    job_path = Path(path)
+    try:
+        text = job_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{job_path}: no such job file", hint="Check the path; jobs/ has examples.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{job_path}: cannot read the job file: {e}") from e
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{job_path}:{mark.line + 1}" if mark is not None else str(job_path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(f"{where}: not valid YAML: {problem}", hint="Check indentation and quoting.") from e
+    if document is None:
+        raise SpecError(f"{job_path}: the job file is empty", hint="Start from an example in jobs/.")
+    if not isinstance(document, dict):
+        raise SpecError(
+            f"{job_path}:1: the job file must be a mapping of keys (name:, run:, ...), "
+            f"not a {type(document).__name__}",
+            hint="Start from an example in jobs/.",
+        )
+    positions = _Positions(root)
+    try:
+        spec = JobSpec.model_validate(document)
+    except ValidationError as e:
+        problems = []
+        for error in e.errors():
+            loc, message = _describe(error)
+            problems.append(_problem(job_path, positions, loc, message))
+        _raise(job_path, problems)
+        raise AssertionError("unreachable") from e
+    base = job_path.resolve().parent
+    catalog = catalog or load_catalog()
+    _raise(
+        job_path,
+        [_problem(job_path, positions, loc, msg) for loc, msg in _iter_semantic_problems(spec, base, catalog)],
+    )
+    return _resolved(spec, base, catalog)
+
+
+def _resolved(spec: JobSpec, base: Path, catalog: Catalog) -> JobSpec:
+    """Absolute workdir and local data paths, canonical GPU spelling."""
+    data = [
+        src if src.is_s3 else src.model_copy(update={"src": str((base / src.src).resolve())})
+        for src in spec.data
+    ]
+    resources = spec.resources
+    if resources.gpu is not None:
+        model, sep, count = resources.gpu.partition(":")
+        resources = resources.model_copy(update={"gpu": f"{catalog.canonical_gpu(model)}{sep}{count}"})
+    return spec.model_copy(
+        update={"workdir": str((base / spec.workdir).resolve()), "data": data, "resources": resources}
+    )

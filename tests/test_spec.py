@@ -1,0 +1,155 @@
+"""The job file: good files load and resolve; bad ones are refused with a precise message."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cloudtrain.errors import ExitCode, SpecError
+from cloudtrain.spec import JobSpec, json_schema, load_job
+
+REPO = Path(__file__).resolve().parents[1]
+
+GOOD = """\
+name: digits-mlp
+backend: tensorflow
+setup: pip install -r requirements.txt
+run: python train.py --epochs 20
+outputs: [outputs/, logs/metrics.csv]
+data:
+  - {src: ./data, dst: data}
+  - {src: s3://my-bucket/set/, dst: data/set}
+env: {BATCH: 64, MODE: fast, DEBUG: true}
+seed: 42
+resources:
+  gpu: t4
+  spot: true
+  max_price: 0.40
+  region: us-east-1
+  zones: [us-east-1a]
+  disk_gb: 100
+  image: ami-0123456789abcdef0
+budget: {max_hours: 4, max_cost_usd: 5.0}
+secrets: [WANDB_API_KEY]
+"""
+
+
+def write_job(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    (tmp_path / "data").mkdir(exist_ok=True)
+    return path
+
+
+def refused(tmp_path: Path, text: str) -> str:
+    path = write_job(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_job(path)
+    assert info.value.exit_code == ExitCode.INVALID_INPUT
+    return info.value.message
+
+
+def test_full_example_loads_and_resolves(tmp_path: Path) -> None:
+    spec = load_job(write_job(tmp_path, GOOD))
+    assert spec.name == "digits-mlp"
+    assert spec.workdir == str(tmp_path.resolve())
+    assert spec.data[0].src == str((tmp_path / "data").resolve())
+    assert spec.data[1].src == "s3://my-bucket/set/" and spec.data[1].is_s3
+    assert spec.env == {"BATCH": "64", "MODE": "fast", "DEBUG": "true"}
+    assert spec.resources.gpu == "T4"  # canonical spelling
+    assert spec.resources.gpu_model == "T4" and spec.resources.gpu_count == 1
+    assert spec.budget.max_hours == 4
+    assert spec.secrets == ["WANDB_API_KEY"]
+
+
+def test_minimal_job_gets_defaults(tmp_path: Path) -> None:
+    spec = load_job(write_job(tmp_path, "name: x\nrun: python train.py\n"))
+    assert spec.backend == "tensorflow"
+    assert spec.resources.spot is True
+    assert spec.resources.gpu is None and spec.resources.instance_type is None
+    assert spec.resources.disk_gb == 100
+    assert spec.outputs == [] and spec.data == [] and spec.secrets == []
+
+
+def test_gpu_with_count(tmp_path: Path) -> None:
+    spec = load_job(write_job(tmp_path, "name: x\nrun: r\nresources: {gpu: 'v100:4'}\n"))
+    assert spec.resources.gpu == "V100:4"
+    assert spec.resources.gpu_count == 4
+
+
+def test_example_jobs_are_valid() -> None:
+    jobs = sorted((REPO / "jobs").glob("*/job.yaml"))
+    assert jobs, "jobs/ has no example"
+    for job in jobs:
+        assert isinstance(load_job(job), JobSpec)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: x\nrun: r\nresoures: {gpu: T4}\n", "job.yaml:3: resoures: unknown key 'resoures' (did you mean 'resources'?)"),
+        ("name: x\nrun: r\nresources:\n  gpus: T4\n", "job.yaml:4: resources.gpus: unknown key 'gpus' (did you mean 'gpu'?)"),
+        ("name: x\nrun: r\nresources: {max_price: -1}\n", "job.yaml:3: resources.max_price: Input should be greater than 0"),
+        ("name: x\nrun: r\nresources:\n  disk_gb: 0\n", "job.yaml:4: resources.disk_gb: Input should be greater than 0"),
+        ("name: x\nrun: r\nbudget:\n  max_hours: 0\n", "job.yaml:4: budget.max_hours: Input should be greater than 0"),
+        ("name: x\nrun: r\nresources:\n  disk_gb: lots\n", "job.yaml:4: resources.disk_gb: Input should be a valid integer"),
+        ("name: x\n", "job.yaml:1: run: is required"),
+        ("name: Big_Name\nrun: r\n", "job.yaml:1: name: 'Big_Name' must be 1-40 lower-case letters"),
+        ("name: x\nrun: r\nbackend: pytorch\n", "job.yaml:3: backend: Input should be 'tensorflow' or 'theano'"),
+        ("name: x\nrun: r\noutputs: [../secret]\n", "job.yaml:3: outputs[0]: '../secret' escapes the workdir with '..'"),
+        ("name: x\nrun: r\noutputs:\n  - /etc/passwd\n", "job.yaml:4: outputs[0]: '/etc/passwd' is absolute"),
+        ("name: x\nrun: r\ndata:\n  - {src: s3://b/k, dst: ../../x}\n", "job.yaml:4: data[0].dst: '../../x' escapes the workdir"),
+        ("name: x\nrun: r\nresources: {gpu: T5}\n", "job.yaml:3: resources.gpu: unknown GPU 'T5' (did you mean 'T4'?)"),
+        ("name: x\nrun: r\nresources: {instance_type: g4dn.xlarg}\n", "resources.instance_type: 'g4dn.xlarg' is not a GPU instance type cloudtrain knows (did you mean 'g4dn.xlarge'?)"),
+        ("name: x\nrun: r\nresources: {gpu: T4, instance_type: g4dn.xlarge}\n", "job.yaml:3: resources: give either gpu or instance_type, not both"),
+        ("name: x\nrun: r\nresources: {region: us-east-1, zones: [eu-west-1a]}\n", "zone 'eu-west-1a' is not in region us-east-1"),
+        ("name: x\nrun: r\nresources: {region: mars-1}\n", "resources.region: 'mars-1' is not an AWS region name"),
+        ("name: x\nrun: r\nworkdir: nowhere\n", "job.yaml:3: workdir: folder"),
+        ("name: x\nrun: r\ndata:\n  - {src: ./missing, dst: d}\n", "job.yaml:4: data[0].src:"),
+        ("name: x\nrun: r\nsecrets: [NOT-A-NAME]\n", "'NOT-A-NAME' is not a valid environment variable name"),
+        ("name: x\nrun: r\nresources: {gpu: 'T4:0'}\n", "the count after ':' must be a positive whole number"),
+        ("name: x\nrun: r\nresources: {image: ami-xyz}\n", "'ami-xyz' is not an AMI id"),
+    ],
+)
+def test_bad_files_refused_with_line_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    message = refused(tmp_path, text)
+    assert expected in message
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    assert "the job file is empty" in refused(tmp_path, "")
+
+
+def test_non_mapping_document(tmp_path: Path) -> None:
+    assert "must be a mapping of keys" in refused(tmp_path, "- name: x\n- run: r\n")
+
+
+def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
+    message = refused(tmp_path, "name: x\nrun: [unclosed\nseed: 1\n")
+    assert "not valid YAML" in message and "job.yaml:" in message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="no such job file"):
+        load_job(tmp_path / "nope.yaml")
+
+
+def test_several_problems_listed_together(tmp_path: Path) -> None:
+    message = refused(tmp_path, "name: x\nrun: r\nseed: -1\nresources: {disk_gb: 0}\n")
+    assert "2 problems" in message
+    assert "job.yaml:3: seed:" in message and "job.yaml:4: resources.disk_gb:" in message
+
+
+def test_unknown_key_without_close_match_lists_choices(tmp_path: Path) -> None:
+    message = refused(tmp_path, "name: x\nrun: r\nbudget: {zzz: 1}\n")
+    assert "unknown key 'zzz'; expected one of: max_cost_usd, max_hours" in message
+
+
+def test_schema_describes_every_top_level_key() -> None:
+    schema = json_schema()
+    assert set(schema["properties"]) == set(JobSpec.model_fields)
+    assert schema["required"] == ["name", "run"]
+    json.dumps(schema)  # serialisable
