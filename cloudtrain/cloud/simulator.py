@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -63,6 +64,8 @@ def simulated_aws(settings: Settings) -> Iterator[Settings]:
         server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
+    # moto's state lives in this process: start each simulated cloud empty.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10)
     log.info("simulated AWS at %s", endpoint)
     try:
         yield settings.with_(endpoint_url=endpoint, simulated=True, ssh_cidr="127.0.0.1/32", profile=None)

@@ -1,0 +1,1 @@
+"""The cloud layer: the only place boto3 is imported."""

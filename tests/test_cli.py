@@ -1,0 +1,197 @@
+"""The command line: output, --json contracts and exit codes, as a user sees them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from cloudtrain.catalog import load_catalog
+from cloudtrain.cli import main
+from cloudtrain.errors import ExitCode
+from cloudtrain.ledger import InstanceRow, Ledger, RunRow
+from cloudtrain.prices import simulated_spot
+from cloudtrain.records import Lifecycle, RunState
+from cloudtrain.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "jobs" / "digits-mlp" / "job.yaml"
+
+
+def cli(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.fixture
+def no_aws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything tries to make an AWS client."""
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise AssertionError("an AWS client was made")
+
+    monkeypatch.setattr("cloudtrain.cloud.aws.make_client", refuse)
+
+
+def test_version() -> None:
+    result = cli("--version")
+    assert result.exit_code == 0 and "cloudtrain, version 0.1.0" in result.output
+
+
+def test_module_entry_point_help() -> None:
+    done = subprocess.run([sys.executable, "-m", "cloudtrain", "--help"], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0
+    for command in ("plan", "cost-report", "schema"):
+        assert command in done.stdout
+    assert "Exit codes" in done.stdout
+
+
+def test_plan_dry_run_table() -> None:
+    result = cli("plan", str(EXAMPLE), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "simulated AWS (dry-run)" in result.output
+    assert "Choice: g4dn.xlarge (1 x T4) in us-east-1a, spot at $0.1578/h (simulated)" in result.output
+    assert "Estimate for budget.max_hours 1 h" in result.output
+
+
+def test_plan_dry_run_json() -> None:
+    result = cli("plan", str(EXAMPLE), "--dry-run", "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.output)
+    assert data["schema"] == 1 and data["simulated"] is True
+    itype = load_catalog().get("g4dn.xlarge")
+    assert itype is not None
+    assert data["choice"]["price_per_hour"] == simulated_spot(itype.on_demand["us-east-1"])
+    assert data["choice"]["price_source"] == "simulated"
+    assert data["estimate"]["total_usd"] > 0
+
+
+def test_invalid_job_exits_2_before_any_aws_call(tmp_path: Path, no_aws: None) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("name: x\nrun: r\nresources:\n  gpu: T5\n")
+    result = cli("plan", str(job))
+    assert result.exit_code == ExitCode.INVALID_INPUT
+    assert f"error: {job}:4: resources.gpu: unknown GPU 'T5' (did you mean 'T4'?)" in result.output
+    assert "hint:" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("name: x\n")
+    result = cli("--debug", "plan", str(job))
+    assert result.exit_code == 2 and "Traceback" in result.output
+
+
+def test_impossible_plan_exits_2_naming_the_cheapest(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("name: x\nrun: r\nresources: {gpu: T4, max_price: 0.05}\n")
+    result = cli("plan", str(job), "--dry-run")
+    assert result.exit_code == ExitCode.INVALID_INPUT
+    assert "no offer under max_price $0.0500/h: the cheapest is g4dn.xlarge" in result.output
+
+
+def test_missing_credentials_exit_3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing can leave this machine
+    result = cli("plan", str(EXAMPLE))
+    assert result.exit_code == ExitCode.CLOUD_OR_REMOTE
+    assert "error: no AWS credentials found" in result.output
+    assert "--dry-run" in result.output
+
+
+def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*_: Any, **__: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("cloudtrain.api.plan_job", interrupted)
+    assert cli("plan", str(EXAMPLE)).exit_code == ExitCode.SIGINT
+
+
+def test_sigterm_exits_143() -> None:
+    script = (
+        "import os, signal, sys\n"
+        "sys.argv = ['cloudtrain', 'schema']\n"
+        "import cloudtrain.api\n"
+        "cloudtrain.api.job_schema = lambda: os.kill(os.getpid(), signal.SIGTERM)\n"
+        "from cloudtrain.cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == ExitCode.SIGTERM, done.stderr
+
+
+def test_schema_is_json_schema() -> None:
+    result = cli("schema")
+    assert result.exit_code == 0
+    schema = json.loads(result.output)
+    assert schema["title"] == "cloudtrain job" and "resources" in schema["properties"]
+
+
+# --- cost-report ------------------------------------------------------------------------
+
+
+def seed(settings: Settings) -> None:
+    day = datetime(2026, 11, 20, 10, 0, tzinfo=timezone.utc)
+    with Ledger.open(settings) as ledger:
+        for index, simulated in enumerate([False, False, True]):
+            created = day + timedelta(days=index)
+            run_id = f"job{index}-{created:%Y%m%d-%H%M%S}-000{index}"
+            ledger.create_run(RunRow(id=run_id, name=f"job{index}", state=RunState.SUCCEEDED,
+                                     created_at=created, simulated=simulated, backend="tensorflow"))
+            ledger.record_instance(InstanceRow(
+                id=f"i-{index:017x}", run_id=run_id, instance_type="g4dn.xlarge", zone="us-east-1a",
+                lifecycle=Lifecycle.SPOT, price_per_hour=0.2, on_demand_per_hour=0.5, launched_at=created,
+                running_at=created, terminated_at=created + timedelta(hours=2), disk_gb=100,
+                ebs_per_gb_month=0.08))
+
+
+def test_cost_report_table_separates_real_and_simulated(settings: Settings) -> None:
+    seed(settings)
+    result = cli("cost-report")
+    assert result.exit_code == 0, result.output
+    assert "job0-" in result.output and "job2-" in result.output and "(sim)" in result.output
+    assert "Real spend: 2 runs, 4.00 h" in result.output
+    assert "Simulated (dry-run): 1 runs, 2.00 h" in result.output
+    assert "saved 60%" in result.output
+
+
+def test_cost_report_limit_keeps_totals(settings: Settings) -> None:
+    seed(settings)
+    result = cli("cost-report", "--limit", "1")
+    assert "Showing the 1 most recent of 3" in result.output
+    assert "Real spend: 2 runs" in result.output
+
+
+def test_cost_report_json_and_csv(settings: Settings) -> None:
+    seed(settings)
+    data = json.loads(cli("cost-report", "--json").output)
+    assert data["schema"] == 1 and len(data["rows"]) == 3
+    assert data["totals"]["real"]["cost_usd"] == pytest.approx(0.8)
+    csv_lines = cli("cost-report", "--format", "csv", "--group-by", "day").output.strip().splitlines()
+    assert len(csv_lines) == 4  # header + 3 days
+
+
+def test_cost_report_since_filter(settings: Settings) -> None:
+    seed(settings)
+    data = json.loads(cli("cost-report", "--json", "--since", "2026-11-21").output)
+    assert [row["name"] for row in data["rows"]] == ["job2", "job1"]
+
+
+def test_cost_report_bad_date_exits_2(settings: Settings) -> None:
+    result = cli("cost-report", "--since", "last tuesday")
+    assert result.exit_code == 2
+    assert "error: --since 'last tuesday' is not a date" in result.output
+
+
+def test_cost_report_empty_ledger(settings: Settings) -> None:
+    result = cli("cost-report")
+    assert result.exit_code == 0
+    assert "Real spend: 0 runs" in result.output

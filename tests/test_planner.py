@@ -1,0 +1,158 @@
+"""The planner: offer filtering, the cheapest choice, stale prices, max_price, cost arithmetic."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from cloudtrain.catalog import load_catalog
+from cloudtrain.errors import PlanError
+from cloudtrain.planner import plan
+from cloudtrain.prices import ESTIMATED_SPOT_FRACTION
+from cloudtrain.records import Lifecycle, SpotPrice
+from cloudtrain.spec import JobSpec, load_job
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+CATALOG = load_catalog()
+
+
+def job(tmp_path: Path, resources: str = "", extra: str = "") -> JobSpec:
+    path = tmp_path / "job.yaml"
+    path.write_text(f"name: j\nrun: python t.py\n{extra}resources:\n  region: us-east-1\n{resources}")
+    return load_job(path)
+
+
+def quote(itype: str, zone: str, price: float, age: timedelta = timedelta(hours=1)) -> SpotPrice:
+    return SpotPrice(itype, zone, price, NOW - age)
+
+
+def od(itype: str, region: str = "us-east-1") -> float:
+    found = CATALOG.get(itype)
+    assert found is not None
+    price = found.on_demand_price(region)
+    assert price is not None
+    return price
+
+
+def test_cheapest_live_zone_wins(tmp_path: Path) -> None:
+    spec = job(tmp_path, "  gpu: T4\n")
+    prices = [
+        quote("g4dn.xlarge", "us-east-1a", 0.21),
+        quote("g4dn.xlarge", "us-east-1b", 0.19),
+        quote("g4dn.2xlarge", "us-east-1b", 0.20),
+        quote("g4dn.xlarge", "us-east-1b", 0.50, age=timedelta(days=2)),  # older observation: ignored
+    ]
+    result = plan(spec, CATALOG, prices, region="us-east-1", now=NOW)
+    assert (result.choice.instance.name, result.choice.zone) == ("g4dn.xlarge", "us-east-1b")
+    assert result.choice.price_per_hour == 0.19
+    assert result.choice.price_source == "live"
+    assert result.choice.lifecycle is Lifecycle.SPOT
+    assert [o.price_per_hour for o in result.offers] == sorted(o.price_per_hour for o in result.offers)
+    assert {o.instance.gpu for o in result.offers} == {"T4"}
+    assert result.choice.saving_pct == pytest.approx(100 * (1 - 0.19 / od("g4dn.xlarge")))
+
+
+def test_default_is_cheapest_single_gpu_offer(tmp_path: Path) -> None:
+    spec = job(tmp_path)
+    result = plan(spec, CATALOG, [], region="us-east-1", now=NOW)
+    assert all(o.instance.gpu_count == 1 for o in result.offers)
+    singles = [t for t in CATALOG.instance_types if t.gpu_count == 1 and t.on_demand_price("us-east-1")]
+    cheapest = min(singles, key=lambda t: t.on_demand["us-east-1"])
+    assert result.choice.instance.name == cheapest.name
+
+
+def test_gpu_count_is_exact(tmp_path: Path) -> None:
+    spec = job(tmp_path, "  gpu: 'V100:4'\n")
+    result = plan(spec, CATALOG, [], region="us-east-1", now=NOW)
+    assert {o.instance.name for o in result.offers} == {"p3.8xlarge"}
+
+
+def test_placeholder_prices_fall_back_to_marked_estimate(tmp_path: Path) -> None:
+    """moto quotes 0.00001 dated 2006: never a $0.00 job."""
+    spec = job(tmp_path, "  instance_type: g4dn.xlarge\n")
+    moto_like = [SpotPrice("g4dn.xlarge", "us-east-1a", 0.00001,
+                           datetime(2006, 1, 2, 15, 4, 5, tzinfo=timezone.utc))]
+    result = plan(spec, CATALOG, moto_like, region="us-east-1", now=NOW)
+    assert result.choice.price_source == "estimate"
+    assert result.choice.price_per_hour == pytest.approx(od("g4dn.xlarge") * ESTIMATED_SPOT_FRACTION, abs=1e-4)
+    assert result.choice.note is not None and "too old" in result.choice.note
+    assert result.choice.zone == "us-east-1a"
+
+
+def test_implausibly_low_fresh_price_is_not_trusted(tmp_path: Path) -> None:
+    spec = job(tmp_path, "  instance_type: g4dn.xlarge\n")
+    result = plan(spec, CATALOG, [quote("g4dn.xlarge", "us-east-1a", 0.00001)], region="us-east-1", now=NOW)
+    assert result.choice.price_source == "estimate"
+    assert result.choice.note is not None and "implausible" in result.choice.note
+
+
+def test_no_history_means_estimate_in_any_zone(tmp_path: Path) -> None:
+    spec = job(tmp_path, "  instance_type: g5.xlarge\n")
+    result = plan(spec, CATALOG, [], region="us-east-1", now=NOW)
+    assert result.choice.zone is None and result.choice.price_source == "estimate"
+
+
+def test_zones_filter(tmp_path: Path) -> None:
+    spec = job(tmp_path, "  gpu: T4\n  zones: [us-east-1c]\n")
+    prices = [quote("g4dn.xlarge", "us-east-1a", 0.15), quote("g4dn.xlarge", "us-east-1c", 0.25)]
+    result = plan(spec, CATALOG, prices, region="us-east-1", now=NOW)
+    assert {o.zone for o in result.offers} == {"us-east-1c"}
+
+
+def test_nothing_under_max_price_names_the_cheapest(tmp_path: Path) -> None:
+    spec = job(tmp_path, "  gpu: T4\n  max_price: 0.10\n")
+    prices = [quote("g4dn.xlarge", "us-east-1d", 0.1712), quote("g4dn.2xlarge", "us-east-1d", 0.30)]
+    with pytest.raises(PlanError) as info:
+        plan(spec, CATALOG, prices, region="us-east-1", now=NOW)
+    assert "no offer under max_price $0.1000/h" in info.value.message
+    assert "g4dn.xlarge in us-east-1d at $0.1712/h" in info.value.message
+    assert info.value.hint and "max_price" in info.value.hint
+
+
+def test_max_price_skips_dearer_offers(tmp_path: Path) -> None:
+    spec = job(tmp_path, "  gpu: T4\n  max_price: 0.2\n  zones: [us-east-1a, us-east-1b]\n")
+    prices = [quote("g4dn.xlarge", "us-east-1a", 0.25), quote("g4dn.xlarge", "us-east-1b", 0.18)]
+    result = plan(spec, CATALOG, prices, region="us-east-1", now=NOW)
+    assert result.choice.zone == "us-east-1b"
+
+
+def test_on_demand(tmp_path: Path) -> None:
+    spec = job(tmp_path, "  gpu: A10G\n  spot: false\n")
+    result = plan(spec, CATALOG, [quote("g5.xlarge", "us-east-1a", 0.3)], region="us-east-1", now=NOW)
+    assert result.choice.lifecycle is Lifecycle.ON_DEMAND
+    assert result.choice.price_per_hour == od("g5.xlarge")
+    assert result.choice.saving_pct == 0
+
+
+def test_region_without_the_gpu(tmp_path: Path) -> None:
+    spec = job(tmp_path, "  gpu: T4\n")
+    with pytest.raises(PlanError, match="offered in mars-east-1"):
+        plan(spec, CATALOG, [], region="mars-east-1", now=NOW)
+
+
+def test_cost_estimate_compute_plus_ebs(tmp_path: Path) -> None:
+    spec = job(tmp_path, "  instance_type: g4dn.xlarge\n  disk_gb: 100\n", extra="budget: {max_hours: 4}\n")
+    result = plan(spec, CATALOG, [quote("g4dn.xlarge", "us-east-1a", 0.2)], region="us-east-1", now=NOW)
+    assert result.estimate is not None
+    ebs = CATALOG.ebs_price("us-east-1")
+    assert result.estimate.compute_usd == pytest.approx(0.8)
+    assert result.estimate.ebs_usd == pytest.approx(100 * ebs * 4 / 730)
+    assert result.estimate.total_usd == pytest.approx(0.8 + 100 * ebs * 4 / 730)
+    assert result.to_json()["estimate"]["total_usd"] == round(result.estimate.total_usd, 4)
+
+
+def test_no_budget_no_estimate(tmp_path: Path) -> None:
+    result = plan(job(tmp_path, "  gpu: T4\n"), CATALOG, [], region="us-east-1", now=NOW)
+    assert result.estimate is None
+
+
+def test_plan_json_contract(tmp_path: Path) -> None:
+    result = plan(job(tmp_path, "  gpu: T4\n"), CATALOG, [quote("g4dn.xlarge", "us-east-1a", 0.2)],
+                  region="us-east-1", now=NOW, simulated=True)
+    data = result.to_json()
+    assert data["schema"] == 1
+    assert data["choice"]["price_source"] == "simulated"
+    assert data["simulated"] is True
+    assert data["catalog_date"] == CATALOG.generated.isoformat()
