@@ -42,7 +42,10 @@ def job_region(spec: JobSpec, settings: Settings) -> str:
 
 
 def plan_job(
-    job_path: str | os.PathLike[str], settings: Settings, *, dry_run: bool = False,
+    job_path: str | os.PathLike[str],
+    settings: Settings,
+    *,
+    dry_run: bool = False,
     now: datetime | None = None,
 ) -> Plan:
     """Validate the job (before any AWS call), fetch spot prices, choose an offer."""
@@ -54,8 +57,11 @@ def plan_job(
 
         region = job_region(spec, active)
         types = [t.name for t in candidate_types(spec, catalog) if t.on_demand_price(region) is not None]
-        prices = AwsCloud(active, region).spot_prices(types, spec.resources.zones, now) \
-            if types and spec.resources.spot else []
+        prices = (
+            AwsCloud(active, region).spot_prices(types, spec.resources.zones, now)
+            if types and spec.resources.spot
+            else []
+        )
         return plan(spec, catalog, prices, region=region, now=now, simulated=active.simulated)
 
 

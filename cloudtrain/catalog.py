@@ -112,19 +112,13 @@ def load_catalog() -> Catalog:
     try:
         text = resource.read_text(encoding="utf-8")
     except OSError as e:
-        raise CloudtrainError(
-            f"cannot read the instance catalog {CATALOG_RESOURCE}: {e}", _HINT
-        ) from e
+        raise CloudtrainError(f"cannot read the instance catalog {CATALOG_RESOURCE}: {e}", _HINT) from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CloudtrainError(
-            f"the instance catalog {CATALOG_RESOURCE} is not valid JSON: {e}", _HINT
-        ) from e
+        raise CloudtrainError(f"the instance catalog {CATALOG_RESOURCE} is not valid JSON: {e}", _HINT) from e
     if not isinstance(data, Mapping):
-        raise CloudtrainError(
-            f"the instance catalog {CATALOG_RESOURCE} is not a JSON object", _HINT
-        )
+        raise CloudtrainError(f"the instance catalog {CATALOG_RESOURCE} is not a JSON object", _HINT)
     return parse_catalog(data)
 
 

@@ -89,8 +89,10 @@ def main(ctx: click.Context, profile: str | None, debug: bool) -> None:
     Add --dry-run to a command to use the local simulated AWS (no account needed).
     """
     ctx.obj = Context(profile, debug)
-    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if not debug:
         logging.getLogger("botocore").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _raise_sigterm)
@@ -109,8 +111,12 @@ def _money(value: float) -> str:
 def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
     job = plan.job
     where = "simulated AWS (dry-run)" if plan.simulated else plan.region
-    table = Table(title=f"Offers for {job.name} ({job.backend}) in {where}, best per type",
-                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(
+        title=f"Offers for {job.name} ({job.backend}) in {where}, best per type",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
     table.add_column("type", no_wrap=True)
     table.add_column("GPUs", no_wrap=True)
     table.add_column("AZ", no_wrap=True)
@@ -128,8 +134,10 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
             ("→ " if chosen else "  ") + itype.name,
             f"{itype.gpu_count} x {itype.gpu} {itype.gpu_memory_gib:g}G",
             offer.zone or "any",
-            _money(offer.price_per_hour), _money(offer.on_demand_per_hour),
-            f"{offer.saving_pct:.0f}%", offer.price_source,
+            _money(offer.price_per_hour),
+            _money(offer.on_demand_per_hour),
+            f"{offer.saving_pct:.0f}%",
+            offer.price_source,
             style="bold green" if chosen else None,
         )
     console.print(table)
@@ -195,22 +203,25 @@ def _parse_when(value: str | None, option: str) -> datetime | None:
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise InputError(f"{option} '{value}' is not a date",
-                         hint=f"Use ISO 8601, e.g. {option} 2026-11-01 or 2026-11-01T12:00:00Z.") from None
+        raise InputError(
+            f"{option} '{value}' is not a date",
+            hint=f"Use ISO 8601, e.g. {option} 2026-11-01 or 2026-11-01T12:00:00Z.",
+        ) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def _totals_line(label: str, totals: CostTotals) -> str:
     saving = f"{totals.saving_pct:.0f}%" if totals.saving_pct is not None else "-"
-    return (f"{label}: {totals.runs} runs, {totals.hours:,.2f} h, {_money(totals.total_usd)} "
-            f"(compute {_money(totals.cost_usd)} + EBS {_money(totals.ebs_usd)}); "
-            f"on-demand would be {_money(totals.on_demand_usd)}, saved {saving}")
+    return (
+        f"{label}: {totals.runs} runs, {totals.hours:,.2f} h, {_money(totals.total_usd)} "
+        f"(compute {_money(totals.cost_usd)} + EBS {_money(totals.ebs_usd)}); "
+        f"on-demand would be {_money(totals.on_demand_usd)}, saved {saving}"
+    )
 
 
 def render_cost_report(report: CostReport, console: Console) -> None:
     key_header = {"run": "run", "day": "day", "instance-type": "instance type"}[report.group_by]
-    table = Table(title=f"Costs by {key_header}", title_justify="left", box=box.SIMPLE_HEAD,
-                  pad_edge=False)
+    table = Table(title=f"Costs by {key_header}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column(key_header)
     if report.group_by != "instance-type":
         table.add_column("instance types")
@@ -225,13 +236,21 @@ def render_cost_report(report: CostReport, console: Console) -> None:
         if report.group_by == "run":
             cells.append(row.state or "")
         saving = f"{row.saving_pct:.0f}%" if row.saving_pct is not None else "-"
-        cells += [f"{row.hours:,.2f}", _money(row.cost_usd), _money(row.on_demand_usd), saving,
-                  _money(row.ebs_usd), _money(row.total_usd)]
+        cells += [
+            f"{row.hours:,.2f}",
+            _money(row.cost_usd),
+            _money(row.on_demand_usd),
+            saving,
+            _money(row.ebs_usd),
+            _money(row.total_usd),
+        ]
         table.add_row(*cells, style="dim" if row.simulated else None)
     console.print(table)
     if report.matched > len(report.rows):
-        console.print(f"Showing the {len(report.rows)} most recent of {report.matched}; "
-                      "totals cover all (--limit to change).")
+        console.print(
+            f"Showing the {len(report.rows)} most recent of {report.matched}; "
+            "totals cover all (--limit to change)."
+        )
     console.print(_totals_line("Real spend", report.real), highlight=False)
     console.print(_totals_line("Simulated (dry-run)", report.simulated), highlight=False)
 
@@ -239,17 +258,40 @@ def render_cost_report(report: CostReport, console: Console) -> None:
 @main.command("cost-report")
 @click.option("--since", metavar="DATE", help="Only runs created at or after DATE (ISO 8601, UTC).")
 @click.option("--until", metavar="DATE", help="Only runs created before DATE (ISO 8601, UTC).")
-@click.option("--group-by", type=click.Choice(["run", "day", "instance-type"]), default="run",
-              show_default=True, help="One row per run, per day, or per instance type.")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
-              show_default=True, help="Output format; csv and json list every row.")
+@click.option(
+    "--group-by",
+    type=click.Choice(["run", "day", "instance-type"]),
+    default="run",
+    show_default=True,
+    help="One row per run, per day, or per instance type.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format; csv and json list every row.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Rows in the table (most recent first); totals always cover every run.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Rows in the table (most recent first); totals always cover every run.",
+)
 @pass_context
 @handle_errors
-def cost_report_command(ctx: Context, since: str | None, until: str | None, group_by: str,
-                        fmt: str, as_json: bool, limit: int) -> None:
+def cost_report_command(
+    ctx: Context,
+    since: str | None,
+    until: str | None,
+    group_by: str,
+    fmt: str,
+    as_json: bool,
+    limit: int,
+) -> None:
     """What every run cost, and what it saved against on-demand.
 
     A run relaunched after a spot interruption is one row summed over its instances.
@@ -257,18 +299,15 @@ def cost_report_command(ctx: Context, since: str | None, until: str | None, grou
     Dry-run runs are marked simulated and totalled apart from real spend.
     """
     from cloudtrain.ledger import Ledger
-    from cloudtrain.report import cost_report, to_csv, to_json
+    from cloudtrain.report import cost_report, export
 
     fmt = "json" if as_json else fmt
+    window = {"since": _parse_when(since, "--since"), "until": _parse_when(until, "--until")}
     with Ledger.open(ctx.settings) as ledger:
-        report = cost_report(ledger, since=_parse_when(since, "--since"), until=_parse_when(until, "--until"),
-                             group_by=group_by, limit=limit if fmt == "table" else None)
-    if fmt == "json":
-        click.echo(json.dumps(to_json(report), indent=2))
-    elif fmt == "csv":
-        click.echo(to_csv(report), nl=False)
-    else:
-        render_cost_report(report, out)
+        if fmt == "table":
+            render_cost_report(cost_report(ledger, group_by=group_by, limit=limit, **window), out)
+        else:
+            click.echo(export(ledger, fmt, group_by=group_by, **window), nl=False)
 
 
 if __name__ == "__main__":

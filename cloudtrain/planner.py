@@ -154,13 +154,26 @@ def _spot_offers(
     now: datetime,
     simulated: bool,
 ) -> list[Offer]:
-    quotes = [p for (name, zone), p in observed.items()
-              if name == itype.name and zone.startswith(region) and (not zones or zone in zones)]
+    quotes = [
+        p
+        for (name, zone), p in observed.items()
+        if name == itype.name and zone.startswith(region) and (not zones or zone in zones)
+    ]
     if not quotes:
         if zones:  # no price history there: the type is not offered in those zones
             return []
-        return [Offer(itype, region, None, Lifecycle.SPOT, estimated_spot(on_demand), on_demand,
-                      "estimate", "no spot price history; catalog estimate")]
+        return [
+            Offer(
+                itype,
+                region,
+                None,
+                Lifecycle.SPOT,
+                estimated_spot(on_demand),
+                on_demand,
+                "estimate",
+                "no spot price history; catalog estimate",
+            )
+        ]
     offers = []
     for quote in quotes:
         problem = price_problem(quote.price, on_demand, quote.timestamp, now)
@@ -168,8 +181,18 @@ def _spot_offers(
             source = "simulated" if simulated else "live"
             offers.append(Offer(itype, region, quote.zone, Lifecycle.SPOT, quote.price, on_demand, source))
         else:
-            offers.append(Offer(itype, region, quote.zone, Lifecycle.SPOT, estimated_spot(on_demand),
-                                on_demand, "estimate", f"spot quote {problem}; catalog estimate"))
+            offers.append(
+                Offer(
+                    itype,
+                    region,
+                    quote.zone,
+                    Lifecycle.SPOT,
+                    estimated_spot(on_demand),
+                    on_demand,
+                    "estimate",
+                    f"spot quote {problem}; catalog estimate",
+                )
+            )
     return offers
 
 
@@ -190,7 +213,8 @@ def plan(
         elsewhere = sorted({r for t in types for r in t.on_demand})
         raise PlanError(
             f"no {describe_request(spec)} is offered in {region} (catalog of {catalog.generated})",
-            hint=f"Set resources.region to one of: {', '.join(elsewhere)}" if elsewhere
+            hint=f"Set resources.region to one of: {', '.join(elsewhere)}"
+            if elsewhere
             else "Choose another resources.gpu or resources.instance_type.",
         )
     observed = _latest(prices)

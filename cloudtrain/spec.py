@@ -74,7 +74,9 @@ class DataSource(_Strict):
     @field_validator("src")
     @classmethod
     def _src_form(cls, value: str) -> str:
-        if value.startswith("s3://") and not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", value):
+        if value.startswith("s3://") and not re.match(
+            r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", value
+        ):
             raise ValueError(f"'{value}' is not an S3 URL like s3://bucket/prefix/")
         return value
 
@@ -90,7 +92,9 @@ class Resources(_Strict):
     instance_type: str | None = Field(None, description="An exact EC2 instance type (exclusive with gpu)")
     spot: bool = Field(True, description="Rent a spot instance (false: on-demand)")
     max_price: float | None = Field(None, gt=0, description="Highest acceptable USD per hour")
-    region: str | None = Field(None, pattern=REGION_RE, description="AWS region; default the profile's, else us-east-1")
+    region: str | None = Field(
+        None, pattern=REGION_RE, description="AWS region; default the profile's, else us-east-1"
+    )
     zones: list[str] | None = Field(None, min_length=1, description="Allowed availability zones")
     disk_gb: int = Field(100, gt=0, le=16384, description="Root EBS volume size (GiB), encrypted")
     image: str | None = Field(None, min_length=1, description="AMI id or name; default the cloudtrain image")
@@ -132,7 +136,9 @@ class JobSpec(_Strict):
     workdir: str = Field(".", description="Folder synced to the instance; default the job file's folder")
     setup: str | None = Field(None, min_length=1, description="Shell run once per instance before `run`")
     run: str = Field(min_length=1, description="Shell command that trains")
-    outputs: list[Annotated[str, AfterValidator(_relative_path)]] = Field(default_factory=list, description="Paths under workdir pulled back after the run")
+    outputs: list[Annotated[str, AfterValidator(_relative_path)]] = Field(
+        default_factory=list, description="Paths under workdir pulled back after the run"
+    )
     data: list[DataSource] = Field(default_factory=list, description="Extra inputs")
     env: dict[str, Annotated[str, BeforeValidator(_env_value)]] = Field(
         default_factory=dict, description="Environment variables for setup and run"
@@ -243,13 +249,22 @@ def _describe(error: Mapping[str, Any]) -> tuple[tuple[str | int, ...], str]:
     if kind == "missing":
         return loc, "is required"
     if kind == "string_pattern_mismatch" and loc and loc[-1] == "name":
-        return loc, f"'{error['input']}' must be 1-40 lower-case letters, digits or '-', starting with a letter or digit"
+        return (
+            loc,
+            f"'{error['input']}' must be 1-40 lower-case letters, digits or '-', "
+            "starting with a letter or digit",
+        )
     if kind == "string_pattern_mismatch" and loc and loc[-1] == "region":
         return loc, f"'{error['input']}' is not an AWS region name like us-east-1"
     message = str(error["msg"])
     message = message.removeprefix("Value error, ")
-    if kind.endswith("_type") or kind in ("literal_error", "greater_than", "greater_than_equal",
-                                          "less_than_equal", "too_short"):
+    if kind.endswith("_type") or kind in (
+        "literal_error",
+        "greater_than",
+        "greater_than_equal",
+        "less_than_equal",
+        "too_short",
+    ):
         message = f"{message} (got {error.get('input')!r})"
     # A model-level validator reports at the model's own location.
     return loc, message
@@ -284,23 +299,31 @@ def _iter_semantic_problems(
     if res.gpu is not None:
         model, _, count = res.gpu.partition(":")
         if count and not (count.isdigit() and int(count) > 0):
-            yield ("resources", "gpu"), f"'{res.gpu}': the count after ':' must be a positive whole number"
+            yield (
+                ("resources", "gpu"),
+                f"'{res.gpu}': the count after ':' must be a positive whole number",
+            )
         canonical = catalog.canonical_gpu(model)
         if canonical is None:
             guess = difflib.get_close_matches(model.upper(), catalog.gpu_names(), n=1, cutoff=0.5)
             hint = f" (did you mean '{guess[0]}'?)" if guess else ""
-            yield ("resources", "gpu"), (
-                f"unknown GPU '{model}'{hint}; expected one of: {', '.join(catalog.gpu_names())}"
+            yield (
+                ("resources", "gpu"),
+                (f"unknown GPU '{model}'{hint}; expected one of: {', '.join(catalog.gpu_names())}"),
             )
     if res.instance_type is not None and catalog.get(res.instance_type) is None:
         names = [t.name for t in catalog.instance_types]
         guess = difflib.get_close_matches(res.instance_type, names, n=1, cutoff=0.6)
         hint = f" (did you mean '{guess[0]}'?)" if guess else "; `cloudtrain plan --list-types` lists them"
-        yield ("resources", "instance_type"), (
-            f"'{res.instance_type}' is not a GPU instance type cloudtrain knows{hint}"
+        yield (
+            ("resources", "instance_type"),
+            (f"'{res.instance_type}' is not a GPU instance type cloudtrain knows{hint}"),
         )
     if res.image is not None and res.image.startswith("ami-") and not AMI_ID_RE.match(res.image):
-        yield ("resources", "image"), f"'{res.image}' is not an AMI id (ami- followed by 8 or 17 hex digits)"
+        yield (
+            ("resources", "image"),
+            f"'{res.image}' is not an AMI id (ami- followed by 8 or 17 hex digits)",
+        )
 
 
 def load_job(path: str | os.PathLike[str], catalog: Catalog | None = None) -> JobSpec:
@@ -342,7 +365,10 @@ def load_job(path: str | os.PathLike[str], catalog: Catalog | None = None) -> Jo
     catalog = catalog or load_catalog()
     _raise(
         job_path,
-        [_problem(job_path, positions, loc, msg) for loc, msg in _iter_semantic_problems(spec, base, catalog)],
+        [
+            _problem(job_path, positions, loc, msg)
+            for loc, msg in _iter_semantic_problems(spec, base, catalog)
+        ],
     )
     return _resolved(spec, base, catalog)
 
@@ -358,5 +384,9 @@ def _resolved(spec: JobSpec, base: Path, catalog: Catalog) -> JobSpec:
         model, sep, count = resources.gpu.partition(":")
         resources = resources.model_copy(update={"gpu": f"{catalog.canonical_gpu(model)}{sep}{count}"})
     return spec.model_copy(
-        update={"workdir": str((base / spec.workdir).resolve()), "data": data, "resources": resources}
+        update={
+            "workdir": str((base / spec.workdir).resolve()),
+            "data": data,
+            "resources": resources,
+        }
     )

@@ -14,8 +14,15 @@ from cloudtrain.settings import Settings
 @pytest.fixture(autouse=True)
 def fake_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Fake credentials and an isolated home for every test."""
-    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
-                "AWS_ENDPOINT_URL", "AWS_REGION", "CLOUDTRAIN_SSH_CIDR"):
+    for var in (
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_SECURITY_TOKEN",
+        "AWS_ENDPOINT_URL",
+        "AWS_REGION",
+        "CLOUDTRAIN_SSH_CIDR",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKEFAKEFAKEFAKE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret-never-leaves-this-machine")

@@ -63,9 +63,17 @@ def launch_request(cloud: AwsCloud, tags: dict[str, str], image_id: str, **chang
     key = cloud.ensure_key_pair(RUN_ID, tags)
     group = cloud.create_security_group(RUN_ID, "203.0.113.7/32", tags)
     fields: dict[str, Any] = dict(
-        run_id=RUN_ID, instance_type="g4dn.xlarge", zone="us-east-1b", spot=True, max_price=0.4,
-        disk_gb=120, image=cloud.resolve_image(None), key=key, security_group_id=group,
-        client_token=f"{RUN_ID}-1", tags=tags,
+        run_id=RUN_ID,
+        instance_type="g4dn.xlarge",
+        zone="us-east-1b",
+        spot=True,
+        max_price=0.4,
+        disk_gb=120,
+        image=cloud.resolve_image(None),
+        key=key,
+        security_group_id=group,
+        client_token=f"{RUN_ID}-1",
+        tags=tags,
     )
     fields.update(changes)
     return LaunchRequest(**fields)
@@ -90,19 +98,23 @@ def test_launch_parameters_as_moto_records_them(cloud: AwsCloud, tags: dict[str,
     assert tag_dict(data["Tags"]) == tags
     assert set(tags) == {TAG_RUN_ID, TAG_OWNER, TAG_EXPIRES, "Name"}
     behaviour = cloud.ec2.describe_instance_attribute(
-        InstanceId=instance_id, Attribute="instanceInitiatedShutdownBehavior")
+        InstanceId=instance_id, Attribute="instanceInitiatedShutdownBehavior"
+    )
     assert behaviour["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
 
     volumes = cloud.ec2.describe_volumes(
-        Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}])["Volumes"]
+        Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}]
+    )["Volumes"]
     assert len(volumes) == 1, "the root volume must be mapped by the image's root device name"
     assert volumes[0]["Encrypted"] is True and volumes[0]["Size"] == 120
     assert tag_dict(volumes[0]["Tags"])[TAG_RUN_ID] == RUN_ID
 
     group = cloud.ec2.describe_security_groups(GroupIds=[request.security_group_id])["SecurityGroups"][0]
     assert tag_dict(group["Tags"])[TAG_RUN_ID] == RUN_ID
-    assert [(p["IpProtocol"], p["FromPort"], p["ToPort"], [r["CidrIp"] for r in p["IpRanges"]])
-            for p in group["IpPermissions"]] == [("tcp", 22, 22, ["203.0.113.7/32"])]
+    assert [
+        (p["IpProtocol"], p["FromPort"], p["ToPort"], [r["CidrIp"] for r in p["IpRanges"]])
+        for p in group["IpPermissions"]
+    ] == [("tcp", 22, 22, ["203.0.113.7/32"])]
 
     pair = cloud.ec2.describe_key_pairs(KeyNames=[request.key.name])["KeyPairs"][0]
     assert tag_dict(pair["Tags"])[TAG_RUN_ID] == RUN_ID
@@ -157,13 +169,16 @@ class _Body:
 
 
 def ec2_error(code: str, status: int = 400, message: str = "injected") -> AWSResponse:
-    body = (f"<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error>"
-            "</Errors><RequestID>injected</RequestID></Response>").encode()
+    body = (
+        f"<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error>"
+        "</Errors><RequestID>injected</RequestID></Response>"
+    ).encode()
     return AWSResponse("https://ec2.us-east-1.amazonaws.com/", status, {}, _Body(body))  # type: ignore[arg-type]
 
 
-def inject(cloud: AwsCloud, operation: str, responses: list[AWSResponse],
-           seen: list[dict[str, list[str]]]) -> Callable[..., Any]:
+def inject(
+    cloud: AwsCloud, operation: str, responses: list[AWSResponse], seen: list[dict[str, list[str]]]
+) -> Callable[..., Any]:
     """Fail the next len(responses) calls of ``operation``; record every attempt's parameters."""
 
     def before_send(request: Any, **_: Any) -> AWSResponse | None:
@@ -198,7 +213,12 @@ def test_throttled_run_instances_retries_with_the_same_client_token(
     ],
 )
 def test_launch_errors_become_cloudtrain_errors(
-    cloud: AwsCloud, tags: dict[str, str], image_id: str, code: str, error: type[Exception], words: str | None
+    cloud: AwsCloud,
+    tags: dict[str, str],
+    image_id: str,
+    code: str,
+    error: type[Exception],
+    words: str | None,
 ) -> None:
     request = launch_request(cloud, tags, image_id)
     inject(cloud, "RunInstances", [ec2_error(code)], [])
@@ -223,7 +243,9 @@ def test_missing_credentials(settings: Settings, monkeypatch: pytest.MonkeyPatch
 # --- teardown ---------------------------------------------------------------------------
 
 
-def test_terminate_is_confirmed_and_group_deleted(cloud: AwsCloud, tags: dict[str, str], image_id: str) -> None:
+def test_terminate_is_confirmed_and_group_deleted(
+    cloud: AwsCloud, tags: dict[str, str], image_id: str
+) -> None:
     request = launch_request(cloud, tags, image_id)
     instance_id = cloud.launch(request)
     cloud.wait_running(instance_id, delay=1)
@@ -232,7 +254,8 @@ def test_terminate_is_confirmed_and_group_deleted(cloud: AwsCloud, tags: dict[st
     assert cloud.find_run_instances(RUN_ID) == []
     cloud.delete_security_group(request.security_group_id)
     groups = cloud.ec2.describe_security_groups(
-        Filters=[{"Name": "group-name", "Values": [f"cloudtrain-{RUN_ID}"]}])["SecurityGroups"]
+        Filters=[{"Name": "group-name", "Values": [f"cloudtrain-{RUN_ID}"]}]
+    )["SecurityGroups"]
     assert groups == []
     cloud.delete_security_group(request.security_group_id)  # already gone: no error
     cloud.terminate(instance_id, delay=1)  # terminating twice is harmless
@@ -278,7 +301,9 @@ def test_simulated_aws_quotes_the_simulated_price(settings: Settings) -> None:
         assert direct.describe_regions()["Regions"]
     itype = load_catalog().get("g5.xlarge")
     assert itype is not None
-    assert [(p.zone, p.price) for p in prices] == [("us-east-1a", simulated_spot(itype.on_demand["us-east-1"]))]
+    assert [(p.zone, p.price) for p in prices] == [
+        ("us-east-1a", simulated_spot(itype.on_demand["us-east-1"]))
+    ]
     assert (utcnow() - prices[0].timestamp) < timedelta(minutes=5)
 
 

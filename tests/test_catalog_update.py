@@ -101,9 +101,7 @@ def test_filters() -> None:
     assert cu.instance_type_filters(["g4dn", "p3dn"]) == [
         {"Name": "instance-type", "Values": ["g4dn.*", "p3dn.*"]}
     ]
-    assert cu.instance_price_filters("g5.xlarge", "eu-west-1") == linux_filters(
-        "g5.xlarge", "eu-west-1"
-    )
+    assert cu.instance_price_filters("g5.xlarge", "eu-west-1") == linux_filters("g5.xlarge", "eu-west-1")
     assert cu.ebs_gp3_price_filters("us-east-2") == ebs_filters("us-east-2")
 
 
@@ -481,9 +479,9 @@ def test_fetch_gpu_facts_against_moto() -> None:
     with mock_aws():
         ec2 = boto3.client("ec2", region_name="us-east-1")
         facts = {f.name: f for f in cu.fetch_gpu_facts(ec2, ("g4dn", "g5"))}
-    expected = {
-        f"g4dn.{s}" for s in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "12xlarge", "16xlarge")
-    } | {f"g5.{s}" for s in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "12xlarge", "16xlarge")}
+    expected = {f"g4dn.{s}" for s in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "12xlarge", "16xlarge")} | {
+        f"g5.{s}" for s in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "12xlarge", "16xlarge")
+    }
     assert expected <= set(facts)
     assert {f.family for f in facts.values()} == {"g4dn", "g5"}  # no g5g from "g5.*"
     assert facts["g4dn.12xlarge"].gpu_count == 4

@@ -44,8 +44,9 @@ def test_version() -> None:
 
 
 def test_module_entry_point_help() -> None:
-    done = subprocess.run([sys.executable, "-m", "cloudtrain", "--help"], capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "cloudtrain", "--help"], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0
     for command in ("plan", "cost-report", "schema"):
         assert command in done.stdout
@@ -144,13 +145,32 @@ def seed(settings: Settings) -> None:
         for index, simulated in enumerate([False, False, True]):
             created = day + timedelta(days=index)
             run_id = f"job{index}-{created:%Y%m%d-%H%M%S}-000{index}"
-            ledger.create_run(RunRow(id=run_id, name=f"job{index}", state=RunState.SUCCEEDED,
-                                     created_at=created, simulated=simulated, backend="tensorflow"))
-            ledger.record_instance(InstanceRow(
-                id=f"i-{index:017x}", run_id=run_id, instance_type="g4dn.xlarge", zone="us-east-1a",
-                lifecycle=Lifecycle.SPOT, price_per_hour=0.2, on_demand_per_hour=0.5, launched_at=created,
-                running_at=created, terminated_at=created + timedelta(hours=2), disk_gb=100,
-                ebs_per_gb_month=0.08))
+            ledger.create_run(
+                RunRow(
+                    id=run_id,
+                    name=f"job{index}",
+                    state=RunState.SUCCEEDED,
+                    created_at=created,
+                    simulated=simulated,
+                    backend="tensorflow",
+                )
+            )
+            ledger.record_instance(
+                InstanceRow(
+                    id=f"i-{index:017x}",
+                    run_id=run_id,
+                    instance_type="g4dn.xlarge",
+                    zone="us-east-1a",
+                    lifecycle=Lifecycle.SPOT,
+                    price_per_hour=0.2,
+                    on_demand_per_hour=0.5,
+                    launched_at=created,
+                    running_at=created,
+                    terminated_at=created + timedelta(hours=2),
+                    disk_gb=100,
+                    ebs_per_gb_month=0.08,
+                )
+            )
 
 
 def test_cost_report_table_separates_real_and_simulated(settings: Settings) -> None:

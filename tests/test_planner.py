@@ -72,11 +72,19 @@ def test_gpu_count_is_exact(tmp_path: Path) -> None:
 def test_placeholder_prices_fall_back_to_marked_estimate(tmp_path: Path) -> None:
     """moto quotes 0.00001 dated 2006: never a $0.00 job."""
     spec = job(tmp_path, "  instance_type: g4dn.xlarge\n")
-    moto_like = [SpotPrice("g4dn.xlarge", "us-east-1a", 0.00001,
-                           datetime(2006, 1, 2, 15, 4, 5, tzinfo=timezone.utc))]
+    moto_like = [
+        SpotPrice(
+            "g4dn.xlarge",
+            "us-east-1a",
+            0.00001,
+            datetime(2006, 1, 2, 15, 4, 5, tzinfo=timezone.utc),
+        )
+    ]
     result = plan(spec, CATALOG, moto_like, region="us-east-1", now=NOW)
     assert result.choice.price_source == "estimate"
-    assert result.choice.price_per_hour == pytest.approx(od("g4dn.xlarge") * ESTIMATED_SPOT_FRACTION, abs=1e-4)
+    assert result.choice.price_per_hour == pytest.approx(
+        od("g4dn.xlarge") * ESTIMATED_SPOT_FRACTION, abs=1e-4
+    )
     assert result.choice.note is not None and "too old" in result.choice.note
     assert result.choice.zone == "us-east-1a"
 
@@ -149,8 +157,14 @@ def test_no_budget_no_estimate(tmp_path: Path) -> None:
 
 
 def test_plan_json_contract(tmp_path: Path) -> None:
-    result = plan(job(tmp_path, "  gpu: T4\n"), CATALOG, [quote("g4dn.xlarge", "us-east-1a", 0.2)],
-                  region="us-east-1", now=NOW, simulated=True)
+    result = plan(
+        job(tmp_path, "  gpu: T4\n"),
+        CATALOG,
+        [quote("g4dn.xlarge", "us-east-1a", 0.2)],
+        region="us-east-1",
+        now=NOW,
+        simulated=True,
+    )
     data = result.to_json()
     assert data["schema"] == 1
     assert data["choice"]["price_source"] == "simulated"

@@ -90,27 +90,81 @@ def test_example_jobs_are_valid() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("name: x\nrun: r\nresoures: {gpu: T4}\n", "job.yaml:3: resoures: unknown key 'resoures' (did you mean 'resources'?)"),
-        ("name: x\nrun: r\nresources:\n  gpus: T4\n", "job.yaml:4: resources.gpus: unknown key 'gpus' (did you mean 'gpu'?)"),
-        ("name: x\nrun: r\nresources: {max_price: -1}\n", "job.yaml:3: resources.max_price: Input should be greater than 0"),
-        ("name: x\nrun: r\nresources:\n  disk_gb: 0\n", "job.yaml:4: resources.disk_gb: Input should be greater than 0"),
-        ("name: x\nrun: r\nbudget:\n  max_hours: 0\n", "job.yaml:4: budget.max_hours: Input should be greater than 0"),
-        ("name: x\nrun: r\nresources:\n  disk_gb: lots\n", "job.yaml:4: resources.disk_gb: Input should be a valid integer"),
+        (
+            "name: x\nrun: r\nresoures: {gpu: T4}\n",
+            "job.yaml:3: resoures: unknown key 'resoures' (did you mean 'resources'?)",
+        ),
+        (
+            "name: x\nrun: r\nresources:\n  gpus: T4\n",
+            "job.yaml:4: resources.gpus: unknown key 'gpus' (did you mean 'gpu'?)",
+        ),
+        (
+            "name: x\nrun: r\nresources: {max_price: -1}\n",
+            "job.yaml:3: resources.max_price: Input should be greater than 0",
+        ),
+        (
+            "name: x\nrun: r\nresources:\n  disk_gb: 0\n",
+            "job.yaml:4: resources.disk_gb: Input should be greater than 0",
+        ),
+        (
+            "name: x\nrun: r\nbudget:\n  max_hours: 0\n",
+            "job.yaml:4: budget.max_hours: Input should be greater than 0",
+        ),
+        (
+            "name: x\nrun: r\nresources:\n  disk_gb: lots\n",
+            "job.yaml:4: resources.disk_gb: Input should be a valid integer",
+        ),
         ("name: x\n", "job.yaml:1: run: is required"),
-        ("name: Big_Name\nrun: r\n", "job.yaml:1: name: 'Big_Name' must be 1-40 lower-case letters"),
-        ("name: x\nrun: r\nbackend: pytorch\n", "job.yaml:3: backend: Input should be 'tensorflow' or 'theano'"),
-        ("name: x\nrun: r\noutputs: [../secret]\n", "job.yaml:3: outputs[0]: '../secret' escapes the workdir with '..'"),
-        ("name: x\nrun: r\noutputs:\n  - /etc/passwd\n", "job.yaml:4: outputs[0]: '/etc/passwd' is absolute"),
-        ("name: x\nrun: r\ndata:\n  - {src: s3://b/k, dst: ../../x}\n", "job.yaml:4: data[0].dst: '../../x' escapes the workdir"),
-        ("name: x\nrun: r\nresources: {gpu: T5}\n", "job.yaml:3: resources.gpu: unknown GPU 'T5' (did you mean 'T4'?)"),
-        ("name: x\nrun: r\nresources: {instance_type: g4dn.xlarg}\n", "resources.instance_type: 'g4dn.xlarg' is not a GPU instance type cloudtrain knows (did you mean 'g4dn.xlarge'?)"),
-        ("name: x\nrun: r\nresources: {gpu: T4, instance_type: g4dn.xlarge}\n", "job.yaml:3: resources: give either gpu or instance_type, not both"),
-        ("name: x\nrun: r\nresources: {region: us-east-1, zones: [eu-west-1a]}\n", "zone 'eu-west-1a' is not in region us-east-1"),
-        ("name: x\nrun: r\nresources: {region: mars-1}\n", "resources.region: 'mars-1' is not an AWS region name"),
+        (
+            "name: Big_Name\nrun: r\n",
+            "job.yaml:1: name: 'Big_Name' must be 1-40 lower-case letters",
+        ),
+        (
+            "name: x\nrun: r\nbackend: pytorch\n",
+            "job.yaml:3: backend: Input should be 'tensorflow' or 'theano'",
+        ),
+        (
+            "name: x\nrun: r\noutputs: [../secret]\n",
+            "job.yaml:3: outputs[0]: '../secret' escapes the workdir with '..'",
+        ),
+        (
+            "name: x\nrun: r\noutputs:\n  - /etc/passwd\n",
+            "job.yaml:4: outputs[0]: '/etc/passwd' is absolute",
+        ),
+        (
+            "name: x\nrun: r\ndata:\n  - {src: s3://b/k, dst: ../../x}\n",
+            "job.yaml:4: data[0].dst: '../../x' escapes the workdir",
+        ),
+        (
+            "name: x\nrun: r\nresources: {gpu: T5}\n",
+            "job.yaml:3: resources.gpu: unknown GPU 'T5' (did you mean 'T4'?)",
+        ),
+        (
+            "name: x\nrun: r\nresources: {instance_type: g4dn.xlarg}\n",
+            "resources.instance_type: 'g4dn.xlarg' is not a GPU instance type cloudtrain knows (did you mean 'g4dn.xlarge'?)",
+        ),
+        (
+            "name: x\nrun: r\nresources: {gpu: T4, instance_type: g4dn.xlarge}\n",
+            "job.yaml:3: resources: give either gpu or instance_type, not both",
+        ),
+        (
+            "name: x\nrun: r\nresources: {region: us-east-1, zones: [eu-west-1a]}\n",
+            "zone 'eu-west-1a' is not in region us-east-1",
+        ),
+        (
+            "name: x\nrun: r\nresources: {region: mars-1}\n",
+            "resources.region: 'mars-1' is not an AWS region name",
+        ),
         ("name: x\nrun: r\nworkdir: nowhere\n", "job.yaml:3: workdir: folder"),
         ("name: x\nrun: r\ndata:\n  - {src: ./missing, dst: d}\n", "job.yaml:4: data[0].src:"),
-        ("name: x\nrun: r\nsecrets: [NOT-A-NAME]\n", "'NOT-A-NAME' is not a valid environment variable name"),
-        ("name: x\nrun: r\nresources: {gpu: 'T4:0'}\n", "the count after ':' must be a positive whole number"),
+        (
+            "name: x\nrun: r\nsecrets: [NOT-A-NAME]\n",
+            "'NOT-A-NAME' is not a valid environment variable name",
+        ),
+        (
+            "name: x\nrun: r\nresources: {gpu: 'T4:0'}\n",
+            "the count after ':' must be a positive whole number",
+        ),
         ("name: x\nrun: r\nresources: {image: ami-xyz}\n", "'ami-xyz' is not an AMI id"),
     ],
 )

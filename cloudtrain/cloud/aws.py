@@ -50,8 +50,8 @@ TAG_RUN_ID = "cloudtrain:run-id"
 TAG_OWNER = "cloudtrain:owner"
 TAG_EXPIRES = "cloudtrain:expires"
 DEFAULT_IMAGE_PATTERN = "cloudtrain-gpu-*"
-RETRY_CONFIG = {"mode": "standard", "max_attempts": 8}
-SIMULATED_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+RETRY_CONFIG: Any = {"mode": "standard", "max_attempts": 8}
+SIMULATED_CREDENTIALS = ("testing", "testing")  # the simulated AWS's; never the user's keys
 
 # The Service Quotas a launch can hit, by instance family letter and market.
 QUOTA_NAMES = {
@@ -132,34 +132,54 @@ def translate(error: Exception, operation: str, *, instance_type: str = "", spot
         return CloudError(f"AWS {operation} failed: {error}")
     code = error.response.get("Error", {}).get("Code", "")
     message = error.response.get("Error", {}).get("Message", "")
-    if code in ("AuthFailure", "InvalidClientTokenId", "UnrecognizedClientException",
-                "SignatureDoesNotMatch", "ExpiredToken", "RequestExpired"):
-        return CredentialsError(f"AWS refused the credentials ({code}): {message}",
-                                hint="Refresh the credentials, or choose another --profile.")
+    if code in (
+        "AuthFailure",
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "RequestExpired",
+    ):
+        return CredentialsError(
+            f"AWS refused the credentials ({code}): {message}",
+            hint="Refresh the credentials, or choose another --profile.",
+        )
     if code == "UnauthorizedOperation":
-        return CredentialsError(f"not allowed to call {operation}: {message}",
-                                hint="Grant the IAM permission named above to this user or role.")
+        return CredentialsError(
+            f"not allowed to call {operation}: {message}",
+            hint="Grant the IAM permission named above to this user or role.",
+        )
     if code == "VcpuLimitExceeded":
         return QuotaError(
             f"the vCPU quota does not allow {instance_type or 'this instance'}: {message}",
             hint=f"Ask for more in Service Quotas: {quota_name(instance_type, spot)}.",
         )
     if code == "MaxSpotInstanceCountExceeded":
-        return QuotaError(f"too many spot instances already: {message}",
-                          hint=f"Ask for more in Service Quotas: {quota_name(instance_type, True)}; "
-                          "or run `cloudtrain status` to find running ones.")
+        return QuotaError(
+            f"too many spot instances already: {message}",
+            hint=f"Ask for more in Service Quotas: {quota_name(instance_type, True)}; "
+            "or run `cloudtrain status` to find running ones.",
+        )
     if code == "InsufficientInstanceCapacity":
-        return CapacityError(f"AWS has no {instance_type or 'instance'} capacity now: {message}",
-                             hint="Try another zone or GPU, or try again later.")
+        return CapacityError(
+            f"AWS has no {instance_type or 'instance'} capacity now: {message}",
+            hint="Try another zone or GPU, or try again later.",
+        )
     if code == "SpotMaxPriceTooLow":
-        return PriceError(f"the spot price is above max_price: {message}",
-                          hint="Raise resources.max_price in the job file.")
+        return PriceError(
+            f"the spot price is above max_price: {message}",
+            hint="Raise resources.max_price in the job file.",
+        )
     if code in ("RequestLimitExceeded", "Throttling", "ThrottlingException"):
-        return CloudError(f"AWS kept throttling {operation} after retries: {message}",
-                          hint="Wait a minute and run again.")
+        return CloudError(
+            f"AWS kept throttling {operation} after retries: {message}",
+            hint="Wait a minute and run again.",
+        )
     if code.startswith("InvalidAMIID"):
-        return InputError(f"the image cannot be used: {message}",
-                          hint="Check resources.image, and that it exists in the job's region.")
+        return InputError(
+            f"the image cannot be used: {message}",
+            hint="Check resources.image, and that it exists in the job's region.",
+        )
     return CloudError(f"AWS {operation} failed ({code}): {message}")
 
 
@@ -173,12 +193,16 @@ def aws_errors(operation: str, *, instance_type: str = "", spot: bool = True) ->
 
 def make_client(settings: Settings, service: str, region: str) -> Any:
     """A boto3 client with standard retries, pointed at the simulator in dry-run."""
-    config = Config(retries=RETRY_CONFIG, connect_timeout=10, read_timeout=60)  # type: ignore[arg-type]
+    config = Config(retries=RETRY_CONFIG, connect_timeout=10, read_timeout=60)
     if settings.simulated:
-        session = boto3.Session(region_name=region, **SIMULATED_CREDENTIALS)
+        session = boto3.Session(
+            region_name=region,
+            aws_access_key_id=SIMULATED_CREDENTIALS[0],
+            aws_secret_access_key=SIMULATED_CREDENTIALS[1],
+        )
     else:
         session = boto3.Session(profile_name=settings.profile, region_name=region)
-    return session.client(service, config=config, endpoint_url=settings.endpoint_url)  # type: ignore[call-overload]
+    return session.client(service, config=config, endpoint_url=settings.endpoint_url)  # type: ignore[call-overload,unused-ignore]
 
 
 def _private_key_ok(path: Path) -> None:
@@ -218,7 +242,9 @@ class AwsCloud:
     # --- prices ------------------------------------------------------------------------
 
     def spot_prices(
-        self, instance_types: Sequence[str], zones: Sequence[str] | None = None,
+        self,
+        instance_types: Sequence[str],
+        zones: Sequence[str] | None = None,
         now: datetime | None = None,
     ) -> list[SpotPrice]:
         """The current spot price of each type in each zone (the latest observation)."""
@@ -238,8 +264,14 @@ class AwsCloud:
                     stamp = item["Timestamp"]
                     if stamp.tzinfo is None:
                         stamp = stamp.replace(tzinfo=timezone.utc)
-                    prices.append(SpotPrice(item["InstanceType"], item["AvailabilityZone"],
-                                            float(item["SpotPrice"]), stamp))
+                    prices.append(
+                        SpotPrice(
+                            item["InstanceType"],
+                            item["AvailabilityZone"],
+                            float(item["SpotPrice"]),
+                            stamp,
+                        )
+                    )
         return prices
 
     # --- key pair ------------------------------------------------------------------------
@@ -280,8 +312,10 @@ class AwsCloud:
         with aws_errors("DescribeVpcs"):
             vpcs = self.ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
         if not vpcs:
-            raise CloudError(f"no default VPC in {self.region}",
-                             hint="Create one with `aws ec2 create-default-vpc`.")
+            raise CloudError(
+                f"no default VPC in {self.region}",
+                hint="Create one with `aws ec2 create-default-vpc`.",
+            )
         with aws_errors("CreateSecurityGroup"):
             group_id: str = self.ec2.create_security_group(
                 GroupName=f"cloudtrain-{run_id}",
@@ -292,8 +326,14 @@ class AwsCloud:
         with aws_errors("AuthorizeSecurityGroupIngress"):
             self.ec2.authorize_security_group_ingress(
                 GroupId=group_id,
-                IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
-                                "IpRanges": [{"CidrIp": cidr, "Description": "cloudtrain controller"}]}],
+                IpPermissions=[
+                    {
+                        "IpProtocol": "tcp",
+                        "FromPort": 22,
+                        "ToPort": 22,
+                        "IpRanges": [{"CidrIp": cidr, "Description": "cloudtrain controller"}],
+                    }
+                ],
             )
         log.info("created security group %s for %s (ssh from %s)", group_id, run_id, cidr)
         return group_id
@@ -326,7 +366,9 @@ class AwsCloud:
                     Owners=["self"], Filters=[{"Name": "name", "Values": [pattern]}]
                 )["Images"]
                 if not found and image:
-                    found = self.ec2.describe_images(Filters=[{"Name": "name", "Values": [pattern]}])["Images"]
+                    found = self.ec2.describe_images(Filters=[{"Name": "name", "Values": [pattern]}])[
+                        "Images"
+                    ]
         if not found:
             wanted = image or f"the cloudtrain image ({DEFAULT_IMAGE_PATTERN})"
             raise InputError(
@@ -349,28 +391,47 @@ class AwsCloud:
             "SecurityGroupIds": [request.security_group_id],
             "ClientToken": request.client_token,
             "InstanceInitiatedShutdownBehavior": "terminate",
-            "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1,
-                                "HttpEndpoint": "enabled"},
-            "BlockDeviceMappings": [{
-                "DeviceName": request.image.root_device_name,
-                "Ebs": {"VolumeSize": request.disk_gb, "VolumeType": "gp3", "Encrypted": True,
-                        "DeleteOnTermination": True},
-            }],
-            "TagSpecifications": [_tag_spec("instance", request.tags), _tag_spec("volume", request.tags)],
+            "MetadataOptions": {
+                "HttpTokens": "required",
+                "HttpPutResponseHopLimit": 1,
+                "HttpEndpoint": "enabled",
+            },
+            "BlockDeviceMappings": [
+                {
+                    "DeviceName": request.image.root_device_name,
+                    "Ebs": {
+                        "VolumeSize": request.disk_gb,
+                        "VolumeType": "gp3",
+                        "Encrypted": True,
+                        "DeleteOnTermination": True,
+                    },
+                }
+            ],
+            "TagSpecifications": [
+                _tag_spec("instance", request.tags),
+                _tag_spec("volume", request.tags),
+            ],
         }
         if request.zone:
             params["Placement"] = {"AvailabilityZone": request.zone}
         if request.spot:
-            options: dict[str, Any] = {"SpotInstanceType": "one-time",
-                                       "InstanceInterruptionBehavior": "terminate"}
+            options: dict[str, Any] = {
+                "SpotInstanceType": "one-time",
+                "InstanceInterruptionBehavior": "terminate",
+            }
             if request.max_price is not None:
                 options["MaxPrice"] = f"{request.max_price:.4f}"
             params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": options}
         with aws_errors("RunInstances", instance_type=request.instance_type, spot=request.spot):
             reply = self.ec2.run_instances(**params)
         instance_id: str = reply["Instances"][0]["InstanceId"]
-        log.info("launched %s (%s, %s) for %s", instance_id, request.instance_type,
-                 "spot" if request.spot else "on-demand", request.run_id)
+        log.info(
+            "launched %s (%s, %s) for %s",
+            instance_id,
+            request.instance_type,
+            "spot" if request.spot else "on-demand",
+            request.run_id,
+        )
         return instance_id
 
     def describe(self, instance_id: str) -> LaunchedInstance:
@@ -390,20 +451,28 @@ class AwsCloud:
     def wait_running(self, instance_id: str, delay: int = 5, max_attempts: int = 120) -> LaunchedInstance:
         try:
             self.ec2.get_waiter("instance_running").wait(
-                InstanceIds=[instance_id], WaiterConfig={"Delay": delay, "MaxAttempts": max_attempts}
+                InstanceIds=[instance_id],
+                WaiterConfig={"Delay": delay, "MaxAttempts": max_attempts},
             )
         except WaiterError as e:
-            raise CloudError(f"{instance_id} did not reach running: {e}",
-                             hint="See the EC2 console for the instance's state reason.") from e
+            raise CloudError(
+                f"{instance_id} did not reach running: {e}",
+                hint="See the EC2 console for the instance's state reason.",
+            ) from e
         return self.describe(instance_id)
 
     def find_run_instances(self, run_id: str) -> list[LaunchedInstance]:
         """The run's instances that are not terminated, found by tag."""
         with aws_errors("DescribeInstances"):
-            pages = self.ec2.get_paginator("describe_instances").paginate(Filters=[
-                {"Name": f"tag:{TAG_RUN_ID}", "Values": [run_id]},
-                {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
-            ])
+            pages = self.ec2.get_paginator("describe_instances").paginate(
+                Filters=[
+                    {"Name": f"tag:{TAG_RUN_ID}", "Values": [run_id]},
+                    {
+                        "Name": "instance-state-name",
+                        "Values": ["pending", "running", "stopping", "stopped"],
+                    },
+                ]
+            )
             ids = [i["InstanceId"] for page in pages for r in page["Reservations"] for i in r["Instances"]]
         return [self.describe(i) for i in ids]
 
@@ -417,7 +486,8 @@ class AwsCloud:
             return utcnow()
         try:
             self.ec2.get_waiter("instance_terminated").wait(
-                InstanceIds=[instance_id], WaiterConfig={"Delay": delay, "MaxAttempts": max_attempts}
+                InstanceIds=[instance_id],
+                WaiterConfig={"Delay": delay, "MaxAttempts": max_attempts},
             )
         except WaiterError as e:
             raise CloudError(
@@ -426,8 +496,10 @@ class AwsCloud:
             ) from e
         state = self.describe(instance_id).state
         if state != "terminated":
-            raise CloudError(f"{instance_id} is {state}, not terminated",
-                             hint=f"Terminate it by hand: aws ec2 terminate-instances --instance-ids {instance_id}")
+            raise CloudError(
+                f"{instance_id} is {state}, not terminated",
+                hint=f"Terminate it by hand: aws ec2 terminate-instances --instance-ids {instance_id}",
+            )
         log.info("terminated %s", instance_id)
         return utcnow()
 
@@ -439,5 +511,6 @@ def profile_region(settings: Settings) -> str | None:
     try:
         return boto3.Session(profile_name=settings.profile).region_name or settings.region
     except BotoCoreError as e:  # ProfileNotFound and friends
-        raise InputError(f"AWS profile problem: {e}",
-                         hint="Check --profile / AWS_PROFILE against ~/.aws/config.") from e
+        raise InputError(
+            f"AWS profile problem: {e}", hint="Check --profile / AWS_PROFILE against ~/.aws/config."
+        ) from e

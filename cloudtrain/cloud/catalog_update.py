@@ -124,9 +124,7 @@ def instance_price_filters(instance_type: str, region: str) -> list[dict[str, st
 
 def ebs_gp3_price_filters(region: str) -> list[dict[str, str]]:
     """Filters selecting the EBS gp3 storage product (GB-month) in one region."""
-    return term_filters(
-        ("productFamily", "Storage"), ("volumeApiName", "gp3"), ("regionCode", region)
-    )
+    return term_filters(("productFamily", "Storage"), ("volumeApiName", "gp3"), ("regionCode", region))
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,9 +248,7 @@ def build_catalog(
     generated = today or date.today()
     rank = {family: i for i, family in enumerate(families)}
     entries: list[dict[str, Any]] = []
-    for fact in sorted(
-        facts, key=lambda f: (rank.get(f.family, len(rank)), f.vcpus, f.gpu_count, f.name)
-    ):
+    for fact in sorted(facts, key=lambda f: (rank.get(f.family, len(rank)), f.vcpus, f.gpu_count, f.name)):
         type_prices = prices.get(fact.name, {})
         on_demand = {r: float(type_prices[r]) for r in regions if type_prices.get(r)}
         if not on_demand:
@@ -339,9 +335,7 @@ def get_products(pricing: Any, filters: list[dict[str, str]]) -> list[str]:
     items: list[str] = []
     with aws_errors("query the AWS Price List API"):
         paginator = pricing.get_paginator("get_products")
-        for page in paginator.paginate(
-            ServiceCode=SERVICE_CODE, Filters=filters, FormatVersion="aws_v1"
-        ):
+        for page in paginator.paginate(ServiceCode=SERVICE_CODE, Filters=filters, FormatVersion="aws_v1"):
             items.extend(page.get("PriceList", []))
     return items
 
@@ -435,9 +429,7 @@ def aws_errors(action: str) -> Iterator[None]:
             ) from e
         raise CloudError(f"cannot {action}: {e}") from e
     except botocore.exceptions.BotoCoreError as e:
-        raise CloudError(
-            f"cannot {action}: {e}", "Check the network connection and the region names."
-        ) from e
+        raise CloudError(f"cannot {action}: {e}", "Check the network connection and the region names.") from e
 
 
 def _gib(mib: Any) -> float:
@@ -465,9 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        data = update_catalog(
-            args.out, regions=args.regions, families=args.families, profile=args.profile
-        )
+        data = update_catalog(args.out, regions=args.regions, families=args.families, profile=args.profile)
     except CloudtrainError as e:
         print(f"error: {e.message}", file=sys.stderr)
         if e.hint:

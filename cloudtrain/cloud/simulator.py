@@ -40,13 +40,15 @@ def _simulated_price_history(self: Any) -> Any:
         on_demand = itype.on_demand_price(region) if itype else None
         if on_demand is None:
             continue
-        history.append({
-            "InstanceType": offer["InstanceType"],
-            "ProductDescription": "Linux/UNIX (Amazon VPC)",
-            "SpotPrice": f"{simulated_spot(on_demand):.6f}",
-            "AvailabilityZone": offer["Location"],
-            "Timestamp": now,
-        })
+        history.append(
+            {
+                "InstanceType": offer["InstanceType"],
+                "ProductDescription": "Linux/UNIX (Amazon VPC)",
+                "SpotPrice": f"{simulated_spot(on_demand):.6f}",
+                "AvailabilityZone": offer["Location"],
+                "Timestamp": now,
+            }
+        )
     return ActionResult({"SpotPriceHistory": history})
 
 

@@ -1,0 +1,545 @@
+"""The run ledger: one SQLite file recording every run, its instances and its events.
+
+The ledger is what ``cloudtrain status`` and ``cloudtrain cost-report`` read, and what
+the orchestrator writes as a run moves through its lifecycle. Several cloudtrain
+processes may use the same file at once (a ``run`` in one terminal, ``status`` in
+another), so:
+
+- the journal is WAL (readers never block the writer) and every connection sets a
+  ``busy_timeout``, so a writer waits for another's lock instead of failing;
+- every write is one short ``BEGIN IMMEDIATE`` transaction (take the write lock
+  first, so a read can never need upgrading mid-transaction);
+- the schema is versioned with ``PRAGMA user_version`` and an ordered list of
+  migration functions, applied together in one transaction when the file is opened.
+
+Times are stored as ISO 8601 UTC text (``records.iso``) and parsed back with
+``records.parse_iso``. A leaf module: the standard library and cloudtrain's records,
+errors and settings only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from cloudtrain.errors import InputError
+from cloudtrain.records import Lifecycle, RunState, iso, parse_iso, utcnow
+from cloudtrain.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FINISHED_STATES: tuple[str, ...] = tuple(s.value for s in RunState if s.finished)
+_MAX_CANDIDATES = 10  # how many matching ids an ambiguous-reference hint lists
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One run as the ledger stores it."""
+
+    id: str
+    name: str
+    state: RunState
+    created_at: datetime
+    job_path: str | None = None
+    backend: str | None = None
+    simulated: bool = False
+    region: str | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    run_dir: str | None = None
+    exit_code: int | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    """One instance launched for a run. ``running_at`` None: it never ran, costs nothing."""
+
+    id: str
+    run_id: str
+    instance_type: str
+    zone: str | None
+    lifecycle: Lifecycle
+    price_per_hour: float
+    on_demand_per_hour: float
+    launched_at: datetime
+    disk_gb: int = 0
+    ebs_per_gb_month: float = 0.0
+    running_at: datetime | None = None
+    terminated_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class EventRow:
+    """A timestamped line in a run's history (state changes, interruptions, ...)."""
+
+    run_id: str
+    at: datetime
+    kind: str
+    message: str
+
+
+# --- schema -------------------------------------------------------------------------
+
+
+def _migrate_v1(conn: sqlite3.Connection) -> None:
+    """The first schema: runs, instances, events, and the indexes the report uses."""
+    statements = [
+        """
+        CREATE TABLE runs (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            job_path TEXT,
+            backend TEXT,
+            state TEXT NOT NULL,
+            simulated INTEGER NOT NULL DEFAULT 0,
+            region TEXT,
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            ended_at TEXT,
+            run_dir TEXT,
+            exit_code INTEGER,
+            detail TEXT NOT NULL DEFAULT '{}'
+        )
+        """,
+        """
+        CREATE TABLE instances (
+            id TEXT PRIMARY KEY,
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            instance_type TEXT NOT NULL,
+            zone TEXT,
+            lifecycle TEXT NOT NULL,
+            price_per_hour REAL NOT NULL,
+            on_demand_per_hour REAL NOT NULL,
+            disk_gb INTEGER NOT NULL DEFAULT 0,
+            ebs_per_gb_month REAL NOT NULL DEFAULT 0,
+            launched_at TEXT NOT NULL,
+            running_at TEXT,
+            terminated_at TEXT
+        )
+        """,
+        """
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL,
+            at TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            message TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX runs_created_at ON runs(created_at, id)",
+        # by run, and covering every column the cost report reads
+        "CREATE INDEX instances_run_id ON instances(run_id, instance_type, running_at,"
+        " terminated_at, price_per_hour, on_demand_per_hour, disk_gb, ebs_per_gb_month)",
+        "CREATE INDEX events_run_id ON events(run_id, at)",
+    ]
+    for statement in statements:
+        conn.execute(statement)
+
+
+# Ordered: MIGRATIONS[n] takes a version-n file to version n + 1. Append, never edit.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1]
+
+
+def schema_version() -> int:
+    """The schema version this cloudtrain writes."""
+    return len(MIGRATIONS)
+
+
+# --- the ledger -----------------------------------------------------------------------
+
+
+class Ledger:
+    """A connection to the ledger file; migrates the schema on open.
+
+    One ``Ledger`` per thread (sqlite3 connections are not shared across threads);
+    any number per process or across processes.
+    """
+
+    def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+        _prepare_file(self.path)
+        try:
+            conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+        except sqlite3.OperationalError as e:
+            raise InputError(
+                f"cannot open the ledger {self.path}: {e}",
+                hint="check that the folder is writable, or set CLOUDTRAIN_HOME elsewhere",
+            ) from e
+        self._conn = conn
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._enable_wal()
+            conn.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            if isinstance(e, sqlite3.OperationalError):
+                raise
+            raise InputError(
+                f"{self.path} is not a usable cloudtrain ledger: {e}",
+                hint="move the file aside (cloudtrain starts a new ledger) or restore a backup",
+            ) from e
+        except BaseException:
+            conn.close()
+            raise
+
+    @classmethod
+    def open(cls, settings: Settings) -> Ledger:
+        """The ledger under the settings' home (``settings.ledger_path``)."""
+        return cls(settings.ledger_path)
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The underlying connection, for read-only queries (``report.py``)."""
+        return self._conn
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- opening ------------------------------------------------------------------
+
+    def _enable_wal(self) -> None:
+        """Switch the file to WAL (persistent, so only the first open really does it).
+
+        Changing the journal mode needs an exclusive lock and can report SQLITE_BUSY
+        without consulting the busy handler when several processes create the file at
+        once, so retry until the timeout.
+        """
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                row = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
+                continue
+            mode = str(row[0]).lower() if row else ""
+            if mode != "wal":
+                log.warning("ledger %s: journal mode is %s, not wal", self.path, mode)
+            return
+
+    def _migrate(self) -> None:
+        """Bring the schema up to date: all pending migrations in one transaction."""
+        known = schema_version()
+        with self._write():
+            current = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+            if current > known:
+                raise InputError(
+                    f"the ledger {self.path} has schema version {current}, "
+                    f"newer than this cloudtrain understands ({known})",
+                    hint="upgrade cloudtrain, or set CLOUDTRAIN_HOME to use another ledger",
+                )
+            for version in range(current, known):
+                MIGRATIONS[version](self._conn)
+                log.info("ledger %s: migrated to schema version %d", self.path, version + 1)
+            if current != known:
+                self._conn.execute(f"PRAGMA user_version = {known}")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One short write transaction, taking the write lock up front."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    # --- runs ---------------------------------------------------------------------
+
+    def create_run(self, run: RunRow) -> None:
+        """Record a new run. A run id already in the ledger raises ``ValueError``."""
+        with self._write() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO runs (id, name, job_path, backend, state, simulated, region,"
+                    " created_at, started_at, ended_at, run_dir, exit_code, detail)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        run.id,
+                        run.name,
+                        run.job_path,
+                        run.backend,
+                        RunState(run.state).value,
+                        int(run.simulated),
+                        run.region,
+                        iso(run.created_at),
+                        _iso_or_none(run.started_at),
+                        _iso_or_none(run.ended_at),
+                        run.run_dir,
+                        run.exit_code,
+                        _dump_detail(run.detail),
+                    ),
+                )
+            except sqlite3.IntegrityError as e:
+                raise ValueError(f"run {run.id} is already in the ledger") from e
+
+    def update_run(
+        self,
+        run_id: str,
+        *,
+        state: RunState | None = None,
+        started_at: datetime | None = None,
+        ended_at: datetime | None = None,
+        exit_code: int | None = None,
+        run_dir: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Change the given fields (None: leave as is); ``detail`` is merged into the
+        stored object key by key. An unknown run raises ``KeyError``."""
+        with self._write() as conn:
+            row = conn.execute("SELECT detail FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise KeyError(run_id)
+            changes: dict[str, object] = {}
+            if state is not None:
+                changes["state"] = RunState(state).value
+            if started_at is not None:
+                changes["started_at"] = iso(started_at)
+            if ended_at is not None:
+                changes["ended_at"] = iso(ended_at)
+            if exit_code is not None:
+                changes["exit_code"] = exit_code
+            if run_dir is not None:
+                changes["run_dir"] = run_dir
+            if detail:
+                merged = dict(_load_detail(row[0]))
+                merged.update(detail)
+                changes["detail"] = _dump_detail(merged)
+            if changes:
+                assignments = ", ".join(f"{column} = ?" for column in changes)
+                conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*changes.values(), run_id))
+
+    def get_run(self, run_id: str) -> RunRow | None:
+        row = self._conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,))
+        found = row.fetchone()
+        return _run_row(found) if found is not None else None
+
+    def resolve_run(self, ref: str) -> RunRow:
+        """The run whose id is ``ref``, or the one run whose id starts with it."""
+        ref = ref.strip()
+        if not ref:
+            raise InputError("no run given", hint="`cloudtrain status` lists the runs")
+        exact = self.get_run(ref)
+        if exact is not None:
+            return exact
+        rows = self._conn.execute(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE id >= ? AND id < ?"
+            " ORDER BY created_at DESC, id DESC LIMIT ?",
+            (ref, ref + "\U0010ffff", _MAX_CANDIDATES + 1),
+        ).fetchall()
+        if len(rows) == 1:
+            return _run_row(rows[0])
+        if not rows:
+            raise InputError(
+                f"no run matches {ref!r}",
+                hint="`cloudtrain status` lists the runs in the ledger",
+            )
+        ids = [str(r[0]) for r in rows[:_MAX_CANDIDATES]]
+        more = ", ..." if len(rows) > _MAX_CANDIDATES else ""
+        raise InputError(
+            f"{ref!r} matches more than one run",
+            hint=f"give more of the id; candidates: {', '.join(ids)}{more}",
+        )
+
+    def list_runs(self, *, limit: int | None = None, active_only: bool = False) -> list[RunRow]:
+        """Runs, newest first; ``active_only``: those not yet finished."""
+        sql = f"SELECT {_RUN_COLUMNS} FROM runs"
+        params: list[object] = []
+        if active_only:
+            sql += f" WHERE state NOT IN ({', '.join('?' for _ in FINISHED_STATES)})"
+            params.extend(FINISHED_STATES)
+        sql += " ORDER BY created_at DESC, id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(max(0, limit))
+        return [_run_row(r) for r in self._conn.execute(sql, params)]
+
+    # --- instances ------------------------------------------------------------------
+
+    def record_instance(self, row: InstanceRow) -> None:
+        """Record an instance launched for a run (unknown run: ``KeyError``).
+
+        Recording the same instance id again (recovery after a crash finds it by its
+        tags) updates it; a known running/terminated time is kept unless given anew.
+        """
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM runs WHERE id = ?", (row.run_id,)).fetchone() is None:
+                raise KeyError(row.run_id)
+            conn.execute(
+                "INSERT INTO instances (id, run_id, instance_type, zone, lifecycle,"
+                " price_per_hour, on_demand_per_hour, disk_gb, ebs_per_gb_month, launched_at,"
+                " running_at, terminated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(id) DO UPDATE SET run_id = excluded.run_id,"
+                " instance_type = excluded.instance_type, zone = excluded.zone,"
+                " lifecycle = excluded.lifecycle, price_per_hour = excluded.price_per_hour,"
+                " on_demand_per_hour = excluded.on_demand_per_hour, disk_gb = excluded.disk_gb,"
+                " ebs_per_gb_month = excluded.ebs_per_gb_month,"
+                " launched_at = excluded.launched_at,"
+                " running_at = COALESCE(excluded.running_at, running_at),"
+                " terminated_at = COALESCE(excluded.terminated_at, terminated_at)",
+                (
+                    row.id,
+                    row.run_id,
+                    row.instance_type,
+                    row.zone,
+                    Lifecycle(row.lifecycle).value,
+                    float(row.price_per_hour),
+                    float(row.on_demand_per_hour),
+                    int(row.disk_gb),
+                    float(row.ebs_per_gb_month),
+                    iso(row.launched_at),
+                    _iso_or_none(row.running_at),
+                    _iso_or_none(row.terminated_at),
+                ),
+            )
+
+    def instance_running(self, instance_id: str, at: datetime) -> None:
+        """The instance reached running (billing starts). Only the first call counts."""
+        self._set_instance_time(instance_id, "running_at", at)
+
+    def instance_terminated(self, instance_id: str, at: datetime) -> None:
+        """The instance was terminated (billing stops). Only the first call counts."""
+        self._set_instance_time(instance_id, "terminated_at", at)
+
+    def _set_instance_time(self, instance_id: str, column: str, at: datetime) -> None:
+        with self._write() as conn:
+            cursor = conn.execute(
+                f"UPDATE instances SET {column} = COALESCE({column}, ?) WHERE id = ?",
+                (iso(at), instance_id),
+            )
+            if cursor.rowcount == 0:
+                raise KeyError(instance_id)
+
+    def instances(self, run_id: str) -> list[InstanceRow]:
+        """A run's instances in launch order."""
+        rows = self._conn.execute(
+            "SELECT id, run_id, instance_type, zone, lifecycle, price_per_hour,"
+            " on_demand_per_hour, launched_at, disk_gb, ebs_per_gb_month, running_at,"
+            " terminated_at FROM instances WHERE run_id = ? ORDER BY launched_at, id",
+            (run_id,),
+        )
+        return [
+            InstanceRow(
+                id=r[0],
+                run_id=r[1],
+                instance_type=r[2],
+                zone=r[3],
+                lifecycle=Lifecycle(r[4]),
+                price_per_hour=float(r[5]),
+                on_demand_per_hour=float(r[6]),
+                launched_at=parse_iso(r[7]),
+                disk_gb=int(r[8]),
+                ebs_per_gb_month=float(r[9]),
+                running_at=_parse_or_none(r[10]),
+                terminated_at=_parse_or_none(r[11]),
+            )
+            for r in rows
+        ]
+
+    # --- events ---------------------------------------------------------------------
+
+    def add_event(self, run_id: str, kind: str, message: str, at: datetime | None = None) -> None:
+        """Append a line to a run's history (``at`` defaults to now)."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO events (run_id, at, kind, message) VALUES (?, ?, ?, ?)",
+                (run_id, iso(at or utcnow()), kind, message),
+            )
+
+    def events(self, run_id: str) -> list[EventRow]:
+        """A run's events, oldest first (ties in the order they were added)."""
+        rows = self._conn.execute(
+            "SELECT run_id, at, kind, message FROM events WHERE run_id = ? ORDER BY at, id",
+            (run_id,),
+        )
+        return [EventRow(run_id=r[0], at=parse_iso(r[1]), kind=r[2], message=r[3]) for r in rows]
+
+
+# --- helpers --------------------------------------------------------------------------
+
+_RUN_COLUMNS = (
+    "id, name, state, created_at, job_path, backend, simulated, region,"
+    " started_at, ended_at, run_dir, exit_code, detail"
+)
+
+
+def _run_row(r: tuple[Any, ...]) -> RunRow:
+    return RunRow(
+        id=r[0],
+        name=r[1],
+        state=RunState(r[2]),
+        created_at=parse_iso(r[3]),
+        job_path=r[4],
+        backend=r[5],
+        simulated=bool(r[6]),
+        region=r[7],
+        started_at=_parse_or_none(r[8]),
+        ended_at=_parse_or_none(r[9]),
+        run_dir=r[10],
+        exit_code=r[11],
+        detail=_load_detail(r[12]),
+    )
+
+
+def _prepare_file(path: Path) -> None:
+    """Create the parent folder (mode 0700) and the file (mode 0600) if missing."""
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
+    if not path.exists():
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            return  # another process created it just now
+        os.close(fd)
+
+
+def _iso_or_none(dt: datetime | None) -> str | None:
+    return iso(dt) if dt is not None else None
+
+
+def _parse_or_none(text: str | None) -> datetime | None:
+    return parse_iso(text) if text else None
+
+
+def _dump_detail(detail: Mapping[str, Any]) -> str:
+    return json.dumps(dict(detail), sort_keys=True, separators=(",", ":"))
+
+
+def _load_detail(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    value = json.loads(text)
+    return value if isinstance(value, dict) else {}
