@@ -1,4 +1,4 @@
-"""What the CLI and the tests call: plan a job, report costs.
+"""What the CLI and the tests call: plan, run, attach, pull, stop and inspect jobs.
 
 Each function takes ``Settings`` and returns a typed record; none prints or exits.
 """
@@ -6,16 +6,25 @@ Each function takes ``Settings`` and returns a typed record; none prints or exit
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from cloudtrain.catalog import load_catalog
+import yaml
+
+from cloudtrain.catalog import Catalog, load_catalog
+from cloudtrain.errors import InputError
 from cloudtrain.planner import Plan, candidate_types, plan
-from cloudtrain.records import utcnow
+from cloudtrain.progress import Reporter
+from cloudtrain.records import RunState, utcnow
 from cloudtrain.settings import DEFAULT_REGION, Settings
 from cloudtrain.spec import JobSpec, json_schema, load_job
+
+if TYPE_CHECKING:
+    from cloudtrain.ledger import Ledger, RunRow
 
 
 @contextmanager
@@ -41,6 +50,19 @@ def job_region(spec: JobSpec, settings: Settings) -> str:
     return profile_region(settings) or DEFAULT_REGION
 
 
+def _plan(spec: JobSpec, catalog: Catalog, active: Settings, now: datetime) -> Plan:
+    from cloudtrain.cloud.aws import AwsCloud
+
+    region = job_region(spec, active)
+    types = [t.name for t in candidate_types(spec, catalog) if t.on_demand_price(region) is not None]
+    prices = (
+        AwsCloud(active, region).spot_prices(types, spec.resources.zones, now)
+        if types and spec.resources.spot
+        else []
+    )
+    return plan(spec, catalog, prices, region=region, now=now, simulated=active.simulated)
+
+
 def plan_job(
     job_path: str | os.PathLike[str],
     settings: Settings,
@@ -51,18 +73,235 @@ def plan_job(
     """Validate the job (before any AWS call), fetch spot prices, choose an offer."""
     catalog = load_catalog()
     spec = load_job(job_path, catalog)
-    now = now or utcnow()
     with cloud_settings(settings, dry_run) as active:
-        from cloudtrain.cloud.aws import AwsCloud
+        return _plan(spec, catalog, active, now or utcnow())
 
-        region = job_region(spec, active)
-        types = [t.name for t in candidate_types(spec, catalog) if t.on_demand_price(region) is not None]
-        prices = (
-            AwsCloud(active, region).spot_prices(types, spec.resources.zones, now)
-            if types and spec.resources.spot
-            else []
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_id: str
+    run_dir: Path
+    exit_code: int
+
+
+def secrets_from(spec: JobSpec, environ: Mapping[str, str]) -> dict[str, str]:
+    """The values of the job's ``secrets`` from the local environment; all must be set."""
+    missing = [name for name in spec.secrets if name not in environ]
+    if missing:
+        raise InputError(
+            f"the job's secrets are not set in this environment: {', '.join(missing)}",
+            hint=f"export {missing[0]}=... before running; secrets are read locally and never written.",
         )
-        return plan(spec, catalog, prices, region=region, now=now, simulated=active.simulated)
+    return {name: environ[name] for name in spec.secrets}
+
+
+def run_job(
+    job_path: str | os.PathLike[str],
+    settings: Settings,
+    *,
+    dry_run: bool = False,
+    out_dir: Path | None = None,
+    keep: bool = False,
+    detach: bool = False,
+    reporter: Reporter | None = None,
+    environ: Mapping[str, str] | None = None,
+    on_run_id: Callable[[str], None] | None = None,
+    confirm: Callable[[Plan], bool] | None = None,
+) -> RunOutcome:
+    """Plan, launch, train, pull back and tear down; raise on failure (TrainingFailed: exit 1)."""
+    from cloudtrain.ledger import Ledger
+    from cloudtrain.orchestrator import Orchestrator
+
+    catalog = load_catalog()
+    spec = load_job(job_path, catalog)
+    secrets = secrets_from(spec, os.environ if environ is None else environ)
+    reporter = reporter or Reporter()
+    out = (out_dir or Path.cwd() / "runs").resolve()
+    if dry_run:
+        from cloudtrain.cloud.simimage import ensure_image
+        from cloudtrain.cloud.simulator import ensure_simulator
+
+        image = ensure_image(progress=lambda line: reporter.info(f"simulated image: {line}"))
+        active = ensure_simulator(settings, image=image)
+    else:
+        active = settings
+    chosen = _plan(spec, catalog, active, utcnow())
+    if confirm is not None and not active.simulated and not confirm(chosen):
+        raise InputError("not launched: the plan was declined", hint="Nothing was started or spent.")
+    with Ledger.open(active) as ledger:
+        orchestrator = Orchestrator(
+            spec,
+            active,
+            ledger,
+            region=chosen.region,
+            out_dir=out,
+            plan=chosen,
+            job_path=Path(job_path).resolve(),
+            secrets=secrets,
+            reporter=reporter,
+            keep=keep,
+            detach=detach,
+        )
+        ctx = orchestrator.start()
+        if on_run_id:
+            on_run_id(ctx.run_id)
+        code = orchestrator.run(ctx)
+        return RunOutcome(ctx.run_id, ctx.run_dir, code)
+
+
+def settings_for_run(run: RunRow, settings: Settings) -> Settings:
+    """The settings that reach a run's cloud: the simulator for a dry-run run."""
+    if not run.simulated:
+        return settings
+    from cloudtrain.cloud.simulator import ensure_simulator
+
+    return ensure_simulator(settings)
+
+
+def _resumed(run: RunRow, settings: Settings, ledger: Ledger, reporter: Reporter | None) -> tuple[Any, Any]:
+    """An orchestrator and context for a run that is already on an instance."""
+    from cloudtrain.cloud.aws import AwsCloud
+    from cloudtrain.orchestrator import REMOTE_USER, Orchestrator, RunContext
+    from cloudtrain.remote.session import Endpoint, Session
+
+    detail = run.detail
+    if not run.run_dir or "ssh" not in detail:
+        raise InputError(f"run {run.id} never reached its instance", hint="Nothing to attach to or pull.")
+    run_dir = Path(run.run_dir)
+    spec = JobSpec.model_validate(yaml.safe_load((run_dir / "job.yaml").read_text()))
+    active = settings_for_run(run, settings)
+    ssh = detail["ssh"]
+    endpoint = Endpoint(
+        ssh["host"],
+        int(ssh["port"]),
+        ssh.get("user", REMOTE_USER),
+        Path(detail["key_path"]),
+        frozenset(ssh["fingerprints"]),
+    )
+    log_file = run_dir / "logs" / "train.log"
+    ctx = RunContext(
+        run_id=run.id,
+        run_dir=run_dir,
+        cloud=AwsCloud(active, run.region or DEFAULT_REGION),
+        instance_id=detail.get("instance_id"),
+        security_group_id=detail.get("security_group_id"),
+        key_name=detail.get("key_name"),
+        key_path=Path(detail["key_path"]),
+        session=Session(endpoint),
+        fingerprints=endpoint.fingerprints,
+        log_offset=log_file.stat().st_size if log_file.exists() else 0,
+        training_started=True,
+        detail=dict(detail),
+    )
+    orchestrator = Orchestrator(
+        spec, active, ledger, region=run.region or DEFAULT_REGION, out_dir=run_dir.parent, reporter=reporter
+    )
+    return orchestrator, ctx
+
+
+def attach_run(ref: str, settings: Settings, *, reporter: Reporter | None = None) -> RunOutcome:
+    """Follow a detached run to its end: stream the log, pull back, tear down."""
+    from cloudtrain.ledger import Ledger
+
+    with Ledger.open(settings) as ledger:
+        run = ledger.resolve_run(ref)
+        if run.state.finished:
+            raise InputError(
+                f"run {run.id} has already {run.state.value}", hint=f"Its results are in {run.run_dir}."
+            )
+        orchestrator, ctx = _resumed(run, settings, ledger, reporter)
+        code = orchestrator.resume(ctx)
+        return RunOutcome(run.id, ctx.run_dir, code)
+
+
+def pull_run(ref: str, settings: Settings, *, reporter: Reporter | None = None) -> Path:
+    """Pull a live run's outputs and log into its run folder (the instance keeps running)."""
+    from cloudtrain.ledger import Ledger
+
+    with Ledger.open(settings) as ledger:
+        run = ledger.resolve_run(ref)
+        if run.state.finished:
+            raise InputError(
+                f"run {run.id} has {run.state.value}: its instance is gone",
+                hint=f"What was pulled back is in {run.run_dir}.",
+            )
+        orchestrator, ctx = _resumed(run, settings, ledger, reporter)
+        try:
+            orchestrator.pull(ctx)
+        finally:
+            ctx.session.close()
+        return Path(ctx.run_dir)
+
+
+def down_runs(refs: list[str], settings: Settings, *, all_active: bool = False) -> list[str]:
+    """Terminate the instances of live runs (confirmed), and mark them cancelled."""
+    from cloudtrain.cloud.aws import AwsCloud
+    from cloudtrain.ledger import Ledger
+    from cloudtrain.orchestrator import teardown, write_run_json
+
+    stopped = []
+    with Ledger.open(settings) as ledger:
+        runs = ledger.list_runs(active_only=True) if all_active else [ledger.resolve_run(r) for r in refs]
+        for run in runs:
+            if run.state.finished and not run.detail.get("kept_until"):
+                continue
+            active = settings_for_run(run, settings)
+            cloud = AwsCloud(active, run.region or DEFAULT_REGION)
+            detail = run.detail
+            instance_id = detail.get("instance_id")
+            if instance_id and any(i.id == instance_id and i.terminated_at for i in ledger.instances(run.id)):
+                instance_id = None
+            teardown(
+                cloud, ledger, run.id, instance_id, detail.get("security_group_id"), detail.get("key_name")
+            )
+            state = run.state if run.state.finished else RunState.CANCELLED
+            ledger.update_run(
+                run.id, state=state, ended_at=run.ended_at or utcnow(), detail={"kept_until": None}
+            )
+            ledger.add_event(run.id, "down", "stopped by `cloudtrain down`")
+            if run.run_dir and Path(run.run_dir).is_dir():
+                write_run_json(ledger, run.id, Path(run.run_dir))
+            stopped.append(run.id)
+    return stopped
+
+
+def run_status(settings: Settings, ref: str | None = None, *, limit: int = 20) -> list[dict[str, Any]]:
+    """One run's record, or the most recent runs' (as ``status --json`` prints them)."""
+    from cloudtrain.ledger import Ledger
+    from cloudtrain.orchestrator import run_record
+
+    with Ledger.open(settings) as ledger:
+        runs = [ledger.resolve_run(ref)] if ref else ledger.list_runs(limit=limit)
+        return [run_record(ledger, run.id) for run in runs]
+
+
+def follow_logs(ref: str, settings: Settings, sink: Callable[[bytes], Any], *, follow: bool = False) -> None:
+    """A run's log: the local copy, then (with ``follow``, for a live run) the rest as it comes."""
+    from cloudtrain.ledger import Ledger
+
+    with Ledger.open(settings) as ledger:
+        run = ledger.resolve_run(ref)
+        local = Path(run.run_dir or ".") / "logs" / "train.log"
+        offset = 0
+        if local.exists():
+            data = local.read_bytes()
+            sink(data)
+            offset = len(data)
+        if not follow or run.state.finished:
+            return
+        orchestrator, ctx = _resumed(run, settings, ledger, None)
+        from cloudtrain.orchestrator import REMOTE_RUN_DIR, agent_command
+
+        try:
+            ctx.session.connect()
+            ctx.session.stream(
+                agent_command(
+                    orchestrator.spec.backend, f"tail --run-dir {REMOTE_RUN_DIR} --offset {offset} --follow"
+                ),
+                sink,
+            )
+        finally:
+            ctx.session.close()
 
 
 def job_schema() -> dict[str, Any]:

@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -22,6 +23,8 @@ from rich.table import Table
 
 from cloudtrain import __version__
 from cloudtrain.errors import CloudtrainError, ExitCode, InputError
+from cloudtrain.progress import Reporter
+from cloudtrain.records import RunState
 from cloudtrain.settings import Settings
 
 if TYPE_CHECKING:
@@ -308,6 +311,276 @@ def cost_report_command(
             render_cost_report(cost_report(ledger, group_by=group_by, limit=limit, **window), out)
         else:
             click.echo(export(ledger, fmt, group_by=group_by, **window), nl=False)
+
+
+# --- run and the commands around it ---------------------------------------------------
+
+
+class ConsoleReporter(Reporter):
+    """Renders the orchestrator's progress; the training log goes to stdout as it arrives."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+
+    def stage(self, state: RunState, message: str) -> None:
+        if not self.quiet:
+            err.print(f"[bold cyan]▸ {state.value}[/] {message}", highlight=False)
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            err.print(f"  {message}", style="dim", highlight=False)
+
+    def warn(self, message: str) -> None:
+        err.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+    def log(self, data: bytes) -> None:
+        if not self.quiet:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+
+
+def _confirm_spend(plan: Plan) -> bool:
+    render_plan(plan, err)
+    return click.confirm("Launch it and start paying?", default=False, err=True)
+
+
+def _print_record(record: dict[str, Any]) -> None:
+    click.echo(json.dumps(record, indent=2))
+
+
+@main.command("run")
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="The same lifecycle on this machine: simulated AWS, real SSH, CPU training.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Parent folder of the run folder (default ./runs).",
+)
+@click.option(
+    "--keep", is_flag=True, help="Leave the instance running afterwards (until `down` or its deadline)."
+)
+@click.option("--detach", is_flag=True, help="Return once training runs; `attach` follows it later.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before spending money.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the run record as JSON at the end (no live log)."
+)
+@pass_context
+@handle_errors
+def run_command(
+    ctx: Context,
+    job: str,
+    dry_run: bool,
+    out_dir: Path | None,
+    keep: bool,
+    detach: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Train JOB on the cheapest GPU spot instance that fits it, then bring the results home.
+
+    Launches the instance, verifies its host key and Keras backend, syncs the workdir,
+    streams the training log, pulls outputs/ and logs/ into runs/<run-id>/, and
+    terminates the instance whatever happens. Exit code 1 if training fails.
+    """
+    from cloudtrain.api import run_job, run_status
+
+    if not dry_run and not yes and not sys.stdin.isatty():
+        raise InputError(
+            "refusing to spend money without a terminal to confirm it",
+            hint="Pass --yes to launch without asking, or --dry-run to simulate.",
+        )
+    run_ids: list[str] = []
+    reporter = ConsoleReporter(quiet=as_json)
+    try:
+        outcome = run_job(
+            job,
+            ctx.settings,
+            dry_run=dry_run,
+            out_dir=out_dir,
+            keep=keep,
+            detach=detach,
+            reporter=reporter,
+            on_run_id=run_ids.append,
+            confirm=None if yes else _confirm_spend,
+        )
+    finally:
+        if as_json and run_ids:
+            _print_record(run_status(ctx.settings, run_ids[0])[0])
+    if not as_json:
+        err.print(f"[bold green]done[/] {outcome.run_id}: results in {outcome.run_dir}", highlight=False)
+
+
+@main.command("attach")
+@click.argument("run")
+@pass_context
+@handle_errors
+def attach_command(ctx: Context, run: str) -> None:
+    """Follow a detached RUN: stream its log, pull back its results, terminate its instance."""
+    from cloudtrain.api import attach_run
+
+    outcome = attach_run(run, ctx.settings, reporter=ConsoleReporter())
+    err.print(f"[bold green]done[/] {outcome.run_id}: results in {outcome.run_dir}", highlight=False)
+
+
+@main.command("pull")
+@click.argument("run")
+@pass_context
+@handle_errors
+def pull_command(ctx: Context, run: str) -> None:
+    """Pull a live RUN's outputs and log into its run folder now (the instance keeps running)."""
+    from cloudtrain.api import pull_run
+
+    folder = pull_run(run, ctx.settings, reporter=ConsoleReporter())
+    err.print(f"pulled into {folder}", highlight=False)
+
+
+@main.command("status")
+@click.argument("run", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list without RUN).")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Runs listed without RUN."
+)
+@pass_context
+@handle_errors
+def status_command(ctx: Context, run: str | None, as_json: bool, limit: int) -> None:
+    """Show RUN (a run id or a unique prefix of one), or the most recent runs."""
+    from cloudtrain.api import run_status
+
+    records = run_status(ctx.settings, run, limit=limit)
+    if as_json:
+        _print_record(records[0] if run else {"schema": 1, "runs": records})
+        return
+    if run:
+        render_run(records[0], out)
+        return
+    table = Table(title="Runs", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for header in ("run", "state", "backend", "instance", "started", "cost"):
+        table.add_column(header, no_wrap=True)
+    for record in records:
+        types = ", ".join(i["type"] for i in record["instances"]) or "-"
+        cost = _money(record["cost_usd"]) if record["cost_usd"] is not None else "-"
+        sim = " (sim)" if record["simulated"] else ""
+        table.add_row(
+            record["id"] + sim,
+            record["state"],
+            record["backend"] or "",
+            types,
+            record["started_at"] or record["created_at"],
+            cost,
+        )
+    out.print(table)
+
+
+def render_run(record: dict[str, Any], console: Console) -> None:
+    console.print(
+        f"[bold]{record['id']}[/] {record['state']}" + (" (simulated)" if record["simulated"] else ""),
+        highlight=False,
+    )
+    for key in (
+        "backend",
+        "region",
+        "created_at",
+        "started_at",
+        "ended_at",
+        "exit_code",
+        "cost_usd",
+        "run_dir",
+        "kept_until",
+    ):
+        if record.get(key) is not None:
+            console.print(f"  {key}: {record[key]}", highlight=False)
+    report = record.get("backend_report")
+    if report:
+        console.print(
+            f"  verified: Keras {report.get('keras_version')} on {report.get('framework')} "
+            f"{report.get('framework_version')}, devices: {report.get('devices') or 'CPU'}",
+            highlight=False,
+        )
+    for instance in record["instances"]:
+        console.print(
+            f"  instance {instance['id']} {instance['type']} {instance['zone']} {instance['lifecycle']} "
+            f"${instance['price_per_hour']:.4f}/h launched {instance['launched_at']} "
+            f"ended {instance['ended_at'] or '-'}",
+            highlight=False,
+        )
+
+
+@main.command("logs")
+@click.argument("run")
+@click.option("-f", "--follow", is_flag=True, help="Keep streaming while the run trains.")
+@pass_context
+@handle_errors
+def logs_command(ctx: Context, run: str, follow: bool) -> None:
+    """Print RUN's training log (setup and run output)."""
+    from cloudtrain.api import follow_logs
+
+    def sink(data: bytes) -> None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+    follow_logs(run, ctx.settings, sink, follow=follow)
+
+
+@main.command("down")
+@click.argument("runs", nargs=-1)
+@click.option("--all", "all_active", is_flag=True, help="Every live run of this CLOUDTRAIN_HOME.")
+@pass_context
+@handle_errors
+def down_command(ctx: Context, runs: tuple[str, ...], all_active: bool) -> None:
+    """Terminate the instances of RUNS (confirmed) and delete their security groups."""
+    from cloudtrain.api import down_runs
+
+    if not runs and not all_active:
+        raise InputError("name the runs to stop, or pass --all", hint="`cloudtrain status` lists them.")
+    stopped = down_runs(list(runs), ctx.settings, all_active=all_active)
+    err.print(f"stopped {len(stopped)} run(s): {', '.join(stopped) or '-'}", highlight=False)
+
+
+@main.group("sim")
+def sim_group() -> None:
+    """The local simulated cloud behind --dry-run."""
+
+
+@sim_group.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_context
+@handle_errors
+def sim_status_command(ctx: Context, as_json: bool) -> None:
+    """Whether this CLOUDTRAIN_HOME's simulator runs, and its simulated AWS endpoint."""
+    from cloudtrain.cloud.simulator import simulator_status
+
+    state = simulator_status(ctx.settings)
+    data = {
+        "schema": 1,
+        "running": state is not None,
+        "pid": state and state["pid"],
+        "endpoint": state and state["endpoint"],
+        "started_at": state and state["started_at"],
+    }
+    if as_json:
+        _print_record(data)
+    elif state:
+        out.print(
+            f"simulator {state['pid']} running since {state['started_at']}; AWS endpoint {state['endpoint']}",
+            highlight=False,
+        )
+    else:
+        out.print("simulator not running (it starts on demand with --dry-run)")
+
+
+@sim_group.command("stop")
+@pass_context
+@handle_errors
+def sim_stop_command(ctx: Context) -> None:
+    """Stop the simulator, its simulated instances and their processes."""
+    from cloudtrain.cloud.simulator import stop_simulator
+
+    out.print("simulator stopped" if stop_simulator(ctx.settings) else "simulator was not running")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,30 @@ another), so:
 Times are stored as ISO 8601 UTC text (``records.iso``) and parsed back with
 ``records.parse_iso``. A leaf module: the standard library and cloudtrain's records,
 errors and settings only.
+
+Cost summaries are kept at write time: the requirement is a cost report in under a
+second on a ledger of 100,000 runs (``benchmarks/ledger_bench.py``), and summing every
+instance's billed seconds at report time (julianday arithmetic over a run x instance
+join) takes about that long on its own. So the schema materialises what the report
+reads, in columns that triggers on ``runs`` and ``instances`` keep, inside the very
+transaction that writes (``create_run``, ``update_run``, ``record_instance``,
+``instance_running``, ``instance_terminated``, or raw SQL such as the benchmark's bulk
+fill):
+
+- ``instances.billed_seconds``: whole seconds, at least 60, for an instance that ran
+  and was terminated; 0 for one that never reached running (it costs nothing); NULL
+  while it runs (the report bills it up to *now*, finding it by the small partial
+  index ``instances_live``). ``instances.run_created_at`` and ``run_simulated`` copy
+  the run's, so the per-instance-type report reads one covering index, no join;
+- on each run, over its instances (recomputed from them whenever one changes):
+  ``instance_types`` (sorted, unique, ``+``-joined), ``instances``, ``running`` (how
+  many still run), and the sums ``billed_seconds``, ``cost_usd``, ``on_demand_usd``
+  and ``ebs_usd`` over those with known billed seconds;
+- ``runs.plain_text``: 1 when the run's texts that an export writes need no csv
+  quoting or json escaping (printable ASCII without a quote, comma or backslash).
+
+They are plain columns rather than generated ones because SQLite does not answer a
+query from a covering index that holds a generated column.
 """
 
 from __future__ import annotations
@@ -91,9 +115,86 @@ class EventRow:
 
 # --- schema -------------------------------------------------------------------------
 
+MIN_BILLED_SECONDS = 60  # EC2 Linux: per second, with a 60 s minimum per instance
+EBS_SECONDS_PER_MONTH = 730 * 3600  # AWS prices EBS per GB-month of 730 hours
+
+# An instance's billed seconds once it is over (see the module docstring): whole
+# seconds (the times are; ROUND drops julianday's float error), at least the minimum;
+# 0 if it never ran, NULL while it runs.
+_BILLED_SECONDS = f"""CASE
+    WHEN running_at IS NULL THEN 0
+    WHEN terminated_at IS NULL THEN NULL
+    ELSE MAX({MIN_BILLED_SECONDS}, CAST(ROUND(
+        (julianday(terminated_at) - julianday(running_at)) * 86400.0) AS INTEGER))
+END"""
+
+
+def _plain_text(*texts: str) -> str:
+    """SQL: 1 when the texts are printable ASCII without a quote, comma or backslash.
+
+    Such text needs no csv quoting and no json escaping, so an export may write a run
+    whose texts are all plain as they are, which makes exporting every run markedly
+    cheaper (``runs.plain_text``; the report escapes the others).
+    """
+    joined = " || ".join(texts)
+    return f"""(({joined}) NOT GLOB '*[^ -~]*' AND ({joined}) NOT GLOB '*[",\\]*')"""
+
+
+def _run_texts(table: str = "") -> tuple[str, ...]:
+    """A run's own texts that an export writes (``table``: a qualifying prefix)."""
+    return (
+        f"{table}id",
+        f"{table}name",
+        f"{table}state",
+        f"{table}created_at",
+        f"COALESCE({table}started_at, '')",
+    )
+
+
+def _refresh_run_summary(run_id: str, condition: str = "") -> str:
+    """SQL (for a trigger body) recomputing one run's summary columns from its instances."""
+    return f"""
+    UPDATE runs SET (instance_types, instances, running, billed_seconds, cost_usd, on_demand_usd,
+                     ebs_usd, plain_text) = (
+        SELECT types, n, n - billed, s, c, o, e, {_plain_text(*_run_texts("runs."), "types")}
+        FROM (SELECT COALESCE((
+                         SELECT group_concat(instance_type, '+') FROM (
+                             SELECT DISTINCT instance_type FROM instances WHERE run_id = {run_id}
+                             ORDER BY instance_type)
+                     ), '') AS types,
+                     COUNT(*) AS n,
+                     COUNT(billed_seconds) AS billed,
+                     TOTAL(billed_seconds) AS s,
+                     TOTAL(billed_seconds * price_per_hour) / 3600.0 AS c,
+                     TOTAL(billed_seconds * on_demand_per_hour) / 3600.0 AS o,
+                     TOTAL(billed_seconds * disk_gb * ebs_per_gb_month)
+                         / {float(EBS_SECONDS_PER_MONTH)} AS e
+              FROM instances WHERE run_id = {run_id}))
+    WHERE id = {run_id}{condition};"""
+
+
+# What an instance's billing, and so its run's summary, depends on.
+_INSTANCE_BILLING = (
+    "run_id, instance_type, price_per_hour, on_demand_per_hour, disk_gb, ebs_per_gb_month,"
+    " running_at, terminated_at"
+)
+# An instance's derived columns: its billed seconds, and its run's creation and flag.
+_SET_INSTANCE_DERIVED = f"""
+    UPDATE instances SET billed_seconds = {_BILLED_SECONDS},
+        (run_created_at, run_simulated) = (SELECT created_at, simulated FROM runs WHERE id = NEW.run_id)
+    WHERE rowid = NEW.rowid;"""
+# A run's creation or flag changed: its instances' copies follow.
+_SET_INSTANCES_RUN = """
+    UPDATE instances SET run_created_at = NEW.created_at, run_simulated = NEW.simulated
+    WHERE run_id = NEW.id;"""
+_SET_PLAIN_TEXT = (
+    f"UPDATE runs SET plain_text = {_plain_text(*_run_texts(), 'instance_types')} WHERE rowid = NEW.rowid;"
+)
+
 
 def _migrate_v1(conn: sqlite3.Connection) -> None:
-    """The first schema: runs, instances, events, and the indexes the report uses."""
+    """The first schema: runs (with their cost summary), instances, events, the
+    triggers that keep the summary and the indexes the report uses."""
     statements = [
         """
         CREATE TABLE runs (
@@ -109,7 +210,16 @@ def _migrate_v1(conn: sqlite3.Connection) -> None:
             ended_at TEXT,
             run_dir TEXT,
             exit_code INTEGER,
-            detail TEXT NOT NULL DEFAULT '{}'
+            detail TEXT NOT NULL DEFAULT '{}',
+            -- kept by the triggers (see the module docstring)
+            instance_types TEXT NOT NULL DEFAULT '',
+            instances INTEGER NOT NULL DEFAULT 0,
+            running INTEGER NOT NULL DEFAULT 0,
+            billed_seconds INTEGER NOT NULL DEFAULT 0,
+            cost_usd REAL NOT NULL DEFAULT 0,
+            on_demand_usd REAL NOT NULL DEFAULT 0,
+            ebs_usd REAL NOT NULL DEFAULT 0,
+            plain_text INTEGER NOT NULL DEFAULT 0
         )
         """,
         """
@@ -125,7 +235,12 @@ def _migrate_v1(conn: sqlite3.Connection) -> None:
             ebs_per_gb_month REAL NOT NULL DEFAULT 0,
             launched_at TEXT NOT NULL,
             running_at TEXT,
-            terminated_at TEXT
+            terminated_at TEXT,
+            -- kept by the triggers: the billed seconds, and copies of the run's columns
+            -- that the per-type report groups and filters by (it needs no join then)
+            billed_seconds INTEGER,
+            run_created_at TEXT,
+            run_simulated INTEGER
         )
         """,
         """
@@ -137,17 +252,49 @@ def _migrate_v1(conn: sqlite3.Connection) -> None:
             message TEXT NOT NULL
         )
         """,
-        "CREATE INDEX runs_created_at ON runs(created_at, id)",
-        # by run, and covering every column the cost report reads
-        "CREATE INDEX instances_run_id ON instances(run_id, instance_type, running_at,"
-        " terminated_at, price_per_hour, on_demand_per_hour, disk_gb, ebs_per_gb_month)",
+        # Each trigger's own UPDATE sets a column outside its UPDATE OF list, so it
+        # never fires itself. The summary refresh does not set runs' own texts either.
+        f"CREATE TRIGGER runs_insert AFTER INSERT ON runs BEGIN {_SET_PLAIN_TEXT} END",
+        f"CREATE TRIGGER runs_update AFTER UPDATE OF id, name, state, created_at, started_at"
+        f" ON runs BEGIN {_SET_PLAIN_TEXT} END",
+        f"CREATE TRIGGER runs_update_instances AFTER UPDATE OF created_at, simulated ON runs BEGIN"
+        f" {_SET_INSTANCES_RUN} END",
+        f"CREATE TRIGGER instances_insert AFTER INSERT ON instances BEGIN {_SET_INSTANCE_DERIVED}"
+        f" {_refresh_run_summary('NEW.run_id')} END",
+        f"CREATE TRIGGER instances_update AFTER UPDATE OF {_INSTANCE_BILLING} ON instances BEGIN"
+        f" {_SET_INSTANCE_DERIVED} {_refresh_run_summary('NEW.run_id')}"
+        f" {_refresh_run_summary('OLD.run_id', ' AND OLD.run_id IS NOT NEW.run_id')} END",
+        f"CREATE TRIGGER instances_delete AFTER DELETE ON instances BEGIN"
+        f" {_refresh_run_summary('OLD.run_id')} END",
+        # newest first (status, the report's rows), covering what an export of every
+        # run reads
+        "CREATE INDEX runs_created_at ON runs(created_at, id, name, state, started_at, simulated,"
+        " plain_text, instance_types, instances, running, billed_seconds, cost_usd, on_demand_usd,"
+        " ebs_usd)",
+        # the run summaries in (UTC day, simulated) order, covering what the report's
+        # totals and per-day rows read
+        "CREATE INDEX runs_days ON runs(substr(created_at, 1, 10), simulated, created_at,"
+        " started_at, instance_types, instances, billed_seconds, cost_usd, on_demand_usd,"
+        " ebs_usd)",
+        # by run, covering what the summary triggers read
+        "CREATE INDEX instances_run_id ON instances(run_id, instance_type, billed_seconds,"
+        " price_per_hour, on_demand_per_hour, disk_gb, ebs_per_gb_month)",
+        # by type and real/simulated, covering what the per-type report reads
+        "CREATE INDEX instances_types ON instances(instance_type, run_simulated, run_id,"
+        " run_created_at, billed_seconds, price_per_hour, on_demand_per_hour, disk_gb,"
+        " ebs_per_gb_month)",
+        # the instances still running (billed up to now at report time): few rows
+        "CREATE INDEX instances_live ON instances(run_id, instance_type, run_created_at,"
+        " run_simulated, running_at, price_per_hour, on_demand_per_hour, disk_gb, ebs_per_gb_month)"
+        " WHERE terminated_at IS NULL AND running_at IS NOT NULL",
         "CREATE INDEX events_run_id ON events(run_id, at)",
     ]
     for statement in statements:
         conn.execute(statement)
 
 
-# Ordered: MIGRATIONS[n] takes a version-n file to version n + 1. Append, never edit.
+# Ordered: MIGRATIONS[n] takes a version-n file to version n + 1. Append, never edit a
+# released one (v1 is not released yet).
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1]
 
 

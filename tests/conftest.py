@@ -12,7 +12,7 @@ from cloudtrain.settings import Settings
 
 
 @pytest.fixture(autouse=True)
-def fake_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def fake_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """Fake credentials and an isolated home for every test."""
     for var in (
         "AWS_PROFILE",
@@ -32,6 +32,13 @@ def fake_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("CLOUDTRAIN_HOME", str(tmp_path / "cloudtrain-home"))
     monkeypatch.setenv("CLOUDTRAIN_OWNER", "tester@testhost")
+    monkeypatch.setenv("CLOUDTRAIN_TESTING", "1")  # the agent refuses a real poweroff
+    monkeypatch.setenv("CLOUDTRAIN_SIM_IDLE_S", "300")
+    yield
+    # A simulator a test started (run --dry-run) never outlives the test.
+    from cloudtrain.cloud.simulator import stop_simulator
+
+    stop_simulator(Settings.from_env())
 
 
 @pytest.fixture

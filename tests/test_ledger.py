@@ -53,6 +53,9 @@ def test_fresh_file_is_migrated_to_v1_in_wal_mode(tmp_path: Path) -> None:
         assert {"runs", "instances", "events"} <= tables
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         assert {"runs_created_at", "instances_run_id", "events_run_id"} <= indexes
+        assert {"runs_days", "instances_types", "instances_live"} <= indexes  # the report's
+        triggers = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'")}
+        assert {"instances_insert", "instances_update", "instances_delete", "runs_insert"} <= triggers
     # WAL is a property of the file: a plain connection sees it too
     plain = sqlite3.connect(path)
     try:
@@ -405,6 +408,139 @@ def test_failed_write_rolls_back_and_the_ledger_stays_usable(ledger: Ledger) -> 
     ledger.update_run("tx-20260301-100000-0000", state=RunState.RUNNING)
     back = ledger.get_run("tx-20260301-100000-0000")
     assert back is not None and back.state is RunState.RUNNING and back.detail == {}
+
+
+# --- the cost summary the triggers keep -----------------------------------------------
+
+SUMMARY = "instance_types, instances, running, billed_seconds, cost_usd, on_demand_usd, ebs_usd"
+
+
+def summary(ledger: Ledger, run_id: str) -> tuple[object, ...]:
+    row = ledger.connection.execute(f"SELECT {SUMMARY} FROM runs WHERE id = ?", (run_id,)).fetchone()
+    return tuple(row)
+
+
+def expected_summary(ledger: Ledger, run_id: str) -> tuple[object, ...]:
+    """The summary computed here from the run's instances: 60 s minimum, whole seconds,
+    nothing for a launch that never ran, instances still running left out."""
+    instances = ledger.instances(run_id)
+    over = [i for i in instances if i.running_at is None or i.terminated_at is not None]
+
+    def seconds(i: InstanceRow) -> int:
+        if i.running_at is None or i.terminated_at is None:
+            return 0
+        return max(60, round((i.terminated_at - i.running_at).total_seconds()))
+
+    return (
+        "+".join(sorted({i.instance_type for i in instances})),
+        len(instances),
+        len(instances) - len(over),
+        sum(seconds(i) for i in over),
+        sum(seconds(i) * i.price_per_hour for i in over) / 3600,
+        sum(seconds(i) * i.on_demand_per_hour for i in over) / 3600,
+        sum(seconds(i) * i.disk_gb * i.ebs_per_gb_month for i in over) / (730 * 3600),
+    )
+
+
+def assert_summary(ledger: Ledger, run_id: str) -> tuple[object, ...]:
+    got, want = summary(ledger, run_id), expected_summary(ledger, run_id)
+    assert got[:4] == want[:4]
+    assert got[4:] == pytest.approx(want[4:], rel=1e-12, abs=1e-15)
+    return got
+
+
+def test_run_summary_follows_its_instances(ledger: Ledger) -> None:
+    r1, r2 = "sum-20260301-100000-0001", "sum-20260301-100000-0002"
+    ledger.create_run(run_row(r1))
+    ledger.create_run(run_row(r2, simulated=True))
+    assert summary(ledger, r1) == ("", 0, 0, 0, 0.0, 0.0, 0.0)
+    first = InstanceRow(
+        id="i-1",
+        run_id=r1,
+        instance_type="g5.xlarge",
+        zone=None,
+        lifecycle=Lifecycle.SPOT,
+        price_per_hour=0.4,
+        on_demand_per_hour=1.0,
+        launched_at=T0,
+        disk_gb=100,
+        ebs_per_gb_month=0.08,
+    )
+    ledger.record_instance(first)  # launched, not yet running: nothing billed
+    assert assert_summary(ledger, r1)[:4] == ("g5.xlarge", 1, 0, 0)
+    ledger.instance_running("i-1", T0 + timedelta(seconds=40))  # running: billed at report time
+    assert assert_summary(ledger, r1)[:4] == ("g5.xlarge", 1, 1, 0)
+    ledger.instance_terminated("i-1", T0 + timedelta(hours=1))
+    assert assert_summary(ledger, r1)[:4] == ("g5.xlarge", 1, 0, 3560)
+    assert summary(ledger, r1)[4] == pytest.approx(3560 / 3600 * 0.4)
+    # relaunched on another type for 30 s (billed 60), and a launch that never ran
+    second = InstanceRow(**{**first.__dict__, "id": "i-2", "instance_type": "g4dn.xlarge"})
+    ledger.record_instance(second)
+    ledger.instance_running("i-2", T0 + timedelta(hours=2))
+    ledger.instance_terminated("i-2", T0 + timedelta(hours=2, seconds=30))
+    never = InstanceRow(**{**first.__dict__, "id": "i-3", "instance_type": "p3.2xlarge"})
+    ledger.record_instance(never)
+    ledger.instance_terminated("i-3", T0 + timedelta(hours=3))
+    assert assert_summary(ledger, r1)[:4] == ("g4dn.xlarge+g5.xlarge+p3.2xlarge", 3, 0, 3620)
+    # recorded again (recovery): the new price counts, the known times stay
+    ledger.record_instance(InstanceRow(**{**first.__dict__, "price_per_hour": 0.5}))
+    assert summary(ledger, r1)[4] == pytest.approx((3560 * 0.5 + 60 * 0.4) / 3600)
+    assert_summary(ledger, r1)
+    # recorded again under another run: both runs' summaries follow
+    ledger.record_instance(InstanceRow(**{**second.__dict__, "run_id": r2}))
+    assert assert_summary(ledger, r1)[:4] == ("g5.xlarge+p3.2xlarge", 2, 0, 3560)
+    assert assert_summary(ledger, r2)[:4] == ("g4dn.xlarge", 1, 0, 60)
+    # instances carry their run's creation and flag (the per-type report reads them)
+    copies = ledger.connection.execute(
+        "SELECT id, run_created_at, run_simulated FROM instances ORDER BY id"
+    ).fetchall()
+    assert copies == [
+        ("i-1", "2026-03-01T10:00:00Z", 0),
+        ("i-2", "2026-03-01T10:00:00Z", 1),
+        ("i-3", "2026-03-01T10:00:00Z", 0),
+    ]
+    # any writer keeps them: a raw delete, a raw change of the run
+    with ledger.connection:
+        ledger.connection.execute("DELETE FROM instances WHERE id = 'i-3'")
+        ledger.connection.execute("UPDATE runs SET simulated = 0 WHERE id = ?", (r2,))
+    assert assert_summary(ledger, r1)[:4] == ("g5.xlarge", 1, 0, 3560)
+    assert ledger.connection.execute("SELECT run_simulated FROM instances WHERE id = 'i-2'").fetchone() == (
+        0,
+    )
+    # other run fields change without touching the summary
+    before = summary(ledger, r1)
+    ledger.update_run(r1, state=RunState.SUCCEEDED, ended_at=T0 + timedelta(hours=4), detail={"a": 1})
+    assert summary(ledger, r1) == before
+
+
+def test_plain_text_flag(ledger: Ledger) -> None:
+    ledger.create_run(run_row("plain-20260301-100000-0000"))
+    ledger.create_run(run_row("odd-20260301-100000-0000", name='with "quotes", commas'))
+    ledger.create_run(run_row("utf-20260301-100000-0000", name="données"))
+
+    def flags() -> dict[str, int]:
+        return dict(ledger.connection.execute("SELECT id, plain_text FROM runs").fetchall())
+
+    assert flags() == {
+        "plain-20260301-100000-0000": 1,
+        "odd-20260301-100000-0000": 0,
+        "utf-20260301-100000-0000": 0,
+    }
+    ledger.update_run("plain-20260301-100000-0000", state=RunState.RUNNING, started_at=T0)
+    assert flags()["plain-20260301-100000-0000"] == 1
+    ledger.record_instance(
+        InstanceRow(
+            id="i-odd",
+            run_id="plain-20260301-100000-0000",
+            instance_type="odd\\type",
+            zone=None,
+            lifecycle=Lifecycle.SPOT,
+            price_per_hour=0.2,
+            on_demand_per_hour=0.5,
+            launched_at=T0,
+        )
+    )
+    assert flags()["plain-20260301-100000-0000"] == 0
 
 
 # --- several processes at once ---------------------------------------------------------

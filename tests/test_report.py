@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import re
@@ -11,13 +12,14 @@ import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from cloudtrain.errors import InputError
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
 from cloudtrain.records import Lifecycle, RunState
-from cloudtrain.report import CostReport, CostRow, cost_report, to_csv, to_json
+from cloudtrain.report import CostReport, CostRow, cost_report, export, to_csv, to_json
 
 REPO = Path(__file__).resolve().parents[1]
 UTC = timezone.utc
@@ -447,6 +449,194 @@ def test_json_schema_times_and_money(ledger: Ledger) -> None:
         "total_usd": round(S_COST + S_EBS, 4),
         "saving_pct": 70.0,
     }
+
+
+# --- export: every row, formatted by SQLite ----------------------------------------------
+
+NUMERIC = {"hours", "cost_usd", "on_demand_usd", "ebs_usd", "total_usd", "saving_pct"}
+
+
+def close(key: str, a: object, b: object) -> bool:
+    """Equal, numbers up to their rounding (4 decimals, a saving 2) formatted apart."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(a - b) <= (0.0101 if key == "saving_pct" else 0.000101)
+    return a == b
+
+
+def assert_same_json(got: object, want: object, key: str = "") -> None:
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and list(got) == list(want), (key, got, want)
+        for k in want:
+            assert_same_json(got[k], want[k], k)
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), (key, got, want)
+        for g, w in zip(got, want, strict=True):
+            assert_same_json(g, w, key)
+    else:
+        assert type(got) is type(want) or {type(got), type(want)} <= {int, float}, (key, got, want)
+        assert close(key, got, want), (key, got, want)
+
+
+def assert_same_csv(got: str, want: str) -> None:
+    got_rows = list(csv.reader(io.StringIO(got)))
+    want_rows = list(csv.reader(io.StringIO(want)))
+    assert got_rows[0] == want_rows[0]
+    assert len(got_rows) == len(want_rows)
+    header = want_rows[0]
+    for g, w in zip(got_rows[1:], want_rows[1:], strict=True):
+        for column, a, b in zip(header, g, w, strict=True):
+            if column in NUMERIC and a and b:
+                assert close(column, float(a), float(b)), (column, g, w)
+            else:
+                assert a == b, (column, g, w)
+
+
+WINDOWS = [
+    {},
+    {"since": t(1, 0), "until": t(2, 12)},
+    {"since": t(2, 8)},
+    {"until": t(2, 8)},
+    {"since": t(30, 0, month=4)},  # nothing matches
+]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("group_by", ["run", "day", "instance-type"])
+def test_export_equals_the_report(ledger: Ledger, group_by: str, window: dict[str, datetime]) -> None:
+    report = cost_report(ledger, group_by=group_by, now=NOW, **window)
+    csv_text = export(ledger, "csv", group_by=group_by, now=NOW, **window)
+    assert csv_text.endswith("\n")
+    assert_same_csv(csv_text, to_csv(report))
+    json_text = export(ledger, "json", group_by=group_by, now=NOW, **window)
+    assert json_text.endswith("}\n") and "\n" not in json_text[:-1]  # compact
+    assert_same_json(json.loads(json_text), to_json(report))
+
+
+def test_export_by_run_rows_and_totals(ledger: Ledger) -> None:
+    data = json.loads(export(ledger, "json", now=NOW))
+    assert [r["key"] for r in data["rows"]] == [D, C, B, S, A, E]  # newest first
+    assert data["matched"] == 6 and data["group_by"] == "run"
+    assert data["generated_at"] == "2026-03-10T12:00:00Z"
+    b = data["rows"][2]
+    assert b["instance_types"] == ["g4dn.xlarge", "g5.xlarge"] and b["instances"] == 2
+    assert b["cost_usd"] == 1.5042 and isinstance(b["cost_usd"], float)
+    assert b["saving_pct"] == 0.28 and b["simulated"] is False
+    assert data["rows"][1]["saving_pct"] is None  # never ran: nothing billed
+    assert data["rows"][1]["instance_types"] == ["g5.xlarge"]
+    assert data["rows"][5]["instance_types"] == [] and data["rows"][5]["hours"] == 0.0
+    assert data["rows"][3]["simulated"] is True
+    real, sim = data["totals"]["real"], data["totals"]["simulated"]
+    assert (real["runs"], real["instances"]) == (5, 5)
+    assert real["cost_usd"] == round(REAL_COST, 4)
+    assert real["saving_pct"] == round(100 * (REAL_OD - REAL_COST) / REAL_OD, 2)
+    assert (sim["runs"], sim["hours"], sim["cost_usd"]) == (1, 0.5, 0.075)
+    lines = export(ledger, "csv", now=NOW).splitlines()
+    assert lines[0] == ",".join(["run_id", *CSV_TAIL])
+    assert lines[3] == (
+        f"{B},beta,2026-03-02T08:01:00Z,succeeded,g4dn.xlarge+g5.xlarge,2,1,"
+        "1.5167,1.5042,1.5083,0.0000,1.5042,0.28,false"
+    )
+    assert lines[5].endswith(",0.0219,0.4219,60.00,false")  # alpha: EBS in the total
+    assert (
+        lines[2]
+        == f"{C},gamma,2026-03-02T15:00:00Z,failed,g5.xlarge,1,1,0.0000,0.0000,0.0000,0.0000,0.0000,,false"
+    )
+
+
+def test_export_bills_a_still_running_instance_up_to_now(ledger: Ledger) -> None:
+    for now, hours in ((NOW, 1.5), (NOW + timedelta(hours=1), 2.5)):
+        d = json.loads(export(ledger, "json", now=now))["rows"][0]
+        assert d["key"] == D and d["hours"] == hours and d["cost_usd"] == round(hours * 0.3, 4)
+        line = export(ledger, "csv", now=now).splitlines()[1]
+        assert line.startswith(f"{D},delta,") and f",1,1,{hours:.4f},{hours * 0.3:.4f}," in line
+        a = json.loads(export(ledger, "json", now=now))["rows"][4]
+        assert a["key"] == A and a["hours"] == 2.0  # a finished instance does not grow
+    # just started: the 60 s minimum, also for the live part
+    ledger.create_run(RunRow("fresh-20260310-115950-ffff", "fresh", RunState.RUNNING, NOW))
+    ledger.record_instance(
+        instance(
+            "i-f1", "fresh-20260310-115950-ffff", "g5.xlarge", 0.36, 1.0, NOW - timedelta(seconds=10), None
+        )
+    )
+    fresh = json.loads(export(ledger, "json", now=NOW))["rows"][0]
+    assert fresh["hours"] == round(60 / 3600, 4) and fresh["cost_usd"] == round(60 / 3600 * 0.36, 4)
+    totals = json.loads(export(ledger, "json", now=NOW + timedelta(hours=1)))["totals"]["real"]
+    assert totals["hours"] == round((REAL_SECONDS + 3600 + 3610) / 3600, 4)  # delta +1 h, fresh 10 s + 1 h
+
+
+def test_export_quotes_and_escapes_text_that_needs_it(ledger: Ledger) -> None:
+    odd = [
+        ("comma-20260305-100000-0001", 'a, "quoted"\nname'),
+        ("slash-20260305-110000-0002", "back\\slash\ttab"),
+        ("utf8-20260305-120000-0003", "données-é"),
+    ]
+    for k, (run_id, name) in enumerate(odd):
+        ledger.create_run(RunRow(run_id, name, RunState.SUCCEEDED, t(5, 10 + k)))
+        ledger.record_instance(
+            instance(f"i-odd{k}", run_id, "g5.xlarge", 0.4, 1.0, t(5, 10 + k), t(5, 11 + k))
+        )
+    flags = dict(ledger.connection.execute("SELECT id, plain_text FROM runs").fetchall())
+    assert flags[A] == 1 and not any(flags[run_id] for run_id, _ in odd)
+    report = cost_report(ledger, now=NOW)
+    assert_same_csv(export(ledger, "csv", now=NOW), to_csv(report))
+    assert_same_json(json.loads(export(ledger, "json", now=NOW)), to_json(report))
+    names = {row[0]: row[1] for row in csv.reader(io.StringIO(export(ledger, "csv", now=NOW)))}
+    rows = {r["key"]: r for r in json.loads(export(ledger, "json", now=NOW))["rows"]}
+    for run_id, name in odd:
+        assert names[run_id] == name and rows[run_id]["name"] == name
+        assert rows[run_id]["instance_types"] == ["g5.xlarge"]
+
+
+def test_export_of_an_empty_ledger(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "empty.sqlite") as led:
+        assert export(led, "csv", now=NOW) == ",".join(["run_id", *CSV_TAIL]) + "\n"
+        data = json.loads(export(led, "json", now=NOW))
+        assert data["rows"] == [] and data["matched"] == 0
+        assert data["totals"]["real"] == {
+            "runs": 0,
+            "instances": 0,
+            "hours": 0.0,
+            "cost_usd": 0.0,
+            "on_demand_usd": 0.0,
+            "ebs_usd": 0.0,
+            "total_usd": 0.0,
+            "saving_pct": None,
+        }
+
+
+def test_export_refuses_unknown_formats_and_groups(ledger: Ledger) -> None:
+    with pytest.raises(InputError, match="'xml'"):
+        export(ledger, "xml")
+    with pytest.raises(InputError, match="'week'"):
+        export(ledger, "csv", group_by="week")
+
+
+def _bench_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("ledger_bench", REPO / "benchmarks" / "ledger_bench.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("group_by", ["run", "day", "instance-type"])
+def test_export_equals_the_report_on_the_benchmark_ledger(tmp_path: Path, group_by: str) -> None:
+    """Relaunches, mixed types, simulated runs, launches that never ran, live instances."""
+    bench = _bench_module()
+    with Ledger(tmp_path / "bench.sqlite") as led:
+        bench.fill(led, 400)
+        now = bench.NOW
+        window = {"since": now - timedelta(days=60), "until": now - timedelta(days=1)}
+        for kwargs in ({}, window):
+            report = cost_report(led, group_by=group_by, now=now, **kwargs)
+            assert_same_csv(export(led, "csv", group_by=group_by, now=now, **kwargs), to_csv(report))
+            assert_same_json(
+                json.loads(export(led, "json", group_by=group_by, now=now, **kwargs)), to_json(report)
+            )
+        limited = cost_report(led, group_by=group_by, limit=50, now=now)
+        full = cost_report(led, group_by=group_by, now=now)
+        assert limited.rows == full.rows[:50] and limited.matched == full.matched
+        assert (limited.real, limited.simulated) == (full.real, full.simulated)
 
 
 # --- the benchmark script stays runnable -----------------------------------------------

@@ -9,6 +9,8 @@ with a hint.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 import stat
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 TAG_RUN_ID = "cloudtrain:run-id"
 TAG_OWNER = "cloudtrain:owner"
 TAG_EXPIRES = "cloudtrain:expires"
+TAG_SSH = "cloudtrain:ssh"  # host:port of a simulated host's SSH server (dry-run only)
 DEFAULT_IMAGE_PATTERN = "cloudtrain-gpu-*"
 RETRY_CONFIG: Any = {"mode": "standard", "max_attempts": 8}
 SIMULATED_CREDENTIALS = ("testing", "testing")  # the simulated AWS's; never the user's keys
@@ -103,6 +106,8 @@ class LaunchedInstance:
     public_ip: str | None
     launched_at: datetime
     state: str
+    ssh_host: str | None = None  # where SSH listens: the public IP, or a simulated host
+    ssh_port: int = 22
 
 
 def quota_name(instance_type: str, spot: bool) -> str:
@@ -438,6 +443,11 @@ class AwsCloud:
         with aws_errors("DescribeInstances"):
             reservations = self.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
         data = reservations[0]["Instances"][0]
+        tags = {t["Key"]: t["Value"] for t in data.get("Tags", [])}
+        ssh_host, ssh_port = data.get("PublicIpAddress"), 22
+        if TAG_SSH in tags:  # the simulator's loopback endpoint: an endpoint swap, not a code path
+            host, _, port = tags[TAG_SSH].rpartition(":")
+            ssh_host, ssh_port = host, int(port)
         return LaunchedInstance(
             id=data["InstanceId"],
             instance_type=data["InstanceType"],
@@ -446,7 +456,20 @@ class AwsCloud:
             public_ip=data.get("PublicIpAddress"),
             launched_at=data["LaunchTime"].astimezone(timezone.utc),
             state=data["State"]["Name"],
+            ssh_host=ssh_host,
+            ssh_port=ssh_port,
         )
+
+    def console_output(self, instance_id: str) -> str:
+        """The instance's console log (cloud-init prints the SSH host key fingerprints there)."""
+        with aws_errors("GetConsoleOutput"):
+            reply = self.ec2.get_console_output(InstanceId=instance_id, Latest=True)
+        text = reply.get("Output") or ""
+        try:  # EC2 returns it base64-encoded
+            decoded = base64.b64decode(text, validate=True).decode("utf-8", "replace")
+        except (binascii.Error, ValueError):
+            return str(text)
+        return decoded
 
     def wait_running(self, instance_id: str, delay: int = 5, max_attempts: int = 120) -> LaunchedInstance:
         try:

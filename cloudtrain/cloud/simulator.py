@@ -1,43 +1,72 @@
-"""The simulated AWS behind ``--dry-run``: a moto server on 127.0.0.1 with real prices.
+"""The simulated cloud behind ``--dry-run``: a moto server plus one SSH host per instance.
 
-Dry-run swaps endpoints, not code paths: ``simulated_aws`` starts the moto server,
-and yields ``Settings`` whose ``endpoint_url`` points every boto3 client at it. The
-server runs in this process, so it can fill in what moto leaves canned: spot prices
-are the catalog's on-demand price times one fixed simulated discount, quoted now.
+Dry-run swaps endpoints, not code paths. ``ensure_simulator`` starts (or reuses) one
+background simulator process per CLOUDTRAIN_HOME and returns ``Settings`` whose
+``endpoint_url`` points every boto3 client at it. Inside that process:
+
+- a moto server on 127.0.0.1 is the AWS API, with what moto leaves canned filled in:
+  spot prices by the one simulated rule (catalog on-demand price x a fixed discount),
+  each instance's console output (its simulated host's key fingerprints), and
+  ClientToken idempotency for RunInstances;
+- the cloudtrain image is registered in every catalog region;
+- each running instance becomes a ``SimHost`` (an SSH server on a loopback port,
+  recorded in the instance's ``cloudtrain:ssh`` tag) whose commands run in a sandbox
+  with a writable layer over the simulated image; terminating the instance stops the
+  host and every process it started; the host's power-off hook terminates the
+  instance in the simulated AWS (never a real poweroff).
+
+The process stops itself after an idle period with no live instance. ``simulated_aws``
+runs the same moto server inside the calling process, for quick unit tests.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 from cloudtrain.catalog import load_catalog
+from cloudtrain.cloud.aws import TAG_SSH
+from cloudtrain.errors import CloudError
 from cloudtrain.prices import simulated_spot
 from cloudtrain.records import iso, utcnow
 from cloudtrain.settings import Settings
 
 log = logging.getLogger(__name__)
 
+ACCOUNT_ID = "123456789012"  # moto's default account
+IMAGE_NAME = "cloudtrain-gpu-simulated"
+
+DEFAULT_IDLE_S = 600.0
 _lock = threading.Lock()
 
 
+# --- what moto leaves canned ----------------------------------------------------------
+
+
 def _simulated_price_history(self: Any) -> Any:
-    """moto's DescribeSpotPriceHistory, quoting the simulator's price rule instead of 0.00001."""
+    """DescribeSpotPriceHistory quoting the simulator's price rule instead of 0.00001 (2006)."""
     from moto.core.responses import ActionResult
 
     catalog = load_catalog()
     requested = self._get_param("InstanceTypes", [])
     offers = self.ec2_backend.describe_spot_price_history(requested, self._filters_from_querystring())
-    region = self.region
     now = iso(utcnow())
     history = []
     for offer in offers:
         itype = catalog.get(offer["InstanceType"])
-        on_demand = itype.on_demand_price(region) if itype else None
+        on_demand = itype.on_demand_price(self.region) if itype else None
         if on_demand is None:
             continue
         history.append(
@@ -52,26 +81,433 @@ def _simulated_price_history(self: Any) -> Any:
     return ActionResult({"SpotPriceHistory": history})
 
 
+_console: dict[str, str] = {}  # instance id -> console output of its simulated host
+
+
+def _console_output(self: Any) -> Any:
+    from moto.core.responses import ActionResult
+    from moto.ec2.utils import Base64EncodedString  # type: ignore[attr-defined]
+
+    instance = self.ec2_backend.get_instance(self._get_param("InstanceId"))
+    text = _console.get(instance.id, "")
+    return ActionResult(
+        {
+            "InstanceId": instance.id,
+            "Timestamp": utcnow(),
+            "Output": Base64EncodedString.from_raw_string(text),
+        }
+    )
+
+
+def _idempotent_run_instances(original: Any) -> Any:
+    """RunInstances honouring ClientToken as EC2 does: a retry returns the first reservation
+    (moto would make a second instance)."""
+
+    def run_instances(self: Any) -> Any:
+        from moto.core.responses import ActionResult
+
+        token = self._get_param("ClientToken")
+        if token:
+            for reservation in list(self.ec2_backend.reservations.values()):
+                if reservation.instances and reservation.instances[0].client_token == token:
+                    return ActionResult(reservation)
+        result = original(self)
+        for reservation in list(self.ec2_backend.reservations.values()):
+            for instance in reservation.instances:
+                _loopback(instance)
+        return result
+
+    return run_instances
+
+
+_last_request = [time.monotonic()]  # when the simulated AWS last answered a call
+
+
+def _noting_requests(original: Any) -> Any:
+    def call(self: Any, environ: dict[str, Any], start_response: Any) -> Any:
+        _last_request[0] = time.monotonic()
+        return original(self, environ, start_response)
+
+    return call
+
+
 @contextmanager
-def simulated_aws(settings: Settings) -> Iterator[Settings]:
-    """Run a moto server on a free loopback port; yield settings that point at it."""
+def _patched_moto() -> Iterator[None]:
+    from moto.ec2.responses.general import General
+    from moto.ec2.responses.instances import InstanceResponse
     from moto.ec2.responses.spot_instances import SpotInstances
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication
+
+    patches = [
+        (DomainDispatcherApplication, "__call__", _noting_requests(DomainDispatcherApplication.__call__)),
+        (SpotInstances, "describe_spot_price_history", _simulated_price_history),
+        (General, "get_console_output", _console_output),
+        (InstanceResponse, "run_instances", _idempotent_run_instances(InstanceResponse.run_instances)),
+    ]
+    saved = [(cls, name, getattr(cls, name)) for cls, name, _ in patches]
+    for cls, name, replacement in patches:
+        setattr(cls, name, replacement)
+    try:
+        yield
+    finally:
+        for cls, name, original in saved:
+            setattr(cls, name, original)
+
+
+@contextmanager
+def _moto_server() -> Iterator[str]:
+    """A moto server on a free loopback port, reset to empty; yields its endpoint."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    with _lock:
-        original = SpotInstances.describe_spot_price_history
-        SpotInstances.describe_spot_price_history = _simulated_price_history  # type: ignore[method-assign]
+    with _patched_moto():
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    # moto's state lives in this process: start each simulated cloud empty.
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10)
-    log.info("simulated AWS at %s", endpoint)
-    try:
-        yield settings.with_(endpoint_url=endpoint, simulated=True, ssh_cidr="127.0.0.1/32", profile=None)
-    finally:
-        with _lock:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        # moto's state lives in this process: start each simulated cloud empty.
+        reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+        urllib.request.urlopen(reset, timeout=10).close()
+        try:
+            yield endpoint
+        finally:
             server.stop()
-            SpotInstances.describe_spot_price_history = original  # type: ignore[method-assign]
+
+
+@contextmanager
+def simulated_aws(settings: Settings) -> Iterator[Settings]:
+    """The simulated AWS API inside this process (no hosts): for unit tests of the cloud layer."""
+    with _lock, _moto_server() as endpoint:
+        yield _simulated_settings(settings, endpoint)
+
+
+def _simulated_settings(settings: Settings, endpoint: str) -> Settings:
+    return settings.with_(endpoint_url=endpoint, simulated=True, ssh_cidr="127.0.0.1/32", profile=None)
+
+
+# --- the background process -------------------------------------------------------------
+
+
+def sim_dir(settings: Settings) -> Path:
+    return settings.home / "sim"
+
+
+def _read_state(settings: Settings) -> dict[str, Any] | None:
+    try:
+        state: dict[str, Any] = json.loads((sim_dir(settings) / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state
+
+
+def _alive(pid: int) -> bool:
+    with suppress(ChildProcessError):  # our own child: reap it if it exited (no zombie)
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _answers(endpoint: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+def simulator_status(settings: Settings) -> dict[str, Any] | None:
+    """The running simulator's state (pid, endpoint, image, started_at), or None."""
+    state = _read_state(settings)
+    if state and _alive(int(state["pid"])) and _answers(state["endpoint"]):
+        return state
+    return None
+
+
+def ensure_simulator(
+    settings: Settings, *, image: Path | None = None, idle_s: float | None = None, timeout: float = 60.0
+) -> Settings:
+    """Start the simulator for this CLOUDTRAIN_HOME unless it runs; settings pointing at it.
+
+    ``image``: the simulated image new instances boot from (``simimage.ensure_image``).
+    """
+    from filelock import FileLock
+
+    folder = sim_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with FileLock(str(folder / "lock")):
+        if image is not None:
+            (folder / "image").write_text(str(image))
+        state = simulator_status(settings)
+        if state is None:
+            state = _spawn(settings, idle_s, timeout)
+    return _simulated_settings(settings, state["endpoint"])
+
+
+def _spawn(settings: Settings, idle_s: float | None, timeout: float) -> dict[str, Any]:
+    folder = sim_dir(settings)
+    (folder / "state.json").unlink(missing_ok=True)
+    idle = idle_s if idle_s is not None else float(os.environ.get("CLOUDTRAIN_SIM_IDLE_S", DEFAULT_IDLE_S))
+    command = [sys.executable, "-m", "cloudtrain.cloud.simulator", "serve", "--home", str(settings.home)]
+    command += ["--idle", str(idle)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # never the user's keys
+    with open(folder / "sim.log", "ab") as logfile:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            close_fds=True,
+        )
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            tail = (folder / "sim.log").read_text(errors="replace")[-2000:]
+            raise CloudError(f"the simulator exited at start:\n{tail}", hint=f"See {folder / 'sim.log'}.")
+        state = _read_state(settings)
+        if state and state.get("pid") == process.pid:
+            return state
+        time.sleep(0.1)
+    process.kill()
+    raise CloudError("the simulator did not start in time", hint=f"See {folder / 'sim.log'}.")
+
+
+def stop_simulator(settings: Settings, timeout: float = 30.0) -> bool:
+    """Stop this home's simulator (its hosts and their processes too); False if none ran."""
+    state = _read_state(settings)
+    if not state or not _alive(int(state["pid"])):
+        return False
+    pid = int(state["pid"])
+    os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < end:
+        time.sleep(0.1)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    (sim_dir(settings) / "state.json").unlink(missing_ok=True)
+    return True
+
+
+class _World:
+    """The simulator's process: keeps one SimHost per running moto instance."""
+
+    def __init__(self, home: Path, endpoint: str, idle_s: float) -> None:
+        self.home = home
+        self.endpoint = endpoint
+        self.idle_s = idle_s
+        self.hosts: dict[str, Any] = {}  # instance id -> SimHost
+        self.stopping = threading.Event()
+
+    @property
+    def image(self) -> str:
+        """The simulated image's prefix, as the controller last named it (sim/image)."""
+        try:
+            return (self.home / "sim" / "image").read_text().strip()
+        except OSError:
+            return ""
+
+    def backends(self) -> list[Any]:
+        from moto.ec2.models import ec2_backends
+
+        return [ec2_backends[ACCOUNT_ID][region] for region in load_catalog().regions]
+
+    def register_images(self) -> None:
+        for backend in self.backends():
+            if not backend.describe_images(filters={"name": [IMAGE_NAME]}):
+                backend.register_image(name=IMAGE_NAME, description="cloudtrain simulated image")
+
+    def step(self) -> None:
+        for backend in self.backends():
+            for instance in list(backend.all_instances()):
+                state = instance._state.name
+                host = self.hosts.get(instance.id)
+                if state == "running" and host is None:
+                    try:
+                        self.start_host(backend, instance)
+                    except Exception:
+                        log.exception("%s: cannot start its simulated host", instance.id)
+                        self.hosts[instance.id] = _NoHost()
+                elif state != "running" and host is not None:
+                    self.stop_host(instance.id)
+                elif host is not None and host.poweroff_requested():
+                    log.info("%s powered itself off", instance.id)
+                    backend.terminate_instances([instance.id])
+                    self.stop_host(instance.id)
+
+    def start_host(self, backend: Any, instance: Any) -> None:
+        from cloudtrain.cloud.simhost import HostSpec, SimHost
+
+        pair = backend.key_pairs.get(instance.key_name) if instance.key_name else None
+        if pair is None:
+            log.warning("%s has no key pair: no SSH host", instance.id)
+            self.hosts[instance.id] = _NoHost()
+            return
+        sandbox = self.home / "sim" / "instances" / instance.id
+        layer = make_layer(Path(self.image), sandbox) if self.image else []
+        spec = HostSpec(
+            instance_id=instance.id,
+            sandbox=sandbox,
+            authorized_key=_text(pair.material_public),
+            env={"CLOUDTRAIN_ROOT": str(sandbox), "CLOUDTRAIN_SIMULATED": "1"},
+            path_prefix=layer,
+        )
+        host = SimHost(spec)
+        host.start()
+        self.hosts[instance.id] = host
+        _loopback(instance)
+        # The tag first: once the console shows fingerprints, the endpoint is there too.
+        backend.create_tags([instance.id], {TAG_SSH: f"{host.host}:{host.port}"})
+        _console[instance.id] = _faulty_console(host.console_output(), host.host_key_fingerprints())
+        log.info("%s: simulated host on %s:%d", instance.id, host.host, host.port)
+
+    def stop_host(self, instance_id: str) -> None:
+        host = self.hosts.pop(instance_id, None)
+        if host is not None:
+            host.stop()
+            log.info("%s: simulated host stopped", instance_id)
+
+    def idle(self) -> bool:
+        """No live host, and no AWS call for ``idle_s``."""
+        if any(not isinstance(h, _NoHost) for h in self.hosts.values()):
+            return False
+        return time.monotonic() - _last_request[0] > self.idle_s
+
+    def run(self) -> None:
+        while not self.stopping.wait(0.25):
+            try:
+                self.step()
+            except Exception:  # a bad step must not kill every host
+                log.exception("simulator step failed")
+            if self.idle():
+                log.info("idle for %.0f s: stopping", self.idle_s)
+                break
+        for instance_id in list(self.hosts):
+            self.stop_host(instance_id)
+
+
+class _NoHost:
+    def stop(self) -> None:
+        pass
+
+    def poweroff_requested(self) -> bool:
+        return False
+
+
+def _faulty_console(console: str, fingerprints: list[str]) -> str:
+    """With CLOUDTRAIN_SIM_FAULT=host-key-mismatch (tests), print other keys' fingerprints:
+    what a man-in-the-middle looks like from the controller."""
+    if os.environ.get("CLOUDTRAIN_SIM_FAULT") != "host-key-mismatch":
+        return console
+    import asyncssh
+
+    for line in fingerprints:
+        for word in line.split():
+            if word.startswith("SHA256:"):
+                other = asyncssh.generate_private_key("ssh-ed25519").get_fingerprint("sha256")
+                console = console.replace(word, other)
+    return console
+
+
+def _loopback(instance: Any) -> None:
+    """A simulated instance's public address is loopback: nothing may ever dial the
+    random public IP moto invents."""
+    for nic in getattr(instance, "nics", {}).values():
+        if getattr(nic, "public_ip", None):
+            nic.public_ip = "127.0.0.1"
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def make_layer(image: Path, sandbox: Path) -> list[str]:
+    """A writable layer over each image environment: a venv whose .pth sees the image's packages.
+
+    A job's ``setup`` (pip install ...) installs into the layer, never into the image.
+    Returns the layer's bin folders for PATH (the first environment first).
+    """
+    bins = []
+    envs = image / "envs"
+    for env in sorted(envs.iterdir()) if envs.is_dir() else []:
+        python = env / "bin" / "python"
+        if not python.exists():
+            continue
+        layer = sandbox / "envs" / env.name
+        if not (layer / "bin" / "python").exists():
+            subprocess.run([str(python), "-m", "venv", "--without-pip", str(layer)], check=True)
+            site = subprocess.run(
+                [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            layer_site = subprocess.run(
+                [
+                    str(layer / "bin" / "python"),
+                    "-c",
+                    "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            Path(layer_site, "cloudtrain_image.pth").write_text(site + "\n")
+        bins.append(str(layer / "bin"))
+    return bins
+
+
+def _purelib(python: Path) -> str:
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    return subprocess.run(
+        [str(python), "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def serve(home: Path, idle_s: float) -> int:
+    """The simulator process: moto server + hosts, until idle, SIGTERM or SIGINT."""
+    folder = home / "sim"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    with _moto_server() as endpoint:
+        world = _World(home, endpoint, idle_s)
+
+        def stop(signum: int, frame: object) -> None:
+            world.stopping.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        world.register_images()
+        state = {"schema": 1, "pid": os.getpid(), "endpoint": endpoint, "started_at": iso(utcnow())}
+        tmp = folder / "state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, folder / "state.json")
+        log.info("simulator %d serving AWS at %s", os.getpid(), endpoint)
+        try:
+            world.run()
+        finally:
+            with suppress(OSError):
+                current = json.loads((folder / "state.json").read_text())
+                if current.get("pid") == os.getpid():
+                    (folder / "state.json").unlink()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cloudtrain.cloud.simulator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_parser = sub.add_parser("serve", help="run the simulated cloud (started by the CLI)")
+    serve_parser.add_argument("--home", type=Path, required=True)
+    serve_parser.add_argument("--idle", type=float, default=DEFAULT_IDLE_S)
+    args = parser.parse_args(argv)
+    return serve(args.home, args.idle)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,7 @@ import numpy as np
 
 def make_digits(n, rng, prototypes):
     labels = rng.integers(0, 10, size=n)
-    images = prototypes[labels] + rng.normal(0.0, 0.35, size=(n, 64))
+    images = prototypes[labels] + rng.normal(0.0, 0.8, size=(n, 64))
     return images.astype("float32"), labels
 
 

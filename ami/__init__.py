@@ -1,0 +1,1 @@
+"""The image recipe (provision.sh and its requirement files), shipped as package data."""

@@ -1,0 +1,125 @@
+"""Backend configuration: keras.json, .theanorc and the run's env.json (plus seeding).
+
+`configure()` writes HOME/.keras/keras.json, for Theano HOME/.theanorc, and
+RUN_DIR/env.json: the variables every command of the run gets (KERAS_BACKEND,
+KERAS_HOME, HOME, THEANO_FLAGS, seed variables ...). GPU "auto" means: `nvidia-smi -L`
+exists and lists a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+from . import seed as seeding
+from .errors import USAGE, AgentError
+from .runfiles import RunPaths, write_atomic, write_json
+
+BACKENDS = ("tensorflow", "theano")
+
+
+def detect_gpus(timeout: float = 20.0) -> list[str]:
+    """GPU lines of `nvidia-smi -L` ("GPU 0: Tesla T4 (UUID: ...)"); [] without a working one."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        proc = subprocess.run(
+            [exe, "-L"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            timeout=timeout,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if proc.returncode != 0:
+        return []
+    lines = proc.stdout.decode("utf-8", "replace").splitlines()
+    return [line.strip() for line in lines if line.strip().startswith("GPU ")]
+
+
+def keras_json(backend: str) -> dict[str, object]:
+    return {
+        "backend": backend,
+        "floatx": "float32",
+        "epsilon": 1e-07,
+        "image_data_format": "channels_last",
+    }
+
+
+def theanorc(device: str) -> str:
+    return f"[global]\ndevice = {device}\nfloatX = float32\n"
+
+
+def configure(
+    backend: str,
+    home: str,
+    run_dir: str,
+    gpu: str = "auto",
+    seed: int | None = None,
+    keras: int | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, object]:
+    """Write the configuration files; return what was written, for the controller."""
+    if backend not in BACKENDS:
+        raise AgentError(f"unknown backend {backend!r}", "Use one of: " + ", ".join(BACKENDS) + ".", USAGE)
+    if backend == "theano" and keras == 3:
+        raise AgentError("Keras 3 has no Theano backend", "Use --keras 2 (keras 2.3.1) with theano.", USAGE)
+    if seed is not None and not 0 <= seed <= 2**32 - 1:
+        raise AgentError(f"seed {seed} is out of range", "Use a seed from 0 to 4294967295.", USAGE)
+    if gpu not in ("auto", "yes", "no"):
+        raise AgentError(f"--gpu must be auto, yes or no, not {gpu!r}", "", USAGE)
+
+    gpus = detect_gpus() if gpu == "auto" else []
+    use_gpu = gpu == "yes" or (gpu == "auto" and bool(gpus))
+
+    home = os.path.abspath(home)
+    paths = RunPaths(run_dir)
+    keras_home = os.path.join(home, ".keras")
+    os.makedirs(keras_home, exist_ok=True)
+    os.makedirs(paths.run_dir, exist_ok=True)
+
+    keras_json_path = os.path.join(keras_home, "keras.json")
+    write_json(keras_json_path, keras_json(backend))
+
+    # The job's own variables first: the backend's variables win over them.
+    env = dict(extra_env or {})
+    env.update(
+        {
+            "HOME": home,
+            "KERAS_HOME": keras_home,
+            "KERAS_BACKEND": backend,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    theanorc_path = None
+    if backend == "theano":
+        device = "cuda" if use_gpu else "cpu"
+        theanorc_path = os.path.join(home, ".theanorc")
+        write_atomic(theanorc_path, theanorc(device).encode("ascii"))
+        compiledir = os.path.join(home, ".theano")
+        env["THEANO_FLAGS"] = f"device={device},floatX=float32,base_compiledir={compiledir}"
+    if backend == "tensorflow" and keras == 2:
+        env["TF_USE_LEGACY_KERAS"] = "1"
+
+    seed_dir = None
+    if seed is not None:
+        seed_dir = seeding.write_seed_site(paths)
+        env.update(seeding.seed_env(seed, seed_dir, env.get("PYTHONPATH", "")))
+
+    write_json(paths.env, env)
+    return {
+        "backend": backend,
+        "gpu": use_gpu,
+        "gpu_mode": gpu,
+        "gpus": gpus,
+        "keras": keras,
+        "seed": seed,
+        "keras_json": keras_json_path,
+        "theanorc": theanorc_path,
+        "env_file": paths.env,
+        "seed_dir": seed_dir,
+        "env": env,
+    }

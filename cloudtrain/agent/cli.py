@@ -1,0 +1,155 @@
+"""The agent's command line: parse arguments, call one module, print one JSON object.
+
+Exit statuses: 0 success, 2 bad usage, 3 failure. Errors are printed as
+`{"error": ..., "hint": ...}` on stdout, except for `tail` (whose stdout is the raw
+log), which prints them on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from typing import Any, NoReturn
+
+from . import AGENT_VERSION
+from .errors import FAILURE, USAGE, AgentError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise AgentError(f"{self.prog}: {message}", f"Run `{self.prog} --help`.", USAGE)
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cloudtrain_agent", description="cloudtrain's on-instance agent")
+    parser.add_argument("--version", action="version", version=AGENT_VERSION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("backend", help="write keras.json, .theanorc and the run's env.json")
+    p.add_argument("--backend", required=True, choices=["tensorflow", "theano"])
+    p.add_argument("--home", required=True, help="the run's HOME (keras.json goes to HOME/.keras)")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--gpu", default="auto", choices=["auto", "yes", "no"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--keras", type=int, choices=[2, 3])
+    p.add_argument("--env", action="append", type=_env_pair, default=[], metavar="KEY=VALUE")
+
+    p = sub.add_parser("verify", help="import Keras in the job's environment and check the backend")
+    p.add_argument("--backend", required=True, choices=["tensorflow", "theano"])
+    p.add_argument("--python", required=True, help="the job environment's interpreter")
+    p.add_argument("--expect-gpu", action="store_true")
+    p.add_argument("--env-file")
+    p.add_argument("--timeout", type=float, default=600.0)
+
+    p = sub.add_parser("start", help="run setup and the training command, detached; secrets on stdin")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--run", required=True)
+    p.add_argument("--setup")
+    p.add_argument("--env-file")
+
+    p = sub.add_parser("status", help="where the run stands")
+    p.add_argument("--run-dir", required=True)
+
+    p = sub.add_parser("tail", help="the log's bytes from an offset")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--follow", action="store_true")
+    p.add_argument("--poll", type=float, default=0.2, help="seconds between polls (at most 0.2)")
+
+    p = sub.add_parser("stop", help="SIGTERM the run's process group, SIGKILL after the grace")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--grace", type=float, default=10.0)
+
+    p = sub.add_parser("poweroff", help="power the instance off (through the hook if there is one)")
+    p.add_argument("--reason", default="")
+    return parser
+
+
+def _read_secrets() -> str:
+    stdin = sys.stdin
+    if stdin is None or stdin.isatty():
+        return ""
+    return stdin.buffer.read().decode("utf-8", "replace")
+
+
+def dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
+    command = args.command
+    if command == "backend":
+        from .backend import configure
+
+        return configure(
+            args.backend, args.home, args.run_dir, args.gpu, args.seed, args.keras, dict(args.env)
+        )
+    if command == "verify":
+        from .verify import verify
+
+        return verify(args.backend, args.python, args.expect_gpu, args.env_file, args.timeout)
+    if command == "start":
+        from .environ import parse_secrets
+        from .supervisor import start
+
+        secrets = parse_secrets(_read_secrets())
+        return start(args.run_dir, args.workdir, args.run, args.setup, args.env_file, secrets)
+    if command == "status":
+        from .status import status
+
+        return status(args.run_dir)
+    if command == "tail":
+        from .logtail import tail
+
+        tail(args.run_dir, sys.stdout.buffer, args.offset, args.follow, args.poll)
+        return None
+    if command == "stop":
+        from .stop import stop
+
+        return stop(args.run_dir, args.grace)
+    if command == "poweroff":
+        from .power import poweroff
+
+        return poweroff(args.reason)
+    raise AgentError(f"unknown command {command!r}", "", USAGE)
+
+
+def _emit(obj: object, stream: Any) -> None:
+    stream.write(json.dumps(obj, sort_keys=True) + "\n")
+    stream.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = None
+    try:
+        args = build_parser().parse_args(argv)
+        command = args.command
+        result = dispatch(args)
+        if result is not None:
+            _emit(result, sys.stdout)
+        return 0
+    except AgentError as e:
+        _emit(e.to_json(), sys.stderr if command == "tail" else sys.stdout)
+        return e.exit_code
+    except BrokenPipeError:
+        # The reader went away (a dropped SSH connection): nothing more to say.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        error = {
+            "error": f"internal error: {type(e).__name__}: {e}",
+            "hint": "This is a bug in cloudtrain's agent; the traceback is on stderr.",
+        }
+        traceback.print_exc()
+        _emit(error, sys.stderr if command == "tail" else sys.stdout)
+        return FAILURE

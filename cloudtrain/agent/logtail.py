@@ -1,0 +1,62 @@
+"""`tail`: copy the run log's bytes from an offset to stdout, optionally following it.
+
+The controller counts the bytes it received and, after a dropped connection, asks
+again from that offset. With `follow`, polling ends once exit_code exists and the
+log has been read to its end (the supervisor writes exit_code after the last line).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import BinaryIO
+
+from . import procs
+from .errors import AgentError
+from .runfiles import RunPaths, read_exit_code, read_json
+
+CHUNK = 64 * 1024
+
+
+def _copy(path: str, offset: int, out: BinaryIO) -> int:
+    """Write the bytes of `path` from `offset` to its current end; return the new offset."""
+    if not os.path.exists(path):
+        return offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while True:
+            data = f.read(CHUNK)
+            if not data:
+                break
+            out.write(data)
+            offset += len(data)
+        out.flush()
+    return offset
+
+
+def _supervisor_alive(paths: RunPaths) -> bool:
+    state = read_json(paths.state) or {}
+    pid = state.get("supervisor_pid")
+    return isinstance(pid, int) and procs.pid_alive(pid, state.get("supervisor_ticks"))
+
+
+def tail(run_dir: str, out: BinaryIO, offset: int = 0, follow: bool = False, poll: float = 0.2) -> int:
+    """Stream the log from `offset`; return the offset reached (the log size)."""
+    paths = RunPaths(run_dir)
+    if offset < 0:
+        raise AgentError("--offset must be >= 0", "", 2)
+    if not os.path.exists(paths.log) and not os.path.exists(paths.state):
+        raise AgentError(f"no run log in {paths.run_dir}", "Start the run first, or check --run-dir.")
+    poll = min(max(poll, 0.01), 0.2)
+    while True:
+        done = read_exit_code(paths) is not None
+        offset = _copy(paths.log, offset, out)
+        if not follow or done:
+            return offset
+        if not _supervisor_alive(paths) and read_exit_code(paths) is None:
+            offset = _copy(paths.log, offset, out)
+            raise AgentError(
+                f"the supervisor of {paths.run_dir} is gone and recorded no exit code",
+                "The instance may have rebooted or run out of memory; see supervisor.log.",
+            )
+        time.sleep(poll)

@@ -1,0 +1,654 @@
+"""One simulated EC2 instance's host for ``--dry-run``: an SSH server on 127.0.0.1.
+
+A ``SimHost`` is what a launched instance becomes in the simulated cloud: an asyncssh
+server on a loopback port, in its own thread and event loop, with fresh host keys
+(ed25519 and ecdsa) whose fingerprints it prints in a cloud-init style console log.
+It accepts one user and one public key. Each exec request runs ``/bin/bash -c CMD`` as a
+local process in the instance's sandbox folder, in its own session, with a clean
+environment (never the simulator's own, which holds AWS keys): HOME and TMPDIR in the
+sandbox, PATH = the spec's prefix + the system folders, a marker variable
+``CLOUDTRAIN_SIM_INSTANCE=<id>`` and a power-off hook that only touches a file.
+``stop()`` kills every process the host started, including ones that escaped with
+``setsid`` or a double fork (found by the marker in ``/proc/<pid>/environ``).
+
+Like OpenSSH's sshd without a pty: a session's channel closes when the command has
+exited and its stdout/stderr are closed; a command killed by a signal reports
+``exit-signal`` (paramiko then reads exit status -1); when the client goes away the
+command's pipes are closed (it sees EOF or SIGPIPE) but it is not killed. A shell
+request without a command runs ``/bin/bash`` on the channel's stdin; pty requests are
+refused. SFTP is served in-process, relative paths resolving under the sandbox's HOME.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import posixpath
+import shlex
+import signal
+import threading
+import time
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import asyncssh
+
+from cloudtrain.errors import CloudError
+
+log = logging.getLogger(__name__)
+
+MARKER_ENV = "CLOUDTRAIN_SIM_INSTANCE"
+HOOK_ENV = "CLOUDTRAIN_POWEROFF_HOOK"
+SYSTEM_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
+LOOPBACK = "127.0.0.1"
+HOSTNAME = "ip-127-0-0-1"
+POWEROFF_FLAG = "poweroff-requested"
+
+_CHUNK = 256 * 1024
+_WINDOW = 8 * 1024 * 1024
+# (asyncssh algorithm, bits, cloud-init's label), in cloud-init's order (key file names).
+_HOST_KEY_TYPES = (("ecdsa-sha2-nistp256", 256, "ECDSA"), ("ssh-ed25519", 256, "ED25519"))
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """What one simulated host needs: who it is, where it lives, whom it lets in."""
+
+    instance_id: str
+    sandbox: Path  # created if missing, with sandbox/home and sandbox/tmp
+    authorized_key: str  # OpenSSH public key line(s) of the run's key pair
+    username: str = "ubuntu"  # the only user accepted
+    env: Mapping[str, str] = field(default_factory=dict)  # extra environment for every command
+    path_prefix: Sequence[str] = ()  # folders put before /usr/local/bin:/usr/bin:/bin in PATH
+
+
+def _parse_authorized(text: str) -> frozenset[bytes]:
+    """The public keys (their wire data) in an authorized key line or lines."""
+    keys: set[bytes] = set()
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            keys.add(asyncssh.import_public_key(line).public_data)
+        except (asyncssh.KeyImportError, ValueError) as e:
+            raise CloudError(
+                f"simulated host: the authorized key {line[:40]!r}... is not an OpenSSH public key: {e}",
+                hint="Pass the key pair's public key line, e.g. 'ssh-ed25519 AAAA...'.",
+            ) from e
+    if not keys:
+        raise CloudError(
+            "simulated host: no authorized key given", hint="Pass the key pair's public key line."
+        )
+    return frozenset(keys)
+
+
+def _uptime_ticks() -> int:
+    """Now, in the clock ticks since boot that /proc/<pid>/stat's starttime uses."""
+    try:
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return int(uptime * os.sysconf("SC_CLK_TCK"))
+
+
+def _processes() -> list[tuple[int, str, int, int, bytes]]:
+    """(pid, state, pgrp, starttime, environ) of every process this user can see."""
+    found = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+            with open(f"/proc/{name}/environ", "rb") as f:
+                environ = f.read()
+            rest = stat[stat.rindex(b")") + 2 :].split()
+            found.append((int(name), rest[0].decode(), int(rest[2]), int(rest[19]), environ))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+async def _read_pipe(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=_CHUNK * 2)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    return reader, transport
+
+
+async def _write_pipe(fd: int) -> asyncio.StreamWriter:
+    loop = asyncio.get_running_loop()
+    protocol = asyncio.StreamReaderProtocol(asyncio.StreamReader())  # for its flow control (drain)
+    transport, _ = await loop.connect_write_pipe(lambda: protocol, os.fdopen(fd, "wb", buffering=0))
+    return asyncio.StreamWriter(transport, protocol, None, loop)
+
+
+async def _pump_out(reader: asyncio.StreamReader, channel: asyncssh.SSHWriter[bytes]) -> None:
+    """Forward a command's stdout or stderr to the channel until EOF, with backpressure."""
+    with contextlib.suppress(OSError, asyncssh.Error):
+        while data := await reader.read(_CHUNK):
+            channel.write(data)
+            await channel.drain()
+
+
+class _SandboxSFTP(asyncssh.SFTPServer):
+    """asyncssh's SFTP server over the whole file system; relative paths start at HOME."""
+
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], home: bytes) -> None:
+        super().__init__(chan)
+        self._home = home
+
+    def map_path(self, path: bytes) -> bytes:
+        return posixpath.join(self._home, path)
+
+
+class _Server(asyncssh.SSHServer):
+    """Public key authentication only: one user, one key set."""
+
+    def __init__(self, host: SimHost) -> None:
+        self._host = host
+        self._conn: asyncssh.SSHServerConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        self._host._connections.add(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn is not None:
+            self._host._connections.discard(self._conn)
+
+    def begin_auth(self, username: str) -> bool:
+        return True  # authentication is always required
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return username == self._host.spec.username and key.public_data in self._host._authorized
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def host_based_auth_supported(self) -> bool:
+        return False
+
+
+class SimHost:
+    """A simulated instance's SSH host: start() it, connect to host:port, stop() it."""
+
+    def __init__(self, spec: HostSpec) -> None:
+        if not spec.instance_id or any(c in spec.instance_id for c in "\0=/ "):
+            raise ValueError(f"bad instance id {spec.instance_id!r}")
+        self.spec = spec
+        self.sandbox = Path(spec.sandbox).absolute()
+        self.home = self.sandbox / "home"
+        self.tmp = self.sandbox / "tmp"
+        self.hook = self.sandbox / "poweroff"
+        self._authorized = _parse_authorized(spec.authorized_key)
+        self._host_keys = [asyncssh.generate_private_key(alg) for alg, _, _ in _HOST_KEY_TYPES]
+        self._booted = datetime.now(timezone.utc).replace(microsecond=0)
+        self._marker = f"{MARKER_ENV}={spec.instance_id}".encode()
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._state = "new"  # new -> starting -> running -> stopping -> stopped
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._port = 0
+        self._start_ticks = 0
+        self._running: set[int] = set()  # process groups of commands still running
+        self._groups: set[int] = set()  # every process group this host started
+        self._connections: set[asyncssh.SSHServerConnection] = set()
+        self._background: set[asyncio.Future[None]] = set()  # reapers of commands left by their client
+
+    # --- public API --------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return LOOPBACK
+
+    @property
+    def port(self) -> int:
+        if not self._port:
+            raise RuntimeError(f"simulated host {self.spec.instance_id} is not listening")
+        return self._port
+
+    def environment(self) -> dict[str, str]:
+        """The exact environment every command gets (nothing from this process's own)."""
+        user = self.spec.username
+        env = {
+            "HOME": str(self.home),
+            "USER": user,
+            "LOGNAME": user,
+            "PATH": ":".join([*self.spec.path_prefix, *SYSTEM_PATH]),
+            "LANG": "C.UTF-8",
+            "TMPDIR": str(self.tmp),
+            "SHELL": "/bin/bash",
+            MARKER_ENV: self.spec.instance_id,
+            HOOK_ENV: str(self.hook),
+        }
+        env.update(self.spec.env)
+        env[MARKER_ENV] = self.spec.instance_id  # stop() finds escaped processes by it
+        return env
+
+    def start(self) -> None:
+        """Listen on a free loopback port, serving from a daemon thread; return once listening."""
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError(f"simulated host {self.spec.instance_id} was already started")
+            self._state = "starting"
+        if logging.getLogger("asyncssh").level == logging.NOTSET:
+            logging.getLogger("asyncssh").setLevel(logging.WARNING)
+        self._prepare_sandbox()
+        self._start_ticks = _uptime_ticks() - os.sysconf("SC_CLK_TCK")  # a second of slack
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(
+            target=self._serve, args=(loop,), name=f"simhost-{self.spec.instance_id}", daemon=True
+        )
+        self._loop, self._thread = loop, thread
+        thread.start()
+        try:
+            acceptor = asyncio.run_coroutine_threadsafe(self._listen(), loop).result(timeout=30)
+        except BaseException:
+            self.stop()
+            raise
+        self._acceptor = acceptor
+        self._port = acceptor.get_port()
+        with self._lock:
+            if self._state == "starting":
+                self._state = "running"
+        log.info("%s: simulated SSH host on %s:%d", self.spec.instance_id, LOOPBACK, self._port)
+
+    def host_public_keys(self) -> list[str]:
+        """The host's public keys as OpenSSH lines ("ssh-ed25519 AAAA..."), console order."""
+        return [" ".join(key.export_public_key("openssh").decode().split()[:2]) for key in self._host_keys]
+
+    def host_key_fingerprints(self) -> list[str]:
+        """The lines cloud-init prints: "256 SHA256:... root@ip-127-0-0-1 (ED25519)"."""
+        return [
+            f"{bits} {key.get_fingerprint('sha256')} root@{HOSTNAME} ({label})"
+            for key, (_, bits, label) in zip(self._host_keys, _HOST_KEY_TYPES, strict=True)
+        ]
+
+    def console_output(self) -> str:
+        """A cloud-init style boot log with the host key fingerprint and key blocks."""
+        return _console_log(self._booted, self.host_key_fingerprints(), self.host_public_keys())
+
+    def poweroff_requested(self) -> bool:
+        """True once a command ran the power-off hook ($CLOUDTRAIN_POWEROFF_HOOK)."""
+        return (self.sandbox / POWEROFF_FLAG).exists()
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Stop listening, kill every process the host started, close its connections.
+
+        With ``grace`` > 0 processes get SIGTERM first and up to that many seconds to exit.
+        Idempotent (a second call waits for the first); never from the host's own thread.
+        """
+        if self._thread is not None and threading.current_thread() is self._thread:
+            raise RuntimeError("SimHost.stop() called from the host's own event loop")
+        with self._lock:
+            if self._state in ("stopping", "stopped"):
+                busy = True
+            else:
+                busy = False
+                self._state = "stopping"
+        if busy:  # stopped, or another thread is stopping it: wait for that
+            self._stopped.wait(30)
+            return
+        loop, thread = self._loop, self._thread
+        alive = loop is not None and thread is not None and thread.is_alive()
+        if alive and loop is not None:
+            self._call(loop, self._close_listener(), 5)
+        self._kill_all(grace)
+        if alive and loop is not None and thread is not None:
+            self._call(loop, self._close_connections(), 10)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+        self._kill_all(0)  # anything forked while the connections closed
+        with self._lock:
+            self._state = "stopped"
+        self._stopped.set()
+        log.info("%s: simulated host stopped", self.spec.instance_id)
+
+    def __enter__(self) -> SimHost:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # --- sandbox and console -----------------------------------------------------------
+
+    def _prepare_sandbox(self) -> None:
+        for folder in (self.sandbox, self.home, self.tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+        (self.sandbox / POWEROFF_FLAG).unlink(missing_ok=True)
+        flag = shlex.quote(str(self.sandbox / POWEROFF_FLAG))
+        script = (
+            "#!/bin/sh\n"
+            "# cloudtrain simulated host: the power-off hook. Never a real poweroff: it only\n"
+            "# leaves a flag the simulator sees, which then terminates the instance.\n"
+            f'printf "%s\\n" "${{CLOUDTRAIN_POWEROFF_REASON:-}}" > {flag}\n'
+        )
+        for path in (self.hook, self.home / ".cloudtrain" / "poweroff"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(script)
+            path.chmod(0o755)
+
+    # --- the event loop thread -----------------------------------------------------------
+
+    def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            try:
+                for _ in range(3):  # cancelled tasks may start cleanup tasks of their own
+                    pending = asyncio.all_tasks(loop)
+                    for task in pending:
+                        task.cancel()
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                    # let transports closed meanwhile run their connection_lost (and close sockets)
+                    loop.run_until_complete(asyncio.sleep(0.01))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+    @staticmethod
+    def _call(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, _T], timeout: float) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+        except Exception:
+            log.warning("simulated host shutdown step failed", exc_info=True)
+
+    async def _listen(self) -> asyncssh.SSHAcceptor:
+        home = os.fsencode(self.home)
+        return await asyncssh.create_server(
+            lambda: _Server(self),
+            host=LOOPBACK,
+            port=0,
+            server_host_keys=self._host_keys,
+            process_factory=self._handle,
+            encoding=None,
+            sftp_factory=lambda chan: _SandboxSFTP(chan, home),
+            allow_scp=False,
+            public_key_auth=True,
+            password_auth=False,
+            kbdint_auth=False,
+            host_based_auth=False,
+            gss_host=None,
+            allow_pty=False,
+            line_editor=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            rdns_lookup=False,
+            window=_WINDOW,
+        )
+
+    async def _close_listener(self) -> None:
+        if self._acceptor is None:
+            return
+        loop = asyncio.get_running_loop()
+        for sock in self._acceptor.sockets:  # stop accepting first, then let the connections
+            loop.remove_reader(sock.fileno())  # already accepted attach to the server: closing it
+        for _ in range(3):  # under a half-made one leaks its socket (asyncio asserts in _attach)
+            await asyncio.sleep(0)
+        self._acceptor.close()
+
+    async def _close_connections(self) -> None:
+        for _ in range(10):
+            # first let connections accepted just before the listener closed reach connection_made
+            await asyncio.sleep(0.01)
+            connections = list(self._connections)
+            if not connections:
+                break
+            for conn in connections:
+                conn.close()
+            waiters = [asyncio.ensure_future(self._closed(c)) for c in connections]
+            await asyncio.wait(waiters, timeout=5)
+        if self._acceptor is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._acceptor.wait_closed(), 5)
+
+    @staticmethod
+    async def _closed(conn: asyncssh.SSHServerConnection) -> None:
+        await conn.wait_closed()
+
+    # --- commands ------------------------------------------------------------------------
+
+    async def _handle(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        try:
+            if process.subsystem:
+                process.stderr.write(f"subsystem {process.subsystem!r} is not supported\n".encode())
+                process.exit(1)
+                return
+            if self._state != "running":
+                process.stderr.write(b"the instance is shutting down\n")
+                process.exit(255)
+                return
+            argv = ["/bin/bash"] if process.command is None else ["/bin/bash", "-c", process.command]
+            await self._run(process, argv)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: a command failed to run", self.spec.instance_id)
+            with contextlib.suppress(Exception):
+                process.exit(255)
+
+    async def _run(self, process: asyncssh.SSHServerProcess[bytes], argv: list[str]) -> None:
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=in_r,
+                stdout=out_w,
+                stderr=err_w,
+                cwd=self.home,
+                env=self.environment(),
+                start_new_session=True,
+            )
+        except BaseException:
+            for fd in (in_w, out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (in_r, out_w, err_w):
+                os.close(fd)
+        pgid = proc.pid
+        with self._lock:
+            self._running.add(pgid)
+            self._groups.add(pgid)
+        transports: list[asyncio.BaseTransport] = []
+        tasks: list[asyncio.Future[Any]] = []
+        reaped = False
+        try:
+            stdin = await _write_pipe(in_w)
+            transports.append(stdin.transport)
+            out, out_t = await _read_pipe(out_r)
+            err, err_t = await _read_pipe(err_r)
+            transports += [out_t, err_t]
+            feed = asyncio.ensure_future(self._pump_in(process, stdin, pgid))
+            finished = asyncio.ensure_future(
+                asyncio.gather(proc.wait(), _pump_out(out, process.stdout), _pump_out(err, process.stderr))
+            )
+            closed = asyncio.ensure_future(process.channel.wait_closed())
+            tasks += [feed, finished, closed]
+            either: list[asyncio.Future[Any]] = [finished, closed]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if finished.done() and not closed.done():
+                reaped = True
+                finished.result()  # a failed pump: let _handle report it
+                code = proc.returncode
+                if code is not None and code < 0:
+                    try:
+                        name = signal.Signals(-code).name.removeprefix("SIG")
+                    except ValueError:
+                        name = str(-code)
+                    process.exit_with_signal(name)
+                else:
+                    process.exit(code or 0)
+            # else the client went away: close the pipes (EOF/SIGPIPE), like sshd; keep running.
+        finally:
+            for task in tasks:
+                task.cancel()
+            for transport in transports:
+                transport.close()
+            if reaped:
+                self._finished(pgid)
+            else:
+                reaper = asyncio.ensure_future(self._reap(proc, pgid))
+                self._background.add(reaper)
+                reaper.add_done_callback(self._background.discard)
+
+    async def _reap(self, proc: asyncio.subprocess.Process, pgid: int) -> None:
+        try:
+            await proc.wait()
+        finally:
+            self._finished(pgid)
+
+    def _finished(self, pgid: int) -> None:
+        """The command's shell has exited; forget its group too once nothing is left in it."""
+        with self._lock:
+            self._running.discard(pgid)
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                self._groups.discard(pgid)  # so a later process reusing the id is never taken for ours
+            except PermissionError:
+                pass
+
+    async def _pump_in(
+        self, process: asyncssh.SSHServerProcess[bytes], stdin: asyncio.StreamWriter, pgid: int
+    ) -> None:
+        """Forward the channel to the command's stdin; forward signal requests to its group."""
+        broken = False
+        try:
+            while True:
+                try:
+                    data = await process.stdin.read(_CHUNK)
+                except asyncssh.SignalReceived as e:
+                    self._signal_group(pgid, e.signal)
+                    continue
+                except (asyncssh.BreakReceived, asyncssh.TerminalSizeChanged):
+                    continue
+                if not data:
+                    break
+                if broken:
+                    continue  # the command closed its stdin: discard, so the client never blocks
+                try:
+                    stdin.write(data)
+                    await stdin.drain()
+                except (ConnectionError, OSError):
+                    broken = True
+        except (asyncssh.Error, OSError):
+            pass
+        finally:
+            stdin.close()
+
+    @staticmethod
+    def _signal_group(pgid: int, name: str) -> None:
+        try:
+            signum = signal.Signals["SIG" + name.upper()]
+        except KeyError:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signum)
+
+    # --- killing -------------------------------------------------------------------------
+
+    def _kill_all(self, grace: float) -> None:
+        if grace > 0:
+            end = time.monotonic() + grace
+            while self._signal_all(signal.SIGTERM) and time.monotonic() < end:
+                time.sleep(0.05)
+        end = time.monotonic() + 5
+        while self._signal_all(signal.SIGKILL) and time.monotonic() < end:
+            time.sleep(0.02)
+
+    def _signal_all(self, sig: signal.Signals) -> int:
+        """Signal every live process of this host; return how many there were.
+
+        Its processes: those carrying the host's marker variable, and members of the
+        process groups it started (started after the host, so a reused id is never one).
+        """
+        with self._lock:
+            running = set(self._running)
+            groups = set(self._groups)
+        for pgid in running:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
+        count = 0
+        me = os.getpid()
+        for pid, state, pgrp, started, environ in _processes():
+            if pid == me or state in ("Z", "X", "x"):
+                continue
+            ours = self._marker in environ.split(b"\0") or (pgrp in groups and started >= self._start_ticks)
+            if ours:
+                count += 1
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+        return count
+
+
+def _console_log(booted: datetime, fingerprints: list[str], keys: list[str]) -> str:
+    def at(seconds: float) -> str:
+        return (booted + timedelta(seconds=seconds)).strftime("%a, %d %b %Y %H:%M:%S +0000")
+
+    hostkeys = "\n".join(f"{key} root@{HOSTNAME}" for key in keys)
+    generated = "\n".join(
+        f"Generating public/private {label.lower()} key pair.\n"
+        f"Your identification has been saved in /etc/ssh/ssh_host_{label.lower()}_key\n"
+        f"Your public key has been saved in /etc/ssh/ssh_host_{label.lower()}_key.pub\n"
+        f"The key fingerprint is:\n{line.split(' ', 1)[1].rsplit(' ', 1)[0]}"
+        for line, (_, _, label) in zip(fingerprints, _HOST_KEY_TYPES, strict=True)
+    )
+    return (
+        "[    0.000000] Linux version 6.8.0-1021-aws (buildd@lcy02-amd64-031) "
+        "(x86_64-linux-gnu-gcc-12 (Ubuntu 12.3.0-1ubuntu1~22.04) 12.3.0) #23~22.04.1-Ubuntu SMP\n"
+        "[    0.000000] Command line: BOOT_IMAGE=/boot/vmlinuz-6.8.0-1021-aws root=PARTUUID=1 ro "
+        "console=tty1 console=ttyS0 nvme_core.io_timeout=4294967295 panic=-1\n"
+        "[    0.000000] DMI: Amazon EC2 g4dn.xlarge/, BIOS 1.0 10/16/2017\n"
+        "[    2.113742] EXT4-fs (nvme0n1p1): mounted filesystem with ordered data mode.\n"
+        f"Cloud-init v. 24.4-0ubuntu1~22.04.1 running 'init-local' at {at(3)}. Up 4.02 seconds.\n"
+        f"Cloud-init v. 24.4-0ubuntu1~22.04.1 running 'init' at {at(5)}. Up 5.87 seconds.\n"
+        "ci-info: ++++++++++++++++++++++++++++++++Net device info+++++++++++++++++++++++++++++++\n"
+        "ci-info: | Device |  Up  |  Address  |    Mask   | Scope  |     Hw-Address    |\n"
+        f"ci-info: |   lo   | True | {LOOPBACK} | 255.0.0.0 |  host  |         .         |\n"
+        "ci-info: +--------+------+-----------+-----------+--------+-------------------+\n"
+        f"{generated}\n"
+        f"Cloud-init v. 24.4-0ubuntu1~22.04.1 running 'modules:config' at {at(8)}. Up 8.41 seconds.\n"
+        "#############################################################\n"
+        "-----BEGIN SSH HOST KEY FINGERPRINTS-----\n"
+        + "\n".join(fingerprints)
+        + "\n-----END SSH HOST KEY FINGERPRINTS-----\n"
+        "#############################################################\n"
+        "-----BEGIN SSH HOST KEY KEYS-----\n"
+        f"{hostkeys}\n"
+        "-----END SSH HOST KEY KEYS-----\n"
+        f"Cloud-init v. 24.4-0ubuntu1~22.04.1 running 'modules:final' at {at(9)}. Up 9.12 seconds.\n"
+        f"Cloud-init v. 24.4-0ubuntu1~22.04.1 finished at {at(9)}. Datasource DataSourceEc2Local.  "
+        "Up 9.30 seconds\n"
+    )

@@ -1,0 +1,596 @@
+"""The run lifecycle: launch, provision, sync, train, pull back, tear down.
+
+Each stage takes what the previous one produced and moves the run to its next state
+in the ledger; the orchestrator only sequences them and owns cleanup: whatever
+happens (a failure, SIGINT, SIGTERM), the ``finally`` pulls back what it can and
+terminates the instance (confirmed), then deletes the security group and key pair.
+The same code runs for AWS and for ``--dry-run``: only the settings' endpoint
+differs, and the instance tells the agent whether a GPU is expected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import shlex
+import signal
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import timedelta
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cloudtrain.cloud.aws import AwsCloud, LaunchedInstance, LaunchRequest, caller_cidr, run_tags
+from cloudtrain.errors import (
+    CloudtrainError,
+    ExitCode,
+    InputError,
+    RemoteError,
+    TrainingFailed,
+)
+from cloudtrain.ledger import InstanceRow, Ledger, RunRow
+from cloudtrain.planner import Plan
+from cloudtrain.progress import Reporter
+from cloudtrain.records import Lifecycle, RunState, iso, new_run_id, utcnow
+from cloudtrain.remote.session import Endpoint, HostKeyMismatch, Session, parse_console_fingerprints
+from cloudtrain.remote.sync import SyncReport
+from cloudtrain.settings import Settings
+from cloudtrain.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+REMOTE_USER = "ubuntu"
+REMOTE_AGENT = ".cloudtrain/agent"  # relative to the remote HOME: the agent package's parent
+REMOTE_RUN_DIR = ".cloudtrain/run"  # env.json, train.log, state.json, exit_code
+REMOTE_WORKDIR = "work"  # the synced workdir
+DEFAULT_KEEP_HOURS = 24.0
+FINGERPRINT_TIMEOUT_S = 600.0
+STREAM_RECONNECTS = 5
+
+
+@dataclass
+class RunContext:
+    """What a run has acquired so far; the ``finally`` cleans up exactly this."""
+
+    run_id: str
+    run_dir: Path
+    cloud: AwsCloud
+    instance_id: str | None = None
+    security_group_id: str | None = None
+    key_name: str | None = None
+    key_path: Path | None = None
+    session: Session | None = None
+    launched: LaunchedInstance | None = None
+    fingerprints: frozenset[str] = frozenset()
+    log_offset: int = 0
+    training_started: bool = False
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def remote_python(backend: str) -> str:
+    """The job environment's interpreter on the instance (the image's layout)."""
+    return f'"${{CLOUDTRAIN_ROOT:-/opt/cloudtrain}}/envs/{backend}/bin/python"'
+
+
+def agent_command(backend: str, args: str) -> str:
+    return f"PYTHONPATH=$HOME/{REMOTE_AGENT} {remote_python(backend)} -m cloudtrain_agent {args}"
+
+
+def agent_source() -> Path:
+    return Path(str(files("cloudtrain.agent")))
+
+
+def _q(text: str) -> str:
+    return shlex.quote(text)
+
+
+@contextmanager
+def shielded_from_sigint() -> Iterator[None]:
+    """Teardown must finish: a second Ctrl-C is noted, not obeyed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda *_: log.warning("teardown in progress: Ctrl-C ignored until it ends"))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Orchestrator:
+    """Runs one job end to end, recording every step in the ledger."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        settings: Settings,
+        ledger: Ledger,
+        *,
+        region: str,
+        out_dir: Path,
+        plan: Plan | None = None,
+        job_path: Path | None = None,
+        secrets: Mapping[str, str] | None = None,
+        reporter: Reporter | None = None,
+        keep: bool = False,
+        detach: bool = False,
+    ) -> None:
+        self.plan = plan  # None when resuming a run (attach, pull)
+        self.spec = spec
+        self.region = region
+        self.settings = settings
+        self.ledger = ledger
+        self.job_path = job_path
+        self.out_dir = out_dir
+        self.secrets = dict(secrets or {})
+        self.reporter = reporter or Reporter()
+        self.keep = keep
+        self.detach = detach
+
+    # --- bookkeeping -------------------------------------------------------------------
+
+    def _state(self, ctx: RunContext, state: RunState, message: str, **changes: Any) -> None:
+        self.ledger.update_run(ctx.run_id, state=state, **changes)
+        self.ledger.add_event(ctx.run_id, state.value, message)
+        self.reporter.stage(state, message)
+
+    def _detail(self, ctx: RunContext, **values: Any) -> None:
+        ctx.detail.update(values)
+        self.ledger.update_run(ctx.run_id, detail=values)
+
+    # --- the lifecycle -----------------------------------------------------------------
+
+    def start(self) -> RunContext:
+        """Record the run and make its folder; nothing is launched yet."""
+        assert self.plan is not None
+        now = utcnow()
+        run_id = new_run_id(self.spec.name, now)
+        run_dir = self.out_dir / run_id
+        run_dir.mkdir(parents=True, exist_ok=False)
+        self.ledger.create_run(
+            RunRow(
+                id=run_id,
+                name=self.spec.name,
+                state=RunState.PLANNED,
+                created_at=now,
+                job_path=str(self.job_path),
+                backend=self.spec.backend,
+                simulated=self.settings.simulated,
+                region=self.region,
+                run_dir=str(run_dir),
+                detail={"plan": self.plan.to_json()},
+            )
+        )
+        ctx = RunContext(run_id=run_id, run_dir=run_dir, cloud=AwsCloud(self.settings, self.region))
+        self._write_job(ctx)
+        return ctx
+
+    def run(self, ctx: RunContext) -> int:
+        """The whole lifecycle; returns 0, or raises (TrainingFailed when the command failed)."""
+        return self._lifecycle(ctx, launch=True)
+
+    def resume(self, ctx: RunContext) -> int:
+        """Attach to a detached run: follow its log, pull back, tear down."""
+        return self._lifecycle(ctx, launch=False)
+
+    def _lifecycle(self, ctx: RunContext, *, launch: bool) -> int:
+        outcome: RunState = RunState.FAILED
+        exit_code: int | None = None
+        handed_off = False  # --detach: the instance goes on without us
+        try:
+            if launch:
+                self._launch(ctx)
+                self._provision(ctx)
+                self._sync(ctx)
+                self._start_training(ctx)
+                if self.detach:
+                    handed_off = True
+                    self.reporter.info(
+                        f"detached: training goes on; `cloudtrain attach {ctx.run_id}` to follow it, "
+                        f"`cloudtrain down {ctx.run_id}` to stop it"
+                    )
+                    return 0
+            exit_code = self.follow(ctx)
+            self._state(ctx, RunState.PULLING, "pulling back outputs and logs")
+            self.pull(ctx)
+            outcome = RunState.SUCCEEDED if exit_code == 0 else RunState.FAILED
+            if exit_code != 0:
+                raise TrainingFailed(
+                    f"the training command exited with code {exit_code}",
+                    hint=f"Its log is in {ctx.run_dir / 'logs' / 'train.log'}.",
+                )
+            return 0
+        except (KeyboardInterrupt, SystemExit) as e:
+            outcome = RunState.CANCELLED
+            exit_code = int(ExitCode.SIGTERM) if isinstance(e, SystemExit) else int(ExitCode.SIGINT)
+            self.reporter.warn("interrupted: pulling back what there is, then terminating the instance")
+            self._pull_quietly(ctx)
+            raise
+        except TrainingFailed:
+            raise
+        except CloudtrainError as e:
+            self.ledger.add_event(ctx.run_id, "error", e.message)
+            self._pull_quietly(ctx)
+            raise
+        finally:
+            if not handed_off:
+                self.finish(ctx, outcome, exit_code)
+
+    def finish(self, ctx: RunContext, outcome: RunState, exit_code: int | None) -> None:
+        """Tear down (unless --keep), record the final state, write run.json."""
+        with shielded_from_sigint():
+            if ctx.session is not None:
+                ctx.session.close()
+            if self.keep and ctx.instance_id:
+                deadline = utcnow() + timedelta(hours=self.spec.budget.max_hours or DEFAULT_KEEP_HOURS)
+                self._detail(ctx, kept_until=iso(deadline))
+                self.reporter.warn(
+                    f"--keep: {ctx.instance_id} keeps running (and billing) until `cloudtrain down "
+                    f"{ctx.run_id}` or {iso(deadline)}"
+                )
+            else:
+                teardown(
+                    ctx.cloud, self.ledger, ctx.run_id, ctx.instance_id, ctx.security_group_id, ctx.key_name
+                )
+            self._state(ctx, outcome, f"run {outcome.value}", ended_at=utcnow(), exit_code=exit_code)
+            write_run_json(self.ledger, ctx.run_id, ctx.run_dir)
+
+    def _launch(self, ctx: RunContext) -> None:
+        assert self.plan is not None
+        choice = self.plan.choice
+        res = self.spec.resources
+        self._state(
+            ctx,
+            RunState.LAUNCHING,
+            f"launching {choice.instance.name} ({choice.lifecycle.value}, ${choice.price_per_hour:.4f}/h) "
+            f"in {choice.zone or self.region}",
+        )
+        hours = self.spec.budget.max_hours or DEFAULT_KEEP_HOURS
+        tags = run_tags(ctx.run_id, self.settings.owner, utcnow() + timedelta(hours=hours, minutes=30))
+        key = ctx.cloud.ensure_key_pair(ctx.run_id, tags)
+        ctx.key_name, ctx.key_path = key.name, key.path
+        image = ctx.cloud.resolve_image(res.image)
+        ctx.security_group_id = ctx.cloud.create_security_group(ctx.run_id, caller_cidr(self.settings), tags)
+        self._detail(
+            ctx,
+            security_group_id=ctx.security_group_id,
+            key_name=key.name,
+            key_path=str(key.path),
+            image=image.id,
+        )
+        request = LaunchRequest(
+            run_id=ctx.run_id,
+            instance_type=choice.instance.name,
+            zone=choice.zone,
+            spot=choice.lifecycle is Lifecycle.SPOT,
+            max_price=res.max_price,
+            disk_gb=res.disk_gb,
+            image=image,
+            key=key,
+            security_group_id=ctx.security_group_id,
+            client_token=f"{ctx.run_id}-1",
+            tags=tags,
+        )
+        ctx.instance_id = ctx.cloud.launch(request)
+        self.ledger.record_instance(
+            InstanceRow(
+                id=ctx.instance_id,
+                run_id=ctx.run_id,
+                instance_type=choice.instance.name,
+                zone=choice.zone,
+                lifecycle=choice.lifecycle,
+                price_per_hour=choice.price_per_hour,
+                on_demand_per_hour=choice.on_demand_per_hour,
+                launched_at=utcnow(),
+                disk_gb=res.disk_gb,
+                ebs_per_gb_month=self.plan.ebs_per_gb_month,
+            )
+        )
+        self._detail(ctx, instance_id=ctx.instance_id)
+        ctx.launched = ctx.cloud.wait_running(ctx.instance_id)
+        self.ledger.instance_running(ctx.instance_id, utcnow())
+        self.ledger.update_run(ctx.run_id, started_at=utcnow())
+        self.reporter.info(f"{ctx.instance_id} is running in {ctx.launched.zone}")
+
+    def _provision(self, ctx: RunContext) -> None:
+        assert ctx.launched is not None and ctx.instance_id and ctx.key_path
+        self._state(ctx, RunState.PROVISIONING, "verifying the host key, configuring the backend")
+        ctx.fingerprints = wait_for_fingerprints(ctx.cloud, ctx.instance_id)
+        ctx.launched = ctx.cloud.describe(ctx.instance_id)  # the address, now that it has booted
+        if not ctx.launched.ssh_host:
+            raise RemoteError(
+                f"{ctx.instance_id} has no public IP address",
+                hint="Launch into a subnet that assigns public IPs (the default VPC does).",
+            )
+        if self.settings.simulated and not ipaddress.ip_address(ctx.launched.ssh_host).is_loopback:
+            raise RemoteError(
+                f"refusing to dial {ctx.launched.ssh_host} in a dry-run: simulated hosts are loopback"
+            )
+        endpoint = Endpoint(
+            ctx.launched.ssh_host, ctx.launched.ssh_port, REMOTE_USER, ctx.key_path, ctx.fingerprints
+        )
+        self._detail(
+            ctx,
+            ssh={
+                "host": endpoint.host,
+                "port": endpoint.port,
+                "user": endpoint.user,
+                "fingerprints": sorted(ctx.fingerprints),
+            },
+        )
+        try:
+            ctx.session = Session(endpoint).connect()
+        except HostKeyMismatch:
+            self.ledger.add_event(ctx.run_id, "host-key-mismatch", "refused the instance's host key")
+            raise
+        from cloudtrain.remote.sync import upload_tree
+
+        upload_tree(ctx.session, agent_source(), f"{REMOTE_AGENT}/cloudtrain_agent")
+        backend = self.spec.backend
+        env_args = " ".join(f"--env {_q(f'{k}={v}')}" for k, v in self.spec.env.items())
+        path = f"PATH=${{CLOUDTRAIN_ROOT:-/opt/cloudtrain}}/envs/{backend}/bin:$PATH"
+        seed = f" --seed {self.spec.seed}" if self.spec.seed is not None else ""
+        gpu = '$([ -n "$CLOUDTRAIN_SIMULATED" ] && echo no || echo auto)'
+        ctx.session.run(
+            f"mkdir -p {REMOTE_RUN_DIR} {REMOTE_WORKDIR} && "
+            + agent_command(
+                backend,
+                f"backend --backend {backend} --home $HOME --run-dir {REMOTE_RUN_DIR} "
+                f'--gpu {gpu}{seed} --env "{path}" {env_args}',
+            )
+        )
+        expect_gpu = '$([ -z "$CLOUDTRAIN_SIMULATED" ] && echo --expect-gpu)'
+        result = ctx.session.run(
+            agent_command(
+                backend,
+                f"verify --backend {backend} --python {remote_python(backend)} "
+                f"--env-file {REMOTE_RUN_DIR}/env.json {expect_gpu}",
+            ),
+            check=False,
+        )
+        report = _json_or_error(result.text)
+        if result.exit_code != 0 or "error" in report:
+            raise RemoteError(
+                f"the {backend} backend does not work on the instance: {report.get('error', result.text)}",
+                hint=str(report.get("hint") or "See the image's job environment."),
+            )
+        self._detail(ctx, backend_report=report)
+        self.reporter.info(_describe_backend(report))
+
+    def _sync(self, ctx: RunContext) -> None:
+        assert ctx.session is not None
+        from cloudtrain.remote.sync import sync_workdir
+
+        self._state(ctx, RunState.SYNCING, "syncing the workdir and data")
+        report = sync_workdir(
+            ctx.session,
+            self.spec.workdir,
+            REMOTE_WORKDIR,
+            data_sources=self.spec.data,
+            exclude=[self.out_dir, self.settings.home],
+            cache_dir=self.settings.home / "cache",
+            remote_python=remote_python(self.spec.backend),
+            remote_agent_path=f"$HOME/{REMOTE_AGENT}",
+        )
+        for warning in report.warnings:
+            self.reporter.warn(warning)
+        self.reporter.info(_describe_sync(report))
+
+    def _start_training(self, ctx: RunContext) -> None:
+        assert ctx.session is not None
+        missing = [name for name in self.spec.secrets if name not in self.secrets]
+        if missing:  # checked before launch too; this guards the API
+            raise InputError(f"secrets not set locally: {', '.join(missing)}")
+        self._state(ctx, RunState.RUNNING, f"running: {self.spec.run}")
+        setup = f" --setup {_q(self.spec.setup)}" if self.spec.setup else ""
+        ctx.session.run(
+            agent_command(
+                self.spec.backend,
+                f"start --run-dir {REMOTE_RUN_DIR} --workdir {REMOTE_WORKDIR} "
+                f"--run {_q(self.spec.run)}{setup} --env-file {REMOTE_RUN_DIR}/env.json",
+            ),
+            stdin=json.dumps(self.secrets).encode(),
+        )
+        ctx.training_started = True
+
+    def follow(self, ctx: RunContext) -> int:
+        """Stream the training log until it ends (reconnecting after drops); return its exit code."""
+        assert ctx.session is not None
+        logs = ctx.run_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        with open(logs / "train.log", "ab") as logfile:
+            logfile.truncate(ctx.log_offset)
+
+            def sink(data: bytes) -> None:
+                logfile.write(data)
+                logfile.flush()
+                ctx.log_offset += len(data)
+                self.reporter.log(data)
+
+            drops = 0
+            while True:
+                try:
+                    ctx.session.stream(
+                        agent_command(
+                            self.spec.backend,
+                            f"tail --run-dir {REMOTE_RUN_DIR} --offset {ctx.log_offset} --follow",
+                        ),
+                        sink,
+                    )
+                    break
+                except RemoteError as e:
+                    drops += 1
+                    if drops > STREAM_RECONNECTS:
+                        raise
+                    self.reporter.warn(f"log stream dropped ({e}); reconnecting")
+                    time.sleep(min(2**drops, 15))
+                    ctx.session.reconnect()
+        status = _json_or_error(
+            ctx.session.run(agent_command(self.spec.backend, f"status --run-dir {REMOTE_RUN_DIR}")).text
+        )
+        code = status.get("exit_code")
+        return int(code) if code is not None else 1
+
+    def pull(self, ctx: RunContext) -> None:
+        """Outputs into the run folder, and the log's last bytes."""
+        assert ctx.session is not None
+        from cloudtrain.remote.pull import pull
+
+        if self.spec.outputs:
+            report = pull(
+                ctx.session,
+                REMOTE_WORKDIR,
+                self.spec.outputs,
+                ctx.run_dir,
+                remote_python=remote_python(self.spec.backend),
+                remote_agent_path=f"$HOME/{REMOTE_AGENT}",
+            )
+            for skipped in report.skipped:
+                self.reporter.warn(f"not pulled: {skipped}")
+        logs = ctx.run_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        with open(logs / "train.log", "ab") as logfile:
+            logfile.truncate(ctx.log_offset)
+            ctx.session.stream(
+                agent_command(
+                    self.spec.backend, f"tail --run-dir {REMOTE_RUN_DIR} --offset {ctx.log_offset}"
+                ),
+                logfile.write,
+            )
+
+    def _pull_quietly(self, ctx: RunContext) -> None:
+        if ctx.session is None or not ctx.training_started:
+            return
+        with suppress(Exception):
+            self.pull(ctx)
+
+    def _write_job(self, ctx: RunContext) -> None:
+        """The resolved spec (secrets are names only, never values)."""
+        data = self.spec.model_dump(mode="json")
+        (ctx.run_dir / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def wait_for_fingerprints(
+    cloud: AwsCloud, instance_id: str, timeout: float = FINGERPRINT_TIMEOUT_S, poll: float = 5.0
+) -> frozenset[str]:
+    """The host key fingerprints cloud-init prints on the console (it can take minutes)."""
+    end = time.monotonic() + timeout
+    delay = 0.2
+    while True:
+        found = parse_console_fingerprints(cloud.console_output(instance_id))
+        if found:
+            return found
+        if time.monotonic() > end:
+            raise RemoteError(
+                f"{instance_id} printed no SSH host key fingerprints on its console in {timeout:.0f} s",
+                hint="The image must run cloud-init: without pinned fingerprints there is no connection.",
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, poll)
+
+
+def teardown(
+    cloud: AwsCloud,
+    ledger: Ledger,
+    run_id: str,
+    instance_id: str | None,
+    security_group_id: str | None,
+    key_name: str | None,
+) -> None:
+    """Terminate (confirmed), then delete the security group and the key pair."""
+    if instance_id:
+        terminated_at = cloud.terminate(instance_id)
+        ledger.instance_terminated(instance_id, terminated_at)
+        ledger.add_event(run_id, "terminated", f"{instance_id} terminated (confirmed)")
+    if security_group_id:
+        cloud.delete_security_group(security_group_id)
+    if key_name:
+        cloud.delete_key_pair(key_name)
+
+
+def write_run_json(ledger: Ledger, run_id: str, run_dir: Path) -> dict[str, Any]:
+    record = run_record(ledger, run_id)
+    tmp = run_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(run_dir / "run.json")
+    return record
+
+
+def run_record(ledger: Ledger, run_id: str, now: Any = None) -> dict[str, Any]:
+    """The run as ``status --json`` and run.json show it (``"schema": 1``)."""
+    from cloudtrain.report import cost_report
+
+    run = ledger.get_run(run_id)
+    if run is None:
+        raise InputError(f"no run {run_id}")
+    instances = ledger.instances(run_id)
+    cost = None
+    for row in cost_report(ledger, since=run.created_at, until=run.created_at + timedelta(seconds=1)).rows:
+        if row.key == run_id:
+            cost = round(row.total_usd, 4)
+    return {
+        "schema": 1,
+        "id": run.id,
+        "name": run.name,
+        "state": run.state.value,
+        "backend": run.backend,
+        "simulated": run.simulated,
+        "region": run.region,
+        "created_at": iso(run.created_at),
+        "started_at": iso(run.started_at) if run.started_at else None,
+        "ended_at": iso(run.ended_at) if run.ended_at else None,
+        "exit_code": run.exit_code,
+        "cost_usd": cost,
+        "run_dir": run.run_dir,
+        "job_path": run.job_path,
+        "backend_report": run.detail.get("backend_report"),
+        "kept_until": run.detail.get("kept_until"),
+        "instances": [
+            {
+                "id": i.id,
+                "type": i.instance_type,
+                "zone": i.zone,
+                "lifecycle": i.lifecycle.value,
+                "price_per_hour": i.price_per_hour,
+                "on_demand_per_hour": i.on_demand_per_hour,
+                "launched_at": iso(i.launched_at),
+                "running_at": iso(i.running_at) if i.running_at else None,
+                "ended_at": iso(i.terminated_at) if i.terminated_at else None,
+            }
+            for i in instances
+        ],
+        "events": [{"at": iso(e.at), "kind": e.kind, "message": e.message} for e in ledger.events(run_id)],
+    }
+
+
+def _json_or_error(text: str) -> dict[str, Any]:
+    for line in reversed(text.strip().splitlines()):
+        with suppress(ValueError):
+            data = json.loads(line)
+            if isinstance(data, dict):
+                return data
+    return {"error": text.strip()[-500:] or "no output"}
+
+
+def _describe_backend(report: Mapping[str, Any]) -> str:
+    devices = report.get("devices") or []
+    where = ", ".join(map(str, devices)) if devices else "CPU"
+    return (
+        f"backend verified: Keras {report.get('keras_version')} on {report.get('framework')} "
+        f"{report.get('framework_version')} ({report.get('backend')}), device: {where}"
+    )
+
+
+def _describe_sync(report: SyncReport) -> str:
+    return (
+        f"synced {report.files_total} files: {report.files_sent} sent ({report.bytes_sent / 1e6:.1f} MB), "
+        f"{report.files_deleted} deleted, in {report.seconds:.1f} s"
+    )

@@ -1,0 +1,1 @@
+"""Reaching instances over SSH: the only layer that imports fabric or paramiko."""

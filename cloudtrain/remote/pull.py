@@ -1,0 +1,159 @@
+"""Bring a run's outputs back: ``outputs/<path relative to the workdir>`` in the run folder.
+
+``cloudtrain_agent.pack`` streams the listed paths from the instance (each file's
+sha256 after its bytes); the same ``StreamReceiver`` that applies a sync on the
+instance writes them here: each file under a temporary name, renamed into place
+only when its hash matches. Nothing can land outside ``<dest>/outputs``: paths with
+``..``, absolute paths and symlinked local parent folders are refused here, and pack
+leaves out symlinks pointing outside the workdir, devices, pipes and sockets. The
+total size is capped on both sides (``max_bytes``); a stream over the cap is cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cloudtrain.agent.receive import PathRefused, StreamError, StreamReceiver, check_relpath
+from cloudtrain.errors import RemoteError
+from cloudtrain.remote.session import Session
+from cloudtrain.remote.sync import ConnectFailed, OpenSSH, agent_command, read_stream, remote_path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 16 << 30
+OUTPUTS = "outputs"
+
+
+@dataclass(frozen=True)
+class PullReport:
+    """What a pull brought back (paths relative to ``dest``) and what it left out, and why."""
+
+    dest: Path
+    files: tuple[str, ...]
+    bytes: int
+    skipped: tuple[str, ...]  # "path: reason"
+    transport: str
+    seconds: float
+
+    @property
+    def files_written(self) -> int:
+        return len(self.files)
+
+
+def pull(
+    session: Session,
+    remote_workdir: str,
+    paths: Sequence[str],
+    dest_dir: str | os.PathLike[str],
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    remote_python: str = "python3",
+    remote_agent_path: str | None = None,
+    transport: str = "auto",
+) -> PullReport:
+    """Copy ``paths`` (relative to ``remote_workdir``) into ``dest_dir/outputs``; verified, atomic, capped.
+
+    ``transport``: "auto" (the OpenSSH client when installed, else the session),
+    "openssh" or "paramiko". Raises RemoteError if a file arrived corrupted or the
+    stream broke; what was verified before that stays in place.
+    """
+    started = time.monotonic()
+    skipped: list[str] = []
+    wanted: list[str] = []
+    for raw in paths:
+        try:
+            wanted.append(check_relpath(raw.strip().rstrip("/")))
+        except PathRefused as e:
+            skipped.append(f"{raw}: refused: {e}")
+    dest = Path(dest_dir) / OUTPUTS
+    if not wanted:
+        return PullReport(dest, (), 0, tuple(skipped), "none", time.monotonic() - started)
+    try:
+        receiver = StreamReceiver(str(dest), max_bytes=max_bytes, mode_mask=0o755, refuse_symlinked_dest=True)
+    except (PathRefused, OSError) as e:
+        raise RemoteError(f"cannot pull outputs into {dest}: {e}") from e
+    command = agent_command(
+        "pack",
+        f"--root {remote_path(remote_workdir)} --max-bytes {int(max_bytes)} --paths "
+        + " ".join(shlex.quote(p) for p in wanted),
+        remote_python=remote_python,
+        remote_agent_path=remote_agent_path,
+    )
+    where = f"{session.endpoint.label}:{remote_workdir}"
+    used = "paramiko"
+    code, err = -1, b""
+    try:
+        if transport == "openssh" or (transport == "auto" and OpenSSH.available()):
+            try:
+                code, err = _pull_openssh(session, command, receiver)
+                used = "openssh"
+            except ConnectFailed as e:
+                if transport == "openssh":
+                    raise RemoteError(
+                        f"the OpenSSH client cannot reach {session.endpoint.label}: {e}",
+                        hint="Use transport='auto' to fall back to the SSH session.",
+                    ) from e
+                log.warning("ssh client cannot connect (%s); pulling over the session instead", e)
+        if used == "paramiko":
+            code = session.stream(command, receiver.feed)
+        if code == 0:
+            receiver.finish()
+    except StreamError as e:
+        raise RemoteError(
+            f"pulling outputs from {where} failed: {e}",
+            hint=f"What arrived intact is in {dest}; raise max_bytes if the outputs are that large.",
+        ) from e
+    finally:
+        receiver.close()
+    if code != 0:
+        detail = err.decode("utf-8", "replace").strip()[-2000:]
+        raise RemoteError(
+            f"pack on {where} exited with {code}" + (f": {detail}" if detail else ""),
+            hint="Is the agent uploaded and the remote workdir there? Verified files are in place.",
+        )
+    skipped += [f"{path}: {why}" for path, why in receiver.skipped]
+    skipped += [f"{path}: {why}" for path, why in receiver.abandoned]
+    if receiver.errors:
+        listing = "; ".join(f"{path}: {why}" for path, why in receiver.errors[:20])
+        raise RemoteError(
+            f"{len(receiver.errors)} output file(s) from {where} were not written: {listing}",
+            hint=f"Nothing unverified was put in place; the others are in {dest}. Pull again to retry.",
+        )
+    return PullReport(
+        dest, tuple(receiver.paths_written), receiver.bytes, tuple(skipped), used, time.monotonic() - started
+    )
+
+
+def _pull_openssh(session: Session, command: str, receiver: StreamReceiver) -> tuple[int, bytes]:
+    with OpenSSH(session) as ssh, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            ssh.argv(command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err
+        )
+        assert proc.stdout is not None
+        received = 0
+        try:
+            for chunk in read_stream(proc.stdout):
+                received += len(chunk)
+                receiver.feed(chunk)
+            code = proc.wait()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+            raise
+        finally:
+            proc.stdout.close()
+        err.seek(0)
+        stderr = err.read()
+    if code == 255 and not received:
+        raise ConnectFailed(stderr.decode("utf-8", "replace").strip()[-2000:])
+    return code, stderr

@@ -1,0 +1,766 @@
+"""The on-instance agent (cloudtrain/agent): every command as a subprocess, run both by
+the controller's Python (`python -m cloudtrain.agent`) and by Python 3.7 as the uploaded
+package (`python3.7 -m cloudtrain_agent`), the way the instance runs it.
+
+Jobs are plain `python -c` / `sh` stand-ins; Keras, TensorFlow and numpy are small fakes.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import functools
+import glob
+import json
+import os
+import py_compile
+import random
+import re
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+AGENT_SRC = REPO / "cloudtrain" / "agent"
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+INSTALL_37 = "Python 3.7 not found: install it (`pyenv install 3.7.16`) or set CLOUDTRAIN_PYTHON37"
+
+
+@functools.lru_cache(maxsize=1)
+def find_python37() -> str | None:
+    """A working Python 3.7: $CLOUDTRAIN_PYTHON37, pyenv's versions, or python3.7 on PATH."""
+    candidates: list[str] = []
+    if os.environ.get("CLOUDTRAIN_PYTHON37"):
+        candidates.append(os.environ["CLOUDTRAIN_PYTHON37"])
+    roots = [os.environ.get("PYENV_ROOT", ""), str(Path.home() / ".pyenv"), "/root/.pyenv"]
+    pyenv = shutil.which("pyenv")
+    if pyenv:
+        try:
+            out = subprocess.run([pyenv, "root"], capture_output=True, text=True, timeout=10)
+            roots.insert(0, out.stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    for root in filter(None, roots):
+        candidates += sorted(glob.glob(f"{root}/versions/3.7*/bin/python3.7"), reverse=True)
+    candidates.append(shutil.which("python3.7") or "")
+    for candidate in filter(None, candidates):
+        # A pyenv shim exits 127 unless pyenv selects 3.7: run it to know.
+        try:
+            out = subprocess.run(
+                [candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 7))"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out.returncode == 0 and out.stdout.strip() == "True":
+            return candidate
+    return None
+
+
+class Agent:
+    """Runs the agent CLI as a subprocess, with a clean environment and a private HOME."""
+
+    def __init__(self, python: str, argv: list[str], cwd: Path, tmp: Path, env: dict[str, str]) -> None:
+        self.python = python
+        self.argv = argv
+        self.cwd = cwd
+        self.tmp = tmp
+        self.env = env
+        self.run_dirs: list[Path] = []
+
+    def run(
+        self, *args: str, stdin: bytes = b"", env: dict[str, str] | None = None, timeout: float = 30
+    ) -> subprocess.CompletedProcess[bytes]:
+        full_env = dict(self.env, **(env or {}))
+        return subprocess.run(
+            self.argv + list(args),
+            input=stdin,
+            capture_output=True,
+            cwd=self.cwd,
+            env=full_env,
+            timeout=timeout,
+        )
+
+    def json(self, *args: str, expect: int = 0, **kwargs: Any) -> dict[str, Any]:
+        proc = self.run(*args, **kwargs)
+        assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
+        lines = proc.stdout.decode().strip().splitlines()
+        assert len(lines) == 1, proc.stdout  # exactly one JSON object
+        obj = json.loads(lines[0])
+        assert isinstance(obj, dict)
+        return obj
+
+    def backend(self, backend: str, home: Path, run_dir: Path, *extra: str, **kwargs: Any) -> dict[str, Any]:
+        """`backend --backend BACKEND --home HOME --run-dir RUN_DIR [extra]`: its JSON."""
+        return self.json(
+            "backend", "--backend", backend, "--home", str(home), "--run-dir", str(run_dir), *extra, **kwargs
+        )
+
+    def start(self, run_dir: Path, run: str, *extra: str, secrets: bytes = b"") -> dict[str, Any]:
+        self.run_dirs.append(run_dir)
+        workdir = self.tmp / "work"
+        workdir.mkdir(exist_ok=True)
+        args = ["start", "--run-dir", str(run_dir), "--workdir", str(workdir), "--run", run, *extra]
+        return self.json(*args, stdin=secrets)
+
+    def py(self, code: str) -> str:
+        """A shell command running `code` with the agent's Python (a training stand-in)."""
+        return f"{shlex.quote(self.python)} -c {shlex.quote(code)}"
+
+    def cleanup(self) -> None:
+        """Kill whatever a failed test left running."""
+        for run_dir in self.run_dirs:
+            state = read_state(run_dir)
+            for key, kill in (("pgid", os.killpg), ("supervisor_pid", os.kill)):
+                target = state.get(key)
+                if isinstance(target, int) and target > 1:
+                    with contextlib.suppress(OSError):
+                        kill(target, signal.SIGKILL)
+
+
+@pytest.fixture(params=["current", "py37"])
+def agent(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Agent]:
+    """The agent under the controller's Python, and as `cloudtrain_agent` under Python 3.7."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "CLOUDTRAIN_TESTING": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    if request.param == "current":
+        env["PYTHONPATH"] = str(REPO)
+        a = Agent(sys.executable, [sys.executable, "-m", "cloudtrain.agent"], REPO, tmp_path, env)
+    else:
+        python37 = find_python37()
+        if python37 is None:
+            pytest.skip(INSTALL_37)
+        where = tmp_path / "uploaded"
+        shutil.copytree(AGENT_SRC, where / "cloudtrain_agent", ignore=shutil.ignore_patterns("__pycache__"))
+        a = Agent(python37, [python37, "-m", "cloudtrain_agent"], where, tmp_path, env)
+    try:
+        yield a
+    finally:
+        a.cleanup()
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads((run_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    assert isinstance(obj, dict)
+    return obj
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def wait_finished(run_dir: Path, timeout: float = 10.0) -> int:
+    wait_for(lambda: (run_dir / "exit_code").exists(), timeout, "exit_code")
+    return int((run_dir / "exit_code").read_text())
+
+
+def write_script(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def job_env(agent: Agent, env_file: Path) -> dict[str, str]:
+    env = {"PATH": agent.env["PATH"], "LANG": "C.UTF-8"}
+    env.update(json.loads(env_file.read_text()))
+    return env
+
+
+# --- backend ---------------------------------------------------------------------------------
+
+
+KERAS_JSON = {"epsilon": 1e-07, "floatx": "float32", "image_data_format": "channels_last"}
+
+
+def test_backend_tensorflow_cpu(agent: Agent, tmp_path: Path) -> None:
+    home, run = tmp_path / "job-home", tmp_path / "run"
+    out = agent.backend("tensorflow", home, run, "--gpu", "no")
+    assert json.loads((home / ".keras" / "keras.json").read_text()) == dict(KERAS_JSON, backend="tensorflow")
+    assert not (home / ".theanorc").exists()
+    env = json.loads((run / "env.json").read_text())
+    assert env == {
+        "KERAS_BACKEND": "tensorflow",
+        "KERAS_HOME": str(home / ".keras"),
+        "HOME": str(home),
+        "PYTHONUNBUFFERED": "1",
+    }
+    assert out["env"] == env and out["gpu"] is False
+    assert out["keras_json"] == str(home / ".keras" / "keras.json") and out["theanorc"] is None
+    assert out["env_file"] == str(run / "env.json") and out["seed_dir"] is None
+
+
+@pytest.mark.parametrize(("gpu", "device"), [("yes", "cuda"), ("no", "cpu")])
+def test_backend_theano(agent: Agent, tmp_path: Path, gpu: str, device: str) -> None:
+    home, run = tmp_path / "job-home", tmp_path / "run"
+    out = agent.backend("theano", home, run, "--gpu", gpu)
+    assert json.loads((home / ".keras" / "keras.json").read_text()) == dict(KERAS_JSON, backend="theano")
+    assert (home / ".theanorc").read_text() == f"[global]\ndevice = {device}\nfloatX = float32\n"
+    env = json.loads((run / "env.json").read_text())
+    assert env["KERAS_BACKEND"] == "theano"
+    assert env["THEANO_FLAGS"] == f"device={device},floatX=float32,base_compiledir={home / '.theano'}"
+    assert out["gpu"] is (gpu == "yes") and out["theanorc"] == str(home / ".theanorc")
+
+
+@pytest.mark.parametrize(
+    ("script", "gpu"),
+    [
+        ("echo 'GPU 0: Tesla T4 (UUID: GPU-8a3b)'", True),
+        (
+            "echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'; exit 9",
+            False,
+        ),
+    ],
+)
+def test_backend_gpu_auto_asks_nvidia_smi(agent: Agent, tmp_path: Path, script: str, gpu: bool) -> None:
+    bin_dir = tmp_path / "bin"
+    write_script(bin_dir / "nvidia-smi", f"#!/bin/sh\n{script}\n")
+    home, run = tmp_path / "job-home", tmp_path / "run"
+    out = agent.backend("theano", home, run, env={"PATH": f"{bin_dir}:{agent.env['PATH']}"})
+    assert out["gpu"] is gpu and out["gpu_mode"] == "auto"
+    assert out["gpus"] == (["GPU 0: Tesla T4 (UUID: GPU-8a3b)"] if gpu else [])
+    assert f"device = {'cuda' if gpu else 'cpu'}" in (home / ".theanorc").read_text()
+
+
+def test_backend_keras_versions(agent: Agent, tmp_path: Path) -> None:
+    home, run = tmp_path / "job-home", tmp_path / "run"
+    common = ["--home", str(home), "--run-dir", str(run), "--gpu", "no"]
+    agent.json("backend", "--backend", "tensorflow", "--keras", "2", *common)
+    assert json.loads((run / "env.json").read_text())["TF_USE_LEGACY_KERAS"] == "1"
+    agent.json("backend", "--backend", "tensorflow", "--keras", "3", *common)
+    assert "TF_USE_LEGACY_KERAS" not in json.loads((run / "env.json").read_text())
+    err = agent.json("backend", "--backend", "theano", "--keras", "3", *common, expect=2)
+    assert "Theano" in err["error"] and err["hint"]
+
+
+def test_backend_seed_seeds_random_without_importing_tensorflow(agent: Agent, tmp_path: Path) -> None:
+    home, run = tmp_path / "job-home", tmp_path / "run"
+    agent.backend("tensorflow", home, run, "--gpu", "no", "--seed", "42")
+    env = json.loads((run / "env.json").read_text())
+    assert env["PYTHONHASHSEED"] == "42" and env["CLOUDTRAIN_SEED"] == "42"
+    assert env["TF_DETERMINISTIC_OPS"] == "1"
+    assert env["PYTHONPATH"] == str(run / "seed")
+    assert (run / "seed" / "sitecustomize.py").is_file()
+    probe = "import random, sys; print(random.random()); print(sorted({'tensorflow', 'numpy', 'keras'} & set(sys.modules)))"
+    outs = [
+        subprocess.run(
+            [agent.python, "-c", probe],
+            env=job_env(agent, run / "env.json"),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for _ in range(2)
+    ]
+    assert outs[0] == outs[1]
+    number, imported = outs[0].splitlines()
+    assert float(number) == random.Random(42).random()
+    assert imported == "[]"
+
+
+FAKE_MODULES = {
+    "numpy/__init__.py": "from . import random\n",
+    "numpy/random.py": "seeded = None\ndef seed(s):\n    global seeded\n    seeded = s\n",
+    "tensorflow/__init__.py": "__version__ = '2.99.0'\nfrom . import random, config\n",
+    "tensorflow/random.py": "seeded = None\ndef set_seed(s):\n    global seeded\n    seeded = s\n",
+    "tensorflow/config.py": (
+        "import os\nclass _Dev:\n    def __init__(self, name):\n        self.name = name\n"
+        "def list_physical_devices(kind):\n"
+        "    return [_Dev('/physical_device:GPU:0')] if os.environ.get('FAKE_TF_GPU') else []\n"
+    ),
+    "keras/__init__.py": "__version__ = '3.99.0'\nfrom . import utils, backend\n",
+    "keras/utils.py": "seeded = None\ndef set_random_seed(s):\n    global seeded\n    seeded = s\n",
+    "keras/backend.py": "import os\ndef backend():\n    return os.environ.get('KERAS_BACKEND')\n",
+    "tf_keras/__init__.py": "__version__ = '2.99.0'\n",
+    "theano/__init__.py": "__version__ = '1.0.5'\nfrom . import config\n",
+    "theano/config.py": "device = 'cpu'\n",
+}
+
+
+def fake_modules(where: Path) -> Path:
+    for name, text in FAKE_MODULES.items():
+        (where / name).parent.mkdir(parents=True, exist_ok=True)
+        (where / name).write_text(text)
+    return where
+
+
+def test_seed_hook_seeds_numpy_tensorflow_and_keras_when_imported(agent: Agent, tmp_path: Path) -> None:
+    fakes = fake_modules(tmp_path / "fakes")
+    home, run = tmp_path / "job-home", tmp_path / "run"
+    agent.backend(
+        "tensorflow",
+        home,
+        run,
+        "--gpu",
+        "no",
+        "--seed",
+        "7",
+        "--env",
+        f"PYTHONPATH={fakes}",
+        "--env",
+        "JOB_VAR=x",
+    )
+    env = json.loads((run / "env.json").read_text())
+    assert env["PYTHONPATH"] == f"{run / 'seed'}:{fakes}" and env["JOB_VAR"] == "x"
+    probe = (
+        "import sys, json\n"
+        "before = 'tensorflow' in sys.modules or 'numpy' in sys.modules\n"
+        "import numpy, tensorflow, keras\n"
+        "print(json.dumps([before, numpy.random.seeded, tensorflow.random.seeded, keras.utils.seeded]))\n"
+    )
+    out = subprocess.run(
+        [agent.python, "-c", probe], env=job_env(agent, run / "env.json"), capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [False, 7, 7, 7]
+
+
+# --- start, status, tail, stop ------------------------------------------------------------------
+
+
+# A run that prints "begin", then waits (at most 20 s) for the test to create `release`.
+GATED = (
+    "import os, time\n"
+    "print('begin')\n"
+    "deadline = time.time() + 20\n"
+    "while not os.path.exists('release') and time.time() < deadline:\n"
+    "    time.sleep(0.02)\n"
+    "print('end')\n"
+)
+
+
+def test_start_returns_at_once_and_supervises_setup_and_run(agent: Agent, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    began = time.monotonic()
+    out = agent.start(run, agent.py(GATED), "--setup", "echo preparing")
+    assert time.monotonic() - began < 5  # start does not wait for the run, which waits for us
+    assert isinstance(out["pid"], int) and out["log"] == str(run / "train.log")
+    wait_for(lambda: "begin" in (run / "train.log").read_text(), what="the run to begin")
+    status = agent.json("status", "--run-dir", str(run))
+    assert status["running"] is True and status["exit_code"] is None and status["ended_at"] is None
+    assert status["phase"] == "run" and status["setup_exit_code"] == 0
+    assert not (run / "exit_code").exists()
+
+    (tmp_path / "work" / "release").touch()
+    assert wait_finished(run) == 0
+    log = (run / "train.log").read_text()
+    assert log.index("[cloudtrain] setup: echo preparing\npreparing\n") < log.index("[cloudtrain] run: ")
+    assert "begin\nend\n" in log and "[cloudtrain] run exited with code 0" in log
+
+    status = agent.json("status", "--run-dir", str(run))
+    assert status["phase"] == "done" and status["running"] is False and status["exit_code"] == 0
+    assert status["log_bytes"] == (run / "train.log").stat().st_size
+    assert ISO_UTC.match(status["started_at"]) and ISO_UTC.match(status["ended_at"])
+    assert status["supervisor_pid"] == out["pid"] and status["lost"] is False
+    state = read_state(run)
+    assert state["phase"] == "done" and state["exit_code"] == 0 and state["setup_exit_code"] == 0
+    assert state["pgid"] == state["pid"]  # the run had a process group of its own
+
+
+def test_failing_run_records_its_exit_code(agent: Agent, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    agent.start(run, agent.py("import sys; print(1); sys.exit(7)"))
+    assert wait_finished(run) == 7
+    assert "1\n[cloudtrain] run exited with code 7\n" in (run / "train.log").read_text()
+    status = agent.json("status", "--run-dir", str(run))
+    assert status["exit_code"] == 7 and status["phase"] == "done"
+    assert read_state(run)["run_exit_code"] == 7
+
+
+def test_failing_setup_skips_the_run(agent: Agent, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    agent.start(run, "echo SHOULD-NOT-RUN", "--setup", "echo setting up; exit 3")
+    assert wait_finished(run) == 3
+    log = (run / "train.log").read_text()
+    assert "[cloudtrain] setup: " in log and "setup exited with code 3" in log and "run skipped" in log
+    assert "[cloudtrain] run: " not in log and "SHOULD-NOT-RUN" not in log
+    state = read_state(run)
+    assert state["setup_exit_code"] == 3 and state["run_exit_code"] is None and state["exit_code"] == 3
+
+
+def test_supervisor_survives_its_parent_being_killed(agent: Agent, tmp_path: Path) -> None:
+    run, workdir, out = tmp_path / "run", tmp_path / "work", tmp_path / "start.out"
+    workdir.mkdir()
+    agent.run_dirs.append(run)
+    command = shlex.join(
+        agent.argv
+        + [
+            "start",
+            "--run-dir",
+            str(run),
+            "--workdir",
+            str(workdir),
+            "--run",
+            agent.py(GATED),
+        ]
+    )
+    # The parent stands for the SSH session: it stays after `start` returns, then dies.
+    parent = subprocess.Popen(
+        ["/bin/sh", "-c", f"{command} </dev/null >{shlex.quote(str(out))} 2>&1; sleep 30"],
+        cwd=agent.cwd,
+        env=agent.env,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: out.exists() and out.read_text().strip(), what="start's output")
+        supervisor = json.loads(out.read_text())["pid"]
+        assert os.getsid(supervisor) != os.getsid(parent.pid)  # a session of its own
+        wait_for(lambda: "begin" in (run / "train.log").read_text(), what="the run to begin")
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+    assert parent.returncode == -signal.SIGKILL
+    (workdir / "release").touch()
+    assert wait_finished(run) == 0
+    assert "begin\nend\n" in (run / "train.log").read_text()
+
+
+def test_secrets_reach_the_run_but_no_file(agent: Agent, tmp_path: Path) -> None:
+    secret = "tok-5ecret-value-91"
+    home, run = tmp_path / "job-home", tmp_path / "run"
+    agent.backend("tensorflow", home, run, "--gpu", "no", "--seed", "1")
+    out = agent.start(
+        run,
+        'echo "token=$TOKEN home=$HOME backend=$KERAS_BACKEND"',
+        "--setup",
+        "echo setup sees ${TOKEN:+a token}",
+        "--env-file",
+        str(run / "env.json"),
+        secrets=json.dumps({"TOKEN": secret}).encode(),
+    )
+    assert secret not in json.dumps(out)
+    assert wait_finished(run) == 0
+    log = (run / "train.log").read_text()
+    assert f"token={secret} home={home} backend=tensorflow" in log and "setup sees a token" in log
+    for path in run.rglob("*"):
+        if path.is_file() and path.name != "train.log":
+            assert secret.encode() not in path.read_bytes(), path
+    assert secret not in (run / "env.json").read_text() + (run / "state.json").read_text()
+    # The log holds it only where the command itself printed it.
+    assert log.count(secret) == 1
+
+
+def test_tail_gives_exactly_the_remaining_bytes(agent: Agent, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    agent.start(run, r"printf 'one\n'; sleep 0.3; printf 'two\377\n'; sleep 0.3; printf 'three'")
+    tail_args = [*agent.argv, "tail", "--run-dir", str(run), "--follow"]
+    followers = [
+        subprocess.Popen(
+            tail_args + ["--offset", str(offset)], cwd=agent.cwd, env=agent.env, stdout=subprocess.PIPE
+        )
+        for offset in (0, 10)
+    ]
+    outputs = [f.communicate(timeout=15)[0] for f in followers]
+    assert [f.returncode for f in followers] == [0, 0]
+    assert (run / "exit_code").exists()  # --follow ended because the run had finished
+    log = (run / "train.log").read_bytes()
+    assert b"one\ntwo\xff\nthree\n[cloudtrain] run exited with code 0\n" in log
+    assert outputs == [log, log[10:]]
+    for offset in (0, 5, len(log) - 1, len(log), len(log) + 10):
+        proc = agent.run("tail", "--run-dir", str(run), "--offset", str(offset))
+        assert proc.returncode == 0 and proc.stdout == log[offset:]
+
+
+def test_stop_kills_the_process_group(agent: Agent, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    agent.start(run, "sleep 600 & sleep 600; wait")
+    wait_for(lambda: read_state(run).get("phase") == "run", what="the run phase")
+    pgid = read_state(run)["pgid"]
+    wait_for(lambda: len(group_members(pgid)) >= 3, what="sh and both sleeps")
+    again = agent.json(
+        "start", "--run-dir", str(run), "--workdir", str(tmp_path / "work"), "--run", "true", expect=3
+    )
+    assert "already" in again["error"]
+
+    out = agent.json("stop", "--run-dir", str(run), "--grace", "3")
+    assert out["was_running"] is True and out["stopped"] is True and out["signal"] == "SIGTERM"
+    assert out["exit_code"] == 143 and out["pgid"] == pgid
+    assert group_members(pgid) == []
+    status = agent.json("status", "--run-dir", str(run))
+    assert status["phase"] == "done" and status["stopped"] is True and status["exit_code"] == 143
+    assert status["signal"] == "SIGTERM" and status["running"] is False
+    assert agent.json("stop", "--run-dir", str(run))["was_running"] is False
+
+
+def test_stop_during_setup_skips_the_run(agent: Agent, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    agent.start(run, "echo SHOULD-NOT-RUN", "--setup", "echo preparing; sleep 600")
+    wait_for(lambda: "preparing" in (run / "train.log").read_text(), what="setup to begin")
+    out = agent.json("stop", "--run-dir", str(run), "--grace", "3")
+    assert out["was_running"] is True and out["exit_code"] == 143
+    log = (run / "train.log").read_text()
+    assert "setup exited with code 143 (SIGTERM)" in log and "SHOULD-NOT-RUN" not in log
+    assert read_state(run)["run_exit_code"] is None
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+                members.append(int(entry.name))
+    return members
+
+
+def test_status_without_a_run(agent: Agent, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    out = agent.json("status", "--run-dir", str(tmp_path / "empty"))
+    assert out["phase"] is None and out["running"] is False and out["exit_code"] is None
+    assert out["log_bytes"] == 0 and out["lost"] is False
+    assert "does not exist" in agent.json("status", "--run-dir", str(tmp_path / "nope"), expect=3)["error"]
+
+
+# --- verify ---------------------------------------------------------------------------------------
+
+
+def fake_python(
+    bin_dir: Path, name: str, report: dict[str, Any] | None, stderr: str = "", code: int = 0
+) -> str:
+    """A script pretending to be the job's Python running the probe; backend from $KERAS_BACKEND."""
+    body = f"printf '%s\\n' {shlex.quote(stderr)} >&2\n" if stderr else ""
+    if report is not None:
+        template = json.dumps(dict(report, backend="@BACKEND@")).replace("@BACKEND@", "'\"$KERAS_BACKEND\"'")
+        body += f"echo 'Using some backend.'\necho '{template}'\n"
+    write_script(bin_dir / name, f"#!/bin/sh\n{body}exit {code}\n")
+    return name
+
+
+REPORT = {
+    "keras_version": "3.5.0",
+    "framework": "tensorflow",
+    "framework_version": "2.17.0",
+    "python": "3.11.7",
+}
+
+
+Prepare = Callable[[str], tuple[Path, dict[str, str]]]
+
+
+@pytest.fixture
+def verify_env(agent: Agent, tmp_path: Path) -> Prepare:
+    bin_dir = tmp_path / "bin"
+    fake_python(bin_dir, "gpu-python", dict(REPORT, devices=["/physical_device:GPU:0"], gpu=True))
+    fake_python(bin_dir, "cpu-python", dict(REPORT, devices=[], gpu=False))
+    fake_python(bin_dir, "broken-python", None, "ModuleNotFoundError: No module named 'keras'", 1)
+
+    def prepare(backend: str) -> tuple[Path, dict[str, str]]:
+        run = tmp_path / f"run-{backend}"
+        agent.backend(backend, tmp_path / "job-home", run, "--gpu", "no")
+        return run / "env.json", {"PATH": f"{bin_dir}:{agent.env['PATH']}"}
+
+    return prepare
+
+
+def test_verify_match(agent: Agent, verify_env: Prepare) -> None:
+    env_file, env = verify_env("tensorflow")
+    out = agent.json(
+        "verify",
+        "--backend",
+        "tensorflow",
+        "--python",
+        "gpu-python",
+        "--expect-gpu",
+        "--env-file",
+        str(env_file),
+        env=env,
+    )
+    assert out["ok"] is True and out["backend"] == "tensorflow" and out["gpu"] is True
+    assert out["devices"] == ["/physical_device:GPU:0"] and out["keras_version"] == "3.5.0"
+    assert out["framework"] == "tensorflow" and out["framework_version"] == "2.17.0"
+
+
+def test_verify_backend_mismatch(agent: Agent, verify_env: Prepare) -> None:
+    env_file, env = verify_env("theano")
+    out = agent.json(
+        "verify",
+        "--backend",
+        "tensorflow",
+        "--python",
+        "gpu-python",
+        "--env-file",
+        str(env_file),
+        env=env,
+        expect=3,
+    )
+    assert "'theano'" in out["error"] and "'tensorflow'" in out["error"] and out["hint"]
+
+
+def test_verify_expected_gpu_missing(agent: Agent, verify_env: Prepare) -> None:
+    env_file, env = verify_env("tensorflow")
+    args = ["verify", "--backend", "tensorflow", "--python", "cpu-python", "--env-file", str(env_file)]
+    out = agent.json(*args, "--expect-gpu", env=env, expect=3)
+    assert "sees no GPU" in out["error"] and "GPU prices for CPU training" in out["error"]
+    assert agent.json(*args, env=env)["gpu"] is False  # on CPU, unless a GPU is expected
+
+
+def test_verify_probe_fails(agent: Agent, verify_env: Prepare) -> None:
+    env_file, env = verify_env("tensorflow")
+    out = agent.json(
+        "verify",
+        "--backend",
+        "tensorflow",
+        "--python",
+        "broken-python",
+        "--env-file",
+        str(env_file),
+        env=env,
+        expect=3,
+    )
+    assert "No module named 'keras'" in out["error"]
+    out = agent.json("verify", "--backend", "tensorflow", "--python", "no-such-python", env=env, expect=2)
+    assert "not found" in out["error"]
+
+
+@pytest.mark.parametrize(
+    ("backend", "framework", "devices"), [("tensorflow", "tensorflow", []), ("theano", "theano", ["cpu"])]
+)
+def test_verify_runs_the_real_probe(
+    agent: Agent, tmp_path: Path, backend: str, framework: str, devices: list[str]
+) -> None:
+    fakes = fake_modules(tmp_path / "fakes")
+    run = tmp_path / "run"
+    agent.backend(backend, tmp_path / "job-home", run, "--gpu", "no", "--env", f"PYTHONPATH={fakes}")
+    out = agent.json(
+        "verify", "--backend", backend, "--python", agent.python, "--env-file", str(run / "env.json")
+    )
+    assert out["backend"] == backend and out["framework"] == framework and out["devices"] == devices
+    assert out["gpu"] is False and out["python"].startswith(f"{sys.version_info[0]}.")
+    assert out["keras_version"] == "3.99.0"
+
+
+def test_verify_reports_tf_keras_for_legacy_keras(agent: Agent, tmp_path: Path) -> None:
+    fakes = fake_modules(tmp_path / "fakes")
+    run = tmp_path / "run"
+    agent.backend(
+        "tensorflow", tmp_path / "h", run, "--gpu", "no", "--keras", "2", "--env", f"PYTHONPATH={fakes}"
+    )
+    args = [
+        "verify",
+        "--backend",
+        "tensorflow",
+        "--python",
+        agent.python,
+        "--env-file",
+        str(run / "env.json"),
+    ]
+    assert agent.json(*args)["tf_keras_version"] == "2.99.0"
+    out = agent.json(*args, "--expect-gpu", env={"FAKE_TF_GPU": "1"}, expect=3)  # not passed to the job
+    assert "sees no GPU" in out["error"]
+
+
+# --- poweroff ------------------------------------------------------------------------------------
+
+
+def test_poweroff_runs_the_hook(agent: Agent, tmp_path: Path) -> None:
+    marker = tmp_path / "powered-off"
+    hook = write_script(tmp_path / "hook", f'#!/bin/sh\necho "$1|$CLOUDTRAIN_POWEROFF_REASON" > {marker}\n')
+    out = agent.json("poweroff", "--reason", "run finished", env={"CLOUDTRAIN_POWEROFF_HOOK": str(hook)})
+    assert out["action"] == "hook" and out["exit_code"] == 0
+    assert marker.read_text() == "run finished|run finished\n"
+
+
+def test_poweroff_hook_in_home(agent: Agent, tmp_path: Path) -> None:
+    marker = tmp_path / "powered-off"
+    write_script(Path(agent.env["HOME"]) / ".cloudtrain" / "poweroff", f"#!/bin/sh\ntouch {marker}\n")
+    assert agent.json("poweroff")["action"] == "hook"
+    assert marker.exists()
+
+
+def test_poweroff_failures(agent: Agent, tmp_path: Path) -> None:
+    failing = write_script(tmp_path / "failing-hook", "#!/bin/sh\necho no such instance; exit 4\n")
+    out = agent.json("poweroff", env={"CLOUDTRAIN_POWEROFF_HOOK": str(failing)}, expect=3)
+    assert "exited with 4" in out["error"] and "no such instance" in out["error"]
+    (tmp_path / "not-executable").write_text("#!/bin/sh\n")
+    out = agent.json("poweroff", env={"CLOUDTRAIN_POWEROFF_HOOK": str(tmp_path / "not-executable")}, expect=3)
+    assert "not an executable" in out["error"]
+
+
+def test_poweroff_refuses_under_testing_without_a_hook(agent: Agent, tmp_path: Path) -> None:
+    # Belt and braces: were the guard broken, these fakes would run, not the real thing.
+    bin_dir, called = tmp_path / "bin", tmp_path / "called"
+    for name in ("shutdown", "sudo", "poweroff"):
+        write_script(bin_dir / name, f"#!/bin/sh\necho {name} >> {called}\n")
+    out = agent.json("poweroff", "--reason", "test", env={"PATH": f"{bin_dir}:{agent.env['PATH']}"}, expect=3)
+    assert "refusing" in out["error"] and "CLOUDTRAIN_POWEROFF_HOOK" in out["hint"]
+    assert not called.exists()
+
+
+# --- usage, packaging ---------------------------------------------------------------------------
+
+
+def test_usage_errors_are_json_with_status_2(agent: Agent, tmp_path: Path) -> None:
+    assert "invalid choice" in agent.json("no-such-command", expect=2)["error"]
+    assert agent.json("backend", "--backend", "jax", "--home", "h", "--run-dir", "r", expect=2)["hint"]
+    assert "required" in agent.json("start", "--run-dir", str(tmp_path), expect=2)["error"]
+    (tmp_path / "work").mkdir()
+    base = ["start", "--run-dir", str(tmp_path / "run"), "--run", "true"]
+    out = agent.json(*base, "--workdir", str(tmp_path / "work"), stdin=b"not json", expect=2)
+    assert "not valid JSON" in out["error"] and "not json" not in out["error"]
+    assert agent.json(*base, "--workdir", str(tmp_path / "nope"), expect=2)["error"].startswith("workdir")
+    proc = agent.run("tail", "--run-dir", str(tmp_path / "nope"))
+    assert proc.returncode == 3 and proc.stdout == b"" and "no run log" in json.loads(proc.stderr)["error"]
+
+
+def test_agent_imports_only_the_standard_library_and_itself() -> None:
+    for path in AGENT_SRC.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        assert ast.get_docstring(tree), f"{path.name} needs a docstring saying its job"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or top == "__future__", f"{path.name} imports {name}"
+
+
+def test_agent_compiles_on_python37(tmp_path: Path) -> None:
+    python37 = find_python37()
+    if python37 is None:
+        pytest.skip(INSTALL_37)
+    files = sorted(str(p) for p in AGENT_SRC.glob("*.py"))
+    code = (
+        "import py_compile, sys\n"
+        "for i, f in enumerate(sys.argv[2:]):\n"
+        "    py_compile.compile(f, cfile='%s/%d.pyc' % (sys.argv[1], i), doraise=True)\n"
+    )
+    proc = subprocess.run([python37, "-c", code, str(tmp_path), *files], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for f in files:  # and the controller's Python, for good measure
+        py_compile.compile(f, cfile=str(tmp_path / "x.pyc"), doraise=True)

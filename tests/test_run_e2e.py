@@ -1,0 +1,292 @@
+"""`cloudtrain run --dry-run` end to end: simulated AWS, real SSH, real training, real teardown.
+
+Each test drives the real command in a subprocess (so signals are real), then checks
+the run folder, the ledger (through `status --json`) and the simulated AWS itself.
+Lifecycle and signal tests train nothing: their `run:` is a plain Python command;
+only the first test trains Keras.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cloudtrain.cloud.aws import TAG_RUN_ID, AwsCloud
+from cloudtrain.cloud.simimage import ensure_image
+from cloudtrain.cloud.simulator import ensure_simulator
+from cloudtrain.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "jobs" / "digits-mlp" / "job.yaml"
+
+
+@pytest.fixture(scope="session")
+def sim_image() -> Path:
+    """The simulated image (built once per machine, cached; minutes the first time)."""
+    return ensure_image()
+
+
+def cloudtrain(*args: str, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "cloudtrain", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"exit {done.returncode}\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def status(run_id: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(cloudtrain("status", run_id, "--json", check=True).stdout)
+    return data
+
+
+def only_run(out: Path) -> Path:
+    runs = [p for p in out.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def live_instances(settings: Settings, run_id: str) -> list[str]:
+    """The run's instances that are not terminated, as the simulated AWS sees them."""
+    cloud = AwsCloud(ensure_simulator(settings), "us-east-1")
+    reply = cloud.ec2.describe_instances(Filters=[{"Name": f"tag:{TAG_RUN_ID}", "Values": [run_id]}])
+    return [
+        i["InstanceId"]
+        for r in reply["Reservations"]
+        for i in r["Instances"]
+        if i["State"]["Name"] != "terminated"
+    ]
+
+
+def write_job(folder: Path, run: str, *, outputs: str = "[outputs/]", extra: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "data.txt").write_text("some input\n")
+    job = {"name": "lifecycle", "run": run, "outputs": yaml.safe_load(outputs), "resources": {"gpu": "T4"}}
+    (folder / "job.yaml").write_text(yaml.safe_dump(job) + extra)
+    return folder / "job.yaml"
+
+
+def py(code: str) -> str:
+    """A shell command running ``code`` with the job environment's Python."""
+    return f"python -c {shlex.quote(code)}"
+
+
+# --- Keras, end to end ----------------------------------------------------------------
+
+
+def test_example_job_trains_and_comes_home(sim_image: Path, tmp_path: Path, settings: Settings) -> None:
+    out = tmp_path / "runs"
+    done = cloudtrain("run", str(EXAMPLE), "--dry-run", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    run_dir = only_run(out)
+    run_id = run_dir.name
+
+    log = (run_dir / "logs" / "train.log").read_text()
+    for epoch in range(1, 21):
+        assert f"Epoch {epoch}/20" in log
+    assert "test loss" in log
+    assert "Epoch 20/20" in done.stdout  # streamed live to the user
+
+    weights = run_dir / "outputs" / "outputs" / "model.weights.h5"
+    predictions = run_dir / "outputs" / "outputs" / "predictions.csv"
+    assert weights.is_file() and predictions.is_file()
+    # The pulled weights load and predict what the run predicted.
+    check = textwrap.dedent(f"""
+        import numpy as np, sys
+        sys.argv = ["train.py"]
+        sys.path.insert(0, {str(EXAMPLE.parent)!r})
+        from train import make_digits
+        from keras import layers, models
+        rng = np.random.default_rng(1234)
+        prototypes = (rng.random((10, 64)) > 0.5).astype("float32")
+        make_digits(4000, rng, prototypes); make_digits(1000, rng, prototypes)
+        x_new, _ = make_digits(20, rng, prototypes)
+        model = models.Sequential([layers.Input(shape=(64,)), layers.Dense(64, activation="relu"),
+                                   layers.Dense(32, activation="relu"), layers.Dense(10, activation="softmax")])
+        model.load_weights({str(weights)!r})
+        print(",".join(str(int(c)) for c in model.predict(x_new, verbose=0).argmax(axis=1)))
+    """)
+    python = sim_image / "envs" / "tensorflow" / "bin" / "python"
+    loaded = subprocess.run([str(python), "-c", check], capture_output=True, text=True, check=True)
+    pulled = [line.split(",")[1] for line in predictions.read_text().splitlines()[1:]]
+    assert loaded.stdout.strip().splitlines()[-1] == ",".join(pulled)
+
+    record = status(run_id)
+    assert record["state"] == "succeeded" and record["exit_code"] == 0 and record["simulated"] is True
+    assert record["cost_usd"] > 0
+    assert record["backend_report"]["backend"] == "tensorflow"
+    assert record["instances"][0]["ended_at"] is not None
+    assert live_instances(settings, run_id) == []
+    assert json.loads((run_dir / "run.json").read_text())["id"] == run_id
+    assert "name: digits-mlp" in (run_dir / "job.yaml").read_text()
+
+
+# --- lifecycle with a plain Python command ----------------------------------------------
+
+
+def test_failing_training_exits_1_with_its_log(sim_image: Path, tmp_path: Path, settings: Settings) -> None:
+    job = write_job(tmp_path / "job", py("import sys; print('about to fail', flush=True); sys.exit(3)"))
+    done = cloudtrain("run", str(job), "--dry-run", "--out", str(tmp_path / "runs"))
+    assert done.returncode == 1, done.stderr
+    assert "the training command exited with code 3" in done.stderr
+    run_dir = only_run(tmp_path / "runs")
+    assert "about to fail" in (run_dir / "logs" / "train.log").read_text()
+    record = status(run_dir.name)
+    assert record["state"] == "failed" and record["exit_code"] == 3
+    assert live_instances(settings, run_dir.name) == []
+
+
+def test_host_key_mismatch_is_refused_and_terminated(
+    sim_image: Path, tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLOUDTRAIN_SIM_FAULT", "host-key-mismatch")  # the simulator prints other keys
+    job = write_job(tmp_path / "job", py("print('never runs')"))
+    done = cloudtrain("run", str(job), "--dry-run", "--out", str(tmp_path / "runs"))
+    assert done.returncode == 3, done.stderr
+    assert "not one of the" in done.stderr and "fingerprints the instance printed" in done.stderr
+    run_id = only_run(tmp_path / "runs").name
+    assert live_instances(settings, run_id) == []
+    assert any(e["kind"] == "host-key-mismatch" for e in status(run_id)["events"])
+
+
+def run_until(job: Path, out: Path, marker: str, sig: int) -> tuple[int, str, str]:
+    """Start `run --dry-run`, send ``sig`` once stderr shows ``marker``; return (code, stdout, stderr)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cloudtrain", "run", str(job), "--dry-run", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert process.stderr is not None
+    seen = []
+    deadline = time.monotonic() + 300
+    for line in process.stderr:
+        seen.append(line)
+        if marker in line:
+            process.send_signal(sig)
+            break
+        assert time.monotonic() < deadline, "".join(seen)
+    stdout, rest = process.communicate(timeout=300)
+    return process.returncode, stdout, "".join(seen) + rest
+
+
+@pytest.mark.parametrize("phase", ["▸ launching", "▸ provisioning", "▸ syncing", "▸ running"])
+def test_ctrl_c_in_each_phase_leaves_nothing_running(
+    sim_image: Path, tmp_path: Path, settings: Settings, phase: str
+) -> None:
+    job = write_job(
+        tmp_path / "job", py("import time\nfor i in range(600): print(i, flush=True); time.sleep(0.1)")
+    )
+    code, _, stderr = run_until(job, tmp_path / "runs", phase, signal.SIGINT)
+    assert code == 130, stderr
+    run_id = only_run(tmp_path / "runs").name
+    assert live_instances(settings, run_id) == []
+    assert status(run_id)["state"] == "cancelled"
+
+
+def test_sigterm_like_sigint(sim_image: Path, tmp_path: Path, settings: Settings) -> None:
+    job = write_job(
+        tmp_path / "job", py("import time\nfor i in range(600): print(i, flush=True); time.sleep(0.1)")
+    )
+    code, _, stderr = run_until(job, tmp_path / "runs", "▸ running", signal.SIGTERM)
+    assert code == 143, stderr
+    run_id = only_run(tmp_path / "runs").name
+    assert live_instances(settings, run_id) == []
+    assert status(run_id)["state"] == "cancelled"
+
+
+def test_detach_then_pull_and_attach(sim_image: Path, tmp_path: Path, settings: Settings) -> None:
+    code = (
+        "import os, time\nos.makedirs('outputs', exist_ok=True)\n"
+        "open('outputs/early.txt', 'w').write('early')\n"
+        "for i in range(80): print('step', i, flush=True); time.sleep(0.1)\n"
+        "open('outputs/final.txt', 'w').write('final')\nprint('finished', flush=True)"
+    )
+    job = write_job(tmp_path / "job", py(code))
+    done = cloudtrain("run", str(job), "--dry-run", "--detach", "--out", str(tmp_path / "runs"), check=True)
+    assert "detached" in done.stderr
+    run_dir = only_run(tmp_path / "runs")
+    run_id = run_dir.name
+    assert status(run_id)["state"] == "running"
+    assert len(live_instances(settings, run_id)) == 1
+
+    early = run_dir / "outputs" / "outputs" / "early.txt"
+    for _ in range(20):  # the training writes it as soon as it starts
+        cloudtrain("pull", run_id[:-2], check=True)  # a unique prefix is enough
+        if early.exists():
+            break
+        time.sleep(0.5)
+    assert early.read_text() == "early"
+    assert status(run_id)["state"] == "running"  # pull leaves the instance running
+
+    attached = cloudtrain("attach", run_id, check=True)
+    assert "step 79" in attached.stdout  # the rest of the log, streamed
+    assert (run_dir / "outputs" / "outputs" / "final.txt").read_text() == "final"
+    log = (run_dir / "logs" / "train.log").read_text()
+    assert all(f"step {i}\n" in log for i in range(80)) and "finished" in log
+    assert status(run_id)["state"] == "succeeded"
+    assert live_instances(settings, run_id) == []
+
+
+def test_keep_then_down(sim_image: Path, tmp_path: Path, settings: Settings) -> None:
+    job = write_job(tmp_path / "job", py("print('ok')"), extra="budget: {max_hours: 2}\n")
+    done = cloudtrain("run", str(job), "--dry-run", "--keep", "--out", str(tmp_path / "runs"), check=True)
+    assert "--keep:" in done.stderr
+    run_id = only_run(tmp_path / "runs").name
+    record = status(run_id)
+    assert record["state"] == "succeeded" and record["kept_until"]
+    assert len(live_instances(settings, run_id)) == 1
+    cloudtrain("down", run_id, check=True)
+    assert live_instances(settings, run_id) == []
+
+
+def test_secrets_reach_the_run_only(
+    sim_image: Path, tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRAIN_TOKEN", "s3cr3t-value")
+    job = write_job(
+        tmp_path / "job",
+        py("import os; print('token length', len(os.environ['TRAIN_TOKEN']))"),
+        extra="secrets: [TRAIN_TOKEN]\n",
+    )
+    done = cloudtrain("run", str(job), "--dry-run", "--out", str(tmp_path / "runs"), check=True)
+    assert "token length 12" in done.stdout
+    run_dir = only_run(tmp_path / "runs")
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert "s3cr3t-value" not in path.read_text(errors="replace"), path
+    sandbox = Path(os.environ["CLOUDTRAIN_HOME"]) / "sim" / "instances"
+    for path in sandbox.rglob("*"):
+        if path.is_file() and path.stat().st_size < 1_000_000 and "envs" not in path.parts:
+            assert b"s3cr3t-value" not in path.read_bytes(), path
+
+
+def test_missing_secret_refused_before_launch(tmp_path: Path) -> None:
+    job = write_job(tmp_path / "job", py("print(1)"), extra="secrets: [NOT_SET_ANYWHERE]\n")
+    done = cloudtrain("run", str(job), "--dry-run", "--out", str(tmp_path / "runs"))
+    assert done.returncode == 2
+    assert "NOT_SET_ANYWHERE" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_real_run_without_terminal_refuses_to_spend(tmp_path: Path) -> None:
+    done = cloudtrain("run", str(EXAMPLE))
+    assert done.returncode == 2
+    assert "refusing to spend money without a terminal" in done.stderr

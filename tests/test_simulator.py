@@ -1,0 +1,123 @@
+"""The simulated cloud: a background moto server whose instances are real SSH hosts."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import pytest
+
+from cloudtrain.cloud.aws import TAG_SSH, AwsCloud, LaunchRequest, run_tags
+from cloudtrain.cloud.simulator import ensure_simulator, simulated_aws, simulator_status, stop_simulator
+from cloudtrain.errors import RemoteError
+from cloudtrain.orchestrator import wait_for_fingerprints
+from cloudtrain.records import utcnow
+from cloudtrain.remote.session import Endpoint, HostKeyMismatch, Session
+from cloudtrain.settings import Settings
+
+RUN_ID = "sim-test-20261128-120000-abcd"
+
+
+def launch(cloud: AwsCloud, token: str = f"{RUN_ID}-1") -> tuple[str, LaunchRequest]:
+    tags = run_tags(RUN_ID, "tester@testhost", utcnow() + timedelta(hours=1))
+    key = cloud.ensure_key_pair(RUN_ID, tags)
+    request = LaunchRequest(
+        run_id=RUN_ID,
+        instance_type="g4dn.xlarge",
+        zone="us-east-1a",
+        spot=True,
+        max_price=None,
+        disk_gb=50,
+        image=cloud.resolve_image(None),
+        key=key,
+        security_group_id=cloud.create_security_group(RUN_ID, "127.0.0.1/32", tags),
+        client_token=token,
+        tags=tags,
+    )
+    return cloud.launch(request), request
+
+
+def test_client_token_makes_one_instance(settings: Settings) -> None:
+    with simulated_aws(settings) as sim:
+        cloud = AwsCloud(sim, "us-east-1")
+        cloud.ec2.register_image(Name="cloudtrain-gpu-test")
+        first, request = launch(cloud)
+        again = cloud.launch(request)  # a retried call with the same token
+        assert again == first
+        reservations = cloud.ec2.describe_instances()["Reservations"]
+        assert sum(len(r["Instances"]) for r in reservations) == 1
+
+
+def test_background_simulator_lifecycle(settings: Settings) -> None:
+    sim = ensure_simulator(settings)
+    state = simulator_status(settings)
+    assert state is not None and sim.endpoint_url == state["endpoint"]
+    assert sim.simulated and sim.ssh_cidr == "127.0.0.1/32"
+    again = ensure_simulator(settings)  # reused, not a second process
+    assert again.endpoint_url == sim.endpoint_url
+    assert simulator_status(settings)["pid"] == state["pid"]  # type: ignore[index]
+    # The cloudtrain image is registered, found by the same lookup a real run uses.
+    assert AwsCloud(sim, "us-east-1").resolve_image(None).name == "cloudtrain-gpu-simulated"
+    assert stop_simulator(settings)
+    assert simulator_status(settings) is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(state["pid"]), 0)
+
+
+def test_instance_becomes_ssh_host_and_termination_stops_it(settings: Settings) -> None:
+    sim = ensure_simulator(settings)
+    cloud = AwsCloud(sim, "us-east-1")
+    instance_id, request = launch(cloud)
+    # From the first answer on, a simulated instance's address is loopback: nothing
+    # can dial the random public IP moto would invent.
+    assert cloud.describe(instance_id).ssh_host == "127.0.0.1"
+    running = cloud.wait_running(instance_id, delay=1)
+    for _ in range(100):  # the simulator notices the instance within a poll or two
+        running = cloud.describe(instance_id)
+        if running.ssh_port != 22:  # tagged with its simulated host's endpoint
+            break
+        time.sleep(0.1)
+    assert running.ssh_host == "127.0.0.1" and running.ssh_port != 22
+    tags = {
+        t["Key"]: t["Value"]
+        for t in cloud.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]}])["Tags"]
+    }
+    assert tags[TAG_SSH] == f"127.0.0.1:{running.ssh_port}"
+
+    fingerprints = wait_for_fingerprints(cloud, instance_id, timeout=20)
+    assert fingerprints and all(f.startswith("SHA256:") for f in fingerprints)
+    endpoint = Endpoint("127.0.0.1", running.ssh_port, "ubuntu", request.key.path, fingerprints)
+    with Session(endpoint) as session:
+        result = session.run("echo $HOME; env")
+        home, env = result.text.split("\n", 1)
+        assert home.endswith(f"/sim/instances/{instance_id}/home")
+        assert "AWS_SECRET_ACCESS_KEY" not in env and "fake-secret" not in env
+        assert f"CLOUDTRAIN_SIM_INSTANCE={instance_id}" in env
+
+    wrong = Endpoint(
+        "127.0.0.1", running.ssh_port, "ubuntu", request.key.path, frozenset({"SHA256:" + "A" * 43})
+    )
+    with pytest.raises(HostKeyMismatch):
+        Session(wrong).connect(deadline_s=5)
+
+    cloud.terminate(instance_id, delay=1)
+    time.sleep(1.0)
+    with pytest.raises(RemoteError):
+        Session(endpoint).connect(deadline_s=2)
+
+
+def test_poweroff_hook_terminates_the_instance(settings: Settings) -> None:
+    sim = ensure_simulator(settings)
+    cloud = AwsCloud(sim, "us-east-1")
+    instance_id, request = launch(cloud)
+    cloud.wait_running(instance_id, delay=1)
+    fingerprints = wait_for_fingerprints(cloud, instance_id, timeout=20)
+    port = cloud.describe(instance_id).ssh_port
+    with Session(Endpoint("127.0.0.1", port, "ubuntu", request.key.path, fingerprints)) as session:
+        session.run('"$CLOUDTRAIN_POWEROFF_HOOK"')
+    for _ in range(100):
+        if cloud.describe(instance_id).state == "terminated":
+            break
+        time.sleep(0.1)
+    assert cloud.describe(instance_id).state == "terminated"
