@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from cloudtrain.catalog import Catalog, load_catalog
-from cloudtrain.errors import InputError
+from cloudtrain.errors import CloudtrainError, InputError
 from cloudtrain.planner import Plan, candidate_types, plan
 from cloudtrain.progress import Reporter
 from cloudtrain.records import RunState, utcnow
@@ -29,14 +29,13 @@ if TYPE_CHECKING:
 
 @contextmanager
 def cloud_settings(settings: Settings, dry_run: bool) -> Iterator[Settings]:
-    """The settings to reach AWS with: as given, or pointed at the simulated AWS."""
+    """The settings to reach AWS with: as given, or pointed at this home's simulated cloud."""
     if not dry_run:
         yield settings
         return
-    from cloudtrain.cloud.simulator import simulated_aws
+    from cloudtrain.cloud.simulator import ensure_simulator
 
-    with simulated_aws(settings) as simulated:
-        yield simulated
+    yield ensure_simulator(settings)
 
 
 def job_region(spec: JobSpec, settings: Settings) -> str:
@@ -234,26 +233,43 @@ def pull_run(ref: str, settings: Settings, *, reporter: Reporter | None = None) 
 
 
 def down_runs(refs: list[str], settings: Settings, *, all_active: bool = False) -> list[str]:
-    """Terminate the instances of live runs (confirmed), and mark them cancelled."""
+    """Terminate the instances of live or kept runs (confirmed), and mark them cancelled.
+
+    Every run is attempted; what could not be removed is raised at the end, naming it."""
     from cloudtrain.cloud.aws import AwsCloud
+    from cloudtrain.errors import CloudError
     from cloudtrain.ledger import Ledger
     from cloudtrain.orchestrator import teardown, write_run_json
 
-    stopped = []
+    stopped, problems = [], []
     with Ledger.open(settings) as ledger:
-        runs = ledger.list_runs(active_only=True) if all_active else [ledger.resolve_run(r) for r in refs]
+        if all_active:
+            runs = [r for r in ledger.list_runs() if not r.state.finished or r.detail.get("kept_until")]
+        else:
+            runs = [ledger.resolve_run(r) for r in refs]
         for run in runs:
             if run.state.finished and not run.detail.get("kept_until"):
                 continue
-            active = settings_for_run(run, settings)
-            cloud = AwsCloud(active, run.region or DEFAULT_REGION)
             detail = run.detail
             instance_id = detail.get("instance_id")
             if instance_id and any(i.id == instance_id and i.terminated_at for i in ledger.instances(run.id)):
                 instance_id = None
-            teardown(
-                cloud, ledger, run.id, instance_id, detail.get("security_group_id"), detail.get("key_name")
-            )
+            try:
+                cloud = AwsCloud(settings_for_run(run, settings), run.region or DEFAULT_REGION)
+                left = teardown(
+                    cloud,
+                    ledger,
+                    run.id,
+                    instance_id,
+                    detail.get("security_group_id"),
+                    detail.get("key_name"),
+                    detail.get("instance_profile"),
+                )
+            except CloudtrainError as e:
+                left = [e.message]
+            if left:
+                problems.append(f"{run.id}: {'; '.join(left)}")
+                continue
             state = run.state if run.state.finished else RunState.CANCELLED
             ledger.update_run(
                 run.id, state=state, ended_at=run.ended_at or utcnow(), detail={"kept_until": None}
@@ -262,6 +278,11 @@ def down_runs(refs: list[str], settings: Settings, *, all_active: bool = False) 
             if run.run_dir and Path(run.run_dir).is_dir():
                 write_run_json(ledger, run.id, Path(run.run_dir))
             stopped.append(run.id)
+    if problems:
+        raise CloudError(
+            f"stopped {len(stopped)} run(s), but not everything: " + " | ".join(problems),
+            hint="Run `cloudtrain down` again, or remove what is named in the EC2 console.",
+        )
     return stopped
 
 

@@ -71,7 +71,7 @@ def handle_errors(func: F) -> F:
             if e.hint:
                 err.print(f"[bold]hint:[/] {e.hint}", highlight=False)
             sys.exit(int(e.exit_code))
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, click.exceptions.Abort):  # Ctrl-C, also at a prompt
             err.print("[bold red]interrupted[/]")
             sys.exit(int(ExitCode.SIGINT))
 

@@ -15,9 +15,10 @@ import json
 import logging
 import shlex
 import signal
+import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -27,8 +28,16 @@ from typing import Any
 
 import yaml
 
-from cloudtrain.cloud.aws import AwsCloud, LaunchedInstance, LaunchRequest, caller_cidr, run_tags
+from cloudtrain.cloud.aws import (
+    AwsCloud,
+    LaunchedInstance,
+    LaunchRequest,
+    caller_cidr,
+    run_tags,
+    s3_buckets,
+)
 from cloudtrain.errors import (
+    CloudError,
     CloudtrainError,
     ExitCode,
     InputError,
@@ -66,6 +75,7 @@ class RunContext:
     security_group_id: str | None = None
     key_name: str | None = None
     key_path: Path | None = None
+    instance_profile: str | None = None  # the run's own, for S3 data sources
     session: Session | None = None
     launched: LaunchedInstance | None = None
     fingerprints: frozenset[str] = frozenset()
@@ -92,17 +102,20 @@ def _q(text: str) -> str:
 
 
 @contextmanager
-def shielded_from_sigint() -> Iterator[None]:
-    """Teardown must finish: a second Ctrl-C is noted, not obeyed."""
+def shielded_from_signals() -> Iterator[None]:
+    """Teardown must finish: a second Ctrl-C or SIGTERM is noted, not obeyed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, lambda *_: log.warning("teardown in progress: Ctrl-C ignored until it ends"))
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
+        signal.signal(sig, lambda *_: log.warning("teardown in progress: it finishes first"))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Orchestrator:
@@ -225,23 +238,56 @@ class Orchestrator:
                 self.finish(ctx, outcome, exit_code)
 
     def finish(self, ctx: RunContext, outcome: RunState, exit_code: int | None) -> None:
-        """Tear down (unless --keep), record the final state, write run.json."""
-        with shielded_from_sigint():
+        """Tear down (unless --keep), record the final state, write run.json.
+
+        The state is recorded whatever teardown manages; what it could not remove is
+        named (ledger events, a warning) and, when nothing else went wrong, raised."""
+        problems: list[str] = []
+        with shielded_from_signals():
+            keep = self.keep and ctx.instance_id is not None and ctx.training_started
+            if keep:
+                self._keep(ctx)
             if ctx.session is not None:
                 ctx.session.close()
-            if self.keep and ctx.instance_id:
-                deadline = utcnow() + timedelta(hours=self.spec.budget.max_hours or DEFAULT_KEEP_HOURS)
-                self._detail(ctx, kept_until=iso(deadline))
-                self.reporter.warn(
-                    f"--keep: {ctx.instance_id} keeps running (and billing) until `cloudtrain down "
-                    f"{ctx.run_id}` or {iso(deadline)}"
-                )
-            else:
-                teardown(
-                    ctx.cloud, self.ledger, ctx.run_id, ctx.instance_id, ctx.security_group_id, ctx.key_name
+            if not keep:
+                profile = ctx.instance_profile or ctx.detail.get(
+                    "instance_profile"
+                )  # attach: from the ledger
+                problems = teardown(
+                    ctx.cloud,
+                    self.ledger,
+                    ctx.run_id,
+                    ctx.instance_id,
+                    ctx.security_group_id,
+                    ctx.key_name,
+                    profile,
                 )
             self._state(ctx, outcome, f"run {outcome.value}", ended_at=utcnow(), exit_code=exit_code)
             write_run_json(self.ledger, ctx.run_id, ctx.run_dir)
+        if problems:
+            error = CloudError(
+                "teardown incomplete: " + "; ".join(problems),
+                hint=f"Run `cloudtrain down {ctx.run_id}` to retry, or remove them in the EC2 console.",
+            )
+            if sys.exc_info()[1] is None:
+                raise error
+            self.reporter.warn(f"{error.message}. {error.hint}")
+
+    def _keep(self, ctx: RunContext) -> None:
+        """--keep: leave the instance, and have it power itself off at the deadline."""
+        deadline_s = 3600 * (self.spec.budget.max_hours or DEFAULT_KEEP_HOURS)
+        deadline = utcnow() + timedelta(seconds=deadline_s)
+        self._detail(ctx, kept_until=iso(deadline))
+        if ctx.session is not None:
+            poweroff = agent_command(self.spec.backend, "poweroff --reason keep-deadline")
+            ctx.session.run(
+                f"setsid sh -c {_q(f'sleep {int(deadline_s)}; {poweroff}')} </dev/null >/dev/null 2>&1 &",
+                check=False,
+            )
+        self.reporter.warn(
+            f"--keep: {ctx.instance_id} keeps running (and billing) until `cloudtrain down {ctx.run_id}` "
+            f"or {iso(deadline)}, when it powers itself off"
+        )
 
     def _launch(self, ctx: RunContext) -> None:
         assert self.plan is not None
@@ -266,6 +312,13 @@ class Orchestrator:
             key_path=str(key.path),
             image=image.id,
         )
+        buckets = s3_buckets([d.src for d in self.spec.data if d.is_s3])
+        if buckets:  # the instance reads S3 with its own role, never the user's keys
+            ctx.instance_profile = ctx.cloud.ensure_instance_profile(ctx.run_id, buckets, tags)
+            self._detail(ctx, instance_profile=ctx.instance_profile)
+            self.reporter.info(
+                f"instance profile {ctx.instance_profile}: reads {', '.join(f's3://{b}' for b in buckets)}"
+            )
         request = LaunchRequest(
             run_id=ctx.run_id,
             instance_type=choice.instance.name,
@@ -278,6 +331,7 @@ class Orchestrator:
             security_group_id=ctx.security_group_id,
             client_token=f"{ctx.run_id}-1",
             tags=tags,
+            instance_profile=ctx.instance_profile,
         )
         ctx.instance_id = ctx.cloud.launch(request)
         self.ledger.record_instance(
@@ -383,6 +437,33 @@ class Orchestrator:
         for warning in report.warnings:
             self.reporter.warn(warning)
         self.reporter.info(_describe_sync(report))
+        self._fetch_s3(ctx)
+
+    def _fetch_s3(self, ctx: RunContext) -> None:
+        """Each S3 data source, fetched on the instance with the instance profile's credentials
+        (nothing of the controller's goes along)."""
+        assert ctx.session is not None
+        for source in self.spec.data:
+            if not source.is_s3:
+                continue
+            dst = f"{REMOTE_WORKDIR}/{source.dst.strip('/')}"
+            result = ctx.session.run(
+                agent_command(
+                    self.spec.backend,
+                    f"fetch-s3 --src {_q(source.src)} --dst {_q(dst)} --region {_q(self.region)}",
+                ),
+                check=False,
+            )
+            report = _json_or_error(result.text)
+            if result.exit_code != 0 or "error" in report:
+                raise RemoteError(
+                    f"fetching {source.src} on the instance failed: {report.get('error', result.text)}",
+                    hint=str(report.get("hint") or "See the instance profile's policy and the bucket's."),
+                )
+            self.reporter.info(
+                f"fetched {source.src} -> {source.dst}: {report.get('files', 0)} files "
+                f"({int(report.get('bytes', 0)) / 1e6:.1f} MB), {report.get('skipped', 0)} already there"
+            )
 
     def _start_training(self, ctx: RunContext) -> None:
         assert ctx.session is not None
@@ -425,19 +506,27 @@ class Orchestrator:
                         ),
                         sink,
                     )
-                    break
+                    status = _json_or_error(
+                        ctx.session.run(
+                            agent_command(self.spec.backend, f"status --run-dir {REMOTE_RUN_DIR}")
+                        ).text
+                    )
                 except RemoteError as e:
                     drops += 1
                     if drops > STREAM_RECONNECTS:
                         raise
-                    self.reporter.warn(f"log stream dropped ({e}); reconnecting")
+                    self.reporter.warn(f"log stream interrupted ({e.message}); reconnecting")
                     time.sleep(min(2**drops, 15))
-                    ctx.session.reconnect()
-        status = _json_or_error(
-            ctx.session.run(agent_command(self.spec.backend, f"status --run-dir {REMOTE_RUN_DIR}")).text
-        )
-        code = status.get("exit_code")
-        return int(code) if code is not None else 1
+                    with suppress(RemoteError):
+                        ctx.session.reconnect()
+                    continue
+                if status.get("exit_code") is not None:
+                    return int(status["exit_code"])
+                if not status.get("running"):
+                    raise RemoteError(
+                        "the training supervisor on the instance is gone without an exit code",
+                        hint=f"See {REMOTE_RUN_DIR}/supervisor.log on the instance (`--keep` keeps it).",
+                    )
 
     def pull(self, ctx: RunContext) -> None:
         """Outputs into the run folder, and the log's last bytes."""
@@ -504,16 +593,46 @@ def teardown(
     instance_id: str | None,
     security_group_id: str | None,
     key_name: str | None,
-) -> None:
-    """Terminate (confirmed), then delete the security group and the key pair."""
-    if instance_id:
-        terminated_at = cloud.terminate(instance_id)
-        ledger.instance_terminated(instance_id, terminated_at)
-        ledger.add_event(run_id, "terminated", f"{instance_id} terminated (confirmed)")
-    if security_group_id:
-        cloud.delete_security_group(security_group_id)
-    if key_name:
-        cloud.delete_key_pair(key_name)
+    instance_profile: str | None = None,
+) -> list[str]:
+    """Terminate (confirmed) the run's instance and any other the run's tag finds (a launch
+    whose id never came back), then delete the security group, the key pair and the
+    instance profile. Every step is attempted; returns what could not be removed."""
+    problems: list[str] = []
+    instances = [instance_id] if instance_id else []
+    try:
+        instances += [i.id for i in cloud.find_run_instances(run_id) if i.id not in instances]
+    except CloudtrainError as e:
+        problems.append(f"listing the run's instances: {e.message}")
+    for instance in instances:
+        try:
+            terminated_at = cloud.terminate(instance)
+        except CloudtrainError as e:
+            problems.append(f"instance {instance}: {e.message}")
+            continue
+        with suppress(KeyError):  # an instance the ledger never heard of
+            ledger.instance_terminated(instance, terminated_at)
+        ledger.add_event(run_id, "terminated", f"{instance} terminated (confirmed)")
+    steps: list[tuple[str | None, str, Callable[[str], object]]] = [
+        (security_group_id, "security group", cloud.delete_security_group),
+        (key_name, "key pair", cloud.delete_key_pair),
+        (instance_profile, "instance profile", cloud.delete_instance_profile),
+    ]
+    for name, what, delete in steps:
+        if not name:
+            continue
+        if problems and what != "key pair":  # a live instance still uses the group and profile
+            problems.append(f"{what} {name}: left while an instance may be running")
+            continue
+        try:
+            delete(name)
+        except CloudtrainError as e:
+            problems.append(f"{what} {name}: {e.message}")
+    if not problems and instance_profile:
+        ledger.add_event(run_id, "instance-profile-deleted", f"{instance_profile} deleted")
+    for problem in problems:
+        ledger.add_event(run_id, "teardown-incomplete", problem)
+    return problems
 
 
 def write_run_json(ledger: Ledger, run_id: str, run_dir: Path) -> dict[str, Any]:

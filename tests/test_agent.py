@@ -734,8 +734,13 @@ def test_usage_errors_are_json_with_status_2(agent: Agent, tmp_path: Path) -> No
     assert proc.returncode == 3 and proc.stdout == b"" and "no run log" in json.loads(proc.stderr)["error"]
 
 
+# S3 transfers may use the image's boto3 (DESIGN.md); imported lazily there, nowhere else.
+IMAGE_PACKAGES = {"fetch_s3.py": {"boto3", "botocore"}}
+
+
 def test_agent_imports_only_the_standard_library_and_itself() -> None:
     for path in AGENT_SRC.glob("*.py"):
+        allowed = IMAGE_PACKAGES.get(path.name, set())
         tree = ast.parse(path.read_text())
         assert ast.get_docstring(tree), f"{path.name} needs a docstring saying its job"
         for node in ast.walk(tree):
@@ -747,7 +752,9 @@ def test_agent_imports_only_the_standard_library_and_itself() -> None:
                 continue
             for name in names:
                 top = name.split(".")[0]
-                assert top in sys.stdlib_module_names or top == "__future__", f"{path.name} imports {name}"
+                assert top in sys.stdlib_module_names or top in allowed or top == "__future__", (
+                    f"{path.name} imports {name}"
+                )
 
 
 def test_agent_compiles_on_python37(tmp_path: Path) -> None:

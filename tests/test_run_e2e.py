@@ -157,7 +157,8 @@ def test_host_key_mismatch_is_refused_and_terminated(
 ) -> None:
     monkeypatch.setenv("CLOUDTRAIN_SIM_FAULT", "host-key-mismatch")  # the simulator prints other keys
     job = write_job(tmp_path / "job", py("print('never runs')"))
-    done = cloudtrain("run", str(job), "--dry-run", "--out", str(tmp_path / "runs"))
+    # --keep does not keep an instance that failed before training: it is terminated.
+    done = cloudtrain("run", str(job), "--dry-run", "--keep", "--out", str(tmp_path / "runs"))
     assert done.returncode == 3, done.stderr
     assert "not one of the" in done.stderr and "fingerprints the instance printed" in done.stderr
     run_id = only_run(tmp_path / "runs").name
@@ -253,7 +254,21 @@ def test_keep_then_down(sim_image: Path, tmp_path: Path, settings: Settings) -> 
     record = status(run_id)
     assert record["state"] == "succeeded" and record["kept_until"]
     assert len(live_instances(settings, run_id)) == 1
-    cloudtrain("down", run_id, check=True)
+    cloudtrain("down", "--all", check=True)  # a kept run is among what --all stops
+    assert live_instances(settings, run_id) == []
+    assert status(run_id)["kept_until"] is None
+
+
+def test_kept_instance_powers_itself_off_at_the_deadline(
+    sim_image: Path, tmp_path: Path, settings: Settings
+) -> None:
+    job = write_job(tmp_path / "job", py("print('ok')"), extra="budget: {max_hours: 0.001}\n")  # 3.6 s
+    cloudtrain("run", str(job), "--dry-run", "--keep", "--out", str(tmp_path / "runs"), check=True)
+    run_id = only_run(tmp_path / "runs").name
+    for _ in range(60):
+        if not live_instances(settings, run_id):
+            break
+        time.sleep(0.5)
     assert live_instances(settings, run_id) == []
 
 

@@ -121,3 +121,19 @@ def test_poweroff_hook_terminates_the_instance(settings: Settings) -> None:
             break
         time.sleep(0.1)
     assert cloud.describe(instance_id).state == "terminated"
+
+
+def test_teardown_finds_an_instance_whose_id_never_came_back(settings: Settings) -> None:
+    """A launch interrupted after EC2 made the instance: teardown finds it by the run's tag."""
+    from cloudtrain.ledger import Ledger
+    from cloudtrain.orchestrator import teardown
+
+    with simulated_aws(settings) as sim:
+        cloud = AwsCloud(sim, "us-east-1")
+        cloud.ec2.register_image(Name="cloudtrain-gpu-test")
+        instance_id, request = launch(cloud)
+        with Ledger.open(settings) as ledger:
+            problems = teardown(cloud, ledger, RUN_ID, None, request.security_group_id, request.key.name)
+        assert problems == []
+        assert cloud.describe(instance_id).state == "terminated"
+        assert cloud.find_run_instances(RUN_ID) == []

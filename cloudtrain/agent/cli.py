@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--grace", type=float, default=10.0)
 
+    p = sub.add_parser("fetch-s3", help="fetch an S3 prefix into a folder (instance profile credentials)")
+    p.add_argument("--src", required=True, help="s3://bucket/prefix/")
+    p.add_argument("--dst", required=True, help="the folder to fetch into")
+    p.add_argument("--region", help="used when the environment names no region")
+
     p = sub.add_parser("poweroff", help="power the instance off (through the hook if there is one)")
     p.add_argument("--reason", default="")
     return parser
@@ -114,6 +119,10 @@ def dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
         from .stop import stop
 
         return stop(args.run_dir, args.grace)
+    if command == "fetch-s3":
+        from .fetch_s3 import fetch
+
+        return fetch(args.src, args.dst, args.region)
     if command == "poweroff":
         from .power import poweroff
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import os
 import stat
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -55,6 +57,28 @@ TAG_SSH = "cloudtrain:ssh"  # host:port of a simulated host's SSH server (dry-ru
 DEFAULT_IMAGE_PATTERN = "cloudtrain-gpu-*"
 RETRY_CONFIG: Any = {"mode": "standard", "max_attempts": 8}
 SIMULATED_CREDENTIALS = ("testing", "testing")  # the simulated AWS's; never the user's keys
+S3_POLICY_NAME = "cloudtrain-s3-read"
+EC2_TRUST_POLICY = {
+    "Version": "2012-10-17",
+    "Statement": [
+        {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}
+    ],
+}
+IAM_OPERATIONS = frozenset(
+    {
+        "CreateRole",
+        "PutRolePolicy",
+        "CreateInstanceProfile",
+        "GetInstanceProfile",
+        "AddRoleToInstanceProfile",
+        "RemoveRoleFromInstanceProfile",
+        "DeleteInstanceProfile",
+        "DeleteRolePolicy",
+        "DeleteRole",
+    }
+)
+PROFILE_RETRY_ATTEMPTS = 6  # run_instances right after creating a profile: about 30 s in all
+PROFILE_RETRY_DELAY_S = 2.0
 
 # The Service Quotas a launch can hit, by instance family letter and market.
 QUOTA_NAMES = {
@@ -93,6 +117,7 @@ class LaunchRequest:
     security_group_id: str
     client_token: str
     tags: Mapping[str, str]
+    instance_profile: str | None = None  # an instance profile's name (S3 data sources)
 
 
 @dataclass(frozen=True)
@@ -108,6 +133,40 @@ class LaunchedInstance:
     state: str
     ssh_host: str | None = None  # where SSH listens: the public IP, or a simulated host
     ssh_port: int = 22
+
+
+def s3_read_policy(buckets: Sequence[str]) -> dict[str, Any]:
+    """Read-only access to exactly ``buckets``: list them, get their objects; nothing else."""
+    names = sorted(set(buckets))
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["s3:ListBucket"],
+                "Resource": [f"arn:aws:s3:::{b}" for b in names],
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": [f"arn:aws:s3:::{b}/*" for b in names],
+            },
+        ],
+    }
+
+
+def s3_buckets(sources: Sequence[str]) -> list[str]:
+    """The buckets of ``s3://bucket/prefix`` sources, sorted, once each."""
+    return sorted({src[len("s3://") :].split("/", 1)[0] for src in sources if src.startswith("s3://")})
+
+
+def _code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _is_profile_not_ready(error: ClientError) -> bool:
+    message = str(error.response.get("Error", {}).get("Message", ""))
+    return _code(error) == "InvalidParameterValue" and "iam instance profile" in message.lower()
 
 
 def quota_name(instance_type: str, spot: bool) -> str:
@@ -180,6 +239,17 @@ def translate(error: Exception, operation: str, *, instance_type: str = "", spot
             f"AWS kept throttling {operation} after retries: {message}",
             hint="Wait a minute and run again.",
         )
+    if code == "AccessDenied":  # IAM's word for a missing permission
+        permission = f"iam:{operation}" if operation in IAM_OPERATIONS else f"the permission for {operation}"
+        return CredentialsError(
+            f"not allowed to call {operation}: {message}",
+            hint=f"Grant {permission} to this user or role (S3 data sources need an instance profile).",
+        )
+    if code == "LimitExceeded" and operation.startswith(("Create", "Put", "Add")):
+        return QuotaError(
+            f"an IAM limit stops {operation}: {message}",
+            hint="Delete unused cloudtrain-* roles and instance profiles, or ask for a higher IAM quota.",
+        )
     if code.startswith("InvalidAMIID"):
         return InputError(
             f"the image cannot be used: {message}",
@@ -200,11 +270,16 @@ def make_client(settings: Settings, service: str, region: str) -> Any:
     """A boto3 client with standard retries, pointed at the simulator in dry-run."""
     config = Config(retries=RETRY_CONFIG, connect_timeout=10, read_timeout=60)
     if settings.simulated:
+        # The simulator's own credentials, no profile (AWS_PROFILE may name one this machine
+        # lacks), and no proxy: the simulated AWS is on loopback.
+        core = botocore.session.Session(session_vars={"profile": (None, None, None, None)})
         session = boto3.Session(
             region_name=region,
             aws_access_key_id=SIMULATED_CREDENTIALS[0],
             aws_secret_access_key=SIMULATED_CREDENTIALS[1],
+            botocore_session=core,
         )
+        config = config.merge(Config(proxies={}))
     else:
         session = boto3.Session(profile_name=settings.profile, region_name=region)
     return session.client(service, config=config, endpoint_url=settings.endpoint_url)  # type: ignore[call-overload,unused-ignore]
@@ -243,6 +318,7 @@ class AwsCloud:
         self.settings = settings
         self.region = region
         self.ec2 = make_client(settings, "ec2", region)
+        self._iam: Any = None
 
     # --- prices ------------------------------------------------------------------------
 
@@ -357,6 +433,73 @@ class AwsCloud:
                 if code != "DependencyViolation" or attempt == attempts - 1:
                     raise translate(e, "DeleteSecurityGroup") from e
                 time.sleep(delay)
+            except BotoCoreError as e:
+                raise translate(e, "DeleteSecurityGroup") from e
+
+    # --- instance profile (S3 data sources) -----------------------------------------------
+
+    @property
+    def iam(self) -> Any:
+        if self._iam is None:
+            self._iam = make_client(self.settings, "iam", self.region)
+        return self._iam
+
+    def ensure_instance_profile(self, run_id: str, buckets: Sequence[str], tags: Mapping[str, str]) -> str:
+        """The run's instance profile: a role EC2 may assume, allowed to read only ``buckets``.
+
+        Created, or reused (its policy rewritten to exactly ``buckets``) on relaunch; the
+        instance gets S3 credentials from it, never from the user's keys. Returns its name.
+        """
+        name = f"cloudtrain-{run_id}"
+        iam_tags = [{"Key": k, "Value": v} for k, v in tags.items()]
+        try:
+            self.iam.create_role(
+                RoleName=name,
+                AssumeRolePolicyDocument=json.dumps(EC2_TRUST_POLICY),
+                Description=f"cloudtrain run {run_id}: read the job's S3 data",
+                Tags=iam_tags,
+            )
+        except ClientError as e:
+            if _code(e) != "EntityAlreadyExists":
+                raise translate(e, "CreateRole") from e
+        with aws_errors("PutRolePolicy"):
+            self.iam.put_role_policy(
+                RoleName=name, PolicyName=S3_POLICY_NAME, PolicyDocument=json.dumps(s3_read_policy(buckets))
+            )
+        try:
+            self.iam.create_instance_profile(InstanceProfileName=name, Tags=iam_tags)
+        except ClientError as e:
+            if _code(e) != "EntityAlreadyExists":
+                raise translate(e, "CreateInstanceProfile") from e
+        with aws_errors("GetInstanceProfile"):
+            roles = self.iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]["Roles"]
+        if not any(r["RoleName"] == name for r in roles):
+            with aws_errors("AddRoleToInstanceProfile"):
+                self.iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
+        log.info("instance profile %s reads s3://%s", name, ", s3://".join(sorted(set(buckets))))
+        return name
+
+    def delete_instance_profile(self, name: str) -> None:
+        """Remove the role from the profile, delete the profile, the role's policies, the role."""
+        steps: list[tuple[str, Any]] = [
+            (
+                "RemoveRoleFromInstanceProfile",
+                lambda: self.iam.remove_role_from_instance_profile(InstanceProfileName=name, RoleName=name),
+            ),
+            ("DeleteInstanceProfile", lambda: self.iam.delete_instance_profile(InstanceProfileName=name)),
+            (
+                "DeleteRolePolicy",
+                lambda: self.iam.delete_role_policy(RoleName=name, PolicyName=S3_POLICY_NAME),
+            ),
+            ("DeleteRole", lambda: self.iam.delete_role(RoleName=name)),
+        ]
+        for operation, call in steps:
+            try:
+                call()
+            except ClientError as e:
+                if _code(e) != "NoSuchEntity":
+                    raise translate(e, operation) from e
+        log.info("deleted instance profile %s", name)
 
     # --- image ---------------------------------------------------------------------------
 
@@ -427,8 +570,10 @@ class AwsCloud:
             if request.max_price is not None:
                 options["MaxPrice"] = f"{request.max_price:.4f}"
             params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": options}
+        if request.instance_profile:
+            params["IamInstanceProfile"] = {"Name": request.instance_profile}
         with aws_errors("RunInstances", instance_type=request.instance_type, spot=request.spot):
-            reply = self.ec2.run_instances(**params)
+            reply = self._run_instances(params)
         instance_id: str = reply["Instances"][0]["InstanceId"]
         log.info(
             "launched %s (%s, %s) for %s",
@@ -438,6 +583,25 @@ class AwsCloud:
             request.run_id,
         )
         return instance_id
+
+    def _run_instances(self, params: dict[str, Any]) -> Any:
+        """run_instances, waiting out IAM's eventual consistency: a new instance profile can be
+        "invalid" to EC2 for a few seconds (the same ClientToken makes the retry safe)."""
+        delay = PROFILE_RETRY_DELAY_S
+        for attempt in range(PROFILE_RETRY_ATTEMPTS):
+            try:
+                return self.ec2.run_instances(**params)
+            except ClientError as e:
+                if not (
+                    "IamInstanceProfile" in params
+                    and _is_profile_not_ready(e)
+                    and attempt < PROFILE_RETRY_ATTEMPTS - 1
+                ):
+                    raise
+                log.info("the instance profile is not visible to EC2 yet; retrying in %.0f s", delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
 
     def describe(self, instance_id: str) -> LaunchedInstance:
         with aws_errors("DescribeInstances"):
@@ -477,7 +641,9 @@ class AwsCloud:
                 InstanceIds=[instance_id],
                 WaiterConfig={"Delay": delay, "MaxAttempts": max_attempts},
             )
-        except WaiterError as e:
+        except BotoCoreError as e:
+            if not isinstance(e, WaiterError):
+                raise translate(e, "DescribeInstances") from e
             raise CloudError(
                 f"{instance_id} did not reach running: {e}",
                 hint="See the EC2 console for the instance's state reason.",
@@ -507,12 +673,16 @@ class AwsCloud:
             if e.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
                 raise translate(e, "TerminateInstances") from e
             return utcnow()
+        except BotoCoreError as e:
+            raise translate(e, "TerminateInstances") from e
         try:
             self.ec2.get_waiter("instance_terminated").wait(
                 InstanceIds=[instance_id],
                 WaiterConfig={"Delay": delay, "MaxAttempts": max_attempts},
             )
-        except WaiterError as e:
+        except BotoCoreError as e:
+            if not isinstance(e, WaiterError):
+                raise translate(e, "DescribeInstances") from e
             raise CloudError(
                 f"{instance_id} was asked to terminate but is not confirmed terminated: {e}",
                 hint=f"Check it with `aws ec2 describe-instances --instance-ids {instance_id}`.",

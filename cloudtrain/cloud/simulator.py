@@ -13,7 +13,13 @@ background simulator process per CLOUDTRAIN_HOME and returns ``Settings`` whose
   recorded in the instance's ``cloudtrain:ssh`` tag) whose commands run in a sandbox
   with a writable layer over the simulated image; terminating the instance stops the
   host and every process it started; the host's power-off hook terminates the
-  instance in the simulated AWS (never a real poweroff).
+  instance in the simulated AWS (never a real poweroff);
+- the simulated AWS has no instance metadata service (IMDS) yet, so an instance launched
+  with an instance profile gets, in its host's environment, what IMDS would hand it on
+  AWS: the simulated role's credentials (``ASIASIMULATEDROLE`` / ``simulated-instance-role``,
+  never the user's keys: this process holds none), the region, and ``AWS_ENDPOINT_URL``
+  pointing at this moto server, whose S3 is the dry-run's S3. An instance launched
+  without a profile gets none of these, as on AWS.
 
 The process stops itself after an idle period with no live instance. ``simulated_aws``
 runs the same moto server inside the calling process, for quick unit tests.
@@ -44,11 +50,15 @@ from cloudtrain.records import iso, utcnow
 from cloudtrain.settings import Settings
 
 log = logging.getLogger(__name__)
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
 
 ACCOUNT_ID = "123456789012"  # moto's default account
 IMAGE_NAME = "cloudtrain-gpu-simulated"
 
 DEFAULT_IDLE_S = 600.0
+# The stand-in for IMDS's role credentials (see the module docstring): the simulated AWS
+# accepts any key, and these are recognisably not a user's.
+ROLE_CREDENTIALS = ("ASIASIMULATEDROLE", "simulated-instance-role")
 _lock = threading.Lock()
 
 
@@ -167,7 +177,7 @@ def _moto_server() -> Iterator[str]:
         endpoint = f"http://{host}:{port}"
         # moto's state lives in this process: start each simulated cloud empty.
         reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
-        urllib.request.urlopen(reset, timeout=10).close()
+        _LOOPBACK.open(reset, timeout=10).close()
         try:
             yield endpoint
         finally:
@@ -215,7 +225,7 @@ def _alive(pid: int) -> bool:
 
 def _answers(endpoint: str) -> bool:
     try:
-        urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
+        _LOOPBACK.open(f"{endpoint}/moto-api/", timeout=2).close()
     except OSError:
         return False
     return True
@@ -351,11 +361,16 @@ class _World:
             return
         sandbox = self.home / "sim" / "instances" / instance.id
         layer = make_layer(Path(self.image), sandbox) if self.image else []
+        env = {"CLOUDTRAIN_ROOT": str(sandbox), "CLOUDTRAIN_SIMULATED": "1"}
+        profile = instance_profile_name(backend, instance.id)
+        if profile:
+            env.update(self.role_environment(backend.region_name))
+            log.info("%s: instance profile %s (simulated role credentials)", instance.id, profile)
         spec = HostSpec(
             instance_id=instance.id,
             sandbox=sandbox,
             authorized_key=_text(pair.material_public),
-            env={"CLOUDTRAIN_ROOT": str(sandbox), "CLOUDTRAIN_SIMULATED": "1"},
+            env=env,
             path_prefix=layer,
         )
         host = SimHost(spec)
@@ -366,6 +381,15 @@ class _World:
         backend.create_tags([instance.id], {TAG_SSH: f"{host.host}:{host.port}"})
         _console[instance.id] = _faulty_console(host.console_output(), host.host_key_fingerprints())
         log.info("%s: simulated host on %s:%d", instance.id, host.host, host.port)
+
+    def role_environment(self, region: str) -> dict[str, str]:
+        """What IMDS would give an instance with a profile: role credentials, region, endpoint."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_DEFAULT_REGION": region,
+            "AWS_ACCESS_KEY_ID": ROLE_CREDENTIALS[0],
+            "AWS_SECRET_ACCESS_KEY": ROLE_CREDENTIALS[1],
+        }
 
     def stop_host(self, instance_id: str) -> None:
         host = self.hosts.pop(instance_id, None)
@@ -413,6 +437,15 @@ def _faulty_console(console: str, fingerprints: list[str]) -> str:
                 other = asyncssh.generate_private_key("ssh-ed25519").get_fingerprint("sha256")
                 console = console.replace(word, other)
     return console
+
+
+def instance_profile_name(backend: Any, instance_id: str) -> str | None:
+    """The instance profile an instance was launched with (moto records RunInstances'
+    IamInstanceProfile as an association, not on the instance)."""
+    association = getattr(backend, "iam_instance_profile_associations", {}).get(instance_id)
+    profile = getattr(association, "iam_instance_profile", None)
+    name = getattr(profile, "name", None)
+    return str(name) if name else None
 
 
 def _loopback(instance: Any) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import paramiko
-from fabric import Connection
+from fabric import Config, Connection
 
 from cloudtrain.errors import RemoteError
 
@@ -113,6 +113,9 @@ class Session:
     def _new_connection(self) -> Connection:
         connection = Connection(
             self.endpoint.host,
+            # Never ~/.ssh/config or /etc/ssh/ssh_config: a Host * HostName or ProxyJump there
+            # would change where this connects (and, in a dry-run, leave loopback).
+            config=Config(overrides={"load_ssh_configs": False}),
             user=self.endpoint.user,
             port=self.endpoint.port,
             connect_timeout=int(self.connect_timeout),
@@ -235,6 +238,7 @@ class Session:
             channel.close()
         except (OSError, EOFError, paramiko.SSHException) as e:
             raise RemoteError(f"ssh to {self.endpoint.label} failed running a command: {e}") from e
+        self._check_not_dropped(code, channel)
         result = Result(code, bytes(out), bytes(err))
         if check and code != 0:
             detail = (result.stderr or result.stdout).decode("utf-8", "replace").strip()[-2000:]
@@ -258,9 +262,17 @@ class Session:
                 sink(data)
             code = channel.recv_exit_status()
             channel.close()
-            return code
         except (OSError, EOFError, paramiko.SSHException) as e:
             raise RemoteError(f"ssh stream from {self.endpoint.label} broke: {e}") from e
+        self._check_not_dropped(code, channel)
+        return code
+
+    def _check_not_dropped(self, code: int, channel: paramiko.Channel) -> None:
+        """A channel that ended without an exit status on a dead transport is a dropped
+        connection, not a command that finished: say so (callers reconnect)."""
+        transport = channel.get_transport()
+        if code == -1 and (transport is None or not transport.is_active()):
+            raise RemoteError(f"the connection to {self.endpoint.label} dropped")
 
     def send_stream(self, command: str, chunks: Iterable[bytes]) -> Result:
         """Run a command whose stdin is a stream of chunks (bulk upload); return its result."""
