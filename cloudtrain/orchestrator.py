@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -205,10 +205,12 @@ class Orchestrator:
                 self._sync(ctx)
                 self._start_training(ctx)
                 if self.detach:
+                    deadline = self._schedule_poweroff(ctx, "detach-deadline")
                     handed_off = True
                     self.reporter.info(
                         f"detached: training goes on; `cloudtrain attach {ctx.run_id}` to follow it, "
-                        f"`cloudtrain down {ctx.run_id}` to stop it"
+                        f"`cloudtrain down {ctx.run_id}` to stop it; the instance powers itself off at "
+                        f"{iso(deadline)} regardless"
                     )
                     return 0
             exit_code = self.follow(ctx)
@@ -275,19 +277,20 @@ class Orchestrator:
 
     def _keep(self, ctx: RunContext) -> None:
         """--keep: leave the instance, and have it power itself off at the deadline."""
-        deadline_s = 3600 * (self.spec.budget.max_hours or DEFAULT_KEEP_HOURS)
-        deadline = utcnow() + timedelta(seconds=deadline_s)
+        deadline = self._schedule_poweroff(ctx, "keep-deadline")
         self._detail(ctx, kept_until=iso(deadline))
-        if ctx.session is not None:
-            poweroff = agent_command(self.spec.backend, "poweroff --reason keep-deadline")
-            ctx.session.run(
-                f"setsid sh -c {_q(f'sleep {int(deadline_s)}; {poweroff}')} </dev/null >/dev/null 2>&1 &",
-                check=False,
-            )
         self.reporter.warn(
             f"--keep: {ctx.instance_id} keeps running (and billing) until `cloudtrain down {ctx.run_id}` "
             f"or {iso(deadline)}, when it powers itself off"
         )
+
+    def _schedule_poweroff(self, ctx: RunContext, reason: str) -> datetime:
+        """Have the instance power itself off (the agent's hook) after budget.max_hours, else 24 h."""
+        seconds = int(3600 * (self.spec.budget.max_hours or DEFAULT_KEEP_HOURS))
+        if ctx.session is not None:
+            poweroff = agent_command(self.spec.backend, f"poweroff --reason {reason}")
+            ctx.session.run(f"setsid sh -c {_q(f'sleep {seconds}; {poweroff}')} </dev/null >/dev/null 2>&1 &")
+        return utcnow() + timedelta(seconds=seconds)
 
     def _launch(self, ctx: RunContext) -> None:
         assert self.plan is not None
