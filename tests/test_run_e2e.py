@@ -188,13 +188,15 @@ def run_until(job: Path, out: Path, marker: str, sig: int) -> tuple[int, str, st
     return process.returncode, stdout, "".join(seen) + rest
 
 
-@pytest.mark.parametrize("phase", ["▸ launching", "▸ provisioning", "▸ syncing", "▸ running"])
+@pytest.mark.parametrize("phase", ["▸ launching", "▸ provisioning", "▸ syncing", "▸ running", "▸ pulling"])
 def test_ctrl_c_in_each_phase_leaves_nothing_running(
     sim_image: Path, tmp_path: Path, settings: Settings, phase: str
 ) -> None:
-    job = write_job(
-        tmp_path / "job", py("import time\nfor i in range(600): print(i, flush=True); time.sleep(0.1)")
-    )
+    if phase == "▸ pulling":  # a quick run with 64 MB of outputs: the signal lands mid-pull
+        program = "import os\nos.makedirs('outputs', exist_ok=True)\nopen('outputs/big.bin', 'wb').write(os.urandom(64 << 20))"
+    else:
+        program = "import time\nfor i in range(600): print(i, flush=True); time.sleep(0.1)"
+    job = write_job(tmp_path / "job", py(program))
     code, _, stderr = run_until(job, tmp_path / "runs", phase, signal.SIGINT)
     assert code == 130, stderr
     run_id = only_run(tmp_path / "runs").name
