@@ -635,19 +635,29 @@ class AwsCloud:
             return str(text)
         return decoded
 
-    def wait_running(self, instance_id: str, delay: int = 5, max_attempts: int = 120) -> LaunchedInstance:
+    def _wait(
+        self, waiter: str, instance_id: str, delay: int, max_attempts: int, failure: str, hint: str
+    ) -> None:
+        """A botocore waiter on one instance; its timeout becomes ``failure`` with ``hint``."""
         try:
-            self.ec2.get_waiter("instance_running").wait(
+            self.ec2.get_waiter(waiter).wait(
                 InstanceIds=[instance_id],
                 WaiterConfig={"Delay": delay, "MaxAttempts": max_attempts},
             )
+        except WaiterError as e:
+            raise CloudError(f"{instance_id} {failure}: {e}", hint=hint) from e
         except BotoCoreError as e:
-            if not isinstance(e, WaiterError):
-                raise translate(e, "DescribeInstances") from e
-            raise CloudError(
-                f"{instance_id} did not reach running: {e}",
-                hint="See the EC2 console for the instance's state reason.",
-            ) from e
+            raise translate(e, "DescribeInstances") from e
+
+    def wait_running(self, instance_id: str, delay: int = 5, max_attempts: int = 120) -> LaunchedInstance:
+        self._wait(
+            "instance_running",
+            instance_id,
+            delay,
+            max_attempts,
+            "did not reach running",
+            "See the EC2 console for the instance's state reason.",
+        )
         return self.describe(instance_id)
 
     def find_run_instances(self, run_id: str) -> list[LaunchedInstance]:
@@ -675,18 +685,14 @@ class AwsCloud:
             return utcnow()
         except BotoCoreError as e:
             raise translate(e, "TerminateInstances") from e
-        try:
-            self.ec2.get_waiter("instance_terminated").wait(
-                InstanceIds=[instance_id],
-                WaiterConfig={"Delay": delay, "MaxAttempts": max_attempts},
-            )
-        except BotoCoreError as e:
-            if not isinstance(e, WaiterError):
-                raise translate(e, "DescribeInstances") from e
-            raise CloudError(
-                f"{instance_id} was asked to terminate but is not confirmed terminated: {e}",
-                hint=f"Check it with `aws ec2 describe-instances --instance-ids {instance_id}`.",
-            ) from e
+        self._wait(
+            "instance_terminated",
+            instance_id,
+            delay,
+            max_attempts,
+            "was asked to terminate but is not confirmed terminated",
+            f"Check it with `aws ec2 describe-instances --instance-ids {instance_id}`.",
+        )
         state = self.describe(instance_id).state
         if state != "terminated":
             raise CloudError(
