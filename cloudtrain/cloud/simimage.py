@@ -88,11 +88,16 @@ def ensure_image(
         )
         assert process.stdout is not None
         tail: list[str] = []
-        for line in process.stdout:
-            line = line.rstrip()
-            tail = (tail + [line])[-30:]
-            if progress and line.startswith("[provision]"):
-                progress(line.removeprefix("[provision] "))
+        try:
+            for line in process.stdout:
+                line = line.rstrip()
+                tail = (tail + [line])[-30:]
+                if progress and line.startswith("[provision]"):
+                    progress(line.removeprefix("[provision] "))
+        except BaseException:  # Ctrl-C or SIGTERM: the build stops with us, half-built stays unmarked
+            process.terminate()
+            process.wait()
+            raise
         if process.wait() != 0:
             raise CloudError(
                 "building the simulated image failed:\n" + "\n".join(tail),
