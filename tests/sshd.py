@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from cloudtrain.remote.session import Endpoint
+from cloudtrain.remote.session import Endpoint, Session
+from cloudtrain.remote.sync import upload_tree
 
 SSHD = Path("/usr/sbin/sshd")
 STARTUP_TIMEOUT_S = 10.0
@@ -215,3 +216,20 @@ def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]
         yield server
     finally:
         server.stop()
+
+
+AGENT_SOURCE = Path(__file__).resolve().parents[1] / "cloudtrain" / "agent"
+
+
+@pytest.fixture(scope="module")
+def session(sshd_server: SshServer) -> Iterator[Session]:
+    with Session(sshd_server.endpoint()) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def agent(session: Session, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The agent uploaded as `cloudtrain_agent`; the folder to put on PYTHONPATH."""
+    folder = tmp_path_factory.mktemp("agent")
+    upload_tree(session, AGENT_SOURCE, str(folder / "cloudtrain_agent"))
+    return str(folder)

@@ -6,33 +6,17 @@ import hashlib
 import os
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sshd import SshServer, sshd_server  # noqa: F401  (a fixture)
+from sshd import AGENT_SOURCE, SshServer, agent, session, sshd_server  # noqa: F401  (fixtures)
 
 from cloudtrain.agent import receive as agent_receive
 from cloudtrain.agent.receive import StreamError, StreamReceiver
 from cloudtrain.errors import RemoteError
 from cloudtrain.remote.pull import PullReport, pull
 from cloudtrain.remote.session import Session
-from cloudtrain.remote.sync import collect, push, upload_tree
-
-AGENT_SOURCE = Path(__file__).resolve().parents[1] / "cloudtrain" / "agent"
-
-
-@pytest.fixture(scope="module")
-def session(sshd_server: SshServer) -> Iterator[Session]:  # noqa: F811
-    with Session(sshd_server.endpoint()) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def agent(session: Session, tmp_path_factory: pytest.TempPathFactory) -> str:
-    folder = tmp_path_factory.mktemp("agent")
-    upload_tree(session, AGENT_SOURCE, str(folder / "cloudtrain_agent"))
-    return str(folder)
+from cloudtrain.remote.sync import collect, push
 
 
 def do_pull(

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the fixtures imported from test_simhost are parameters here)
 """The controller's SSH session against a simulated host: pinning, commands, streams, drops."""
 
 from __future__ import annotations

@@ -13,34 +13,17 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sshd import SshServer, sshd_server  # noqa: F401  (a fixture)
+from sshd import AGENT_SOURCE, SshServer, agent, session, sshd_server  # noqa: F401  (fixtures)
 
 from cloudtrain.agent import receive as agent_receive
 from cloudtrain.errors import RemoteError
 from cloudtrain.remote import sync
 from cloudtrain.remote.session import Session
-from cloudtrain.remote.sync import SyncReport, agent_command, collect, push, remote_path, upload_tree
+from cloudtrain.remote.sync import SyncReport, agent_command, collect, push, remote_path
 from cloudtrain.spec import DataSource
-
-AGENT_SOURCE = Path(__file__).resolve().parents[1] / "cloudtrain" / "agent"
-
-
-@pytest.fixture(scope="module")
-def session(sshd_server: SshServer) -> Iterator[Session]:  # noqa: F811
-    with Session(sshd_server.endpoint()) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def agent(session: Session, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The agent uploaded as `cloudtrain_agent`; the folder to put on PYTHONPATH."""
-    folder = tmp_path_factory.mktemp("agent")
-    upload_tree(session, AGENT_SOURCE, str(folder / "cloudtrain_agent"))
-    return str(folder)
 
 
 def do_push(
