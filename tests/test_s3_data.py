@@ -8,7 +8,6 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError
-from test_aws import _Body, ec2_error, inject, launch_request
+from test_aws import RUN_ID, _Body, cloud, ec2_error, image_id, inject, launch_request, tags  # noqa: F401
 from test_run_e2e import cloudtrain, only_run, py, sim_image, status, write_job
 
 from cloudtrain.agent.errors import AgentError
@@ -26,35 +25,16 @@ from cloudtrain.cloud.aws import (
     S3_POLICY_NAME,
     SIMULATED_CREDENTIALS,
     AwsCloud,
-    run_tags,
     s3_buckets,
 )
 from cloudtrain.cloud.simulator import ensure_simulator, simulated_aws
 from cloudtrain.errors import CredentialsError
-from cloudtrain.records import utcnow
 from cloudtrain.settings import Settings
 
 __all__ = ["sim_image"]  # the e2e fixture, imported for its use here
 
 RUN_ID = "s3-data-20261128-120000-abcd"
 USER_SECRET = "fake-secret-never-leaves-this-machine"  # tests/conftest.py's
-
-
-@pytest.fixture
-def cloud(settings: Settings) -> Iterator[AwsCloud]:
-    with simulated_aws(settings) as sim:
-        yield AwsCloud(sim.with_(ssh_cidr="203.0.113.7/32"), "us-east-1")
-
-
-@pytest.fixture
-def tags() -> dict[str, str]:
-    return run_tags(RUN_ID, "tester@testhost", utcnow() + timedelta(hours=5))
-
-
-@pytest.fixture
-def image_id(cloud: AwsCloud) -> str:
-    image: str = cloud.ec2.register_image(Name="cloudtrain-gpu-20261128")["ImageId"]
-    return image
 
 
 def s3_client(endpoint: str | None) -> Any:
