@@ -226,14 +226,17 @@ class Orchestrator:
         except (KeyboardInterrupt, SystemExit) as e:
             outcome = RunState.CANCELLED
             exit_code = int(ExitCode.SIGTERM) if isinstance(e, SystemExit) else int(ExitCode.SIGINT)
-            self.reporter.warn("interrupted: pulling back what there is, then terminating the instance")
-            self._pull_quietly(ctx)
+            self.reporter.warn(
+                "interrupted: pulling back what there is (Ctrl-C again to skip it), "
+                "then terminating the instance"
+            )
+            self._salvage(ctx)
             raise
         except TrainingFailed:
             raise
         except CloudtrainError as e:
             self.ledger.add_event(ctx.run_id, "error", e.message)
-            self._pull_quietly(ctx)
+            self._salvage(ctx)
             raise
         finally:
             if not handed_off:
@@ -558,11 +561,31 @@ class Orchestrator:
                 logfile.write,
             )
 
-    def _pull_quietly(self, ctx: RunContext) -> None:
+    def _salvage(self, ctx: RunContext) -> None:
+        """After an interruption or error: pull back what there is, on a fresh connection
+        (the old one may be stuck mid-read), within ``settings.salvage_pull_s``; teardown
+        never waits longer than that. A second Ctrl-C skips it."""
         if ctx.session is None or not ctx.training_started:
             return
-        with suppress(Exception):
-            self.pull(ctx)
+        session = ctx.session
+        failures: list[Exception] = []
+
+        def pull_back() -> None:  # no ledger here: its connection belongs to the main thread
+            try:
+                session.reconnect(deadline_s=30)
+                self.pull(ctx)
+            except Exception as e:
+                failures.append(e)
+
+        worker = threading.Thread(target=pull_back, name="cloudtrain-salvage", daemon=True)
+        worker.start()
+        worker.join(self.settings.salvage_pull_s)
+        if worker.is_alive():
+            message = f"pulling back took over {self.settings.salvage_pull_s:.0f} s: gave up on it"
+            self.ledger.add_event(ctx.run_id, "salvage-timeout", message)
+            self.reporter.warn(message)
+        for failure in failures:  # named, never raised over the error that brought us here
+            self.ledger.add_event(ctx.run_id, "salvage-failed", f"pulling back failed: {failure}")
 
     def _write_job(self, ctx: RunContext) -> None:
         """The resolved spec (secrets are names only, never values)."""

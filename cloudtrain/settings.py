@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 DEFAULT_REGION = "us-east-1"
+DEFAULT_SALVAGE_PULL_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class Settings:
     ssh_cidr: str | None = None  # the caller's public address for ingress; looked up if unset
     owner: str = "unknown"
     simulated: bool = False
+    # After Ctrl-C, SIGTERM or an error: how long pulling back what there is may take
+    # before teardown goes ahead without it.
+    salvage_pull_s: float = DEFAULT_SALVAGE_PULL_S
 
     @classmethod
     def from_env(cls, profile: str | None = None) -> Settings:
@@ -38,6 +42,7 @@ class Settings:
             endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
             ssh_cidr=env.get("CLOUDTRAIN_SSH_CIDR") or None,
             owner=env.get("CLOUDTRAIN_OWNER") or default_owner(),
+            salvage_pull_s=_seconds(env.get("CLOUDTRAIN_SALVAGE_PULL_S"), DEFAULT_SALVAGE_PULL_S),
         )
 
     def with_(self, **changes: object) -> Settings:
@@ -50,6 +55,14 @@ class Settings:
     @property
     def keys_dir(self) -> Path:
         return self.home / "keys"
+
+
+def _seconds(text: str | None, default: float) -> float:
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        return default
+    return value if value >= 0 else default
 
 
 def default_owner() -> str:

@@ -166,8 +166,9 @@ def test_host_key_mismatch_is_refused_and_terminated(
     assert any(e["kind"] == "host-key-mismatch" for e in status(run_id)["events"])
 
 
-def run_until(job: Path, out: Path, marker: str, sig: int) -> tuple[int, str, str]:
-    """Start `run --dry-run`, send ``sig`` once stderr shows ``marker``; return (code, stdout, stderr)."""
+def run_until(job: Path, out: Path, marker: str, sig: int, *, watch: str = "stderr") -> tuple[int, str, str]:
+    """Start `run --dry-run`, send ``sig`` once ``watch`` (stderr, or stdout: the training log)
+    shows ``marker``; return (code, stdout, stderr)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "cloudtrain", "run", str(job), "--dry-run", "--out", str(out)],
         stdout=subprocess.PIPE,
@@ -175,16 +176,26 @@ def run_until(job: Path, out: Path, marker: str, sig: int) -> tuple[int, str, st
         text=True,
         stdin=subprocess.DEVNULL,
     )
-    assert process.stderr is not None
+    assert process.stderr is not None and process.stdout is not None
+    watched = process.stderr if watch == "stderr" else process.stdout
     seen = []
     deadline = time.monotonic() + 300
-    for line in process.stderr:
+    for line in watched:
         seen.append(line)
         if marker in line:
             process.send_signal(sig)
             break
         assert time.monotonic() < deadline, "".join(seen)
-    stdout, rest = process.communicate(timeout=300)
+    try:
+        stdout, rest = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # stuck: have it print every thread's stack, then fail with them
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        process.kill()
+        stdout, rest = process.communicate()
+        pytest.fail(f"still running 300 s after the signal:\n{''.join(seen)}{stdout}{rest}")
+    if watch == "stdout":
+        return process.returncode, "".join(seen) + stdout, rest
     return process.returncode, stdout, "".join(seen) + rest
 
 
@@ -202,6 +213,32 @@ def test_ctrl_c_in_each_phase_leaves_nothing_running(
     run_id = only_run(tmp_path / "runs").name
     assert live_instances(settings, run_id) == []
     assert status(run_id)["state"] == "cancelled"
+
+
+def test_a_stuck_pull_after_ctrl_c_does_not_hold_up_teardown(
+    sim_image: Path, tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The training replaces the agent's pack module with one that never answers, so
+    # pulling back after Ctrl-C hangs: teardown must go ahead after the salvage bound.
+    program = (
+        "import os, time\n"
+        "pack = os.path.expanduser('~/.cloudtrain/agent/cloudtrain_agent/pack.py')\n"
+        "open(pack, 'w').write('import time\\ntime.sleep(3600)\\n')\n"
+        "print('pack-hung', flush=True)\n"
+        "for i in range(600): print(i, flush=True); time.sleep(0.1)"
+    )
+    monkeypatch.setenv("CLOUDTRAIN_SALVAGE_PULL_S", "5")
+    job = write_job(tmp_path / "job", py(program))
+    started = time.monotonic()
+    code, _, stderr = run_until(job, tmp_path / "runs", "pack-hung", signal.SIGINT, watch="stdout")
+    assert code == 130, stderr
+    assert "pulling back took over 5 s: gave up on it" in stderr
+    assert time.monotonic() - started < 120
+    run_id = only_run(tmp_path / "runs").name
+    assert live_instances(settings, run_id) == []
+    record = status(run_id)
+    assert record["state"] == "cancelled"
+    assert any(e["kind"] == "salvage-timeout" for e in record["events"])
 
 
 def test_sigterm_like_sigint(sim_image: Path, tmp_path: Path, settings: Settings) -> None:

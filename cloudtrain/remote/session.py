@@ -15,6 +15,7 @@ import hashlib
 import logging
 import re
 import select
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ _BLOCK_RE = re.compile(
 )
 _FINGERPRINT_RE = re.compile(r"\bSHA256:[A-Za-z0-9+/]{43}\b")
 CHUNK = 1 << 16
+CLOSE_TIMEOUT_S = 10.0
 
 
 class HostKeyMismatch(RemoteError):
@@ -176,9 +178,17 @@ class Session:
         return self.connect(deadline_s=deadline_s)
 
     def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        """Close the connection; never waits more than CLOSE_TIMEOUT_S (a transport stuck
+        in a read must not hold up teardown: its thread is a daemon)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            closer = threading.Thread(target=connection.close, name="cloudtrain-ssh-close", daemon=True)
+            closer.start()
+            closer.join(CLOSE_TIMEOUT_S)
+            if closer.is_alive():
+                log.warning(
+                    "the connection to %s did not close in %s s", self.endpoint.label, CLOSE_TIMEOUT_S
+                )
 
     def __enter__(self) -> Session:
         return self.connect()
