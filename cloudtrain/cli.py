@@ -29,6 +29,7 @@ from cloudtrain.records import RunState
 from cloudtrain.settings import Settings
 
 if TYPE_CHECKING:
+    from cloudtrain.doctor import Report as DoctorReport
     from cloudtrain.planner import Plan
     from cloudtrain.report import CostReport, CostTotals
 
@@ -583,6 +584,98 @@ def sim_stop_command(ctx: Context) -> None:
     from cloudtrain.cloud.simulator import stop_simulator
 
     out.print("simulator stopped" if stop_simulator(ctx.settings) else "simulator was not running")
+
+
+# --- doctor ----------------------------------------------------------------------------
+
+_DOCTOR_STATUS = {
+    "ok": ("✓ ok", "green"),
+    "warn": ("! warn", "yellow"),
+    "fail": ("✗ fail", "bold red"),
+    "skip": ("- skip", "dim"),
+}
+
+
+def render_doctor(report: DoctorReport, console: Console) -> None:
+    from rich.text import Text
+
+    where = "the simulated AWS (dry-run)" if report.simulated else "AWS"
+    table = Table(
+        title=f"cloudtrain doctor: {where}, region {report.region}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("status", no_wrap=True)
+    table.add_column("check", no_wrap=True)
+    table.add_column("finding")
+    for finding in report.findings:
+        label, style = _DOCTOR_STATUS[finding.status.value]
+        table.add_row(Text(label, style=style), finding.title, Text(finding.summary))
+        if finding.fix and finding.status.value in ("warn", "fail"):
+            table.add_row("", "", Text.assemble(("fix: ", "bold"), finding.fix))
+    console.print(table)
+    counts = report.counts()
+    console.print(
+        f"{counts['ok']} ok, {counts['warn']} warning(s), {counts['fail']} failed, {counts['skip']} skipped",
+        highlight=False,
+    )
+
+
+@main.command("doctor")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Check the simulated cloud (started as `plan --dry-run` does) and the simulated image.",
+)
+@click.option("--region", metavar="REGION", help="Check this region (default: the one a job would use).")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@pass_context
+@handle_errors
+def doctor_command(ctx: Context, dry_run: bool, region: str | None, as_json: bool) -> None:
+    """Check what a run needs, and say how to fix what is missing.
+
+    Each check is ok, warn or fail (skip: not checked because one it needs failed),
+    with a one-line explanation and, for a problem, the fix. Exit code 0 when
+    nothing failed (warnings included), 3 when a check failed (what a run would then
+    stop on is a cloud failure too), 2 for bad options.
+
+    \b
+    Checks:
+      credentials  where boto3 finds credentials (--profile, AWS_PROFILE, the
+                   environment, ~/.aws) and whose they are: STS GetCallerIdentity
+      region       the region a job without resources.region uses (--region,
+                   AWS_DEFAULT_REGION, the profile, else us-east-1); the price
+                   catalog must know it
+      keys         $CLOUDTRAIN_HOME/keys is 0700 and each private key in it 0600
+                   (a run refuses looser ones); the fix is the chmod to run
+      quotas       the EC2 vCPU quotas of GPU spot and on-demand G and P
+                   instances (Service Quotas L-3819A6DF, L-7212CCBC, L-DB2E81BA,
+                   L-417A185B): too small for the smallest type fails for G spot
+                   (the default job) and warns for the others; a warning if
+                   Service Quotas cannot be asked
+      image        the cloudtrain image (cloudtrain-gpu-*, yours) in the region
+      leftovers    instances and key pairs still there for runs that ended
+    With --dry-run, also:
+      simulator    this CLOUDTRAIN_HOME's simulated cloud (started if needed);
+                   the checks above then run against it
+      sim-image    whether the simulated image is built, its job environments
+                   and the Python each one uses
+    """
+    from cloudtrain.doctor import diagnose
+    from cloudtrain.errors import CloudError
+
+    report = diagnose(ctx.settings, dry_run=dry_run, region=region)
+    if as_json:
+        _print_record(report.to_json())
+    else:
+        render_doctor(report, out)
+    if report.failed:
+        names = ", ".join(f.check for f in report.failed)
+        raise CloudError(
+            f"{len(report.failed)} check(s) failed: {names}",
+            hint="Apply the fixes shown, then run `cloudtrain doctor` again.",
+        )
 
 
 if __name__ == "__main__":

@@ -90,6 +90,35 @@ QUOTA_NAMES = {
 
 
 @dataclass(frozen=True)
+class CallerIdentity:
+    """Who the credentials belong to (STS GetCallerIdentity)."""
+
+    account: str
+    arn: str
+    user_id: str
+
+
+@dataclass(frozen=True)
+class ServiceQuota:
+    """One EC2 quota's value in a region (Service Quotas); ``applied`` False: AWS's default."""
+
+    code: str
+    name: str
+    value: float
+    applied: bool = True
+
+
+@dataclass(frozen=True)
+class TaggedInstance:
+    """A cloudtrain instance that is not terminated, found by its run-id tag."""
+
+    id: str
+    run_id: str
+    owner: str
+    state: str
+
+
+@dataclass(frozen=True)
 class KeyPair:
     name: str
     path: Path
@@ -266,9 +295,12 @@ def aws_errors(operation: str, *, instance_type: str = "", spot: bool = True) ->
         raise translate(e, operation, instance_type=instance_type, spot=spot) from e
 
 
-def make_client(settings: Settings, service: str, region: str) -> Any:
-    """A boto3 client with standard retries, pointed at the simulator in dry-run."""
-    config = Config(retries=RETRY_CONFIG, connect_timeout=10, read_timeout=60)
+def make_client(settings: Settings, service: str, region: str, *, max_attempts: int | None = None) -> Any:
+    """A boto3 client with standard retries, pointed at the simulator in dry-run.
+
+    ``max_attempts``: fewer tries than the default 8 (``doctor`` reports rather than waits)."""
+    retries: Any = RETRY_CONFIG if max_attempts is None else {**RETRY_CONFIG, "max_attempts": max_attempts}
+    config = Config(retries=retries, connect_timeout=10, read_timeout=60)
     if settings.simulated:
         # The simulator's own credentials, no profile (AWS_PROFILE may name one this machine
         # lacks), and no proxy: the simulated AWS is on loopback.
@@ -314,11 +346,89 @@ def caller_cidr(settings: Settings) -> str:
 class AwsCloud:
     """EC2 in one region, for one settings: every AWS call cloudtrain makes."""
 
-    def __init__(self, settings: Settings, region: str) -> None:
+    def __init__(self, settings: Settings, region: str, *, max_attempts: int | None = None) -> None:
         self.settings = settings
         self.region = region
-        self.ec2 = make_client(settings, "ec2", region)
+        self.max_attempts = max_attempts
+        self.ec2 = make_client(settings, "ec2", region, max_attempts=max_attempts)
         self._iam: Any = None
+        self._sts: Any = None
+        self._quotas: Any = None
+
+    # --- account (doctor) ------------------------------------------------------------------
+
+    @property
+    def sts(self) -> Any:
+        if self._sts is None:
+            self._sts = make_client(self.settings, "sts", self.region, max_attempts=self.max_attempts)
+        return self._sts
+
+    @property
+    def quotas(self) -> Any:
+        """The Service Quotas client."""
+        if self._quotas is None:
+            self._quotas = make_client(
+                self.settings, "service-quotas", self.region, max_attempts=self.max_attempts
+            )
+        return self._quotas
+
+    def caller_identity(self) -> CallerIdentity:
+        with aws_errors("GetCallerIdentity"):
+            reply = self.sts.get_caller_identity()
+        return CallerIdentity(str(reply["Account"]), str(reply["Arn"]), str(reply.get("UserId", "")))
+
+    def ec2_quota(self, quota_code: str) -> ServiceQuota:
+        """An EC2 quota's applied value in this region, else AWS's default value for it."""
+        try:
+            reply = self.quotas.get_service_quota(ServiceCode="ec2", QuotaCode=quota_code)
+            applied = True
+        except ClientError as e:
+            if _code(e) != "NoSuchResourceException":  # no applied value: ask for the default
+                raise translate(e, "GetServiceQuota") from e
+            try:
+                reply = self.quotas.get_aws_default_service_quota(ServiceCode="ec2", QuotaCode=quota_code)
+            except (ClientError, BotoCoreError):
+                raise translate(e, "GetServiceQuota") from e
+            applied = False
+        except BotoCoreError as e:
+            raise translate(e, "GetServiceQuota") from e
+        quota = reply["Quota"]
+        return ServiceQuota(
+            str(quota.get("QuotaCode", quota_code)),
+            str(quota.get("QuotaName", "")),
+            float(quota["Value"]),
+            applied,
+        )
+
+    def tagged_instances(self) -> list[TaggedInstance]:
+        """Every instance with a cloudtrain run-id tag that is not terminated."""
+        with aws_errors("DescribeInstances"):
+            pages = self.ec2.get_paginator("describe_instances").paginate(
+                Filters=[
+                    {"Name": "tag-key", "Values": [TAG_RUN_ID]},
+                    {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
+                ]
+            )
+            found = []
+            for page in pages:
+                for reservation in page["Reservations"]:
+                    for data in reservation["Instances"]:
+                        tags = {t["Key"]: t["Value"] for t in data.get("Tags", [])}
+                        found.append(
+                            TaggedInstance(
+                                data["InstanceId"],
+                                tags.get(TAG_RUN_ID, ""),
+                                tags.get(TAG_OWNER, ""),
+                                data["State"]["Name"],
+                            )
+                        )
+        return found
+
+    def key_pair_names(self, prefix: str = "cloudtrain-") -> list[str]:
+        """The names of the key pairs starting with ``prefix``, sorted."""
+        with aws_errors("DescribeKeyPairs"):
+            pairs = self.ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [f"{prefix}*"]}])
+        return sorted(p["KeyName"] for p in pairs["KeyPairs"] if p["KeyName"].startswith(prefix))
 
     # --- prices ------------------------------------------------------------------------
 
@@ -701,6 +811,21 @@ class AwsCloud:
             )
         log.info("terminated %s", instance_id)
         return utcnow()
+
+
+def credentials_source(settings: Settings) -> str | None:
+    """Where boto3 finds credentials ("env", "shared-credentials-file", "sso", ...), or None.
+
+    Local only: no AWS call (an assume-role or SSO profile is resolved at the first call)."""
+    if settings.simulated:
+        return "simulated"
+    try:
+        credentials = boto3.Session(profile_name=settings.profile).get_credentials()
+    except BotoCoreError as e:  # ProfileNotFound, a broken config file
+        raise InputError(
+            f"AWS profile problem: {e}", hint="Check --profile / AWS_PROFILE against ~/.aws/config."
+        ) from e
+    return None if credentials is None else str(getattr(credentials, "method", None) or "unknown")
 
 
 def profile_region(settings: Settings) -> str | None:
