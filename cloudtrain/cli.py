@@ -6,6 +6,7 @@ Heavy imports (boto3, moto) happen inside the commands, so ``--help`` stays quic
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import functools
 import json
@@ -101,7 +102,8 @@ def main(ctx: click.Context, profile: str | None, debug: bool) -> None:
     if not debug:
         logging.getLogger("botocore").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _raise_sigterm)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where is it stuck?
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # stderr with no file descriptor
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where is it stuck?
 
 
 pass_context = click.make_pass_decorator(Context)
