@@ -233,7 +233,8 @@ def pull_run(ref: str, settings: Settings, *, reporter: Reporter | None = None) 
 
 
 def down_runs(refs: list[str], settings: Settings, *, all_active: bool = False) -> list[str]:
-    """Terminate the instances of live or kept runs (confirmed), and mark them cancelled.
+    """Terminate the instances of live or kept runs (confirmed), and mark them cancelled;
+    for a finished run whose teardown left something behind, retry that teardown.
 
     Every run is attempted; what could not be removed is raised at the end, naming it."""
     from cloudtrain.cloud.aws import AwsCloud
@@ -243,12 +244,17 @@ def down_runs(refs: list[str], settings: Settings, *, all_active: bool = False) 
 
     stopped, problems = [], []
     with Ledger.open(settings) as ledger:
+        left_behind = ledger.runs_left_behind()
         if all_active:
-            runs = [r for r in ledger.list_runs() if not r.state.finished or r.detail.get("kept_until")]
+            runs = [
+                r
+                for r in ledger.list_runs()
+                if not r.state.finished or r.detail.get("kept_until") or r.id in left_behind
+            ]
         else:
             runs = [ledger.resolve_run(r) for r in refs]
         for run in runs:
-            if run.state.finished and not run.detail.get("kept_until"):
+            if run.state.finished and not run.detail.get("kept_until") and run.id not in left_behind:
                 continue
             detail = run.detail
             instance_id = detail.get("instance_id")

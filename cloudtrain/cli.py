@@ -533,11 +533,19 @@ def logs_command(ctx: Context, run: str, follow: bool) -> None:
 
 @main.command("down")
 @click.argument("runs", nargs=-1)
-@click.option("--all", "all_active", is_flag=True, help="Every live run of this CLOUDTRAIN_HOME.")
+@click.option(
+    "--all",
+    "all_active",
+    is_flag=True,
+    help="Every live or kept run of this CLOUDTRAIN_HOME, and every "
+    "finished one whose teardown left something behind.",
+)
 @pass_context
 @handle_errors
 def down_command(ctx: Context, runs: tuple[str, ...], all_active: bool) -> None:
-    """Terminate the instances of RUNS (confirmed) and delete their security groups."""
+    """Terminate the instances of RUNS (confirmed) and delete their security groups, key
+    pairs and instance profiles. A finished run whose teardown could not remove everything
+    is torn down again; other finished runs are left as they are."""
     from cloudtrain.api import down_runs
 
     if not runs and not all_active:

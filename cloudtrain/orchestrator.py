@@ -623,7 +623,8 @@ def teardown(
 ) -> list[str]:
     """Terminate (confirmed) the run's instance and any other the run's tag finds (a launch
     whose id never came back), then delete the security group, the key pair and the
-    instance profile. Every step is attempted; returns what could not be removed."""
+    instance profile, and, when all that worked, the local private key. Every step is
+    attempted; returns what could not be removed."""
     problems: list[str] = []
     instances = [instance_id] if instance_id else []
     try:
@@ -656,6 +657,8 @@ def teardown(
             problems.append(f"{what} {name}: {e.message}")
     if not problems and instance_profile:
         ledger.add_event(run_id, "instance-profile-deleted", f"{instance_profile} deleted")
+    if not problems:  # nothing left to reach: the private key goes too
+        cloud.forget_private_key(run_id)
     for problem in problems:
         ledger.add_event(run_id, "teardown-incomplete", problem)
     return problems

@@ -137,3 +137,35 @@ def test_teardown_finds_an_instance_whose_id_never_came_back(settings: Settings)
         assert problems == []
         assert cloud.describe(instance_id).state == "terminated"
         assert cloud.find_run_instances(RUN_ID) == []
+
+
+def test_down_retries_a_teardown_that_left_something_behind(settings: Settings) -> None:
+    """The hint of an incomplete teardown is `cloudtrain down RUN`: it must retry it, once."""
+    from cloudtrain.api import down_runs
+    from cloudtrain.ledger import Ledger, RunRow
+    from cloudtrain.records import RunState
+
+    cloud = AwsCloud(ensure_simulator(settings), "us-east-1")
+    instance_id, request = launch(cloud)
+    detail = {
+        "instance_id": instance_id,
+        "security_group_id": request.security_group_id,
+        "key_name": request.key.name,
+    }
+    with Ledger.open(settings) as ledger:
+        row = RunRow(
+            RUN_ID, "sim-test", RunState.FAILED, utcnow(), simulated=True, region="us-east-1", detail=detail
+        )
+        ledger.create_run(row)
+        ledger.add_event(RUN_ID, "teardown-incomplete", f"instance {instance_id}: RequestLimitExceeded")
+    assert request.key.path.exists()
+
+    assert down_runs([], settings, all_active=True) == [RUN_ID]  # --all finds it too
+    assert cloud.describe(instance_id).state == "terminated"
+    assert cloud.find_run_instances(RUN_ID) == []
+    assert not request.key.path.exists()  # nothing left to reach: the private key is gone
+    with Ledger.open(settings) as ledger:
+        run = ledger.get_run(RUN_ID)
+        assert run is not None and run.state is RunState.FAILED  # its outcome is kept
+        assert [e.kind for e in ledger.events(RUN_ID)][-1] == "down"
+    assert down_runs([RUN_ID], settings) == []  # done: not again

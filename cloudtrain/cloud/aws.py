@@ -496,6 +496,10 @@ class AwsCloud:
         with aws_errors("DeleteKeyPair"):
             self.ec2.delete_key_pair(KeyName=name)
 
+    def forget_private_key(self, run_id: str) -> None:
+        """Remove the run's private key file (once nothing of the run is left to reach)."""
+        (self.settings.keys_dir / f"{run_id}.pem").unlink(missing_ok=True)
+
     # --- security group ------------------------------------------------------------------
 
     def create_security_group(self, run_id: str, cidr: str, tags: Mapping[str, str]) -> str:
