@@ -1,28 +1,33 @@
 #!/usr/bin/env bash
 # The cloudtrain image recipe: build the job environments under one prefix.
 #
-#   provision.sh --prefix DIR [--flavor gpu|cpu] [--envs tensorflow[,theano]] [--python PY]
+#   provision.sh --prefix DIR [--flavor gpu|cpu] [--envs tensorflow[,theano]]
+#                [--python PY] [--theano-python PY37]
 #
-# On the real image (ami/, `cloudtrain image build`): --prefix /opt/cloudtrain --flavor gpu.
+# On the real image: --prefix /opt/cloudtrain --flavor gpu (see ami/README.md).
 # For --dry-run the controller runs this same script with --flavor cpu into its cache
 # folder, so the recipe is exercised by the tests, not just written.
 #
-# Each environment is a venv under PREFIX/envs/NAME; PREFIX/image.json records what was
-# built. Re-running with the same arguments reuses what is already there.
+# Each environment is PREFIX/envs/NAME (a venv; the GPU theano one a conda prefix),
+# marked complete by PREFIX/envs/NAME/.complete; PREFIX/image.json records every
+# complete environment. Re-running reuses complete environments, so environments
+# can be added to an image one at a time.
 set -euo pipefail
 
 prefix=""
 flavor="gpu"
 envs="tensorflow"
 python="${CLOUDTRAIN_IMAGE_PYTHON:-python3}"
+theano_python="${CLOUDTRAIN_PYTHON37:-python3.7}"
 
-usage() { sed -n '2,11p' "$0" >&2; exit 2; }
+usage() { sed -n '2,14p' "$0" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --prefix) prefix="$2"; shift 2 ;;
         --flavor) flavor="$2"; shift 2 ;;
         --envs) envs="$2"; shift 2 ;;
         --python) python="$2"; shift 2 ;;
+        --theano-python) theano_python="$2"; shift 2 ;;
         -h|--help) usage ;;
         *) echo "provision.sh: unknown argument $1" >&2; usage ;;
     esac
@@ -34,46 +39,91 @@ here="$(cd "$(dirname "$0")" && pwd)"
 mkdir -p "$prefix/envs"
 step() { printf '[provision] %s\n' "$*"; }
 
-build_venv() {  # NAME PYTHON REQUIREMENTS...
+new_venv() {  # NAME PYTHON REQUIREMENTS...: a fresh venv with the requirements installed
     local name="$1" py="$2"; shift 2
     local env="$prefix/envs/$name"
-    if [ -f "$env/.complete" ]; then
-        step "$name: already built"
-        return
-    fi
     rm -rf "$env"
     step "$name: creating a venv with $("$py" --version 2>&1)"
     "$py" -m venv "$env"
     "$env/bin/python" -m pip install --quiet --upgrade pip
     step "$name: installing $*"
     "$env/bin/python" -m pip install --quiet --progress-bar off "$@"
-    touch "$env/.complete"
+}
+
+build_tensorflow() {
+    local env="$prefix/envs/tensorflow" tf
+    if [ "$flavor" = gpu ]; then tf="tensorflow[and-cuda]"; else tf="tensorflow-cpu"; fi
+    new_venv tensorflow "$python" -r "$here/requirements-tensorflow.txt" "$tf"
+    # `keras: 2` jobs: tf-keras (the Keras 2 API, TF_USE_LEGACY_KERAS=1) of TensorFlow's own
+    # minor version; --no-deps, as it names the `tensorflow` wheel, not tensorflow-cpu.
+    local minor
+    minor="$("$env/bin/python" - <<'PY'
+from importlib import metadata
+for name in ("tensorflow", "tensorflow-cpu", "tensorflow_cpu"):
+    try:
+        print(".".join(metadata.version(name).split(".")[:2]))
+        break
+    except metadata.PackageNotFoundError:
+        pass
+PY
+)"
+    [ -n "$minor" ] || { echo "provision.sh: no TensorFlow in the tensorflow environment" >&2; exit 3; }
+    step "tensorflow: installing tf-keras $minor.* (the Keras 2 API)"
+    "$env/bin/python" -m pip install --quiet --progress-bar off --no-deps "tf-keras==$minor.*"
+}
+
+build_theano() {
+    local env="$prefix/envs/theano"
+    if [ "$flavor" = gpu ]; then
+        rm -rf "$env"
+        bash "$here/theano-gpu.sh" "$prefix"
+    else
+        if ! "$theano_python" -c 'import sys; assert sys.version_info[:2] == (3, 7)' 2>/dev/null; then
+            echo "provision.sh: the theano environment needs Python 3.7; '$theano_python' is not one." >&2
+            echo "  Install it (pyenv install 3.7.16) and pass --theano-python or set CLOUDTRAIN_PYTHON37." >&2
+            exit 3
+        fi
+        new_venv theano "$theano_python" -r "$here/requirements-theano.txt"
+    fi
+    # Theano compiles C for each new graph (~30 s for a first fit): compile the common
+    # ones now, into PREFIX/theano-cache, which every instance starts from a copy of.
+    step "theano: warming the compile cache"
+    rm -rf "$prefix/theano-cache"
+    KERAS_BACKEND=theano THEANO_FLAGS="device=cpu,floatX=float32,base_compiledir=$prefix/theano-cache" \
+        HOME="$prefix" "$env/bin/python" "$here/warm_theano.py"
+    rm -rf "$prefix/.keras"
 }
 
 IFS=',' read -r -a wanted <<<"$envs"
 for name in "${wanted[@]}"; do
-    case "$name" in
-        tensorflow)
-            if [ "$flavor" = gpu ]; then tf="tensorflow[and-cuda]"; else tf="tensorflow-cpu"; fi
-            build_venv tensorflow "$python" -r "$here/requirements-tensorflow.txt" "$tf"
-            ;;
-        *) echo "provision.sh: unknown environment '$name'" >&2; exit 2 ;;
-    esac
+    case "$name" in tensorflow|theano) ;; *) echo "provision.sh: unknown environment '$name'" >&2; exit 2 ;; esac
+done
+for name in "${wanted[@]}"; do
+    if [ -f "$prefix/envs/$name/.complete" ]; then
+        step "$name: already built"
+        continue
+    fi
+    "build_$name"
+    touch "$prefix/envs/$name/.complete"
 done
 
-# What was built, for the controller and `cloudtrain doctor`.
-"$prefix/envs/${wanted[0]}/bin/python" - "$prefix" "$flavor" "${wanted[@]}" <<'PY'
+# Every complete environment, for the controller and `cloudtrain doctor`.
+"$prefix/envs/${wanted[0]}/bin/python" - "$prefix" "$flavor" <<'PY'
 import json, os, subprocess, sys
-prefix, flavor, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+prefix, flavor = sys.argv[1], sys.argv[2]
 envs = {}
-for name in names:
+for name in sorted(os.listdir(os.path.join(prefix, "envs"))):
+    if not os.path.isfile(os.path.join(prefix, "envs", name, ".complete")):
+        continue
     py = os.path.join(prefix, "envs", name, "bin", "python")
     version = subprocess.run([py, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+                             stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout.strip()
     envs[name] = {"python": py, "python_version": version}
+cache = os.path.join(prefix, "theano-cache")
 tmp = os.path.join(prefix, "image.json.tmp")
 with open(tmp, "w") as out:
-    json.dump({"schema": 1, "flavor": flavor, "envs": envs}, out, indent=2)
+    json.dump({"schema": 1, "flavor": flavor, "envs": envs,
+               "theano_cache": cache if os.path.isdir(cache) else None}, out, indent=2)
 os.replace(tmp, os.path.join(prefix, "image.json"))
 PY
 step "done: $prefix"

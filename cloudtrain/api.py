@@ -116,11 +116,12 @@ def run_job(
     secrets = secrets_from(spec, os.environ if environ is None else environ)
     reporter = reporter or Reporter()
     out = (out_dir or Path.cwd() / "runs").resolve()
+    candidate_types(spec, catalog)  # a GPU the backend cannot use is refused before anything starts
     if dry_run:
         from cloudtrain.cloud.simimage import ensure_image
         from cloudtrain.cloud.simulator import ensure_simulator
 
-        image = ensure_image(progress=lambda line: reporter.info(f"simulated image: {line}"))
+        image = ensure_image((spec.backend,), progress=lambda line: reporter.info(f"simulated image: {line}"))
         active = ensure_simulator(settings, image=image)
     else:
         active = settings

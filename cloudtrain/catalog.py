@@ -4,7 +4,8 @@ A leaf module (stdlib and ``cloudtrain.errors`` only). The catalog is data shipp
 the package, ``cloudtrain/data/catalog.json``: the GPU instance types cloudtrain may
 rent (family, GPU model and count, GPU memory per GPU, vCPUs, memory) and their
 on-demand Linux list prices per region in USD per hour, plus the EBS gp3 price per
-GB-month. The file says when its prices were taken (``generated``) and where from
+GB-month, and (from the image recipe, ``ami/theano-gpus.json``) the GPUs the Theano
+image can drive. The file says when its prices were taken (``generated``) and where from
 (``source``); ``python -m cloudtrain.cloud.catalog_update`` regenerates it from the
 AWS Pricing API. Spot prices are not here: the cloud layer fetches them live.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from functools import lru_cache
 from importlib import resources
@@ -25,6 +26,7 @@ from cloudtrain.errors import CloudtrainError
 
 SCHEMA = 1
 CATALOG_RESOURCE = "data/catalog.json"
+THEANO_GPUS_RESOURCE = "theano-gpus.json"  # in the image recipe, ami/ (package cloudtrain.ami)
 FALLBACK_REGION = "us-east-1"
 
 _HINT = (
@@ -65,6 +67,9 @@ class Catalog:
     regions: tuple[str, ...]
     instance_types: tuple[InstanceType, ...]
     ebs_gp3_per_gb_month: Mapping[str, float] = field(default_factory=dict, hash=False)
+    # The GPUs the Theano image can drive (ami/theano-gpus.json); None: no restriction.
+    theano_gpus: tuple[str, ...] | None = None
+    theano_cuda: str | None = None
 
     def get(self, name: str) -> InstanceType | None:
         """The instance type called ``name`` (exact, e.g. ``g4dn.xlarge``), or None."""
@@ -119,7 +124,24 @@ def load_catalog() -> Catalog:
         raise CloudtrainError(f"the instance catalog {CATALOG_RESOURCE} is not valid JSON: {e}", _HINT) from e
     if not isinstance(data, Mapping):
         raise CloudtrainError(f"the instance catalog {CATALOG_RESOURCE} is not a JSON object", _HINT)
-    return parse_catalog(data)
+    cuda, gpus = load_theano_gpus()
+    return replace(parse_catalog(data), theano_gpus=gpus, theano_cuda=cuda)
+
+
+def load_theano_gpus() -> tuple[str, tuple[str, ...]]:
+    """(CUDA version, GPU models) of ami/theano-gpus.json: what the Theano image can drive.
+
+    The same file the image recipe (ami/theano-gpu.sh) checks the build machine's GPU against."""
+    where = f"the image recipe's {THEANO_GPUS_RESOURCE}"
+    try:
+        data = json.loads(resources.files("cloudtrain.ami").joinpath(THEANO_GPUS_RESOURCE).read_text())
+        cuda = data["cuda"]
+        gpus = tuple(sorted({gpu for models in data["architectures"].values() for gpu in models}))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CloudtrainError(f"cannot read {where}: {e}", "Reinstall cloudtrain.") from e
+    if not isinstance(cuda, str) or not gpus or not all(isinstance(g, str) for g in gpus):
+        raise CloudtrainError(f"{where}: 'cuda' and 'architectures' are malformed", "Reinstall cloudtrain.")
+    return cuda, gpus
 
 
 def parse_catalog(data: Mapping[str, Any]) -> Catalog:

@@ -398,13 +398,17 @@ class Orchestrator:
         env_args = " ".join(f"--env {_q(f'{k}={v}')}" for k, v in self.spec.env.items())
         path = f"PATH=${{CLOUDTRAIN_ROOT:-/opt/cloudtrain}}/envs/{backend}/bin:$PATH"
         seed = f" --seed {self.spec.seed}" if self.spec.seed is not None else ""
+        keras = f" --keras {self.spec.keras}" if self.spec.keras else ""
+        cache = ""
+        if backend == "theano":  # the run's compile folder starts as a copy of the image's warm one
+            cache = ' --compile-cache "${CLOUDTRAIN_ROOT:-/opt/cloudtrain}/theano-cache"'
         gpu = '$([ -n "$CLOUDTRAIN_SIMULATED" ] && echo no || echo auto)'
         ctx.session.run(
             f"mkdir -p {REMOTE_RUN_DIR} {REMOTE_WORKDIR} && "
             + agent_command(
                 backend,
                 f"backend --backend {backend} --home $HOME --run-dir {REMOTE_RUN_DIR} "
-                f'--gpu {gpu}{seed} --env "{path}" {env_args}',
+                f'--gpu {gpu}{seed}{keras}{cache} --env "{path}" {env_args}',
             )
         )
         expect_gpu = '$([ -z "$CLOUDTRAIN_SIMULATED" ] && echo --expect-gpu)'
@@ -412,7 +416,7 @@ class Orchestrator:
             agent_command(
                 backend,
                 f"verify --backend {backend} --python {remote_python(backend)} "
-                f"--env-file {REMOTE_RUN_DIR}/env.json {expect_gpu}",
+                f"--env-file {REMOTE_RUN_DIR}/env.json{keras} {expect_gpu}",
             ),
             check=False,
         )

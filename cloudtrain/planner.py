@@ -116,15 +116,30 @@ class Plan:
 
 
 def candidate_types(spec: JobSpec, catalog: Catalog) -> list[InstanceType]:
-    """The instance types that satisfy the job's gpu / instance_type request."""
+    """The instance types that satisfy the job's gpu / instance_type request (and, for a
+    theano job, carry a GPU the Theano image can drive: PlanError naming them otherwise)."""
     res = spec.resources
     if res.instance_type is not None:
         found = catalog.get(res.instance_type)
-        return [found] if found else []
-    if res.gpu_model is not None:
+        types = [found] if found else []
+    elif res.gpu_model is not None:
         model, count = catalog.canonical_gpu(res.gpu_model), res.gpu_count
-        return [t for t in catalog.instance_types if t.gpu == model and t.gpu_count == count]
-    return [t for t in catalog.instance_types if t.gpu_count == 1]
+        types = [t for t in catalog.instance_types if t.gpu == model and t.gpu_count == count]
+    else:
+        types = [t for t in catalog.instance_types if t.gpu_count == 1]
+    allowed = catalog.theano_gpus
+    if spec.backend != "theano" or allowed is None:
+        return types
+    driven = [t for t in types if t.gpu in allowed]
+    if types and not driven:
+        asked = sorted({t.gpu for t in types})
+        key = "resources.instance_type" if res.instance_type else "resources.gpu"
+        raise PlanError(
+            f"backend: theano cannot drive {', '.join(asked)} ({key}): the Theano image "
+            f"(CUDA {catalog.theano_cuda}) supports only {', '.join(allowed)}",
+            hint=f"Set resources.gpu to one of {', '.join(allowed)}, or use backend: tensorflow.",
+        )
+    return driven
 
 
 def describe_request(spec: JobSpec) -> str:

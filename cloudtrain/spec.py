@@ -133,6 +133,11 @@ class JobSpec(_Strict):
 
     name: str = Field(pattern=NAME_RE, description="Run name: lower-case letters, digits, '-'")
     backend: Literal["tensorflow", "theano"] = Field("tensorflow", description="Keras backend")
+    keras: Literal[2, 3] | None = Field(
+        None,
+        description="Keras API: 3 (default on tensorflow), or 2 (tf-keras on tensorflow; "
+        "theano is always Keras 2.3.1)",
+    )
     workdir: str = Field(".", description="Folder synced to the instance; default the job file's folder")
     setup: str | None = Field(None, min_length=1, description="Shell run once per instance before `run`")
     run: str = Field(min_length=1, description="Shell command that trains")
@@ -295,6 +300,8 @@ def _iter_semantic_problems(
     for index, source in enumerate(spec.data):
         if not source.is_s3 and not (base / source.src).exists():
             yield ("data", index, "src"), f"'{(base / source.src).resolve()}' does not exist"
+    if spec.backend == "theano" and spec.keras == 3:
+        yield ("keras",), "Keras 3 has no Theano backend: use keras: 2 (Keras 2.3.1), or backend: tensorflow"
     res = spec.resources
     if res.gpu is not None:
         model, _, count = res.gpu.partition(":")
@@ -374,7 +381,7 @@ def load_job(path: str | os.PathLike[str], catalog: Catalog | None = None) -> Jo
 
 
 def _resolved(spec: JobSpec, base: Path, catalog: Catalog) -> JobSpec:
-    """Absolute workdir and local data paths, canonical GPU spelling."""
+    """Absolute workdir and local data paths, canonical GPU spelling, the Keras API settled."""
     data = [
         src if src.is_s3 else src.model_copy(update={"src": str((base / src.src).resolve())})
         for src in spec.data
@@ -385,6 +392,7 @@ def _resolved(spec: JobSpec, base: Path, catalog: Catalog) -> JobSpec:
         resources = resources.model_copy(update={"gpu": f"{catalog.canonical_gpu(model)}{sep}{count}"})
     return spec.model_copy(
         update={
+            "keras": spec.keras or (2 if spec.backend == "theano" else 3),
             "workdir": str((base / spec.workdir).resolve()),
             "data": data,
             "resources": resources,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
-import glob
 import json
 import os
 import py_compile
@@ -29,6 +28,8 @@ from typing import Any
 
 import pytest
 
+from cloudtrain.cloud import simimage
+
 REPO = Path(__file__).resolve().parents[1]
 AGENT_SRC = REPO / "cloudtrain" / "agent"
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -37,35 +38,8 @@ INSTALL_37 = "Python 3.7 not found: install it (`pyenv install 3.7.16`) or set C
 
 @functools.lru_cache(maxsize=1)
 def find_python37() -> str | None:
-    """A working Python 3.7: $CLOUDTRAIN_PYTHON37, pyenv's versions, or python3.7 on PATH."""
-    candidates: list[str] = []
-    if os.environ.get("CLOUDTRAIN_PYTHON37"):
-        candidates.append(os.environ["CLOUDTRAIN_PYTHON37"])
-    roots = [os.environ.get("PYENV_ROOT", ""), str(Path.home() / ".pyenv"), "/root/.pyenv"]
-    pyenv = shutil.which("pyenv")
-    if pyenv:
-        try:
-            out = subprocess.run([pyenv, "root"], capture_output=True, text=True, timeout=10)
-            roots.insert(0, out.stdout.strip())
-        except (OSError, subprocess.SubprocessError):
-            pass
-    for root in filter(None, roots):
-        candidates += sorted(glob.glob(f"{root}/versions/3.7*/bin/python3.7"), reverse=True)
-    candidates.append(shutil.which("python3.7") or "")
-    for candidate in filter(None, candidates):
-        # A pyenv shim exits 127 unless pyenv selects 3.7: run it to know.
-        try:
-            out = subprocess.run(
-                [candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 7))"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-            )
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if out.returncode == 0 and out.stdout.strip() == "True":
-            return candidate
-    return None
+    """A working Python 3.7 (the same search the simulated image's theano build uses)."""
+    return simimage.find_python37()
 
 
 class Agent:
@@ -225,6 +199,13 @@ def test_backend_theano(agent: Agent, tmp_path: Path, gpu: str, device: str) -> 
     assert env["KERAS_BACKEND"] == "theano"
     assert env["THEANO_FLAGS"] == f"device={device},floatX=float32,base_compiledir={home / '.theano'}"
     assert out["gpu"] is (gpu == "yes") and out["theanorc"] == str(home / ".theanorc")
+    # The job's own THEANO_FLAGS follow ours, so they win (Theano reads the last value).
+    out = agent.backend(
+        "theano", home, run, "--gpu", gpu, "--env", "THEANO_FLAGS=dnn.conv.algo_bwd_filter=deterministic"
+    )
+    assert out["env"]["THEANO_FLAGS"].endswith(
+        f"base_compiledir={home / '.theano'},dnn.conv.algo_bwd_filter=deterministic"
+    )
 
 
 @pytest.mark.parametrize(
@@ -256,6 +237,70 @@ def test_backend_keras_versions(agent: Agent, tmp_path: Path) -> None:
     assert "TF_USE_LEGACY_KERAS" not in json.loads((run / "env.json").read_text())
     err = agent.json("backend", "--backend", "theano", "--keras", "3", *common, expect=2)
     assert "Theano" in err["error"] and err["hint"]
+
+
+@pytest.mark.parametrize(("keras", "version", "is_tf_keras"), [("2", "2.99.0", True), ("3", "3.99.0", False)])
+def test_keras_2_on_tensorflow_makes_import_keras_tf_keras(
+    agent: Agent, tmp_path: Path, keras: str, version: str, is_tf_keras: bool
+) -> None:
+    fakes = fake_modules(tmp_path / "fakes")
+    run = tmp_path / "run"
+    agent.backend(
+        "tensorflow", tmp_path / "h", run, "--gpu", "no", "--keras", keras, "--env", f"PYTHONPATH={fakes}"
+    )
+    probe = (
+        "import keras, keras.models, tf_keras, tf_keras.models\n"
+        "from keras.models import Sequential\n"
+        "print(keras.__version__, keras is tf_keras, keras.models is tf_keras.models,"
+        " Sequential is tf_keras.models.Sequential)"
+    )
+    if not is_tf_keras:
+        probe = "import keras\nprint(keras.__version__, False, False, False)"
+    out = subprocess.run(
+        [agent.python, "-c", probe], env=job_env(agent, run / "env.json"), capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [version] + [str(is_tf_keras)] * 3
+
+
+def test_verify_checks_the_keras_major_version(agent: Agent, tmp_path: Path) -> None:
+    fakes = fake_modules(tmp_path / "fakes")
+    run = tmp_path / "run"
+    agent.backend(
+        "tensorflow", tmp_path / "h", run, "--gpu", "no", "--keras", "2", "--env", f"PYTHONPATH={fakes}"
+    )
+    args = [
+        "verify",
+        "--backend",
+        "tensorflow",
+        "--python",
+        agent.python,
+        "--env-file",
+        str(run / "env.json"),
+    ]
+    ok = agent.json(*args, "--keras", "2")
+    assert ok["keras_version"] == "2.99.0" and ok["expected_keras"] == 2
+    out = agent.json(*args, "--keras", "3", expect=3)
+    assert "gives Keras 2.99.0, but the job wants Keras 3" in out["error"] and out["hint"]
+
+
+def test_theano_compile_folder_starts_as_a_copy_of_the_image_cache(agent: Agent, tmp_path: Path) -> None:
+    cache = tmp_path / "image" / "theano-cache"
+    (cache / "compiledir_x" / "tmpabc").mkdir(parents=True)
+    (cache / "compiledir_x" / "tmpabc" / "mod.so").write_bytes(b"compiled")
+    home, run = tmp_path / "job-home", tmp_path / "run"
+    out = agent.backend("theano", home, run, "--gpu", "no", "--compile-cache", str(cache))
+    assert out["compile_cache"] == str(cache)
+    copied = home / ".theano" / "compiledir_x" / "tmpabc" / "mod.so"
+    assert copied.read_bytes() == b"compiled" and not copied.is_symlink()
+    copied.write_bytes(b"recompiled by the run")  # the run writes its own copy, never the image
+    assert (cache / "compiledir_x" / "tmpabc" / "mod.so").read_bytes() == b"compiled"
+    again = agent.backend("theano", home, run, "--gpu", "no", "--compile-cache", str(cache))
+    assert again["compile_cache"] is None and copied.read_bytes() == b"recompiled by the run"
+    fresh = agent.backend(
+        "theano", tmp_path / "h2", tmp_path / "r2", "--gpu", "no", "--compile-cache", str(tmp_path / "none")
+    )
+    assert fresh["compile_cache"] is None and not (tmp_path / "h2" / ".theano").exists()
 
 
 def test_backend_seed_seeds_random_without_importing_tensorflow(agent: Agent, tmp_path: Path) -> None:
@@ -296,7 +341,10 @@ FAKE_MODULES = {
     "keras/__init__.py": "__version__ = '3.99.0'\nfrom . import utils, backend\n",
     "keras/utils.py": "seeded = None\ndef set_random_seed(s):\n    global seeded\n    seeded = s\n",
     "keras/backend.py": "import os\ndef backend():\n    return os.environ.get('KERAS_BACKEND')\n",
-    "tf_keras/__init__.py": "__version__ = '2.99.0'\n",
+    "tf_keras/__init__.py": "__version__ = '2.99.0'\nfrom . import utils, backend\n",
+    "tf_keras/utils.py": "seeded = None\ndef set_random_seed(s):\n    global seeded\n    seeded = s\n",
+    "tf_keras/backend.py": "def backend():\n    return 'tensorflow'\n",
+    "tf_keras/models.py": "class Sequential:\n    pass\n",
     "theano/__init__.py": "__version__ = '1.0.5'\nfrom . import config\n",
     "theano/config.py": "device = 'cpu'\n",
 }
@@ -735,7 +783,7 @@ def test_usage_errors_are_json_with_status_2(agent: Agent, tmp_path: Path) -> No
 
 
 # S3 transfers may use the image's boto3 (DESIGN.md); imported lazily there, nowhere else.
-IMAGE_PACKAGES = {"fetch_s3.py": {"boto3", "botocore"}}
+IMAGE_PACKAGES = {"fetch_s3.py": {"boto3", "botocore"}, "keras2shim.py": {"tf_keras"}}
 
 
 def test_agent_imports_only_the_standard_library_and_itself() -> None:
@@ -771,3 +819,16 @@ def test_agent_compiles_on_python37(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     for f in files:  # and the controller's Python, for good measure
         py_compile.compile(f, cfile=str(tmp_path / "x.pyc"), doraise=True)
+
+
+def test_verify_names_a_backend_that_does_not_import(agent: Agent, tmp_path: Path) -> None:
+    fakes = fake_modules(tmp_path / "fakes")
+    shutil.rmtree(fakes / "theano")  # keras says theano; there is no theano
+    run = tmp_path / "run"
+    agent.backend("theano", tmp_path / "h", run, "--gpu", "no", "--env", f"PYTHONPATH={fakes}")
+    args = ["verify", "--python", agent.python, "--env-file", str(run / "env.json")]
+    out = agent.json(*args, "--backend", "theano", expect=3)
+    assert "Keras uses the theano backend, but theano does not import" in out["error"]
+    assert "No module named 'theano'" in out["error"]
+    out = agent.json(*args, "--backend", "tensorflow", expect=3)  # a mismatch is named as such
+    assert "Keras uses the 'theano' backend, but the job wants 'tensorflow'" in out["error"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -170,3 +171,42 @@ def test_plan_json_contract(tmp_path: Path) -> None:
     assert data["choice"]["price_source"] == "simulated"
     assert data["simulated"] is True
     assert data["catalog_date"] == CATALOG.generated.isoformat()
+
+
+# --- the Theano image's GPUs (ami/theano-gpus.json) --------------------------------------
+
+
+def test_theano_gpus_come_from_the_image_recipe() -> None:
+    data = json.loads((Path(__file__).resolve().parents[1] / "ami" / "theano-gpus.json").read_text())
+    listed = {gpu for models in data["architectures"].values() for gpu in models}
+    assert set(CATALOG.theano_gpus or ()) == listed and CATALOG.theano_cuda == data["cuda"]
+    assert listed and listed <= set(CATALOG.gpu_names())  # every one is a GPU the catalog rents
+
+
+@pytest.mark.parametrize(
+    "resources",
+    ["  gpu: A10G\n", "  gpu: h100:8\n", "  instance_type: g5.xlarge\n", "  gpu: A100:8\n"],
+)
+def test_theano_job_on_a_gpu_the_image_cannot_drive_is_refused(tmp_path: Path, resources: str) -> None:
+    spec = job(tmp_path, resources, extra="backend: theano\n")
+    with pytest.raises(PlanError) as caught:
+        plan(spec, CATALOG, [], region="us-east-1", now=NOW)
+    message = caught.value.message
+    assert message.startswith("backend: theano cannot drive")
+    assert all(gpu in message for gpu in CATALOG.theano_gpus or ("?",))
+    assert "backend: tensorflow" in (caught.value.hint or "")
+
+
+def test_theano_job_without_a_gpu_choice_gets_only_gpus_it_can_drive(tmp_path: Path) -> None:
+    theano = plan(job(tmp_path, extra="backend: theano\n"), CATALOG, [], region="us-east-1", now=NOW)
+    assert {o.instance.gpu for o in theano.offers} <= set(CATALOG.theano_gpus or ())
+    assert theano.choice.instance.gpu in (CATALOG.theano_gpus or ())
+    tensorflow = plan(job(tmp_path), CATALOG, [], region="us-east-1", now=NOW)
+    assert {o.instance.gpu for o in tensorflow.offers} > {o.instance.gpu for o in theano.offers}
+
+
+def test_theano_job_on_a_t4_is_planned(tmp_path: Path) -> None:
+    result = plan(
+        job(tmp_path, "  gpu: T4\n", extra="backend: theano\n"), CATALOG, [], region="us-east-1", now=NOW
+    )
+    assert result.choice.instance.gpu == "T4"

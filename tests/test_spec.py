@@ -74,6 +74,14 @@ def test_minimal_job_gets_defaults(tmp_path: Path) -> None:
     assert spec.outputs == [] and spec.data == [] and spec.secrets == []
 
 
+@pytest.mark.parametrize(
+    ("lines", "keras"),
+    [("", 3), ("backend: theano\n", 2), ("keras: 2\n", 2), ("backend: theano\nkeras: 2\n", 2)],
+)
+def test_the_keras_api_is_settled_when_loaded(tmp_path: Path, lines: str, keras: int) -> None:
+    assert load_job(write_job(tmp_path, f"name: x\nrun: r\n{lines}")).keras == keras
+
+
 def test_gpu_with_count(tmp_path: Path) -> None:
     spec = load_job(write_job(tmp_path, "name: x\nrun: r\nresources: {gpu: 'v100:4'}\n"))
     assert spec.resources.gpu == "V100:4"
@@ -166,6 +174,11 @@ def test_example_jobs_are_valid() -> None:
             "the count after ':' must be a positive whole number",
         ),
         ("name: x\nrun: r\nresources: {image: ami-xyz}\n", "'ami-xyz' is not an AMI id"),
+        (
+            "name: x\nrun: r\nbackend: theano\nkeras: 3\n",
+            "job.yaml:4: keras: Keras 3 has no Theano backend: use keras: 2",
+        ),
+        ("name: x\nrun: r\nkeras: 1\n", "job.yaml:3: keras: Input should be 2 or 3"),
     ],
 )
 def test_bad_files_refused_with_line_and_key(tmp_path: Path, text: str, expected: str) -> None:

@@ -1,6 +1,7 @@
 """Backend configuration: keras.json, .theanorc and the run's env.json (plus seeding).
 
-`configure()` writes HOME/.keras/keras.json, for Theano HOME/.theanorc, and
+`configure()` writes HOME/.keras/keras.json, for Theano HOME/.theanorc (and
+HOME/.theano, the run's compile folder, seeded from the image's warmed cache), and
 RUN_DIR/env.json: the variables every command of the run gets (KERAS_BACKEND,
 KERAS_HOME, HOME, THEANO_FLAGS, seed variables ...). GPU "auto" means: `nvidia-smi -L`
 exists and lists a GPU.
@@ -53,6 +54,31 @@ def theanorc(device: str) -> str:
     return f"[global]\ndevice = {device}\nfloatX = float32\n"
 
 
+KERAS2_SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keras2shim.py")
+
+
+def _write_keras2_shim(run_dir: str) -> str:
+    """RUN_DIR/keras2/keras/__init__.py: `import keras` is tf_keras (see keras2shim.py)."""
+    folder = os.path.join(run_dir, "keras2")
+    package = os.path.join(folder, "keras")
+    os.makedirs(package, exist_ok=True)
+    with open(KERAS2_SHIM, "rb") as source:
+        write_atomic(os.path.join(package, "__init__.py"), source.read())
+    return folder
+
+
+def _seed_compiledir(cache: str | None, compiledir: str) -> str | None:
+    """Start this run's own Theano compile folder as a copy of the image's warmed cache
+    (the image stays read-only); an existing folder is kept. Returns the cache used."""
+    if not cache or not os.path.isdir(cache) or os.path.exists(compiledir):
+        return None
+    tmp = compiledir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(cache, tmp, symlinks=True)
+    os.rename(tmp, compiledir)
+    return cache
+
+
 def configure(
     backend: str,
     home: str,
@@ -61,6 +87,7 @@ def configure(
     seed: int | None = None,
     keras: int | None = None,
     extra_env: dict[str, str] | None = None,
+    compile_cache: str | None = None,
 ) -> dict[str, object]:
     """Write the configuration files; return what was written, for the controller."""
     if backend not in BACKENDS:
@@ -95,14 +122,21 @@ def configure(
         }
     )
     theanorc_path = None
+    seeded_from = None
     if backend == "theano":
         device = "cuda" if use_gpu else "cpu"
         theanorc_path = os.path.join(home, ".theanorc")
         write_atomic(theanorc_path, theanorc(device).encode("ascii"))
         compiledir = os.path.join(home, ".theano")
-        env["THEANO_FLAGS"] = f"device={device},floatX=float32,base_compiledir={compiledir}"
+        seeded_from = _seed_compiledir(compile_cache, compiledir)
+        flags = f"device={device},floatX=float32,base_compiledir={compiledir}"
+        job_flags = (extra_env or {}).get("THEANO_FLAGS")  # the job's own come last: they win
+        env["THEANO_FLAGS"] = f"{flags},{job_flags}" if job_flags else flags
+    keras2_dir = None
     if backend == "tensorflow" and keras == 2:
         env["TF_USE_LEGACY_KERAS"] = "1"
+        keras2_dir = _write_keras2_shim(paths.run_dir)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (keras2_dir, env.get("PYTHONPATH", "")) if p)
 
     seed_dir = None
     if seed is not None:
@@ -121,5 +155,7 @@ def configure(
         "theanorc": theanorc_path,
         "env_file": paths.env,
         "seed_dir": seed_dir,
+        "keras2_shim": keras2_dir,
+        "compile_cache": seeded_from,
         "env": env,
     }

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default="auto", choices=["auto", "yes", "no"])
     p.add_argument("--seed", type=int)
     p.add_argument("--keras", type=int, choices=[2, 3])
+    p.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="theano: the image's warmed compile cache; HOME/.theano starts as a copy of it",
+    )
     p.add_argument("--env", action="append", type=_env_pair, default=[], metavar="KEY=VALUE")
 
     p = sub.add_parser("verify", help="import Keras in the job's environment and check the backend")
@@ -50,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect-gpu", action="store_true")
     p.add_argument("--env-file")
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--keras", type=int, choices=[2, 3], help="the Keras major version the job wants")
 
     p = sub.add_parser("start", help="run setup and the training command, detached; secrets on stdin")
     p.add_argument("--run-dir", required=True)
@@ -94,12 +100,19 @@ def dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
         from .backend import configure
 
         return configure(
-            args.backend, args.home, args.run_dir, args.gpu, args.seed, args.keras, dict(args.env)
+            args.backend,
+            args.home,
+            args.run_dir,
+            args.gpu,
+            args.seed,
+            args.keras,
+            dict(args.env),
+            compile_cache=args.compile_cache,
         )
     if command == "verify":
         from .verify import verify
 
-        return verify(args.backend, args.python, args.expect_gpu, args.env_file, args.timeout)
+        return verify(args.backend, args.python, args.expect_gpu, args.env_file, args.timeout, args.keras)
     if command == "start":
         from .environ import parse_secrets
         from .supervisor import start

@@ -33,7 +33,13 @@ report["framework"] = None
 report["framework_version"] = None
 devices = []
 gpu = False
-if backend == "tensorflow":
+def framework(name):
+    try:
+        return __import__(name)
+    except ImportError as e:
+        report["framework_error"] = "%s: %s" % (type(e).__name__, e)
+        return None
+if backend == "tensorflow" and framework("tensorflow") is not None:
     import tensorflow as tf
     report["framework"] = "tensorflow"
     report["framework_version"] = getattr(tf, "__version__", None)
@@ -49,7 +55,7 @@ if backend == "tensorflow":
             report["tf_keras_version"] = getattr(tf_keras, "__version__", None)
         except ImportError:
             report["tf_keras_version"] = None
-elif backend == "theano":
+elif backend == "theano" and framework("theano") is not None:
     import theano
     report["framework"] = "theano"
     report["framework_version"] = getattr(theano, "__version__", None)
@@ -133,6 +139,7 @@ def verify(
     expect_gpu: bool = False,
     env_file: str | None = None,
     timeout: float = 600.0,
+    keras: int | None = None,
 ) -> dict[str, Any]:
     """Run the probe and check it; return its report with `ok: true`."""
     env = job_env(env_file)
@@ -143,6 +150,18 @@ def verify(
             f"Keras uses the {seen!r} backend, but the job wants {backend!r}",
             "Check KERAS_BACKEND and keras.json in the job's environment (run `backend` again).",
         )
+    if report.get("framework_error"):
+        raise AgentError(
+            f"Keras uses the {backend} backend, but {backend} does not import: {report['framework_error']}",
+            "The image's job environment is broken; check it (and the job's PYTHONPATH).",
+        )
+    version = str(report.get("keras_version") or "")
+    if keras is not None and version.split(".")[0] != str(keras):
+        raise AgentError(
+            f"`import keras` gives Keras {version or 'of no version'}, but the job wants Keras {keras}",
+            "keras: 2 on tensorflow needs tf-keras in the image (and `backend --keras 2`); "
+            "theano is Keras 2 only.",
+        )
     if expect_gpu and not report.get("gpu"):
         raise AgentError(
             f"{NO_GPU} (devices: {report.get('devices') or 'none'})",
@@ -150,4 +169,5 @@ def verify(
         )
     report["ok"] = True
     report["expected_backend"] = backend
+    report["expected_keras"] = keras
     return report

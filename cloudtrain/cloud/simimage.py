@@ -2,25 +2,33 @@
 
 Built once per machine into the user cache folder (platformdirs), keyed by the
 recipe's hash, and shared by every CLOUDTRAIN_HOME, so the test suite and repeated
-dry-runs do not reinstall TensorFlow. Each simulated instance gets its own writable
-layer over it (see ``simulator.make_layer``); nothing writes into the cache after
-the build.
+dry-runs do not reinstall TensorFlow. Environments are added as jobs need them: the
+theano one (Python 3.7, found by ``find_python37``) only for a theano job. Each
+simulated instance gets its own writable layer over it (see ``simulator.make_layer``);
+nothing writes into the cache after the build.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.resources
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cloudtrain.errors import CloudError
+from cloudtrain.errors import CloudError, InputError
 
-RECIPE_FILES = ("provision.sh", "requirements-tensorflow.txt")
+RECIPE_FILES = ("provision.sh", "requirements-tensorflow.txt", "requirements-theano.txt", "warm_theano.py")
+ENVS = ("tensorflow", "theano")
+INSTALL_PYTHON37 = (
+    "Install it (`pyenv install 3.7.16`, or your distribution's python3.7) or set "
+    "CLOUDTRAIN_PYTHON37 to its path; the tensorflow backend works without it."
+)
 
 
 def recipe_dir() -> Path:
@@ -32,15 +40,64 @@ def image_python() -> str:
     return os.environ.get("CLOUDTRAIN_IMAGE_PYTHON") or sys.executable
 
 
-def recipe_hash(envs: tuple[str, ...] = ("tensorflow",)) -> str:
-    """What the image is built from: the recipe files, the environments, the flavor, the Python."""
+def _is_python37(candidate: str) -> bool:
+    try:
+        probe = subprocess.run(
+            [candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 7))"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return probe.returncode == 0 and probe.stdout.strip() == "True"
+
+
+def python37_candidates() -> list[str]:
+    """Where a Python 3.7 may be: $CLOUDTRAIN_PYTHON37, pyenv's versions, python3.7 on PATH."""
+    found = []
+    if os.environ.get("CLOUDTRAIN_PYTHON37"):
+        found.append(os.environ["CLOUDTRAIN_PYTHON37"])
+    roots = [os.environ.get("PYENV_ROOT", ""), str(Path.home() / ".pyenv")]
+    pyenv = shutil.which("pyenv")
+    if pyenv:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            answer = subprocess.run([pyenv, "root"], capture_output=True, text=True, timeout=10)
+            roots.insert(0, answer.stdout)
+    for root in dict.fromkeys(r.strip() for r in roots if r.strip()):
+        found += [str(p) for p in sorted(Path(root, "versions").glob("3.7*/bin/python3.7"), reverse=True)]
+    on_path = shutil.which("python3.7")
+    if on_path:
+        found.append(on_path)
+    return found
+
+
+def find_python37() -> str | None:
+    """A working Python 3.7 for the theano environment, or None. Each candidate is run:
+    pyenv's bare ``python3.7`` shim exists but exits 127 unless pyenv selects 3.7."""
+    for candidate in python37_candidates():
+        if _is_python37(candidate):
+            return candidate
+    return None
+
+
+def recipe_hash() -> str:
+    """What the image is built from: the recipe files, the flavor, the tensorflow env's Python.
+
+    The environments are not part of it: they are added to one image as jobs need them."""
     digest = hashlib.sha256()
     for name in RECIPE_FILES:
         digest.update(name.encode() + b"\0" + (recipe_dir() / name).read_bytes() + b"\0")
-    version = subprocess.run(
-        [image_python(), "-c", "import sys; print(sys.version)"], capture_output=True, text=True, check=True
+    # The interpreter the venv is really made from: a venv's python, python3 and python3.11
+    # (or tox's) are one Python, and must share one image.
+    base = subprocess.run(
+        [image_python(), "-c", "import sys; print(sys.version, sys.base_prefix)"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
-    digest.update(f"cpu|{','.join(envs)}|{image_python()}|{version}".encode())
+    digest.update(f"cpu|{base}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -53,29 +110,46 @@ def cache_root() -> Path:
     return Path(user_cache_dir("cloudtrain"))
 
 
-def image_path(envs: tuple[str, ...] = ("tensorflow",)) -> Path:
-    return cache_root() / "images" / f"sim-{recipe_hash(envs)}"
+def image_path() -> Path:
+    return cache_root() / "images" / f"sim-{recipe_hash()}"
 
 
-def is_built(path: Path) -> bool:
-    return (path / "image.json").is_file()
+def is_built(path: Path, envs: tuple[str, ...] = ("tensorflow",)) -> bool:
+    return (path / "image.json").is_file() and all((path / "envs" / e / ".complete").is_file() for e in envs)
 
 
 def ensure_image(
     envs: tuple[str, ...] = ("tensorflow",), progress: Callable[[str], None] | None = None
 ) -> Path:
-    """Build the simulated image unless this recipe's build is cached; return its prefix."""
+    """Build what the simulated image lacks of ``envs`` (cached per recipe); return its prefix.
+
+    The theano environment needs a Python 3.7 (``find_python37``); without one this
+    raises InputError saying what to install, before building anything."""
     from filelock import FileLock
 
-    path = image_path(envs)
-    if is_built(path):
+    unknown = [e for e in envs if e not in ENVS]
+    if unknown:
+        raise InputError(f"no job environment {', '.join(unknown)}", hint=f"Use one of: {', '.join(ENVS)}.")
+    path = image_path()
+    if is_built(path, envs):
         return path
+    python37 = None
+    if "theano" in envs:
+        python37 = find_python37()
+        if python37 is None:
+            tried = ", ".join(python37_candidates()) or "none found"
+            raise InputError(
+                f"the theano backend's simulated image needs Python 3.7; none works here (tried: {tried})",
+                hint=INSTALL_PYTHON37,
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
-        if is_built(path):
+        if is_built(path, envs):
             return path
         command = ["bash", str(recipe_dir() / "provision.sh"), "--prefix", str(path), "--flavor", "cpu"]
         command += ["--envs", ",".join(envs), "--python", image_python()]
+        if python37:
+            command += ["--theano-python", python37]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
         process = subprocess.Popen(

@@ -461,7 +461,8 @@ def _text(value: str | bytes) -> str:
 
 
 def make_layer(image: Path, sandbox: Path) -> list[str]:
-    """A writable layer over each image environment: a venv whose .pth sees the image's packages.
+    """A writable layer over each image environment: a venv whose .pth sees the image's packages,
+    and a link to the image's warmed Theano compile cache.
 
     A job's ``setup`` (pip install ...) installs into the layer, never into the image.
     Returns the layer's bin folders for PATH (the first environment first).
@@ -493,6 +494,9 @@ def make_layer(image: Path, sandbox: Path) -> list[str]:
             ).stdout.strip()
             Path(layer_site, "cloudtrain_image.pth").write_text(site + "\n")
         bins.append(str(layer / "bin"))
+    cache = image / "theano-cache"  # read-only, like the image: the agent copies it per run
+    if cache.is_dir() and not (sandbox / "theano-cache").exists():
+        (sandbox / "theano-cache").symlink_to(cache, target_is_directory=True)
     return bins
 
 
