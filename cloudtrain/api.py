@@ -6,6 +6,7 @@ Each function takes ``Settings`` and returns a typed record; none prints or exit
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -143,8 +144,12 @@ def run_job(
             detach=detach,
         )
         ctx = orchestrator.start()
-        if on_run_id:
-            on_run_id(ctx.run_id)
+        try:
+            if on_run_id:
+                on_run_id(ctx.run_id)
+        except BaseException:  # e.g. Ctrl-C right here: the run must not stay "planned"
+            orchestrator.finish(ctx, RunState.CANCELLED, None)
+            raise
         code = orchestrator.run(ctx)
         return RunOutcome(ctx.run_id, ctx.run_dir, code)
 
@@ -303,12 +308,35 @@ def run_status(settings: Settings, ref: str | None = None, *, limit: int = 20) -
         return [run_record(ledger, run.id) for run in runs]
 
 
-def follow_logs(ref: str, settings: Settings, sink: Callable[[bytes], Any], *, follow: bool = False) -> None:
-    """A run's log: the local copy, then (with ``follow``, for a live run) the rest as it comes."""
+LOGS_POLL_S = 1.0
+
+
+def follow_logs(
+    ref: str,
+    settings: Settings,
+    sink: Callable[[bytes], Any],
+    *,
+    follow: bool = False,
+    on_wait: Callable[[str], Any] | None = None,
+) -> None:
+    """A run's log: the local copy, then (with ``follow``, for a live run) the rest as it comes.
+
+    Following a run that has not started training yet waits for it (``on_wait`` hears
+    each state it passes through) and returns if it ends before training."""
     from cloudtrain.ledger import Ledger
 
     with Ledger.open(settings) as ledger:
         run = ledger.resolve_run(ref)
+        state = None
+        while follow and not run.state.finished and not run.detail.get("training_started"):
+            if run.state != state:
+                state = run.state
+                if on_wait:
+                    on_wait(f"waiting for {run.id} to start training (now {state.value})")
+            time.sleep(LOGS_POLL_S)
+            found = ledger.get_run(run.id)
+            assert found is not None
+            run = found
         local = Path(run.run_dir or ".") / "logs" / "train.log"
         offset = 0
         if local.exists():

@@ -517,7 +517,12 @@ def render_run(record: dict[str, Any], console: Console) -> None:
 
 @main.command("logs")
 @click.argument("run")
-@click.option("-f", "--follow", is_flag=True, help="Keep streaming while the run trains.")
+@click.option(
+    "-f",
+    "--follow",
+    is_flag=True,
+    help="Keep streaming while the run trains (waiting for it to start, if it has not yet).",
+)
 @pass_context
 @handle_errors
 def logs_command(ctx: Context, run: str, follow: bool) -> None:
@@ -528,7 +533,7 @@ def logs_command(ctx: Context, run: str, follow: bool) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
 
-    follow_logs(run, ctx.settings, sink, follow=follow)
+    follow_logs(run, ctx.settings, sink, follow=follow, on_wait=lambda note: err.print(note, highlight=False))
 
 
 @main.command("down")

@@ -491,6 +491,7 @@ class Orchestrator:
             stdin=json.dumps(self.secrets).encode(),
         )
         ctx.training_started = True
+        self._detail(ctx, training_started=True)  # `logs -f` from elsewhere waits for this
 
     def follow(self, ctx: RunContext) -> int:
         """Stream the training log until it ends (reconnecting after drops); return its exit code."""

@@ -285,6 +285,51 @@ def test_detach_then_pull_and_attach(sim_image: Path, tmp_path: Path, settings: 
     assert live_instances(settings, run_id) == []
 
 
+def test_logs_follow_waits_for_a_run_that_has_not_started_training(
+    sim_image: Path, tmp_path: Path, settings: Settings
+) -> None:
+    job = write_job(
+        tmp_path / "job", py("import time\nfor i in range(20): print('step', i, flush=True); time.sleep(0.1)")
+    )
+    out = tmp_path / "runs"
+    controller = subprocess.Popen(
+        [sys.executable, "-m", "cloudtrain", "run", str(job), "--dry-run", "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.is_dir() and any(out.iterdir())):  # the run is recorded, not yet training
+            assert time.monotonic() < deadline and controller.poll() is None
+            time.sleep(0.05)
+        run_id = only_run(out).name
+        assert status(run_id)["state"] in ("planned", "launching", "provisioning", "syncing")
+        follower = cloudtrain("logs", run_id, "-f", timeout=300)
+        assert follower.returncode == 0, follower.stderr
+        assert f"waiting for {run_id} to start training" in follower.stderr
+        assert all(f"step {i}\n" in follower.stdout for i in range(20))
+    finally:
+        assert controller.wait(timeout=300) == 0
+
+
+def test_ctrl_c_as_the_run_is_recorded_does_not_leave_it_planned(
+    sim_image: Path, tmp_path: Path, settings: Settings
+) -> None:
+    from cloudtrain.api import run_job
+
+    def interrupt(run_id: str) -> None:
+        raise KeyboardInterrupt
+
+    job = write_job(tmp_path / "job", py("print('never runs')"))
+    with pytest.raises(KeyboardInterrupt):
+        run_job(job, settings, dry_run=True, out_dir=tmp_path / "runs", on_run_id=interrupt)
+    run_id = only_run(tmp_path / "runs").name
+    record = status(run_id)
+    assert record["state"] == "cancelled" and record["instances"] == []
+    assert live_instances(settings, run_id) == []
+
+
 def test_keep_then_down(sim_image: Path, tmp_path: Path, settings: Settings) -> None:
     job = write_job(tmp_path / "job", py("print('ok')"), extra="budget: {max_hours: 2}\n")
     done = cloudtrain("run", str(job), "--dry-run", "--keep", "--out", str(tmp_path / "runs"), check=True)
