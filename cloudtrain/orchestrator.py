@@ -37,6 +37,7 @@ from cloudtrain.cloud.aws import (
     s3_buckets,
 )
 from cloudtrain.errors import (
+    CapacityError,
     CloudError,
     CloudtrainError,
     ExitCode,
@@ -45,7 +46,7 @@ from cloudtrain.errors import (
     TrainingFailed,
 )
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
-from cloudtrain.planner import Plan
+from cloudtrain.planner import Offer, Plan
 from cloudtrain.progress import Reporter
 from cloudtrain.records import Lifecycle, RunState, iso, new_run_id, utcnow
 from cloudtrain.remote.session import Endpoint, HostKeyMismatch, Session, parse_console_fingerprints
@@ -60,6 +61,7 @@ REMOTE_AGENT = ".cloudtrain/agent"  # relative to the remote HOME: the agent pac
 REMOTE_RUN_DIR = ".cloudtrain/run"  # env.json, train.log, state.json, exit_code
 REMOTE_WORKDIR = "work"  # the synced workdir
 DEFAULT_KEEP_HOURS = 24.0
+MAX_LAUNCH_OFFERS = 5  # offers tried when AWS has no capacity, before giving up
 FINGERPRINT_TIMEOUT_S = 600.0
 STREAM_RECONNECTS = 5
 
@@ -325,30 +327,48 @@ class Orchestrator:
             self.reporter.info(
                 f"instance profile {ctx.instance_profile}: reads {', '.join(f's3://{b}' for b in buckets)}"
             )
-        request = LaunchRequest(
-            run_id=ctx.run_id,
-            instance_type=choice.instance.name,
-            zone=choice.zone,
-            spot=choice.lifecycle is Lifecycle.SPOT,
-            max_price=res.max_price,
-            disk_gb=res.disk_gb,
-            image=image,
-            key=key,
-            security_group_id=ctx.security_group_id,
-            client_token=f"{ctx.run_id}-1",
-            tags=tags,
-            instance_profile=ctx.instance_profile,
-        )
-        ctx.instance_id = ctx.cloud.launch(request)
+        offers = launch_offers(self.plan, MAX_LAUNCH_OFFERS)
+        for attempt, offer in enumerate(offers, 1):
+            request = LaunchRequest(
+                run_id=ctx.run_id,
+                instance_type=offer.instance.name,
+                zone=offer.zone,
+                spot=offer.lifecycle is Lifecycle.SPOT,
+                max_price=res.max_price if offer.lifecycle is Lifecycle.SPOT else None,
+                disk_gb=res.disk_gb,
+                image=image,
+                key=key,
+                security_group_id=ctx.security_group_id,
+                client_token=f"{ctx.run_id}-{attempt}",
+                tags=tags,
+                instance_profile=ctx.instance_profile,
+            )
+            where = f"{offer.instance.name} ({offer.lifecycle.value}) in {offer.zone or self.region}"
+            try:
+                ctx.instance_id = ctx.cloud.launch(request)
+                break
+            except CapacityError as e:  # not worth waiting for: the next zone or type
+                self.ledger.add_event(ctx.run_id, "no-capacity", f"{where}: {e.message}")
+                if attempt == len(offers):
+                    raise CapacityError(
+                        f"no capacity for any of the {len(offers)} offers tried (last: {where})",
+                        hint="Try later, allow more zones or GPUs, or set resources.fallback: on-demand.",
+                    ) from e
+                following = offers[attempt]
+                self.reporter.warn(
+                    f"no capacity for {where}; trying {following.instance.name} "
+                    f"({following.lifecycle.value}) in {following.zone or self.region}"
+                )
+        assert ctx.instance_id is not None
         self.ledger.record_instance(
             InstanceRow(
                 id=ctx.instance_id,
                 run_id=ctx.run_id,
-                instance_type=choice.instance.name,
-                zone=choice.zone,
-                lifecycle=choice.lifecycle,
-                price_per_hour=choice.price_per_hour,
-                on_demand_per_hour=choice.on_demand_per_hour,
+                instance_type=offer.instance.name,
+                zone=offer.zone,
+                lifecycle=offer.lifecycle,
+                price_per_hour=offer.price_per_hour,
+                on_demand_per_hour=offer.on_demand_per_hour,
                 launched_at=utcnow(),
                 disk_gb=res.disk_gb,
                 ebs_per_gb_month=self.plan.ebs_per_gb_month,
@@ -596,6 +616,40 @@ class Orchestrator:
         """The resolved spec (secrets are names only, never values)."""
         data = self.spec.model_dump(mode="json")
         (ctx.run_dir / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def launch_offers(plan: Plan, limit: int) -> list[Offer]:
+    """What to try launching, in order, when capacity runs out: the plan's choice, then the
+    next affordable offers of its lifecycle (other zones, then other types), at most
+    ``limit``; with ``resources.fallback: on-demand``, the cheapest on-demand type last
+    (unless it costs more than ``max_price``)."""
+    res = plan.job.resources
+    choice = plan.choice
+    chosen: list[Offer] = [choice]
+    seen = {(choice.instance.name, choice.zone, choice.lifecycle)}
+    for offer in plan.offers:
+        key = (offer.instance.name, offer.zone, offer.lifecycle)
+        affordable = res.max_price is None or offer.price_per_hour <= res.max_price
+        if key not in seen and offer.lifecycle is choice.lifecycle and affordable:
+            chosen.append(offer)
+            seen.add(key)
+    chosen = chosen[: limit - 1 if res.fallback == "on-demand" else limit]
+    cheapest = min(plan.offers, key=lambda o: (o.on_demand_per_hour, o.instance.name))
+    within_price = res.max_price is None or cheapest.on_demand_per_hour <= res.max_price
+    if res.fallback == "on-demand" and choice.lifecycle is Lifecycle.SPOT and within_price:
+        chosen.append(
+            Offer(
+                cheapest.instance,
+                plan.region,
+                None,
+                Lifecycle.ON_DEMAND,
+                cheapest.on_demand_per_hour,
+                cheapest.on_demand_per_hour,
+                "on-demand",
+                "fallback: no spot capacity",
+            )
+        )
+    return chosen
 
 
 def wait_for_fingerprints(
