@@ -373,6 +373,90 @@ def test_the_receiver_refuses_paths_outside_dest(session: Session, agent: str, t
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "escape2.txt").exists()
 
 
+def test_whole_records_and_split_ones_are_received_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record whole in one chunk takes the receiver's fast path; split, the general one: same result."""
+    fast: list[str] = []
+    put_whole = agent_receive.StreamReceiver._put_whole
+
+    def spy(self: agent_receive.StreamReceiver, path: str, *args: object) -> None:
+        fast.append(path)
+        put_whole(self, path, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(agent_receive.StreamReceiver, "_put_whole", spy)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    raw_header = b'{"op":"put","path":"raw\xc3\xa9.txt","size":3,"mode":420,"mtime_ns":5}\n'
+    records = [
+        put("plain.txt", b"plain"),
+        put("sub/deeper/x.bin", os.urandom(3000), mode=0o755),
+        put("n\u00e9v with space.txt", "\u00fcn\u00efcode".encode()),  # escaped in JSON: the general path
+        put('quote"d.txt', b"q"),
+        put("empty.txt", b""),
+        agent_receive.put_header("no-mtime.txt", 2, 0o600, -1)
+        + b"nm"
+        + hashlib.sha256(b"nm").hexdigest().encode()
+        + b"\n",
+        raw_header + b"raw" + hashlib.sha256(b"raw").hexdigest().encode() + b"\n",
+        put("../escape.txt", b"x"),
+        put("a/./b.txt", b"x"),
+        put(".cloudtrain/manifest.json", b"{}"),
+        put("link/through.txt", b"x"),
+        put("bad.txt", b"flipped", digest="0" * 64),
+        agent_receive.put_header("gone.txt", 4, 0o644, 7) + bytes(4) + agent_receive.ABANDONED,
+        put("after.txt", b"still fine"),
+    ]
+    data = stream(*records)
+    results = []
+    for name, size in (("whole", len(data)), ("by-7", 7), ("by-4k", 4096)):
+        dest = tmp_path / name
+        dest.mkdir()
+        (dest / "link").symlink_to(outside)
+        receiver = agent_receive.StreamReceiver(str(dest), manifest={})
+        fast.clear()
+        for i in range(0, len(data), size):
+            receiver.feed(data[i : i + size])
+        receiver.finish()
+        receiver.close()
+        manifest = {path: [e[0], e[1], e[2]] for path, e in (receiver.manifest or {}).items()}
+        results.append(
+            (tree(dest), manifest, sorted(receiver.errors), receiver.abandoned, receiver.summary())
+        )
+        assert not [p for p in dest.rglob("*") if p.name.startswith(agent_receive.TMP_PREFIX)]
+    assert results[0] == results[1] == results[2]
+    files, manifest, errors, abandoned, summary = results[0]
+    assert set(files) == {
+        "plain.txt",
+        "sub/deeper/x.bin",
+        "n\u00e9v with space.txt",
+        'quote"d.txt',
+        "empty.txt",
+        "no-mtime.txt",
+        "raw\u00e9.txt",
+        "after.txt",
+    }
+    assert manifest["sub/deeper/x.bin"][2] == 0o755 and manifest["no-mtime.txt"][2] == 0o600
+    assert [path for path, _ in errors] == [
+        "../escape.txt",
+        ".cloudtrain/manifest.json",
+        "a/./b.txt",
+        "bad.txt",
+        "link/through.txt",
+    ]
+    assert abandoned == [("gone.txt", agent_receive.GIVEN_UP)]
+    assert summary["written"] == 8 and not list(outside.iterdir())
+    mtime = (tmp_path / "whole" / "plain.txt").stat().st_mtime_ns
+    assert mtime == 1_700_000_000_000_000_000
+
+
+def test_a_size_cap_holds_on_the_fast_path(tmp_path: Path) -> None:
+    receiver = agent_receive.StreamReceiver(str(tmp_path / "dest"), max_bytes=10)
+    with pytest.raises(agent_receive.StreamError, match="size cap"):
+        receiver.feed(stream(put("a.txt", b"123456"), put("b.txt", b"123456")))
+    assert not (tmp_path / "dest" / "b.txt").exists()
+
+
 def test_the_manifest_is_reverified_after_a_reboot(tmp_path: Path) -> None:
     dest = tmp_path / "remote"
     write(dest / "a.txt", "as synced")
