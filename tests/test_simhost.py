@@ -194,6 +194,7 @@ def test_environment_is_clean(
         "SHELL": "/bin/bash",
         "CLOUDTRAIN_SIM_INSTANCE": host.spec.instance_id,
         "CLOUDTRAIN_POWEROFF_HOOK": str(sandbox / "poweroff"),
+        "CLOUDTRAIN_IMDS_ENDPOINT": host.imds.endpoint,  # its own instance's metadata, on loopback
         "CLOUDTRAIN_IMAGE": "/img",
     }
     # bash itself adds PWD, SHLVL and _ to what it exports

@@ -8,6 +8,8 @@ A run folder holds:
     exit_code        the run's exit code, written last: its presence means "finished"
     stop_requested   written by `stop`, so the supervisor starts no further phase
     supervisor.log   the supervisor's own stdout/stderr (tracebacks, if any)
+    notice.json      a spot interruption notice or rebalance recommendation the supervisor
+                     saw in IMDS (`{kind, action, time, seen_at}`), for the job's checkpoint hook
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ STATE_FILE = "state.json"
 EXIT_CODE_FILE = "exit_code"
 STOP_FILE = "stop_requested"
 SUPERVISOR_LOG = "supervisor.log"
+NOTICE_FILE = "notice.json"
 
 
 class RunPaths:
@@ -41,6 +44,7 @@ class RunPaths:
         self.exit_code = os.path.join(self.run_dir, EXIT_CODE_FILE)
         self.stop = os.path.join(self.run_dir, STOP_FILE)
         self.supervisor_log = os.path.join(self.run_dir, SUPERVISOR_LOG)
+        self.notice = os.path.join(self.run_dir, NOTICE_FILE)
 
 
 def utc_now() -> str:

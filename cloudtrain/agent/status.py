@@ -1,4 +1,4 @@
-"""`status`: where a run stands, from state.json, exit_code and the supervisor's pid."""
+"""`status`: where a run stands, from state.json, exit_code, notice.json and the supervisor's pid."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ def status(run_dir: str) -> dict[str, Any]:
 
     `phase` is null when no run was started there; `running` is whether the supervisor
     is alive. A run that is not running and has no exit code lost its supervisor.
+    `notice` is the spot interruption notice or rebalance recommendation the supervisor
+    saw in IMDS (notice.json), or null; `imds_error` why IMDS did not answer its last poll.
     """
     paths = RunPaths(run_dir)
     if not os.path.isdir(paths.run_dir):
@@ -23,6 +25,10 @@ def status(run_dir: str) -> dict[str, Any]:
     pid = state.get("supervisor_pid")
     running = isinstance(pid, int) and procs.pid_alive(pid, state.get("supervisor_ticks"))
     exit_code = read_exit_code(paths)
+    try:
+        notice = read_json(paths.notice)
+    except AgentError:  # written atomically, so only a foreign hand breaks it
+        notice = None
     return {
         "phase": state.get("phase"),
         "running": bool(running) and exit_code is None,
@@ -38,4 +44,6 @@ def status(run_dir: str) -> dict[str, Any]:
         "signal": state.get("signal"),
         "stopped": bool(state.get("stopped")) or os.path.exists(paths.stop),
         "lost": bool(state) and not running and exit_code is None,
+        "notice": notice or state.get("notice"),
+        "imds_error": state.get("imds_error"),
     }

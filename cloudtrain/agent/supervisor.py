@@ -7,6 +7,15 @@ the workdir, in a process group of its own (so `stop` can signal all of it), app
 stdout+stderr to train.log after a `[cloudtrain] <phase>: <cmd>` marker, keeps
 state.json current (atomically), and writes exit_code last. A failing setup skips the
 run. Secrets exist only in memory and in the job processes' environments.
+
+While the phases run, a watcher thread polls IMDS (`imds.py`) every
+$CLOUDTRAIN_IMDS_POLL_S seconds (at most 5, AWS's advice) for a spot interruption
+notice or a rebalance recommendation. One it sees is written atomically to
+RUN_DIR/notice.json (the job finds it through $CLOUDTRAIN_NOTICE_FILE), recorded in
+state.json (`notice`), marked in train.log and the supervisor log. An IMDS that does
+not answer is recorded as `imds_error`, never taken for "no notice". With
+CLOUDTRAIN_TESTING=1 and no $CLOUDTRAIN_IMDS_ENDPOINT there is no watcher, so a test
+never dials the link-local address.
 """
 
 from __future__ import annotations
@@ -16,16 +25,22 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-from . import procs
+from . import imds, procs
 from .environ import job_env
 from .errors import USAGE, AgentError
 from .runfiles import RunPaths, read_json, remove, utc_now, write_atomic, write_json
 
 SUPERVISOR_ERROR = 70
+NOTICE_FILE_ENV = "CLOUDTRAIN_NOTICE_FILE"
+POLL_ENV = "CLOUDTRAIN_IMDS_POLL_S"
+DEFAULT_POLL_S = 5.0  # AWS: check for interruption notices every 5 seconds
+MIN_POLL_S = 0.05
+TESTING_ENV = "CLOUDTRAIN_TESTING"
 
 
 class Job:
@@ -66,6 +81,8 @@ def start(
     if not run.strip():
         raise AgentError("--run is empty", "Pass the training command.", USAGE)
     env = job_env(env_file, secrets)
+    # env.json (`backend --notice-file`) may name another file; the job resolves it in workdir
+    env[NOTICE_FILE_ENV] = os.path.join(workdir, env.get(NOTICE_FILE_ENV) or paths.notice)
     os.makedirs(paths.run_dir, exist_ok=True)
     other = running_supervisor(paths)
     if other is not None:
@@ -73,7 +90,7 @@ def start(
             f"a run is already going on in {paths.run_dir} (supervisor pid {other})",
             "Follow it with `tail`, or `stop` it first.",
         )
-    for stale in (paths.exit_code, paths.stop):
+    for stale in (paths.exit_code, paths.stop, *notice_files(paths, env)):
         remove(stale)
     job = Job(paths, workdir, run, setup or None, env)
     pid = detach(lambda ready: supervise(job, ready), paths.supervisor_log)
@@ -189,13 +206,20 @@ class _Supervisor:
         self.child: subprocess.Popen[bytes] | None = None
         self.terminated: str | None = None
         self.state: dict[str, Any] = {}
+        self.lock = threading.Lock()  # state.json and train.log markers: main thread and watcher
+        self.watcher: NoticeWatcher | None = None
 
     def save(self, **changes: Any) -> None:
-        self.state.update(changes)
-        write_json(self.paths.state, self.state)
+        with self.lock:
+            self.state.update(changes)
+            write_json(self.paths.state, self.state)
 
     def mark(self, text: str) -> None:
         """Append a `[cloudtrain] ...` line to the log, on a line of its own."""
+        with self.lock:
+            self._mark(text)
+
+    def _mark(self, text: str) -> None:
         prefix = b""
         size = os.fstat(self.log_fd).st_size
         if size and os.pread(self.log_fd, 1, size - 1) != b"\n":
@@ -265,8 +289,12 @@ class _Supervisor:
             run=job.run,
             setup_exit_code=None,
             run_exit_code=None,
+            notice=None,
+            imds_endpoint=None,
+            imds_error=None,
         )
         ready()
+        self.watcher = NoticeWatcher.start_for(self)
         code = 0
         for phase, command in (("setup", job.setup), ("run", job.run)):
             if not command:
@@ -281,9 +309,117 @@ class _Supervisor:
                     self.mark(f"run skipped: setup failed with code {code}")
                 break
         self.child = None
+        self.stop_watcher()
         self.save(phase="done", ended_at=utc_now(), exit_code=code, stopped=self.stop_requested())
         write_atomic(self.paths.exit_code, f"{code}\n".encode("ascii"))
         os.close(self.log_fd)
+
+    def stop_watcher(self) -> None:
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            watcher.stop()
+
+
+class NoticeWatcher:
+    """The thread that polls IMDS for interruption notices while the job runs."""
+
+    def __init__(self, supervisor: _Supervisor, client: imds.ImdsClient, interval_s: float) -> None:
+        self.supervisor = supervisor
+        self.client = client
+        self.interval_s = interval_s
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="imds-watcher", daemon=True)
+        self._error: str | None = None
+
+    @classmethod
+    def start_for(cls, supervisor: _Supervisor) -> NoticeWatcher | None:
+        """A running watcher for this supervisor, or None where IMDS is off (see the docstring)."""
+        if os.environ.get(TESTING_ENV) == "1" and not os.environ.get(imds.ENDPOINT_ENV):
+            _log(f"no IMDS watcher: {TESTING_ENV}=1 and no {imds.ENDPOINT_ENV}")
+            return None
+        endpoint = imds.endpoint_from_env()
+        if endpoint is None:
+            _log(f"no IMDS watcher: {imds.ENDPOINT_ENV}=off")
+            return None
+        watcher = cls(supervisor, imds.ImdsClient(endpoint), poll_interval())
+        supervisor.save(imds_endpoint=endpoint)
+        _log(f"watching IMDS at {endpoint} every {watcher.interval_s:g} s")
+        watcher.thread.start()
+        return watcher
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop polling; once this returns the watcher records nothing more."""
+        with self.supervisor.lock:  # a record in progress finishes first
+            self.stopping.set()
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.check()
+            except Exception:  # a bug here must never end the run
+                traceback.print_exc()
+            if self.stopping.wait(self.interval_s):
+                break
+
+    def check(self) -> None:
+        """One poll: record a new notice, and IMDS becoming unreachable or reachable again."""
+        poll = self.client.poll()
+        if poll.error != self._error:
+            self._error = poll.error
+            _log(f"IMDS: {poll.error}" if poll.error else "IMDS answers")
+            self._record(imds_error=poll.error)
+        sup = self.supervisor
+        notice = imds.notice_from_poll(poll, sup.state.get("notice"), utc_now())
+        if notice is None:
+            return
+        if notice["kind"] == imds.SPOT:
+            text = f"spot interruption notice: {notice['action']} at {notice['time']}"
+        else:
+            text = f"rebalance recommendation at {notice['time']}"
+        self._record(notice=notice, text=text)
+
+    def _record(self, notice: dict[str, Any] | None = None, text: str = "", **changes: Any) -> None:
+        sup = self.supervisor
+        with sup.lock:
+            if self.stopping.is_set():
+                return
+            if notice is not None:
+                for path in notice_files(sup.paths, sup.job.env):  # first: the job's hook reads it
+                    write_json(path, notice)
+                changes["notice"] = notice
+            sup.state.update(changes)
+            write_json(sup.paths.state, sup.state)
+            if text:
+                sup._mark(text)
+        if text:
+            _log(text)
+
+
+def notice_files(paths: RunPaths, env: dict[str, str]) -> list[str]:
+    """RUN_DIR/notice.json, and the job's $CLOUDTRAIN_NOTICE_FILE where that is another file."""
+    files = [paths.notice]
+    other = env.get(NOTICE_FILE_ENV)
+    if other and os.path.normpath(other) != paths.notice:
+        files.append(os.path.normpath(other))
+    return files
+
+
+def poll_interval() -> float:
+    """Seconds between IMDS polls: $CLOUDTRAIN_IMDS_POLL_S within [0.05, 5], default 5."""
+    try:
+        value = float(os.environ.get(POLL_ENV, "") or DEFAULT_POLL_S)
+    except ValueError:
+        value = DEFAULT_POLL_S
+    if value != value:  # NaN
+        value = DEFAULT_POLL_S
+    return min(DEFAULT_POLL_S, max(MIN_POLL_S, value))
+
+
+def _log(text: str) -> None:
+    """A line in the supervisor log (the daemon's stderr)."""
+    sys.stderr.write(f"{utc_now()} {text}\n")
+    sys.stderr.flush()
 
 
 def supervise(job: Job, ready: Callable[[], None]) -> None:
@@ -299,6 +435,8 @@ def supervise(job: Job, ready: Callable[[], None]) -> None:
         if not supervisor.state:
             raise  # before ready(): start() reports it
         traceback.print_exc()
+        with contextlib.suppress(Exception):
+            supervisor.stop_watcher()
         child = supervisor.child
         if child is not None and child.returncode is None:
             with contextlib.suppress(OSError):

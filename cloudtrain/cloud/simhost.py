@@ -17,15 +17,23 @@ exited and its stdout/stderr are closed; a command killed by a signal reports
 command's pipes are closed (it sees EOF or SIGPIPE) but it is not killed. A shell
 request without a command runs ``/bin/bash`` on the channel's stdin; pty requests are
 refused. SFTP is served in-process, relative paths resolving under the sandbox's HOME.
+
+Each host also serves its instance's metadata (``SimImds``: IMDSv2 as EC2 does, token
+first, on a loopback port of its own) and its commands find it in
+``CLOUDTRAIN_IMDS_ENDPOINT``. The simulator schedules spot interruption notices and
+rebalance recommendations there (``host.imds``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
+import json
 import logging
 import os
 import posixpath
+import secrets
 import shlex
 import signal
 import threading
@@ -45,6 +53,7 @@ log = logging.getLogger(__name__)
 
 MARKER_ENV = "CLOUDTRAIN_SIM_INSTANCE"
 HOOK_ENV = "CLOUDTRAIN_POWEROFF_HOOK"
+IMDS_ENV = "CLOUDTRAIN_IMDS_ENDPOINT"
 SYSTEM_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
 LOOPBACK = "127.0.0.1"
 HOSTNAME = "ip-127-0-0-1"
@@ -192,6 +201,210 @@ class _Server(asyncssh.SSHServer):
         return False
 
 
+# --- the instance metadata service ------------------------------------------------------
+
+IMDS_TOKEN_PATH = "/latest/api/token"
+IMDS_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+IMDS_TOKEN_HEADER = "X-aws-ec2-metadata-token"
+IMDS_MAX_TTL_S = 21600
+
+
+def _imds_error_page(code: int, title: str) -> bytes:
+    """The small XHTML page IMDS answers an error with."""
+    return (
+        '<?xml version="1.0" encoding="iso-8859-1"?>\n'
+        '<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN"\n'
+        '\t"http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">\n'
+        '<html xmlns="http://www.w3.org/1999/xhtml" xml:lang="en" lang="en">\n'
+        f" <head>\n  <title>{code} - {title}</title>\n </head>\n"
+        f" <body>\n  <h1>{code} - {title}</h1>\n </body>\n</html>\n"
+    ).encode()
+
+
+class _ImdsHandler(http.server.BaseHTTPRequestHandler):
+    server_version = "EC2ws"
+    sys_version = ""
+    imds: SimImds  # set on the subclass made per server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("imds %s: " + format, self.imds.instance_id, *args)
+
+    def _send(self, code: int, body: bytes, content_type: str, headers: Mapping[str, str] = {}) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _error(self, code: int, title: str, headers: Mapping[str, str] = {}) -> None:
+        self.imds._note(self.command, self.path, code)
+        self._send(code, _imds_error_page(code, title), "text/html", headers)
+
+    def _path(self) -> str:
+        return self.path.split("?", 1)[0]
+
+    def do_PUT(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(min(length, 1 << 16))
+        if self._path().rstrip("/") != IMDS_TOKEN_PATH:
+            self._error(405, "Method Not Allowed")
+            return
+        if self.headers.get("X-Forwarded-For"):  # IMDS refuses tokens to proxied requests
+            self._error(403, "Forbidden")
+            return
+        ttl_text = (self.headers.get(IMDS_TTL_HEADER) or "").strip()
+        if not ttl_text.isdigit() or not 1 <= int(ttl_text) <= IMDS_MAX_TTL_S:
+            self._error(400, "Bad Request")
+            return
+        token = self.imds._issue(int(ttl_text))
+        self.imds._note("PUT", IMDS_TOKEN_PATH, 200)
+        self._send(200, token.encode(), "text/plain", {IMDS_TTL_HEADER: ttl_text})
+
+    def do_GET(self) -> None:
+        path = self._path()
+        if path.rstrip("/") == IMDS_TOKEN_PATH:
+            self._error(405, "Method Not Allowed", {"Allow": "OPTIONS, PUT"})
+            return
+        if not self.imds._valid(self.headers.get(IMDS_TOKEN_HEADER)):
+            self._error(401, "Unauthorized")
+            return
+        body = self.imds._lookup(path)
+        if body is None:
+            self._error(404, "Not Found")
+            return
+        self.imds._note("GET", path, 200)
+        self._send(200, body.encode(), "text/plain")
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        self._error(405, "Method Not Allowed")
+
+    do_DELETE = do_POST
+
+
+class SimImds:
+    """One simulated instance's metadata service (IMDSv2, tokens required) on 127.0.0.1.
+
+    Serves ``PUT /latest/api/token`` (``X-aws-ec2-metadata-token-ttl-seconds`` 1..21600,
+    else 400; 403 to a request with X-Forwarded-For), and with a valid token
+    ``/latest/meta-data/instance-id``, ``/latest/meta-data/spot/instance-action`` and
+    ``.../spot/termination-time`` (404 until an interruption is scheduled), and
+    ``/latest/meta-data/events/recommendations/rebalance`` (404 until recommended), as
+    text/plain like EC2. A missing, unknown or expired token gets 401; other paths 404.
+    """
+
+    def __init__(self, instance_id: str) -> None:
+        self.instance_id = instance_id
+        self._lock = threading.Lock()
+        self._tokens: dict[str, float] = {}  # token -> time.monotonic() it expires
+        self._instance_action: dict[str, str] | None = None
+        self._rebalance: dict[str, str] | None = None
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.requests: list[tuple[str, str, int]] = []  # (method, path, status): what it answered
+
+    @property
+    def endpoint(self) -> str:
+        if self._server is None:
+            raise RuntimeError(f"the IMDS of {self.instance_id} is not listening")
+        return f"http://{LOOPBACK}:{self._server.server_address[1]}"
+
+    def start(self) -> None:
+        handler = type("_Handler", (_ImdsHandler,), {"imds": self})
+        server = http.server.ThreadingHTTPServer((LOOPBACK, 0), handler)
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name=f"imds-{self.instance_id}"
+        )
+        self._thread.daemon = True
+        self._thread.start()
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        if thread.is_alive():
+            server.shutdown()
+            thread.join(5)
+        server.server_close()
+        self._thread = None
+
+    # --- what the simulator schedules ------------------------------------------------------
+
+    def schedule_instance_action(self, action: str, at: datetime) -> None:
+        """From now on spot/instance-action says ``{"action": action, "time": at}``."""
+        if action not in ("terminate", "stop", "hibernate"):
+            raise ValueError(f"unknown instance action {action!r}")
+        with self._lock:
+            self._instance_action = {"action": action, "time": _iso(at)}
+
+    def recommend_rebalance(self, notice_time: datetime) -> None:
+        """From now on events/recommendations/rebalance says ``{"noticeTime": notice_time}``."""
+        with self._lock:
+            self._rebalance = {"noticeTime": _iso(notice_time)}
+
+    def expire_tokens(self) -> None:
+        """Every token handed out so far is past its TTL (tests: the client must fetch anew)."""
+        with self._lock:
+            self._tokens.clear()
+
+    # --- the handler's side ------------------------------------------------------------------
+
+    def _issue(self, ttl_s: int) -> str:
+        token = secrets.token_urlsafe(42)
+        now = time.monotonic()
+        with self._lock:
+            self._tokens = {t: end for t, end in self._tokens.items() if end > now}
+            self._tokens[token] = now + ttl_s
+        return token
+
+    def _valid(self, token: str | None) -> bool:
+        if not token:
+            return False
+        with self._lock:
+            end = self._tokens.get(token.strip())
+        return end is not None and time.monotonic() < end
+
+    def _note(self, method: str, path: str, code: int) -> None:
+        with self._lock:
+            self.requests.append((method, path, code))
+            del self.requests[:-1000]
+
+    def _lookup(self, path: str) -> str | None:
+        with self._lock:
+            action, rebalance = self._instance_action, self._rebalance
+        if path in ("/latest", "/latest/"):
+            return "api/\nmeta-data/"
+        if path in ("/latest/meta-data", "/latest/meta-data/"):
+            return "events/\ninstance-id\nspot/"
+        if path == "/latest/meta-data/instance-id":
+            return self.instance_id
+        if path in ("/latest/meta-data/spot", "/latest/meta-data/spot/"):
+            return "instance-action\ntermination-time" if action else None
+        if path == "/latest/meta-data/spot/instance-action":
+            return json.dumps(action) if action else None
+        if path == "/latest/meta-data/spot/termination-time":
+            return action["time"] if action and action["action"] == "terminate" else None
+        if path in ("/latest/meta-data/events", "/latest/meta-data/events/"):
+            return "recommendations/"
+        if path in ("/latest/meta-data/events/recommendations", "/latest/meta-data/events/recommendations/"):
+            return "rebalance" if rebalance else None
+        if path == "/latest/meta-data/events/recommendations/rebalance":
+            return json.dumps(rebalance) if rebalance else None
+        return None
+
+
+def _iso(at: datetime) -> str:
+    return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class SimHost:
     """A simulated instance's SSH host: start() it, connect to host:port, stop() it."""
 
@@ -219,6 +432,7 @@ class SimHost:
         self._groups: set[int] = set()  # every process group this host started
         self._connections: set[asyncssh.SSHServerConnection] = set()
         self._background: set[asyncio.Future[None]] = set()  # reapers of commands left by their client
+        self.imds = SimImds(spec.instance_id)
 
     # --- public API --------------------------------------------------------------------
 
@@ -246,6 +460,8 @@ class SimHost:
             MARKER_ENV: self.spec.instance_id,
             HOOK_ENV: str(self.hook),
         }
+        with contextlib.suppress(RuntimeError):  # not listening (never started, or stopped)
+            env[IMDS_ENV] = self.imds.endpoint
         env.update(self.spec.env)
         env[MARKER_ENV] = self.spec.instance_id  # stop() finds escaped processes by it
         return env
@@ -259,6 +475,7 @@ class SimHost:
         if logging.getLogger("asyncssh").level == logging.NOTSET:
             logging.getLogger("asyncssh").setLevel(logging.WARNING)
         self._prepare_sandbox()
+        self.imds.start()
         self._start_ticks = _uptime_ticks() - os.sysconf("SC_CLK_TCK")  # a second of slack
         loop = asyncio.new_event_loop()
         thread = threading.Thread(
@@ -314,6 +531,7 @@ class SimHost:
         if busy:  # stopped, or another thread is stopping it: wait for that
             self._stopped.wait(30)
             return
+        self.imds.stop()
         loop, thread = self._loop, self._thread
         alive = loop is not None and thread is not None and thread.is_alive()
         if alive and loop is not None:
