@@ -10,9 +10,9 @@ import pytest
 
 from cloudtrain.cloud.aws import TAG_SSH, AwsCloud, LaunchRequest, run_tags
 from cloudtrain.cloud.simulator import ensure_simulator, simulated_aws, simulator_status, stop_simulator
-from cloudtrain.errors import RemoteError
+from cloudtrain.errors import CloudError, RemoteError
 from cloudtrain.orchestrator import wait_for_fingerprints
-from cloudtrain.records import utcnow
+from cloudtrain.records import parse_iso, utcnow
 from cloudtrain.remote.session import Endpoint, HostKeyMismatch, Session
 from cloudtrain.settings import Settings
 
@@ -169,3 +169,80 @@ def test_down_retries_a_teardown_that_left_something_behind(settings: Settings) 
         assert run is not None and run.state is RunState.FAILED  # its outcome is kept
         assert [e.kind for e in ledger.events(RUN_ID)][-1] == "down"
     assert down_runs([RUN_ID], settings) == []  # done: not again
+
+
+def test_scheduled_interruption_notice_then_termination(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """schedule_interruption: the instance's own IMDS announces it, then moto terminates it
+    CLOUDTRAIN_SIM_NOTICE_S later, which stops its host and every process on it."""
+    from cloudtrain.agent.imds import ImdsClient
+    from cloudtrain.cloud.simulator import schedule_interruption
+
+    monkeypatch.setenv("CLOUDTRAIN_SIM_NOTICE_S", "3")
+    sim = ensure_simulator(settings)
+    cloud = AwsCloud(sim, "us-east-1")
+    instance_id, request = launch(cloud)
+    cloud.wait_running(instance_id, delay=1)
+    fingerprints = wait_for_fingerprints(cloud, instance_id, timeout=20)
+    port = cloud.describe(instance_id).ssh_port
+    endpoint = Endpoint("127.0.0.1", port, "ubuntu", request.key.path, fingerprints)
+    with Session(endpoint) as session:
+        imds_url = session.run('printf %s "$CLOUDTRAIN_IMDS_ENDPOINT"').text
+        pid = int(session.run("setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $!").text)
+    assert imds_url.startswith("http://127.0.0.1:")  # loopback, never 169.254.169.254
+    imds = ImdsClient(imds_url, timeout_s=2)
+    assert imds.instance_id() == instance_id
+    nothing = imds.poll()
+    assert nothing.known and nothing.instance_action is None and nothing.rebalance is None
+
+    with pytest.raises(CloudError, match="no instance i-00000000"):
+        schedule_interruption(settings, "i-0000000000000000")
+
+    rebalance = schedule_interruption(settings, instance_id, kind="rebalance")
+    assert rebalance["kind"] == "rebalance" and rebalance["action_at"] is None
+    for _ in range(40):
+        if imds.poll().rebalance:
+            break
+        time.sleep(0.1)
+    poll = imds.poll()
+    assert poll.rebalance is not None and set(poll.rebalance) == {"noticeTime"}
+    assert poll.instance_action is None  # a rebalance recommendation is not a notice
+
+    asked = time.time()
+    scheduled = schedule_interruption(settings, instance_id, delay_s=1.5)
+    assert scheduled["instance_id"] == instance_id and scheduled["kind"] == "terminate"
+    notice_at, action_at = parse_iso(scheduled["notice_at"]), parse_iso(scheduled["action_at"])
+    assert 2.0 <= (action_at - notice_at).total_seconds() <= 4.0  # the notice period, to the second
+    if time.time() < asked + 1.2:  # not yet due: IMDS still says 404
+        assert imds.poll().instance_action is None
+    for _ in range(60):
+        poll = imds.poll()
+        if poll.instance_action:
+            break
+        time.sleep(0.1)
+    assert poll.instance_action is not None and poll.instance_action["action"] == "terminate"
+    seen = time.time()
+    termination = parse_iso(poll.instance_action["time"]).timestamp()
+    assert 0 <= termination - seen <= 4  # announced about 3 s ahead
+    assert cloud.describe(instance_id).state == "running"  # the notice comes first
+
+    for _ in range(100):
+        if cloud.describe(instance_id).state == "terminated":
+            break
+        time.sleep(0.1)
+    assert cloud.describe(instance_id).state == "terminated"
+    assert time.time() >= termination - 1  # not before the notice ran out
+    with pytest.raises(RemoteError):
+        Session(endpoint).connect(deadline_s=2)
+    for _ in range(50):  # the host's processes went with it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not imds.poll().known  # and so did its IMDS: unknown, never "no notice"
+    with pytest.raises(CloudError, match="terminated"):
+        schedule_interruption(settings, instance_id)

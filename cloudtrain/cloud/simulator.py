@@ -14,9 +14,15 @@ background simulator process per CLOUDTRAIN_HOME and returns ``Settings`` whose
   with a writable layer over the simulated image; terminating the instance stops the
   host and every process it started; the host's power-off hook terminates the
   instance in the simulated AWS (never a real poweroff);
-- the simulated AWS has no instance metadata service (IMDS) yet, so an instance launched
-  with an instance profile gets, in its host's environment, what IMDS would hand it on
-  AWS: the simulated role's credentials (``ASIASIMULATEDROLE`` / ``simulated-instance-role``,
+- each host serves its instance's metadata (IMDSv2: instance-id, spot/instance-action,
+  events/recommendations/rebalance) at ``CLOUDTRAIN_IMDS_ENDPOINT``. ``schedule_interruption``
+  asks this process (through a request file in ``sim/control/``) to put a spot
+  interruption notice there, now or later, and to terminate the instance in the
+  simulated AWS ``CLOUDTRAIN_SIM_NOTICE_S`` seconds (default 120, AWS's two minutes)
+  after the notice, the way the power-off hook does; or to recommend a rebalance;
+- the simulated IMDS serves no role credentials, so an instance launched with an
+  instance profile gets, in its host's environment, what IMDS would hand it on AWS: the
+  simulated role's credentials (``ASIASIMULATEDROLE`` / ``simulated-instance-role``,
   never the user's keys: this process holds none), the region, and ``AWS_ENDPOINT_URL``
   pointing at this moto server, whose S3 is the dry-run's S3. An instance launched
   without a profile gets none of these, as on AWS.
@@ -37,8 +43,11 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +65,9 @@ ACCOUNT_ID = "123456789012"  # moto's default account
 IMAGE_NAME = "cloudtrain-gpu-simulated"
 
 DEFAULT_IDLE_S = 600.0
+NOTICE_ENV = "CLOUDTRAIN_SIM_NOTICE_S"
+DEFAULT_NOTICE_S = 120.0  # AWS: a spot interruption notice comes two minutes ahead
+INTERRUPTION_KINDS = ("terminate", "rebalance")
 # The stand-in for IMDS's role credentials (see the module docstring): the simulated AWS
 # accepts any key, and these are recognisably not a user's.
 ROLE_CREDENTIALS = ("ASIASIMULATEDROLE", "simulated-instance-role")
@@ -305,6 +317,114 @@ def stop_simulator(settings: Settings, timeout: float = 30.0) -> bool:
     return True
 
 
+# --- the control channel: interruptions the controller schedules ---------------------------
+
+
+def control_dir(settings: Settings) -> Path:
+    return sim_dir(settings) / "control"
+
+
+def notice_period() -> float:
+    """Seconds from a spot interruption notice to the instance's termination:
+    $CLOUDTRAIN_SIM_NOTICE_S, default 120 (AWS's two minutes)."""
+    text = os.environ.get(NOTICE_ENV, "").strip()
+    try:
+        value = float(text) if text else DEFAULT_NOTICE_S
+    except ValueError:
+        raise CloudError(
+            f"{NOTICE_ENV}={text!r} is not a number of seconds", hint=f"Set {NOTICE_ENV}=120, or unset it."
+        ) from None
+    if not value >= 0:
+        raise CloudError(f"{NOTICE_ENV} must be 0 or more, not {text}", hint=f"Set {NOTICE_ENV}=120.")
+    return value
+
+
+def schedule_interruption(
+    settings: Settings,
+    instance_id: str,
+    *,
+    delay_s: float = 0.0,
+    kind: str = "terminate",
+    notice_s: float | None = None,
+    timeout: float = 15.0,
+) -> dict[str, Any]:
+    """Make this home's running simulator interrupt a simulated spot instance, as EC2 would.
+
+    ``kind="terminate"``: ``delay_s`` seconds from now the instance's IMDS starts to answer
+    ``spot/instance-action`` with ``{"action": "terminate", "time": T}``, where T is the
+    notice time plus ``notice_s`` (default ``$CLOUDTRAIN_SIM_NOTICE_S``, else 120 s); at
+    T the simulator terminates the instance in the simulated AWS, which stops its host
+    and every process on it (the same path as the power-off hook). ``kind="rebalance"``:
+    ``delay_s`` seconds from now ``events/recommendations/rebalance`` answers
+    ``{"noticeTime": ...}``; nothing is terminated. A notice due while the instance is
+    still pending appears once its host is up.
+
+    The request goes through a file in ``sim/control/`` that the simulator's loop picks
+    up within a quarter of a second; this returns once the simulator accepted it:
+    ``{"instance_id", "kind", "notice_at", "action_at"}`` (ISO UTC; ``action_at`` is
+    None for a rebalance). Raises ``CloudError`` when no simulator runs for this home,
+    the instance is unknown or no longer pending/running, or the simulator does not
+    answer within ``timeout`` seconds.
+    """
+    if kind not in INTERRUPTION_KINDS:
+        raise ValueError(f"kind must be one of {INTERRUPTION_KINDS}, not {kind!r}")
+    if delay_s < 0:
+        raise ValueError(f"delay_s must be 0 or more, not {delay_s}")
+    period = notice_period() if notice_s is None else float(notice_s)
+    if period < 0:
+        raise ValueError(f"notice_s must be 0 or more, not {notice_s}")
+    if simulator_status(settings) is None:
+        raise CloudError(
+            f"cannot schedule an interruption of {instance_id}: no simulator runs for {settings.home}",
+            hint="Interruptions are simulated only in a --dry-run whose simulator is up.",
+        )
+    folder = control_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    name = uuid.uuid4().hex
+    request = {
+        "instance_id": instance_id,
+        "kind": kind,
+        "notice_at": time.time() + delay_s,
+        "notice_s": period,
+    }
+    tmp = folder / f"{name}.tmp"
+    tmp.write_text(json.dumps(request))
+    os.replace(tmp, folder / f"{name}.request")
+    answer = folder / f"{name}.response"
+    end = time.monotonic() + timeout
+    while not answer.exists():
+        if time.monotonic() > end:
+            (folder / f"{name}.request").unlink(missing_ok=True)
+            raise CloudError(
+                f"the simulator did not take the interruption of {instance_id} within {timeout:g} s",
+                hint=f"See {sim_dir(settings) / 'sim.log'}.",
+            )
+        time.sleep(0.05)
+    response: dict[str, Any] = json.loads(answer.read_text())
+    answer.unlink(missing_ok=True)
+    if not response.get("ok"):
+        raise CloudError(
+            f"the simulator cannot interrupt {instance_id}: {response.get('error')}",
+            hint="Schedule interruptions of a pending or running simulated instance.",
+        )
+    return {key: response.get(key) for key in ("instance_id", "kind", "notice_at", "action_at")}
+
+
+@dataclass
+class _Interruption:
+    """One scheduled interruption inside the simulator (times are time.time())."""
+
+    instance_id: str
+    kind: str  # "terminate" | "rebalance"
+    notice_at: float
+    notice_s: float
+    action_at: float | None = None  # set once the notice is served
+
+
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, timezone.utc)
+
+
 class _World:
     """The simulator's process: keeps one SimHost per running moto instance."""
 
@@ -314,6 +434,7 @@ class _World:
         self.idle_s = idle_s
         self.hosts: dict[str, Any] = {}  # instance id -> SimHost
         self.stopping = threading.Event()
+        self.interruptions: list[_Interruption] = []
 
     @property
     def image(self) -> str:
@@ -403,12 +524,106 @@ class _World:
             return False
         return time.monotonic() - _last_request[0] > self.idle_s
 
+    # --- interruptions ------------------------------------------------------------------
+
+    def find_instance(self, instance_id: str) -> tuple[Any, Any] | None:
+        """(backend, instance) of an instance id, in any catalog region."""
+        for backend in self.backends():
+            for instance in backend.all_instances():
+                if instance.id == instance_id:
+                    return backend, instance
+        return None
+
+    def take_requests(self) -> None:
+        """Answer each request file schedule_interruption left in sim/control/."""
+        folder = self.home / "sim" / "control"
+        try:
+            requests = sorted(folder.glob("*.request"))
+        except OSError:
+            return
+        for path in requests:
+            try:
+                request = json.loads(path.read_text())
+                response = self.accept(request)
+            except Exception as e:  # a bad request gets an answer, never kills the loop
+                log.exception("bad control request %s", path.name)
+                response = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            with suppress(OSError):
+                path.unlink()
+                tmp = path.with_suffix(".tmp-response")
+                tmp.write_text(json.dumps(response))
+                os.replace(tmp, path.with_suffix(".response"))
+
+    def accept(self, request: dict[str, Any]) -> dict[str, Any]:
+        instance_id, kind = str(request["instance_id"]), str(request["kind"])
+        if kind not in INTERRUPTION_KINDS:
+            return {"ok": False, "error": f"unknown kind {kind!r}"}
+        found = self.find_instance(instance_id)
+        if found is None:
+            return {"ok": False, "error": f"no instance {instance_id} in the simulated AWS"}
+        state = found[1]._state.name
+        if state not in ("pending", "running"):
+            return {"ok": False, "error": f"instance {instance_id} is {state}"}
+        item = _Interruption(instance_id, kind, float(request["notice_at"]), float(request["notice_s"]))
+        self.interruptions.append(item)
+        log.info(
+            "%s: %s scheduled: notice at %s%s",
+            instance_id,
+            kind,
+            iso(_utc(item.notice_at)),
+            f", terminated {item.notice_s:g} s later" if kind == "terminate" else "",
+        )
+        action_at = item.notice_at + item.notice_s if kind == "terminate" else None
+        return {
+            "ok": True,
+            "instance_id": instance_id,
+            "kind": kind,
+            "notice_at": iso(_utc(item.notice_at)),
+            "action_at": iso(_utc(action_at)) if action_at is not None else None,
+        }
+
+    def interrupt(self) -> None:
+        """Serve the notices that are due, and terminate the instances whose notice ran out."""
+        now = time.time()
+        keep = []
+        for item in self.interruptions:
+            found = self.find_instance(item.instance_id)
+            state = found[1]._state.name if found else "gone"
+            if state not in ("pending", "running"):
+                log.info("%s is %s: its scheduled %s is dropped", item.instance_id, state, item.kind)
+                continue
+            if item.action_at is None:
+                host = self.hosts.get(item.instance_id)
+                if now < item.notice_at or host is None:
+                    keep.append(item)  # not due, or its host is not up yet
+                    continue
+                imds = getattr(host, "imds", None)  # _NoHost has none: nothing to serve
+                if item.kind == "rebalance":
+                    if imds is not None:
+                        imds.recommend_rebalance(_utc(now))
+                    log.info("%s: rebalance recommended", item.instance_id)
+                    continue
+                item.action_at = now + item.notice_s
+                if imds is not None:
+                    imds.schedule_instance_action("terminate", _utc(item.action_at))
+                at = iso(_utc(item.action_at))
+                log.info("%s: spot interruption notice, terminate at %s", item.instance_id, at)
+            if now < item.action_at:
+                keep.append(item)
+                continue
+            assert found is not None
+            log.info("%s: spot interruption: terminating", item.instance_id)
+            found[0].terminate_instances([item.instance_id])
+            self.stop_host(item.instance_id)
+        self.interruptions = keep
+
     def run(self) -> None:
         while not self.stopping.wait(0.25):
-            try:
-                self.step()
-            except Exception:  # a bad step must not kill every host
-                log.exception("simulator step failed")
+            for work in (self.take_requests, self.step, self.interrupt):
+                try:
+                    work()
+                except Exception:  # a bad step must not kill every host
+                    log.exception("simulator %s failed", work.__name__)
             if self.idle():
                 log.info("idle for %.0f s: stopping", self.idle_s)
                 break
