@@ -351,13 +351,13 @@ def test_a_notice_reaches_notice_json_within_a_poll(
     assert not notice.exists()
 
     imds.recommend_rebalance(at(0))
-    wait_for(notice.exists, POLL_S + 2, "notice.json of the rebalance")
+    wait_for(notice.exists, POLL_S + 3, "notice.json of the rebalance")
     first = read(notice)
     assert first["kind"] == "rebalance" and first["action"] is None and first["time"] and first["seen_at"]
 
     when = at(120)
     imds.schedule_instance_action("terminate", when)  # a spot notice supersedes a rebalance
-    wait_for(lambda: read(notice).get("kind") == "spot-interruption", POLL_S + 2, "the spot notice")
+    wait_for(lambda: read(notice).get("kind") == "spot-interruption", POLL_S + 3, "the spot notice")
     seen = read(notice)
     assert seen == {
         "kind": "spot-interruption",

@@ -66,6 +66,7 @@ IMAGE_NAME = "cloudtrain-gpu-simulated"
 
 DEFAULT_IDLE_S = 600.0
 NOTICE_ENV = "CLOUDTRAIN_SIM_NOTICE_S"
+POLL_ENV = "CLOUDTRAIN_IMDS_POLL_S"  # passed on to each host (the agent's IMDS polling interval)
 DEFAULT_NOTICE_S = 120.0  # AWS: a spot interruption notice comes two minutes ahead
 INTERRUPTION_KINDS = ("terminate", "rebalance")
 # The stand-in for IMDS's role credentials (see the module docstring): the simulated AWS
@@ -483,6 +484,8 @@ class _World:
         sandbox = self.home / "sim" / "instances" / instance.id
         layer = make_layer(Path(self.image), sandbox) if self.image else []
         env = {"CLOUDTRAIN_ROOT": str(sandbox), "CLOUDTRAIN_SIMULATED": "1"}
+        if os.environ.get(POLL_ENV):  # tests: the agent's watcher polls IMDS faster than every 5 s
+            env[POLL_ENV] = os.environ[POLL_ENV]
         profile = instance_profile_name(backend, instance.id)
         if profile:
             env.update(self.role_environment(backend.region_name))
