@@ -186,7 +186,7 @@ def test_backend_tensorflow_cpu(agent: Agent, tmp_path: Path) -> None:
     }
     assert out["env"] == env and out["gpu"] is False
     assert out["keras_json"] == str(home / ".keras" / "keras.json") and out["theanorc"] is None
-    assert out["env_file"] == str(run / "env.json") and out["seed_dir"] is None
+    assert out["env_file"] == str(run / "env.json") and out["site_dir"] is None and out["checkpoint"] is None
 
 
 @pytest.mark.parametrize(("gpu", "device"), [("yes", "cuda"), ("no", "cpu")])
@@ -309,8 +309,9 @@ def test_backend_seed_seeds_random_without_importing_tensorflow(agent: Agent, tm
     env = json.loads((run / "env.json").read_text())
     assert env["PYTHONHASHSEED"] == "42" and env["CLOUDTRAIN_SEED"] == "42"
     assert env["TF_DETERMINISTIC_OPS"] == "1"
-    assert env["PYTHONPATH"] == str(run / "seed")
-    assert (run / "seed" / "sitecustomize.py").is_file()
+    assert env["PYTHONPATH"] == str(run / "site")
+    assert (run / "site" / "sitecustomize.py").is_file()
+    assert "CLOUDTRAIN_CHECKPOINT_DIR" not in env
     probe = "import random, sys; print(random.random()); print(sorted({'tensorflow', 'numpy', 'keras'} & set(sys.modules)))"
     outs = [
         subprocess.run(
@@ -374,7 +375,7 @@ def test_seed_hook_seeds_numpy_tensorflow_and_keras_when_imported(agent: Agent, 
         "JOB_VAR=x",
     )
     env = json.loads((run / "env.json").read_text())
-    assert env["PYTHONPATH"] == f"{run / 'seed'}:{fakes}" and env["JOB_VAR"] == "x"
+    assert env["PYTHONPATH"] == f"{run / 'site'}:{fakes}" and env["JOB_VAR"] == "x"
     probe = (
         "import sys, json\n"
         "before = 'tensorflow' in sys.modules or 'numpy' in sys.modules\n"
@@ -386,6 +387,61 @@ def test_seed_hook_seeds_numpy_tensorflow_and_keras_when_imported(agent: Agent, 
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [False, 7, 7, 7]
+
+
+def test_backend_checkpoint_dir_wraps_fit_of_keras_when_imported(agent: Agent, tmp_path: Path) -> None:
+    fakes = fake_modules(tmp_path / "fakes")
+    (fakes / "keras" / "__init__.py").write_text(
+        "__version__ = '3.99.0'\nfrom . import utils, backend, callbacks\n"
+        "class Model:\n"
+        "    def fit(self, x=None, y=None, epochs=1, callbacks=None, initial_epoch=0):\n"
+        "        return (epochs, initial_epoch, len(callbacks or []))\n"
+    )
+    (fakes / "keras" / "callbacks.py").write_text("class Callback:\n    pass\n")
+    home, run, ckpt = tmp_path / "job-home", tmp_path / "run", tmp_path / "ckpt"
+    extra = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "3", "--env", f"PYTHONPATH={fakes}"]
+    out = agent.backend("tensorflow", home, run, "--gpu", "no", *extra)
+    notice = str(run / "notice.json")
+    assert out["checkpoint"] == {"dir": str(ckpt), "every": 3, "notice_file": notice}
+    assert out["site_dir"] == str(run / "site") and out["seed"] is None and ckpt.is_dir()
+    env = json.loads((run / "env.json").read_text())
+    assert env["CLOUDTRAIN_CHECKPOINT_DIR"] == str(ckpt) and env["CLOUDTRAIN_CHECKPOINT_EVERY"] == "3"
+    assert env["CLOUDTRAIN_NOTICE_FILE"] == notice and "CLOUDTRAIN_SEED" not in env
+    assert env["PYTHONPATH"] == f"{run / 'site'}:{fakes}"
+    assert sorted(p.name for p in (run / "site").iterdir()) == [
+        "_cloudtrain_checkpoint.py",
+        "sitecustomize.py",
+    ]
+    probe = (
+        "import sys\n"
+        "heavy = sorted({'keras', 'numpy', 'tensorflow', '_cloudtrain_checkpoint'} & set(sys.modules))\n"
+        "import keras\n"
+        "print(heavy, keras.Model().fit(None, epochs=5))\n"
+    )
+    done = subprocess.run(
+        [agent.python, "-c", probe], env=job_env(agent, run / "env.json"), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    # Nothing heavy at start-up (the checkpoint module itself is standard library only);
+    # fit gets one more callback, and with no checkpoint yet starts at epoch 1.
+    assert done.stdout.strip() == "['_cloudtrain_checkpoint'] (5, 0, 1)"
+    assert done.stderr == f"[cloudtrain] checkpoint: none yet in {ckpt}: fit 0 starts at epoch 1\n"
+
+    bad = agent.json(
+        "backend",
+        "--backend",
+        "tensorflow",
+        "--home",
+        str(home),
+        "--run-dir",
+        str(run),
+        "--checkpoint-dir",
+        str(ckpt),
+        "--checkpoint-every",
+        "0",
+        expect=2,
+    )
+    assert "--checkpoint-every must be 1 or more" in bad["error"]
 
 
 # --- start, status, tail, stop ------------------------------------------------------------------
@@ -783,7 +839,14 @@ def test_usage_errors_are_json_with_status_2(agent: Agent, tmp_path: Path) -> No
 
 
 # S3 transfers may use the image's boto3 (DESIGN.md); imported lazily there, nowhere else.
-IMAGE_PACKAGES = {"fetch_s3.py": {"boto3", "botocore"}, "keras2shim.py": {"tf_keras"}}
+# The checkpoint hook touches numpy only inside `fit`; the run's sitecustomize imports
+# checkpoint.py under the name it is copied to (_cloudtrain_checkpoint).
+IMAGE_PACKAGES = {
+    "fetch_s3.py": {"boto3", "botocore"},
+    "keras2shim.py": {"tf_keras"},
+    "checkpoint.py": {"numpy"},
+    "runsite.py": {"_cloudtrain_checkpoint"},
+}
 
 
 def test_agent_imports_only_the_standard_library_and_itself() -> None:

@@ -1,9 +1,11 @@
-"""Backend configuration: keras.json, .theanorc and the run's env.json (plus seeding).
+"""Backend configuration: keras.json, .theanorc and the run's env.json (plus seeding, checkpoints).
 
 `configure()` writes HOME/.keras/keras.json, for Theano HOME/.theanorc (and
 HOME/.theano, the run's compile folder, seeded from the image's warmed cache), and
 RUN_DIR/env.json: the variables every command of the run gets (KERAS_BACKEND,
-KERAS_HOME, HOME, THEANO_FLAGS, seed variables ...). GPU "auto" means: `nvidia-smi -L`
+KERAS_HOME, HOME, THEANO_FLAGS, seed and checkpoint variables ...). With a seed or a
+checkpoint folder it also writes RUN_DIR/site/ (the run's sitecustomize.py, first on
+PYTHONPATH; see runsite.py and checkpoint.py). GPU "auto" means: `nvidia-smi -L`
 exists and lists a GPU.
 """
 
@@ -13,7 +15,7 @@ import os
 import shutil
 import subprocess
 
-from . import seed as seeding
+from . import sitedir
 from .errors import USAGE, AgentError
 from .runfiles import RunPaths, write_atomic, write_json
 
@@ -88,6 +90,9 @@ def configure(
     keras: int | None = None,
     extra_env: dict[str, str] | None = None,
     compile_cache: str | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 1,
+    notice_file: str | None = None,
 ) -> dict[str, object]:
     """Write the configuration files; return what was written, for the controller."""
     if backend not in BACKENDS:
@@ -96,6 +101,8 @@ def configure(
         raise AgentError("Keras 3 has no Theano backend", "Use --keras 2 (keras 2.3.1) with theano.", USAGE)
     if seed is not None and not 0 <= seed <= 2**32 - 1:
         raise AgentError(f"seed {seed} is out of range", "Use a seed from 0 to 4294967295.", USAGE)
+    if checkpoint_every < 1:
+        raise AgentError(f"--checkpoint-every must be 1 or more, not {checkpoint_every}", "", USAGE)
     if gpu not in ("auto", "yes", "no"):
         raise AgentError(f"--gpu must be auto, yes or no, not {gpu!r}", "", USAGE)
 
@@ -138,10 +145,19 @@ def configure(
         keras2_dir = _write_keras2_shim(paths.run_dir)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (keras2_dir, env.get("PYTHONPATH", "")) if p)
 
-    seed_dir = None
+    site_dir = None
+    checkpoint = None
+    if seed is not None or checkpoint_dir:
+        site_dir = sitedir.write_site(paths)
+        env["PYTHONPATH"] = sitedir.prepend_path(site_dir, env.get("PYTHONPATH", ""))
     if seed is not None:
-        seed_dir = seeding.write_seed_site(paths)
-        env.update(seeding.seed_env(seed, seed_dir, env.get("PYTHONPATH", "")))
+        env.update(sitedir.seed_env(seed))
+    if checkpoint_dir:
+        folder = os.path.abspath(checkpoint_dir)
+        notice = os.path.abspath(notice_file or paths.notice)
+        os.makedirs(folder, exist_ok=True)
+        env.update(sitedir.checkpoint_env(folder, checkpoint_every, notice))
+        checkpoint = {"dir": folder, "every": checkpoint_every, "notice_file": notice}
 
     write_json(paths.env, env)
     return {
@@ -154,7 +170,8 @@ def configure(
         "keras_json": keras_json_path,
         "theanorc": theanorc_path,
         "env_file": paths.env,
-        "seed_dir": seed_dir,
+        "site_dir": site_dir,
+        "checkpoint": checkpoint,
         "keras2_shim": keras2_dir,
         "compile_cache": seeded_from,
         "env": env,

@@ -48,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="theano: the image's warmed compile cache; HOME/.theano starts as a copy of it",
     )
     p.add_argument("--env", action="append", type=_env_pair, default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="fit checkpoints into DIR and resumes from the checkpoint there (see checkpoint.py)",
+    )
+    p.add_argument("--checkpoint-every", type=int, default=1, metavar="N", help="save every N epochs")
+    p.add_argument(
+        "--notice-file",
+        metavar="PATH",
+        help="the spot interruption notice that makes fit save at once (default RUN_DIR/notice.json)",
+    )
 
     p = sub.add_parser("verify", help="import Keras in the job's environment and check the backend")
     p.add_argument("--backend", required=True, choices=["tensorflow", "theano"])
@@ -108,6 +119,9 @@ def dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
             args.keras,
             dict(args.env),
             compile_cache=args.compile_cache,
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
+            notice_file=args.notice_file,
         )
     if command == "verify":
         from .verify import verify

@@ -2,7 +2,8 @@
 
 A run folder holds:
     env.json         the environment the run gets (written by `backend`)
-    seed/            sitecustomize.py seeding the run (written by `backend --seed`)
+    site/            sitecustomize.py seeding / checkpointing the run (written by `backend
+                     --seed` / `--checkpoint-dir`; see runsite.py)
     train.log        setup's and run's output, with `[cloudtrain] ...` marker lines
     state.json       the supervisor's state (phase, pids, times, exit codes)
     exit_code        the run's exit code, written last: its presence means "finished"
@@ -23,7 +24,7 @@ from typing import Any
 from .errors import AgentError
 
 ENV_FILE = "env.json"
-SEED_DIR = "seed"
+SITE_DIR = "site"
 LOG_FILE = "train.log"
 STATE_FILE = "state.json"
 EXIT_CODE_FILE = "exit_code"
@@ -38,7 +39,7 @@ class RunPaths:
     def __init__(self, run_dir: str) -> None:
         self.run_dir = os.path.abspath(run_dir)
         self.env = os.path.join(self.run_dir, ENV_FILE)
-        self.seed_dir = os.path.join(self.run_dir, SEED_DIR)
+        self.site_dir = os.path.join(self.run_dir, SITE_DIR)
         self.log = os.path.join(self.run_dir, LOG_FILE)
         self.state = os.path.join(self.run_dir, STATE_FILE)
         self.exit_code = os.path.join(self.run_dir, EXIT_CODE_FILE)

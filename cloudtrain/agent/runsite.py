@@ -1,9 +1,15 @@
-"""The `sitecustomize.py` that `backend --seed` copies into RUN_DIR/seed/ (on PYTHONPATH).
+"""The run's `sitecustomize.py`: `backend` copies it into RUN_DIR/site/ (first on PYTHONPATH).
 
-Every Python process of the run then seeds itself from CLOUDTRAIN_SEED at start-up:
-`random` at once; numpy, TensorFlow (`tf.random.set_seed`) and Keras 3 / tf_keras
-(`keras.utils.set_random_seed`) through an import hook, right after each is first
-imported. Nothing heavy is imported here, so `pip install` in a job's setup stays fast.
+Every Python process of the run then installs, at start-up, what the run's variables ask for:
+
+- CLOUDTRAIN_SEED: seeding. `random` at once; numpy, TensorFlow (`tf.random.set_seed`)
+  and Keras 3 / tf_keras (`keras.utils.set_random_seed`) right after each is first imported.
+- CLOUDTRAIN_CHECKPOINT_DIR: checkpoint and resume. `Model.fit` of Keras 3, tf_keras and
+  Keras 2.3.1 is wrapped right after each is first imported, by `_cloudtrain_checkpoint`
+  (checkpoint.py, copied beside this file).
+
+Both go through one import hook (a meta-path finder that wraps the loader of a watched
+module), so nothing heavy is imported here and `pip install` in a job's setup stays fast.
 A `sitecustomize.py` that this one shadows (one later on sys.path) still runs.
 
 Python 3.7+, standard library only. Imported under any other name it does nothing.
@@ -13,12 +19,16 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # no subscripted generics at run time: Python 3.7
+    from collections.abc import Callable
+
+    Hook = Callable[[Any], None]
 
 
 def _warn(what: str, err: BaseException) -> None:
-    sys.stderr.write(f"[cloudtrain] seed: could not seed {what}: {err}\n")
+    sys.stderr.write(f"[cloudtrain] {what}: {err}\n")
 
 
 def _seed_numpy(module: Any, seed: int) -> None:
@@ -39,7 +49,7 @@ def _seed_keras(module: Any, seed: int) -> None:
         utils.set_random_seed(seed)
 
 
-_HOOKS = {
+_SEED_HOOKS = {
     "numpy": _seed_numpy,
     "tensorflow": _seed_tensorflow,
     "keras": _seed_keras,
@@ -47,16 +57,24 @@ _HOOKS = {
 }
 
 
-class _SeedFinder:
-    """A meta-path finder that wraps the loader of a watched module to seed it once loaded."""
+def seed_hooks(seed: int) -> dict[str, list[Hook]]:
+    """The post-import hooks that seed each framework with `seed`."""
 
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self.pending = dict(_HOOKS)
+    def bind(function: Callable[[Any, int], None]) -> Hook:
+        return lambda module: function(module, seed)
+
+    return {name: [bind(function)] for name, function in _SEED_HOOKS.items()}
+
+
+class _PostImportFinder:
+    """A meta-path finder that wraps the loader of a watched module to run hooks once it is loaded."""
+
+    def __init__(self, hooks: dict[str, list[Hook]]) -> None:
+        self.pending = hooks
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        hook = self.pending.get(fullname)
-        if hook is None:
+        hooks = self.pending.get(fullname)
+        if hooks is None:
             return None
         spec = None
         for finder in sys.meta_path:
@@ -71,24 +89,28 @@ class _SeedFinder:
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         del self.pending[fullname]
-        self._wrap(spec.loader, fullname, hook)
+        self._wrap(spec.loader, fullname, hooks)
         return spec
 
-    def _wrap(self, loader: Any, name: str, hook: Callable[[Any, int], None]) -> None:
+    def _wrap(self, loader: Any, name: str, hooks: list[Hook]) -> None:
         original = loader.exec_module
-        seed = self.seed
 
         def exec_module(module: Any) -> None:
             original(module)
-            try:
-                hook(module, seed)
-            except Exception as e:
-                _warn(name, e)
+            run_hooks(name, module, hooks)
 
         try:
             loader.exec_module = exec_module
         except (AttributeError, TypeError) as e:
-            _warn(name, e)
+            _warn(f"could not hook {name}", e)
+
+
+def run_hooks(name: str, module: Any, hooks: list[Hook]) -> None:
+    for hook in hooks:
+        try:
+            hook(module)
+        except Exception as e:
+            _warn(f"a start-up hook failed for {name}", e)
 
 
 def _chain_next_sitecustomize() -> None:
@@ -110,7 +132,7 @@ def _chain_next_sitecustomize() -> None:
                 try:
                     spec.loader.exec_module(module)
                 except Exception as e:
-                    _warn(f"(the shadowed {candidate} failed)", e)
+                    _warn(f"the shadowed {candidate} failed", e)
             return
 
 
@@ -122,22 +144,34 @@ def _seed_value() -> int | None:
         return None
 
 
+def _checkpoint_hooks() -> dict[str, list[Hook]]:
+    if not os.environ.get("CLOUDTRAIN_CHECKPOINT_DIR"):
+        return {}
+    try:
+        import _cloudtrain_checkpoint  # type: ignore[import-not-found]  # checkpoint.py, copied beside
+    except Exception as e:
+        _warn("checkpoint: not installed (_cloudtrain_checkpoint does not import)", e)
+        return {}
+    hooks: dict[str, list[Hook]] = _cloudtrain_checkpoint.import_hooks()
+    return hooks
+
+
 def install() -> None:
+    hooks: dict[str, list[Hook]] = {}
     seed = _seed_value()
     if seed is not None:
         import random
 
         random.seed(seed)
-        finder = _SeedFinder(seed)
-        for name in list(finder.pending):
+        hooks = seed_hooks(seed)
+    for name, more in _checkpoint_hooks().items():  # after seeding: a module is seeded, then wrapped
+        hooks.setdefault(name, []).extend(more)
+    if hooks:
+        for name in list(hooks):
             module = sys.modules.get(name)
             if module is not None:  # already imported (unusual this early)
-                del finder.pending[name]
-                try:
-                    _HOOKS[name](module, seed)
-                except Exception as e:
-                    _warn(name, e)
-        sys.meta_path.insert(0, finder)
+                run_hooks(name, module, hooks.pop(name))
+        sys.meta_path.insert(0, _PostImportFinder(hooks))
     _chain_next_sitecustomize()
 
 

@@ -1,0 +1,705 @@
+"""Checkpoint and resume inside an unchanged Keras script: `Model.fit` saves and restores itself.
+
+`backend --checkpoint-dir DIR` copies this file beside the run's sitecustomize.py (runsite.py)
+as `_cloudtrain_checkpoint.py`; with CLOUDTRAIN_CHECKPOINT_DIR set, the sitecustomize installs
+`import_hooks()`, which wrap `fit` of Keras 3 (`keras.Model`), tf_keras (`tf_keras.Model`,
+`import keras` in a `keras: 2` job) and Keras 2.3.1 (`keras.engine.training.Model`, also its
+`fit_generator`) right after each is first imported. The wrapped `fit`:
+
+- numbers itself by call order in the process (first fit = 0, ...): a checkpoint belongs to
+  that fit of the script;
+- before training, restores that fit's last complete checkpoint (model weights, optimizer
+  state, the RNG states below, the epoch) when its weight shapes match the model's, and passes
+  `initial_epoch` = the epochs already done: the user's `epochs` stays the total, so the
+  resumed run ends with exactly the epochs asked for (a fit that had finished trains no more);
+- after every CLOUDTRAIN_CHECKPOINT_EVERY epochs (default 1), at the last epoch and when
+  training stops early, writes a checkpoint;
+- at each batch end (at most every 0.2 s) looks for CLOUDTRAIN_NOTICE_FILE (os.stat), which
+  the supervisor writes when AWS schedules an interruption or recommends a rebalance. On a
+  new notice it saves *at once the state of the last finished epoch*: with EVERY=1 that is
+  already on disk; with EVERY>1 it is held in host memory at each epoch end for this purpose.
+  The part of the current epoch done so far is not saved (resuming in the middle of an
+  epoch would need the data order and the position within it; it would make the finished
+  run differ from an uninterrupted one). From the notice on, every epoch is saved.
+- prints `[cloudtrain] checkpoint: ...` lines on stderr (restored, saved, ignored, why).
+
+The format (CLOUDTRAIN_CHECKPOINT_DIR, self-contained and relocatable: paths are relative):
+
+    manifest.json              written last; its presence means "complete"
+    fit0-epoch0003-<stamp>/    one folder per saved state, never changed once named
+        weights.npz            model.get_weights(), in order
+        optimizer.npz          the optimizer's variables (iterations, slots, learning rate)
+        extra.npz              further state: Keras 3 seed generators, Theano's shared
+                               random streams and variables of the training function
+        state.json             epoch, Python's and numpy's global RNG states
+
+A save writes the folder under a temporary name (`.tmp-...`), fsyncs each file and the
+folder, renames it, fsyncs DIR, then replaces manifest.json the same way; only then are
+folders that neither this manifest nor the one before names removed (a copier that read
+the previous manifest still finds its files). A trainer killed at any point leaves the
+previous manifest and its folders intact. manifest.json: `schema`, `created_at`,
+`keras` {flavour, version, backend}, `fit` and `epoch` (the latest save), `fits` {"0":
+{epoch, epochs, complete, reason, folder, created_at, keras, weight_shapes}}, and `files`
+{relative path: {size, sha256}} for every file of every fit.
+
+Python 3.7+, standard library only at import time; numpy and Keras only inside `fit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import inspect
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+SCHEMA = 1
+MANIFEST = "manifest.json"
+DIR_ENV = "CLOUDTRAIN_CHECKPOINT_DIR"
+EVERY_ENV = "CLOUDTRAIN_CHECKPOINT_EVERY"
+NOTICE_ENV = "CLOUDTRAIN_NOTICE_FILE"
+# Test only (with CLOUDTRAIN_TESTING=1): "STAGE:N" SIGKILLs the process during its N-th save
+# (1-based) at STAGE: "file" (after the first file), "folder" (folder renamed, manifest not
+# written), "manifest" (manifest written under its temporary name, not renamed) or "saved"
+# (the save complete: a trainer killed between epochs).
+TEST_KILL_ENV = "CLOUDTRAIN_CHECKPOINT_TEST_KILL"
+NOTICE_POLL_S = 0.2
+_WRAPPED = "_cloudtrain_checkpoint_wrapped"
+
+
+def log(text: str) -> None:
+    try:
+        sys.stderr.write(f"[cloudtrain] checkpoint: {text}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- the format -------------------------------------------------------------------------------
+
+
+class Invalid(Exception):
+    """A checkpoint (or one fit's part of it) that must not be restored; the message says why."""
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_durable(path: str, data: bytes) -> dict[str, Any]:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _test_kill(stage: str, save_number: int) -> None:
+    spec = os.environ.get(TEST_KILL_ENV, "")
+    if not spec or not os.environ.get("CLOUDTRAIN_TESTING"):
+        return
+    want_stage, _, number = spec.partition(":")
+    if want_stage == stage and number == str(save_number):
+        log(f"test: killed during save {save_number} at {stage}")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def read_manifest(directory: str) -> dict[str, Any] | None:
+    """The manifest of `directory`; None when there is no checkpoint at all.
+
+    Raises Invalid for a folder with checkpoint files but no manifest, or a manifest that
+    is not one this code can read.
+    """
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        try:
+            names = [n for n in os.listdir(directory) if not n.startswith(".")]
+        except OSError:
+            names = []
+        if names:
+            raise Invalid(f"{directory} has no {MANIFEST} (an incomplete checkpoint)") from None
+        return None
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except ValueError as e:
+        raise Invalid(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        schema = manifest.get("schema") if isinstance(manifest, dict) else None
+        raise Invalid(f"{path}: unknown schema {schema!r} (this agent reads {SCHEMA})")
+    if not isinstance(manifest.get("fits"), dict) or not isinstance(manifest.get("files"), dict):
+        raise Invalid(f"{path} lacks `fits` or `files`")
+    return manifest
+
+
+def fit_entry(directory: str, manifest: dict[str, Any], fit: int) -> dict[str, Any] | None:
+    """Fit `fit`'s entry in `manifest`, its files checked (size, sha256); None when it has none."""
+    entry = manifest["fits"].get(str(fit))
+    if entry is None:
+        return None
+    folder = entry.get("folder") if isinstance(entry, dict) else None
+    if not isinstance(folder, str) or not isinstance(entry.get("epoch"), int):
+        raise Invalid(f"fit {fit}: malformed entry in {MANIFEST}")
+    for name in ("weights.npz", "optimizer.npz", "extra.npz", "state.json"):
+        rel = f"{folder}/{name}"
+        meta = manifest["files"].get(rel)
+        if not isinstance(meta, dict):
+            raise Invalid(f"{MANIFEST} does not list {rel}")
+        path = os.path.join(directory, folder, name)
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            raise Invalid(f"{rel} is missing") from None
+        if size != meta.get("size"):
+            raise Invalid(f"{rel} has {size} bytes, the manifest says {meta.get('size')}")
+        if sha256_file(path) != meta.get("sha256"):
+            raise Invalid(f"{rel} does not match its sha256 in the manifest")
+    return dict(entry)
+
+
+def verify(directory: str) -> dict[str, Any] | None:
+    """Check a whole checkpoint folder (for the controller, before and after copying it)."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return None
+    for fit in manifest["fits"]:
+        fit_entry(directory, manifest, int(fit))
+    return manifest
+
+
+class Store:
+    """Writes one process's checkpoints into a directory; see the module docstring for the order."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.saves = 0
+        self.previous_folders: set[str] = set()
+
+    def save(
+        self, fit: int, epoch: int, payload: dict[str, bytes], entry: dict[str, Any], keras: dict[str, str]
+    ) -> str:
+        self.saves += 1
+        directory = self.directory
+        os.makedirs(directory, exist_ok=True)
+        try:
+            manifest = read_manifest(directory)
+        except Invalid:
+            manifest = None  # replaced by this save
+        if manifest is None:
+            manifest = {"schema": SCHEMA, "fits": {}, "files": {}}
+        stamp = f"{int(time.time() * 1000):x}-{os.getpid()}"
+        folder = f"fit{fit}-epoch{epoch:04d}-{stamp}"
+        tmp = os.path.join(directory, f".tmp-{folder}")
+        os.makedirs(tmp)
+        files: dict[str, Any] = {}
+        for name in sorted(payload):
+            files[f"{folder}/{name}"] = _write_durable(os.path.join(tmp, name), payload[name])
+            _test_kill("file", self.saves)
+        fsync_dir(tmp)
+        os.rename(tmp, os.path.join(directory, folder))
+        fsync_dir(directory)
+        _test_kill("folder", self.saves)
+
+        old_folders = {e.get("folder") for e in manifest["fits"].values() if isinstance(e, dict)}
+        now = utc_now()
+        fits = dict(manifest["fits"])
+        fits[str(fit)] = dict(entry, folder=folder, epoch=epoch, created_at=now, keras=keras)
+        kept = {e["folder"] for e in fits.values()}
+        all_files = {rel: meta for rel, meta in manifest["files"].items() if rel.split("/", 1)[0] in kept}
+        all_files.update(files)
+        new = {
+            "schema": SCHEMA,
+            "created_at": now,
+            "keras": keras,
+            "fit": fit,
+            "epoch": epoch,
+            "fits": fits,
+            "files": all_files,
+        }
+        text = (json.dumps(new, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        path = os.path.join(directory, MANIFEST)
+        _write_durable(path + ".tmp", text)
+        _test_kill("manifest", self.saves)
+        os.replace(path + ".tmp", path)
+        fsync_dir(directory)
+
+        self._prune(kept | {f for f in old_folders if isinstance(f, str)} | self.previous_folders)
+        self.previous_folders = kept
+        return folder
+
+    def _prune(self, keep: set[str]) -> None:
+        for name in os.listdir(self.directory):
+            full = os.path.join(self.directory, name)
+            stale_tmp = name.startswith(".tmp-fit")
+            if (stale_tmp or name.startswith("fit")) and name not in keep and os.path.isdir(full):
+                shutil.rmtree(full, ignore_errors=True)
+
+
+# --- arrays (numpy, imported lazily) ----------------------------------------------------------
+
+
+def pack_arrays(arrays: list[Any]) -> bytes:
+    import numpy as np  # type: ignore[import-not-found]
+
+    buffer = io.BytesIO()
+    np.savez(buffer, *[np.asarray(a) for a in arrays])
+    return buffer.getvalue()
+
+
+def unpack_arrays(path: str) -> list[Any]:
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:
+        return [data[f"arr_{i}"] for i in range(len(data.files))]
+
+
+def shapes(arrays: list[Any]) -> list[list[int]]:
+    return [[int(d) for d in getattr(a, "shape", ())] for a in arrays]
+
+
+def _global_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python_random": _jsonable(random.getstate())}
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        name, keys, pos, has_gauss, cached = numpy.random.get_state()
+        state["numpy_random"] = [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
+    return state
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def _set_global_rng_state(state: dict[str, Any]) -> None:
+    if "python_random" in state:
+        random.setstate(_tuples(state["python_random"]))
+    numpy_state = state.get("numpy_random")
+    numpy = sys.modules.get("numpy")
+    if numpy_state and numpy is not None:
+        name, keys, pos, has_gauss, cached = numpy_state
+        numpy.random.set_state((name, numpy.array(keys, dtype=numpy.uint32), pos, has_gauss, cached))
+
+
+# --- the Keras flavours -----------------------------------------------------------------------
+
+
+def _value(variable: Any) -> Any:
+    import numpy as np
+
+    if hasattr(variable, "get_value"):  # Theano shared variable
+        return np.array(variable.get_value())
+    return np.array(variable.numpy())
+
+
+def _assign(variable: Any, value: Any) -> None:
+    if hasattr(variable, "set_value"):
+        variable.set_value(value)
+    else:
+        variable.assign(value)
+
+
+class Flavour:
+    """What differs between Keras 3, tf_keras and Keras 2.3.1: where the state lives."""
+
+    name = "keras"
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.version = str(getattr(module, "__version__", "?"))
+
+    def describe(self) -> dict[str, str]:
+        backend = "?"
+        with contextlib.suppress(Exception):
+            backend = str(self.module.backend.backend())
+        return {"flavour": self.name, "version": self.version, "backend": backend}
+
+    def callback_base(self) -> Any:
+        return self.module.callbacks.Callback
+
+    def prepare(self, model: Any) -> None:
+        """Create the optimizer's variables before fit would (to restore into them)."""
+
+    def optimizer_variables(self, model: Any) -> list[Any]:
+        return []
+
+    def extra_variables(self, model: Any) -> list[Any]:
+        return []
+
+    def weights(self, model: Any) -> list[Any]:
+        return list(model.get_weights())
+
+    def set_weights(self, model: Any, arrays: list[Any]) -> None:
+        model.set_weights(arrays)
+
+    def optimizer_state(self, model: Any) -> list[Any]:
+        return [_value(v) for v in self.optimizer_variables(model)]
+
+    def set_optimizer_state(self, model: Any, arrays: list[Any]) -> None:
+        for variable, value in zip(self.optimizer_variables(model), arrays):
+            _assign(variable, value)
+
+    def extra_state(self, model: Any) -> list[Any]:
+        return [_value(v) for v in self.extra_variables(model)]
+
+    def set_extra_state(self, model: Any, arrays: list[Any]) -> None:
+        for variable, value in zip(self.extra_variables(model), arrays):
+            _assign(variable, value)
+
+
+class Keras3(Flavour):
+    name = "keras3"
+
+    def prepare(self, model: Any) -> None:
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(model.trainable_variables)
+
+    def optimizer_variables(self, model: Any) -> list[Any]:
+        optimizer = getattr(model, "optimizer", None)
+        return list(optimizer.variables) if optimizer is not None and optimizer.built else []
+
+    def extra_variables(self, model: Any) -> list[Any]:
+        # model.variables adds what model.weights lacks: the seed generators' states (Dropout).
+        weights = {id(w) for w in model.weights}
+        return [v for v in model.variables if id(v) not in weights]
+
+
+class TfKeras(Flavour):
+    name = "tf_keras"
+
+    def _legacy(self, optimizer: Any) -> bool:
+        return not hasattr(optimizer, "_var_key") and hasattr(optimizer, "_create_all_weights")
+
+    def prepare(self, model: Any) -> None:
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is None:
+            return
+        if self._legacy(optimizer):
+            optimizer._create_all_weights(model.trainable_variables)
+        elif not getattr(optimizer, "_built", False):
+            optimizer.build(model.trainable_variables)
+
+    def optimizer_variables(self, model: Any) -> list[Any]:
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is None:
+            return []
+        if self._legacy(optimizer):
+            found = list(optimizer.weights)
+        else:
+            found = list(optimizer.variables) if getattr(optimizer, "_built", False) else []
+        learning_rate = getattr(optimizer, "_learning_rate", None)
+        if hasattr(learning_rate, "assign") and all(learning_rate is not v for v in found):
+            found.append(learning_rate)  # a variable ReduceLROnPlateau may have changed
+        return found
+
+
+class Keras2(Flavour):
+    name = "keras2"
+
+    def prepare(self, model: Any) -> None:
+        model._make_train_function()
+
+    def optimizer_variables(self, model: Any) -> list[Any]:
+        optimizer = getattr(model, "optimizer", None)
+        return list(optimizer.weights) if optimizer is not None else []
+
+    def extra_variables(self, model: Any) -> list[Any]:
+        # Everything else the training function updates or reads: Theano's random streams
+        # (Dropout), the learning rate and decay variables.
+        function = getattr(getattr(model, "train_function", None), "function", None)
+        if function is None or not hasattr(function, "get_shared"):
+            return []
+        known = {id(v) for v in model.weights} | {id(v) for v in self.optimizer_variables(model)}
+        return [v for v in function.get_shared() if id(v) not in known]
+
+
+# --- the wrapped fit --------------------------------------------------------------------------
+
+
+class _Snapshot:
+    def __init__(self, epoch: int, payload: dict[str, bytes], entry: dict[str, Any]) -> None:
+        self.epoch = epoch
+        self.payload = payload
+        self.entry = entry
+
+
+class FitRun:
+    """One call of `fit`: restores before it, saves during it."""
+
+    def __init__(self, flavour: Flavour, model: Any, index: int, epochs: int, store: Store) -> None:
+        self.flavour = flavour
+        self.model = model
+        self.index = index
+        self.epochs = epochs
+        self.store = store
+        self.every = _every()
+        self.notice_file = os.environ.get(NOTICE_ENV, "")
+        self.notice_seen: tuple[int, int] | None = None
+        self.next_notice_check = 0.0
+        self.saved_epoch = -1
+        self.snapshot: _Snapshot | None = None
+        self.failed = False
+
+    # restore -----------------------------------------------------------------------------
+
+    def restore(self) -> int | None:
+        """Restore this fit's checkpoint into the model; the epochs it had done, or None."""
+        directory = self.store.directory
+        try:
+            manifest = read_manifest(directory)
+            if manifest is None:
+                log(f"none yet in {directory}: fit {self.index} starts at epoch 1")
+                return None
+            entry = fit_entry(directory, manifest, self.index)
+            if entry is None:
+                log(f"{directory} has none for fit {self.index}: it starts at epoch 1")
+                return None
+            folder = os.path.join(directory, entry["folder"])
+            weights = unpack_arrays(os.path.join(folder, "weights.npz"))
+            current = self.flavour.weights(self.model)
+            if not current:
+                raise Invalid(f"fit {self.index}'s model has no weights before fit (not built)")
+            if shapes(weights) != shapes(current):
+                raise Invalid(
+                    f"fit {self.index}'s model does not match the checkpoint's "
+                    f"(weight shapes {shapes(current)} here, {shapes(weights)} saved)"
+                )
+            self.flavour.prepare(self.model)
+            optimizer = unpack_arrays(os.path.join(folder, "optimizer.npz"))
+            extra = unpack_arrays(os.path.join(folder, "extra.npz"))
+            here_optimizer = self.flavour.optimizer_state(self.model)
+            here_extra = self.flavour.extra_state(self.model)
+            if shapes(optimizer) != shapes(here_optimizer):
+                raise Invalid(f"fit {self.index}'s optimizer state does not match the checkpoint's")
+            with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
+                state = json.load(f)
+        except Invalid as e:
+            log(f"ignoring {directory}: {e}; fit {self.index} starts at epoch 1")
+            return None
+        except Exception as e:
+            why = f"{type(e).__name__}: {e}"
+            log(f"ignoring {directory}: cannot read it ({why}); fit {self.index} starts at epoch 1")
+            return None
+        self.flavour.set_weights(self.model, weights)
+        self.flavour.set_optimizer_state(self.model, optimizer)
+        if shapes(extra) == shapes(here_extra):
+            self.flavour.set_extra_state(self.model, extra)
+        else:
+            log("the saved random-stream states do not match this model's: not restored")
+        _set_global_rng_state(state.get("rng", {}))
+        epoch = int(entry["epoch"])
+        self.saved_epoch = epoch
+        if entry.get("complete"):
+            epoch = max(epoch, self.epochs)
+            log(f"restored epoch {entry['epoch']} from {folder}: fit {self.index} had finished")
+        else:
+            log(f"restored epoch {epoch} from {folder}: fit {self.index} continues at epoch {epoch + 1}")
+        return epoch
+
+    # save --------------------------------------------------------------------------------
+
+    def _capture(self, epoch: int, complete: bool, reason: str) -> _Snapshot:
+        weights = self.flavour.weights(self.model)
+        state = {"epoch": epoch, "fit": self.index, "rng": _global_rng_state()}
+        payload = {
+            "weights.npz": pack_arrays(weights),
+            "optimizer.npz": pack_arrays(self.flavour.optimizer_state(self.model)),
+            "extra.npz": pack_arrays(self.flavour.extra_state(self.model)),
+            "state.json": (json.dumps(state, sort_keys=True) + "\n").encode("utf-8"),
+        }
+        entry = {
+            "epochs": self.epochs,
+            "complete": complete,
+            "reason": reason,
+            "weight_shapes": shapes(weights),
+        }
+        return _Snapshot(epoch, payload, entry)
+
+    def _write(self, snapshot: _Snapshot, why: str = "") -> None:
+        try:
+            keras = self.flavour.describe()
+            self.store.save(self.index, snapshot.epoch, snapshot.payload, snapshot.entry, keras)
+        except Exception as e:
+            log(f"could not save epoch {snapshot.epoch} in {self.store.directory}: {type(e).__name__}: {e}")
+            return
+        self.saved_epoch = snapshot.epoch
+        self.snapshot = None
+        log(f"epoch {snapshot.epoch} saved{why}")
+        _test_kill("saved", self.store.saves)
+
+    def epoch_end(self, epoch: int) -> None:
+        done = epoch + 1
+        complete = done >= self.epochs or bool(getattr(self.model, "stop_training", False))
+        try:
+            if complete or done % self.every == 0:
+                self._write(self._capture(done, complete, "epoch"))
+            elif self.every > 1:
+                self.snapshot = self._capture(done, False, "notice")  # for a notice before the next save
+        except Exception as e:
+            log(f"could not capture epoch {done}: {type(e).__name__}: {e}")
+
+    def batch_end(self) -> None:
+        if not self.notice_file:
+            return
+        now = time.monotonic()
+        if now < self.next_notice_check:
+            return
+        self.next_notice_check = now + NOTICE_POLL_S
+        try:
+            st = os.stat(self.notice_file)
+        except OSError:
+            return
+        seen = (st.st_mtime_ns, st.st_size)
+        if seen == self.notice_seen:
+            return
+        self.notice_seen = seen
+        self.on_notice()
+
+    def on_notice(self) -> None:
+        what = "a notice"
+        with contextlib.suppress(Exception), open(self.notice_file, encoding="utf-8") as f:
+            notice = json.load(f)
+            what = "notice: {} {}".format(notice.get("kind", ""), notice.get("action", "")).strip()
+        self.every = 1
+        snapshot = self.snapshot
+        if snapshot is not None and snapshot.epoch > self.saved_epoch:
+            self._write(snapshot, f" at once ({what})")
+        elif self.saved_epoch > 0:
+            log(f"{what}: epoch {self.saved_epoch} is saved; from now on every epoch is")
+        else:
+            log(f"{what}: no epoch finished yet, nothing to save; from now on every epoch is")
+
+
+def _every() -> int:
+    try:
+        return max(1, int(os.environ.get(EVERY_ENV, "1")))
+    except ValueError:
+        return 1
+
+
+def make_callback(flavour: Flavour, run: FitRun) -> Any:
+    base = flavour.callback_base()
+
+    class CloudtrainCheckpoint(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self._supports_tf_logs = True  # logs stay tensors: no device sync per batch
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            run.epoch_end(epoch)
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            run.batch_end()
+
+    return CloudtrainCheckpoint()
+
+
+class _State:
+    fits = 0
+    store: Store | None = None
+
+
+def _store() -> Store:
+    if _State.store is None:
+        _State.store = Store(os.path.abspath(os.environ.get(DIR_ENV, "checkpoints")))
+    return _State.store
+
+
+def wrap_fit(cls: Any, flavour: Flavour, method: str = "fit") -> None:
+    """Replace `cls.<method>` by one that restores and checkpoints (once per class)."""
+    original = getattr(cls, method, None)
+    if original is None or getattr(original, _WRAPPED, False):
+        return
+    signature = inspect.signature(original)
+    if not {"epochs", "initial_epoch", "callbacks"} <= set(signature.parameters):
+        log(f"{cls.__name__}.{method} has no epochs/initial_epoch/callbacks: not wrapped")
+        return
+
+    def fit(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:
+            return original(self, *args, **kwargs)  # Keras says what is wrong
+        index = _State.fits
+        _State.fits += 1
+        arguments = bound.arguments
+        epochs = arguments.get("epochs", signature.parameters["epochs"].default)
+        initial = arguments.get("initial_epoch", signature.parameters["initial_epoch"].default) or 0
+        run = FitRun(flavour, self, index, int(epochs), _store())
+        done = run.restore()
+        if done is not None and done > initial:
+            arguments["initial_epoch"] = done
+        callbacks = arguments.get("callbacks")
+        callbacks = list(callbacks) if callbacks else []
+        callbacks.append(make_callback(flavour, run))
+        arguments["callbacks"] = callbacks
+        return original(*bound.args, **bound.kwargs)
+
+    fit.__name__ = getattr(original, "__name__", method)
+    fit.__doc__ = getattr(original, "__doc__", None)
+    fit.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(fit, _WRAPPED, True)
+    setattr(cls, method, fit)
+
+
+def _hook_keras(module: Any) -> None:
+    keras = sys.modules.get("keras", module)
+    version = str(getattr(keras, "__version__", ""))
+    if version.startswith("3."):
+        wrap_fit(keras.Model, Keras3(keras))
+    elif version.startswith("2.") and hasattr(keras, "engine") and hasattr(keras.engine, "training"):
+        model = keras.engine.training.Model
+        if getattr(model, "__module__", "").startswith("keras."):  # multi-backend Keras 2.x
+            flavour = Keras2(keras)
+            wrap_fit(model, flavour)
+            wrap_fit(model, flavour, "fit_generator")
+    # Otherwise `keras` is tf_keras (keras2shim.py), wrapped by its own hook.
+
+
+def _hook_tf_keras(module: Any) -> None:
+    wrap_fit(module.Model, TfKeras(module))
+
+
+def import_hooks() -> dict[str, list[Callable[[Any], None]]]:
+    """The post-import hooks the run's sitecustomize installs (runsite.py)."""
+    return {"keras": [_hook_keras], "tf_keras": [_hook_tf_keras]}
