@@ -1,0 +1,323 @@
+"""Checkpoint and resume of unchanged seed-style Keras scripts (cloudtrain/agent/checkpoint.py),
+with real training in the simulated image's environments: Keras 3 and tf_keras on TensorFlow,
+Keras 2.3.1 on Theano under Python 3.7.
+
+The trainer is killed with SIGKILL at chosen points by CLOUDTRAIN_CHECKPOINT_TEST_KILL (test
+only: the checkpoint writer kills its own process). Theano needs a Python 3.7: where none is
+found its tests skip and say what to install, except in CI (CI=true), where they must run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cloudtrain.agent import checkpoint
+from cloudtrain.agent.backend import configure
+from cloudtrain.cloud import simimage
+
+# Seed-style Keras 3: Input, Dense, Dropout, compile, fit. Saves every weight as one .npy.
+KERAS3_SCRIPT = """\
+import sys
+import numpy as np
+import keras
+from keras import layers
+
+epochs, out, width = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+rng = np.random.RandomState(0)
+x = rng.rand(256, 8).astype("float32")
+y = (x.sum(axis=1) > 4).astype("int32")
+model = keras.Sequential([
+    layers.Input(shape=(8,)),
+    layers.Dense(width, activation="relu"),
+    layers.Dropout(0.3),
+    layers.Dense(2, activation="softmax"),
+])
+model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="sparse_categorical_crossentropy")
+model.fit(x, y, epochs=epochs, batch_size=32, verbose=2)
+np.save(out, np.concatenate([w.ravel() for w in model.get_weights()]))
+"""
+
+# Seed-style Keras 2 (tf_keras through `keras: 2`, or Keras 2.3.1 on Theano): two models, two
+# fits (checkpoints belong to the fit by call order), input_dim=, SGD(learning_rate=...).
+KERAS2_SCRIPT = """\
+import sys
+import numpy as np
+from keras.layers import Dense, Dropout
+from keras.models import Sequential
+from keras.optimizers import SGD
+
+epochs, out = [int(e) for e in sys.argv[1].split(",")], sys.argv[2]
+rng = np.random.RandomState(0)
+x = rng.rand(256, 8).astype("float32")
+y = (x.sum(axis=1) > 4).astype("int32")
+weights = []
+for width, n in zip((8, 12), epochs):
+    model = Sequential()
+    model.add(Dense(width, input_dim=8, activation="relu"))
+    model.add(Dropout(0.3))
+    model.add(Dense(2, activation="softmax"))
+    model.compile(optimizer=SGD(learning_rate=0.05, momentum=0.9), loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=n, batch_size=32, verbose=2)
+    weights.extend(w.ravel() for w in model.get_weights())
+np.save(out, np.concatenate(weights))
+"""
+
+# A user callback standing in for the IMDS watcher: the notice appears as epoch 3 begins.
+NOTICE_SCRIPT = """\
+import json, os, sys
+import numpy as np
+import keras
+from keras import layers
+
+class Watcher(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 2:
+            with open(os.environ["CLOUDTRAIN_NOTICE_FILE"], "w") as f:
+                json.dump({"kind": "interruption", "action": "terminate", "time": "2026-11-28T12:02:00Z"}, f)
+
+rng = np.random.RandomState(0)
+x = rng.rand(256, 8).astype("float32")
+y = (x.sum(axis=1) > 4).astype("int32")
+model = keras.Sequential([layers.Input(shape=(8,)), layers.Dense(8), layers.Dense(2, activation="softmax")])
+model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+model.fit(x, y, epochs=4, batch_size=32, verbose=2, callbacks=[Watcher()])
+"""
+
+EPOCH_LINE = re.compile(r"^Epoch (\d+)/(\d+)$", re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def tf_image() -> Path:
+    return simimage.ensure_image(("tensorflow",))
+
+
+@pytest.fixture(scope="module")
+def theano_image() -> Path:
+    """The simulated image with its theano environment (built once per machine, cached)."""
+    if simimage.find_python37() is None:
+        reason = f"no Python 3.7 for the theano environment: {simimage.INSTALL_PYTHON37}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI must run the Theano tests)")
+        pytest.skip(reason)
+    return simimage.ensure_image(("tensorflow", "theano"))
+
+
+class Job:
+    """A run folder configured by the agent's `backend`, and a way to run a script in it."""
+
+    def __init__(self, tmp: Path, image: Path, backend: str, keras: int | None = None, **options: object):
+        self.tmp = tmp
+        self.ckpt = tmp / "ckpt"
+        cache = image / "theano-cache"  # copied into the run's HOME: the image stays read-only
+        out = configure(
+            backend,
+            str(tmp / "home"),
+            str(tmp / "run"),
+            gpu="no",
+            keras=keras,
+            compile_cache=str(cache) if backend == "theano" else None,
+            checkpoint_dir=str(self.ckpt),
+            **options,
+        )
+        self.env = dict(out["env"])
+        self.env.update(PATH=os.environ["PATH"], CLOUDTRAIN_TESTING="1", TF_CPP_MIN_LOG_LEVEL="3")
+        self.python = image / "envs" / ("theano" if backend == "theano" else "tensorflow") / "bin" / "python"
+
+    def run(self, script: str, *args: str, kill: str | None = None) -> subprocess.CompletedProcess[str]:
+        path = self.tmp / "train.py"
+        path.write_text(script)
+        env = dict(self.env)
+        if kill:
+            env[checkpoint.TEST_KILL_ENV] = kill
+        done = subprocess.run(
+            [str(self.python), str(path), *args],
+            cwd=self.tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        expected = -signal.SIGKILL if kill else 0
+        assert done.returncode == expected, (done.returncode, done.stdout[-3000:], done.stderr[-5000:])
+        return done
+
+
+def epochs_run(*runs: subprocess.CompletedProcess[str]) -> list[str]:
+    return [f"{m[0]}/{m[1]}" for r in runs for m in EPOCH_LINE.findall(r.stdout)]
+
+
+def ct_lines(run: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in run.stderr.splitlines() if line.startswith("[cloudtrain] checkpoint:")]
+
+
+def test_keras3_killed_after_an_epoch_resumes_to_the_same_weights_bit_for_bit(
+    tf_image: Path, tmp_path: Path
+) -> None:
+    # The stretch goal: with a seed, interrupted + resumed == never interrupted, bitwise (CPU).
+    plain = Job(tmp_path / "plain", tf_image, "tensorflow", seed=11)
+    whole = plain.run(KERAS3_SCRIPT, "4", "whole.npy", "16")
+    assert epochs_run(whole) == ["1/4", "2/4", "3/4", "4/4"]
+
+    job = Job(tmp_path / "job", tf_image, "tensorflow", seed=11)
+    first = job.run(KERAS3_SCRIPT, "4", "never.npy", "16", kill="saved:2")  # SIGKILL after epoch 2
+    assert ct_lines(first)[-2] == "[cloudtrain] checkpoint: epoch 2 saved"
+    second = job.run(KERAS3_SCRIPT, "4", "resumed.npy", "16")
+    assert epochs_run(first, second) == ["1/4", "2/4", "3/4", "4/4"]  # exactly the epochs asked for
+    restored = ct_lines(second)[0]
+    assert restored.startswith(f"[cloudtrain] checkpoint: restored epoch 2 from {job.ckpt}/fit0-epoch0002-")
+    assert restored.endswith("fit 0 continues at epoch 3")
+    assert (job.tmp / "resumed.npy").read_bytes() == (plain.tmp / "whole.npy").read_bytes()
+
+    manifest = checkpoint.verify(str(job.ckpt))
+    assert manifest is not None and manifest["epoch"] == 4 and manifest["fits"]["0"]["complete"] is True
+    assert manifest["keras"]["flavour"] == "keras3" and manifest["keras"]["backend"] == "tensorflow"
+
+
+def test_tf_keras_killed_mid_write_resumes_from_the_previous_checkpoint(
+    tf_image: Path, tmp_path: Path
+) -> None:
+    job = Job(tmp_path, tf_image, "tensorflow", keras=2)
+    # Fit 0 (2 epochs) finishes; fit 1 trains epochs 1 and 2 and dies writing epoch 2's checkpoint.
+    first = job.run(KERAS2_SCRIPT, "2,3", "never.npy", kill="file:4")
+    assert epochs_run(first) == ["1/2", "2/2", "1/3", "2/3"]
+    assert ct_lines(first)[-1] == "[cloudtrain] checkpoint: test: killed during save 4 at file"
+    assert [p.name for p in job.ckpt.iterdir() if p.name.startswith(".tmp-fit1-epoch0002-")]
+
+    second = job.run(KERAS2_SCRIPT, "2,3", "resumed.npy")
+    lines = ct_lines(second)
+    assert "fit 0 had finished" in lines[0]
+    assert "restored epoch 1 from" in lines[1] and lines[1].endswith("fit 1 continues at epoch 2")
+    assert epochs_run(second) == ["2/3", "3/3"]
+    manifest = checkpoint.verify(str(job.ckpt))
+    assert manifest is not None and manifest["keras"]["flavour"] == "tf_keras"
+    assert {f: e["epoch"] for f, e in manifest["fits"].items()} == {"0": 2, "1": 3}
+    # The half-written folder is gone; only what the manifest (and the one before) names is kept.
+    assert not [p for p in job.ckpt.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_theano_keras_2_3_1_resumes_after_sigkill(theano_image: Path, tmp_path: Path) -> None:
+    job = Job(tmp_path, theano_image, "theano")
+    first = job.run(KERAS2_SCRIPT, "3,1", "never.npy", kill="saved:1")
+    assert epochs_run(first) == ["1/3"]
+    second = job.run(KERAS2_SCRIPT, "3,1", "resumed.npy")
+    assert epochs_run(first, second) == ["1/3", "2/3", "3/3", "1/1"]
+    assert ct_lines(second)[0].endswith("fit 0 continues at epoch 2")
+    manifest = checkpoint.verify(str(job.ckpt))
+    assert manifest is not None and manifest["keras"] == {
+        "flavour": "keras2",
+        "version": "2.3.1",
+        "backend": "theano",
+    }
+    assert manifest["fits"]["0"]["epoch"] == 3 and manifest["fits"]["1"]["complete"] is True
+
+
+def test_a_notice_saves_the_last_finished_epoch_at_once(tf_image: Path, tmp_path: Path) -> None:
+    job = Job(tmp_path, tf_image, "tensorflow", checkpoint_every=10)
+    assert job.env["CLOUDTRAIN_NOTICE_FILE"] == str(tmp_path / "run" / "notice.json")
+    done = job.run(NOTICE_SCRIPT)
+    assert ct_lines(done)[1:] == [
+        "[cloudtrain] checkpoint: epoch 2 saved at once (notice: interruption terminate)",
+        "[cloudtrain] checkpoint: epoch 3 saved",  # from the notice on, every epoch
+        "[cloudtrain] checkpoint: epoch 4 saved",
+    ]
+    assert epochs_run(done) == ["1/4", "2/4", "3/4", "4/4"]
+
+
+def test_a_checkpoint_without_manifest_is_ignored_with_a_message(tf_image: Path, tmp_path: Path) -> None:
+    job = Job(tmp_path, tf_image, "tensorflow")
+    half = job.ckpt / "fit0-epoch0003-abc-1"
+    half.mkdir(parents=True)
+    (half / "weights.npz").write_bytes(b"half")
+    done = job.run(KERAS3_SCRIPT, "2", "w.npy", "4")
+    assert ct_lines(done)[0] == (
+        f"[cloudtrain] checkpoint: ignoring {job.ckpt}: {job.ckpt} has no manifest.json "
+        "(an incomplete checkpoint); fit 0 starts at epoch 1"
+    )
+    assert epochs_run(done) == ["1/2", "2/2"] and not half.exists()
+    assert checkpoint.verify(str(job.ckpt)) is not None
+
+    # Another model (other weight shapes) for fit 0: the checkpoint is refused, training starts over.
+    other = job.run(KERAS3_SCRIPT, "2", "other.npy", "6")
+    assert "fit 0's model does not match the checkpoint's (weight shapes" in ct_lines(other)[0]
+    assert epochs_run(other) == ["1/2", "2/2"]
+
+
+# --- the format, without Keras ----------------------------------------------------------------
+
+SAVE = """\
+import sys
+from cloudtrain.agent.checkpoint import Store
+store = Store(sys.argv[1])
+for epoch in (1, 2, 3):
+    payload = {n: (n * epoch * 1000).encode() for n in ("weights.npz", "optimizer.npz", "extra.npz", "state.json")}
+    store.save(0, epoch, payload, {"epochs": 3, "complete": epoch == 3}, {"flavour": "test"})
+"""
+
+
+@pytest.mark.parametrize("stage", ["file", "folder", "manifest"])
+def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint(tmp_path: Path, stage: str) -> None:
+    folder = tmp_path / "ckpt"
+    env = dict(os.environ, CLOUDTRAIN_TESTING="1", CLOUDTRAIN_CHECKPOINT_TEST_KILL=f"{stage}:2")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", SAVE, str(folder)], env=env, capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    manifest = checkpoint.verify(str(folder))
+    assert manifest is not None and manifest["epoch"] == 1
+    entry = checkpoint.fit_entry(str(folder), manifest, 0)
+    assert entry is not None and entry["epoch"] == 1
+    assert (folder / entry["folder"] / "weights.npz").read_bytes() == b"weights.npz" * 1000
+
+    # The next complete save replaces it and sweeps away what the killed one left.
+    env.pop("CLOUDTRAIN_CHECKPOINT_TEST_KILL")
+    subprocess.run([sys.executable, "-c", SAVE, str(folder)], env=env, check=True)
+    manifest = checkpoint.verify(str(folder))
+    assert manifest is not None and manifest["epoch"] == 3
+    names = sorted(p.name for p in folder.iterdir())
+    assert (
+        len(names) == 3 and names[-1] == "manifest.json"
+    )  # epochs 2 and 3: this manifest and the one before
+    assert all(n.startswith(("fit0-epoch0002-", "fit0-epoch0003-")) for n in names[:2])
+
+
+def test_a_damaged_checkpoint_is_refused_with_the_reason(tmp_path: Path) -> None:
+    store = checkpoint.Store(str(tmp_path))
+    payload = {n: n.encode() for n in ("weights.npz", "optimizer.npz", "extra.npz", "state.json")}
+    folder = store.save(0, 1, payload, {"epochs": 2}, {"flavour": "test"})
+    manifest = checkpoint.verify(str(tmp_path))
+    assert manifest is not None and set(manifest["files"]) == {f"{folder}/{n}" for n in payload}
+    assert manifest["files"][f"{folder}/state.json"]["size"] == len("state.json")
+
+    (tmp_path / folder / "weights.npz").write_bytes(b"weights.npX")  # same size, other bytes
+    with pytest.raises(checkpoint.Invalid, match="weights.npz does not match its sha256"):
+        checkpoint.verify(str(tmp_path))
+    (tmp_path / folder / "weights.npz").unlink()
+    with pytest.raises(checkpoint.Invalid, match="weights.npz is missing"):
+        checkpoint.verify(str(tmp_path))
+    (tmp_path / "manifest.json").write_text('{"schema": 99}')
+    with pytest.raises(checkpoint.Invalid, match="unknown schema 99"):
+        checkpoint.verify(str(tmp_path))
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(checkpoint.Invalid, match="not valid JSON"):
+        checkpoint.verify(str(tmp_path))
+    shutil.rmtree(tmp_path)
+    assert checkpoint.verify(str(tmp_path)) is None  # nothing at all: no checkpoint yet, no error
+
+
+def test_the_checkpoint_folder_is_relocatable(tmp_path: Path) -> None:
+    store = checkpoint.Store(str(tmp_path / "a"))
+    payload = {n: n.encode() for n in ("weights.npz", "optimizer.npz", "extra.npz", "state.json")}
+    store.save(0, 1, payload, {"epochs": 2}, {"flavour": "test"})
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")
+    text = (tmp_path / "b" / "manifest.json").read_text()
+    assert str(tmp_path) not in text
+    assert json.loads(text)["fit"] == 0 and checkpoint.verify(str(tmp_path / "b")) is not None
