@@ -17,7 +17,8 @@ their own ssh handshake, as they would. Each measurement runs REPS times, the th
 tools interleaved in rotating order, every destination removed and the disk synced
 first; the best time of each counts (the machine is shared: the best is the least
 disturbed). The last line gives the ratios: other/cloudtrain, above 1 means
-cloudtrain was faster.
+cloudtrain was faster; the line before it, the same ratios of the medians (on a
+busy machine single repetitions vary several-fold, and the best of three with them).
 """
 
 from __future__ import annotations
@@ -220,6 +221,16 @@ def run(server: SshServer, work: Path, args: argparse.Namespace) -> int:
 
     def ratio(times: dict[str, list[float]], other: str) -> float:
         return best(times[other]) / best(times["cloudtrain"])
+
+    def median_ratio(times: dict[str, list[float]], other: str) -> float:
+        return statistics.median(times[other]) / statistics.median(times["cloudtrain"])
+
+    print(
+        f"medians: small files rsync/ct={median_ratio(small_times, 'rsync'):.2f} "
+        f"tar/ct={median_ratio(small_times, 'tar'):.2f}; "
+        f"{args.big_mib}MiB rsync/ct={median_ratio(big_times, 'rsync'):.2f} "
+        f"tar/ct={median_ratio(big_times, 'tar'):.2f}; noop rsync/ct={median_ratio(noop, 'rsync'):.2f}"
+    )
 
     verdict = (
         f"sync_bench: small files rsync/ct={ratio(small_times, 'rsync'):.2f} "
