@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +26,7 @@ from cloudtrain.spec import JobSpec, json_schema, load_job
 
 if TYPE_CHECKING:
     from cloudtrain.ledger import Ledger, RunRow
+    from cloudtrain.recovery import SimulatedInterruption
 
 
 @contextmanager
@@ -107,6 +108,7 @@ def run_job(
     environ: Mapping[str, str] | None = None,
     on_run_id: Callable[[str], None] | None = None,
     confirm: Callable[[Plan], bool] | None = None,
+    simulate: Sequence[SimulatedInterruption] = (),
 ) -> RunOutcome:
     """Plan, launch, train, pull back and tear down; raise on failure (TrainingFailed: exit 1)."""
     from cloudtrain.ledger import Ledger
@@ -142,6 +144,7 @@ def run_job(
             reporter=reporter,
             keep=keep,
             detach=detach,
+            simulate=simulate,
         )
         ctx = orchestrator.start()
         try:
@@ -194,7 +197,10 @@ def _resumed(run: RunRow, settings: Settings, ledger: Ledger, reporter: Reporter
         key_path=Path(detail["key_path"]),
         session=Session(endpoint),
         fingerprints=endpoint.fingerprints,
-        log_offset=log_file.stat().st_size if log_file.exists() else 0,
+        log_base=int(detail.get("log_base") or 0),
+        log_offset=max(
+            0, (log_file.stat().st_size if log_file.exists() else 0) - int(detail.get("log_base") or 0)
+        ),
         training_started=True,
         detail=dict(detail),
     )

@@ -374,6 +374,14 @@ def _print_record(record: dict[str, Any]) -> None:
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the run record as JSON at the end (no live log)."
 )
+@click.option(
+    "--simulate-interruption",
+    "interruptions",
+    multiple=True,
+    metavar="AT",
+    help="With --dry-run: a spot interruption notice at AT (epoch:N, when epoch N starts, or Ns after "
+    "training starts), then the instance's termination; repeat for the relaunched instances.",
+)
 @pass_context
 @handle_errors
 def run_command(
@@ -385,6 +393,7 @@ def run_command(
     detach: bool,
     yes: bool,
     as_json: bool,
+    interruptions: tuple[str, ...],
 ) -> None:
     """Train JOB on the cheapest GPU spot instance that fits it, then bring the results home.
 
@@ -393,7 +402,13 @@ def run_command(
     terminates the instance whatever happens. Exit code 1 if training fails.
     """
     from cloudtrain.api import run_job, run_status
+    from cloudtrain.recovery import SimulatedInterruption
 
+    simulate = [SimulatedInterruption.parse(at) for at in interruptions]
+    if simulate and not dry_run:
+        raise InputError(
+            "--simulate-interruption needs --dry-run", hint="AWS interrupts real runs by itself."
+        )
     if not dry_run and not yes and not sys.stdin.isatty():
         raise InputError(
             "refusing to spend money without a terminal to confirm it",
@@ -412,6 +427,7 @@ def run_command(
             reporter=reporter,
             on_run_id=run_ids.append,
             confirm=None if yes else _confirm_spend,
+            simulate=simulate,
         )
     finally:
         if as_json and run_ids:

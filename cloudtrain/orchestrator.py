@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -30,6 +30,8 @@ import yaml
 
 from cloudtrain.cloud.aws import (
     AwsCloud,
+    Image,
+    KeyPair,
     LaunchedInstance,
     LaunchRequest,
     caller_cidr,
@@ -49,6 +51,15 @@ from cloudtrain.ledger import InstanceRow, Ledger, RunRow
 from cloudtrain.planner import Offer, Plan
 from cloudtrain.progress import Reporter
 from cloudtrain.records import Lifecycle, RunState, iso, new_run_id, utcnow
+from cloudtrain.recovery import (
+    LOCAL_CHECKPOINT,
+    LOST_STATES,
+    REMOTE_CHECKPOINT,
+    CheckpointKeeper,
+    InstanceLost,
+    SimulatedInterruption,
+    checkpoint_complete,
+)
 from cloudtrain.remote.session import Endpoint, HostKeyMismatch, Session, parse_console_fingerprints
 from cloudtrain.remote.sync import SyncReport
 from cloudtrain.settings import Settings
@@ -64,6 +75,7 @@ DEFAULT_KEEP_HOURS = 24.0
 MAX_LAUNCH_OFFERS = 5  # offers tried when AWS has no capacity, before giving up
 FINGERPRINT_TIMEOUT_S = 600.0
 STREAM_RECONNECTS = 5
+MAX_RELAUNCHES = 3  # spot interruptions survived per run, before giving up
 
 
 @dataclass
@@ -81,9 +93,16 @@ class RunContext:
     session: Session | None = None
     launched: LaunchedInstance | None = None
     fingerprints: frozenset[str] = frozenset()
-    log_offset: int = 0
+    log_offset: int = 0  # bytes of this instance's log streamed so far
+    log_base: int = 0  # bytes of the local log from earlier instances (after relaunches)
     training_started: bool = False
     detail: dict[str, Any] = field(default_factory=dict)
+    # for relaunches: what the first launch prepared, and what went before
+    image: Image | None = None
+    key: KeyPair | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    relaunches: int = 0
+    lost: list[tuple[str, str | None]] = field(default_factory=list)  # (type, zone) taken away
 
 
 def remote_python(backend: str) -> str:
@@ -137,6 +156,7 @@ class Orchestrator:
         reporter: Reporter | None = None,
         keep: bool = False,
         detach: bool = False,
+        simulate: Sequence[SimulatedInterruption] = (),
     ) -> None:
         self.plan = plan  # None when resuming a run (attach, pull)
         self.spec = spec
@@ -149,6 +169,8 @@ class Orchestrator:
         self.reporter = reporter or Reporter()
         self.keep = keep
         self.detach = detach
+        self.simulate = list(simulate)  # dry-run: the n-th applies to the n-th instance
+        self._keeper_events: list[tuple[str, str]] = []  # from the keeper's thread, recorded here
 
     # --- bookkeeping -------------------------------------------------------------------
 
@@ -203,9 +225,7 @@ class Orchestrator:
         try:
             if launch:
                 self._launch(ctx)
-                self._provision(ctx)
-                self._sync(ctx)
-                self._start_training(ctx)
+                self._bring_up(ctx)
                 if self.detach:
                     deadline = self._schedule_poweroff(ctx, "detach-deadline")
                     handed_off = True
@@ -215,7 +235,7 @@ class Orchestrator:
                         f"{iso(deadline)} regardless"
                     )
                     return 0
-            exit_code = self.follow(ctx)
+            exit_code = self._train(ctx)
             self._state(ctx, RunState.PULLING, "pulling back outputs and logs")
             self.pull(ctx)
             outcome = RunState.SUCCEEDED if exit_code == 0 else RunState.FAILED
@@ -308,10 +328,12 @@ class Orchestrator:
             f"in {choice.zone or self.region}",
         )
         hours = self.spec.budget.max_hours or DEFAULT_KEEP_HOURS
-        tags = run_tags(ctx.run_id, self.settings.owner, utcnow() + timedelta(hours=hours, minutes=30))
-        key = ctx.cloud.ensure_key_pair(ctx.run_id, tags)
+        ctx.tags = tags = run_tags(
+            ctx.run_id, self.settings.owner, utcnow() + timedelta(hours=hours, minutes=30)
+        )
+        ctx.key = key = ctx.cloud.ensure_key_pair(ctx.run_id, tags)
         ctx.key_name, ctx.key_path = key.name, key.path
-        image = ctx.cloud.resolve_image(res.image)
+        ctx.image = image = ctx.cloud.resolve_image(res.image)
         ctx.security_group_id = ctx.cloud.create_security_group(ctx.run_id, caller_cidr(self.settings), tags)
         self._detail(
             ctx,
@@ -327,7 +349,15 @@ class Orchestrator:
             self.reporter.info(
                 f"instance profile {ctx.instance_profile}: reads {', '.join(f's3://{b}' for b in buckets)}"
             )
-        offers = launch_offers(self.plan, MAX_LAUNCH_OFFERS)
+        self._launch_instance(ctx, launch_offers(self.plan, MAX_LAUNCH_OFFERS), token=ctx.run_id)
+
+    def _launch_instance(self, ctx: RunContext, offers: list[Offer], *, token: str) -> None:
+        """Launch the first offer AWS has capacity for; record it and wait until it runs."""
+        assert self.plan is not None and ctx.image is not None and ctx.key is not None
+        assert ctx.security_group_id is not None
+        res = self.spec.resources
+        image, key, tags = ctx.image, ctx.key, ctx.tags
+        offer = offers[0]
         for attempt, offer in enumerate(offers, 1):
             request = LaunchRequest(
                 run_id=ctx.run_id,
@@ -339,7 +369,7 @@ class Orchestrator:
                 image=image,
                 key=key,
                 security_group_id=ctx.security_group_id,
-                client_token=f"{ctx.run_id}-{attempt}",
+                client_token=f"{token}-{attempt}",
                 tags=tags,
                 instance_profile=ctx.instance_profile,
             )
@@ -377,8 +407,129 @@ class Orchestrator:
         self._detail(ctx, instance_id=ctx.instance_id)
         ctx.launched = ctx.cloud.wait_running(ctx.instance_id)
         self.ledger.instance_running(ctx.instance_id, utcnow())
-        self.ledger.update_run(ctx.run_id, started_at=utcnow())
+        if ctx.relaunches == 0:
+            self.ledger.update_run(ctx.run_id, started_at=utcnow())
         self.reporter.info(f"{ctx.instance_id} is running in {ctx.launched.zone}")
+
+    # --- surviving interruptions --------------------------------------------------------
+
+    def _bring_up(self, ctx: RunContext) -> None:
+        """Provision, sync, restore the checkpoint, start training; relaunch if the instance is lost."""
+        while True:
+            try:
+                self._provision(ctx)
+                self._sync(ctx)
+                self._push_checkpoint(ctx)
+                self._start_training(ctx)
+                return
+            except RemoteError as e:
+                self._recover(ctx, e)
+
+    def _train(self, ctx: RunContext) -> int:
+        """Follow the training to its exit code, on as many instances as interruptions take."""
+        while True:
+            try:
+                return self.follow(ctx)
+            except RemoteError as e:
+                self._recover(ctx, e)
+                self._bring_up(ctx)
+
+    def _lost(self, ctx: RunContext) -> InstanceLost | None:
+        """The instance, if AWS has taken it away (a failed describe is not proof of that)."""
+        if ctx.instance_id is None:
+            return None
+        try:
+            state = ctx.cloud.describe(ctx.instance_id).state
+        except CloudtrainError:
+            return None
+        return InstanceLost(ctx.instance_id, state) if state in LOST_STATES else None
+
+    def _recover(self, ctx: RunContext, error: RemoteError) -> None:
+        """After a remote failure: re-raise it unless the instance was lost; else confirm the
+        old one is gone (one instance per run at a time) and launch the next offer."""
+        lost = error if isinstance(error, InstanceLost) else self._lost(ctx)
+        if lost is None or self.plan is None:
+            raise error
+        assert ctx.instance_id is not None and ctx.launched is not None
+        self._flush_keeper_events(ctx)
+        self.ledger.add_event(ctx.run_id, "interrupted", lost.message)
+        ctx.lost.append((ctx.launched.instance_type, ctx.launched.zone))
+        if ctx.session is not None:
+            ctx.session.close()
+            ctx.session = None
+        self.ledger.instance_terminated(lost.instance_id, ctx.cloud.terminate(lost.instance_id))
+        ctx.relaunches += 1
+        if ctx.relaunches > MAX_RELAUNCHES:
+            raise CloudError(
+                f"interrupted {ctx.relaunches} times; giving up after {MAX_RELAUNCHES} relaunches",
+                hint="Spot capacity is scarce for this GPU now: try other zones or GPUs, or spot: false.",
+            ) from error
+        ctx.log_base += ctx.log_offset
+        ctx.log_offset = 0
+        ctx.training_started = False
+        self._detail(ctx, log_base=ctx.log_base, relaunches=ctx.relaunches, training_started=False)
+        offers = [
+            o
+            for o in launch_offers(self.plan, MAX_LAUNCH_OFFERS + len(ctx.lost))
+            if (o.instance.name, o.zone) not in ctx.lost
+        ][:MAX_LAUNCH_OFFERS]
+        if not offers:
+            raise CloudError(
+                "no other offer to relaunch on after the interruption", hint="Allow more zones or GPUs."
+            ) from error
+        self.reporter.warn(
+            f"{lost.message}; relaunching ({ctx.relaunches}/{MAX_RELAUNCHES}) on "
+            f"{offers[0].instance.name} in {offers[0].zone or self.region}"
+        )
+        self._state(ctx, RunState.RECOVERING, f"relaunching after an interruption of {lost.instance_id}")
+        self._launch_instance(ctx, offers, token=f"{ctx.run_id}-r{ctx.relaunches}")
+
+    def _push_checkpoint(self, ctx: RunContext) -> None:
+        """Put the last checkpoint copied home onto the instance: training resumes from it."""
+        local = ctx.run_dir / LOCAL_CHECKPOINT
+        manifest = checkpoint_complete(local)
+        if ctx.session is None or manifest is None:
+            return
+        from cloudtrain.remote.sync import upload_tree
+
+        upload_tree(ctx.session, local, REMOTE_CHECKPOINT)
+        message = f"restoring the checkpoint of epoch {manifest.get('epoch')}"
+        self.ledger.add_event(ctx.run_id, "restore", message)
+        self.reporter.info(message)
+
+    def _pull_checkpoint(self, session: Session, dest: Path) -> None:
+        from cloudtrain.remote.pull import pull
+
+        pull(
+            session,
+            ".cloudtrain",
+            ["checkpoint"],
+            dest,
+            remote_python=remote_python(self.spec.backend),
+            remote_agent_path=f"$HOME/{REMOTE_AGENT}",
+            into="",
+        )
+
+    def _keeper_event(self, kind: str, message: str) -> None:
+        """From the keeper's thread: shown now, recorded by the main thread later."""
+        self._keeper_events.append((kind, message))
+        self.reporter.info(message)
+
+    def _flush_keeper_events(self, ctx: RunContext) -> None:
+        while self._keeper_events:
+            kind, message = self._keeper_events.pop(0)
+            self.ledger.add_event(ctx.run_id, kind, message)
+
+    def _interrupt_if_due(self, ctx: RunContext, line: str | None) -> None:
+        """Dry-run: have the simulator interrupt this instance as --simulate-interruption says."""
+        if not self.simulate or ctx.relaunches >= len(self.simulate) or ctx.instance_id is None:
+            return
+        plan = self.simulate[ctx.relaunches]
+        if (line is None and plan.seconds is not None) or (line is not None and plan.due_in_log(line)):
+            from cloudtrain.cloud.simulator import schedule_interruption
+
+            schedule_interruption(self.settings, ctx.instance_id, delay_s=plan.seconds or 0)
+            self.simulate[ctx.relaunches] = SimulatedInterruption()  # done: due for nothing more
 
     def _provision(self, ctx: RunContext) -> None:
         assert ctx.launched is not None and ctx.instance_id and ctx.key_path
@@ -419,6 +570,8 @@ class Orchestrator:
         path = f"PATH=${{CLOUDTRAIN_ROOT:-/opt/cloudtrain}}/envs/{backend}/bin:$PATH"
         seed = f" --seed {self.spec.seed}" if self.spec.seed is not None else ""
         keras = f" --keras {self.spec.keras}" if self.spec.keras else ""
+        every = self.spec.checkpoint.every_epochs
+        checkpoint = f" --checkpoint-dir $HOME/{REMOTE_CHECKPOINT} --checkpoint-every {every}"
         cache = ""
         if backend == "theano":  # the run's compile folder starts as a copy of the image's warm one
             cache = ' --compile-cache "${CLOUDTRAIN_ROOT:-/opt/cloudtrain}/theano-cache"'
@@ -428,7 +581,7 @@ class Orchestrator:
             + agent_command(
                 backend,
                 f"backend --backend {backend} --home $HOME --run-dir {REMOTE_RUN_DIR} "
-                f'--gpu {gpu}{seed}{keras}{cache} --env "{path}" {env_args}',
+                f'--gpu {gpu}{seed}{keras}{cache}{checkpoint} --env "{path}" {env_args}',
             )
         )
         expect_gpu = '$([ -z "$CLOUDTRAIN_SIMULATED" ] && echo --expect-gpu)'
@@ -512,52 +665,71 @@ class Orchestrator:
         )
         ctx.training_started = True
         self._detail(ctx, training_started=True)  # `logs -f` from elsewhere waits for this
+        self._interrupt_if_due(ctx, None)
 
     def follow(self, ctx: RunContext) -> int:
-        """Stream the training log until it ends (reconnecting after drops); return its exit code."""
+        """Stream the training log until it ends (reconnecting after drops); return its exit code.
+
+        Beside it, a CheckpointKeeper copies each new checkpoint home. A drop on an
+        instance AWS has taken away raises InstanceLost at once (the caller relaunches)."""
         assert ctx.session is not None
         logs = ctx.run_dir / "logs"
         logs.mkdir(exist_ok=True)
-        with open(logs / "train.log", "ab") as logfile:
-            logfile.truncate(ctx.log_offset)
+        with (
+            open(logs / "train.log", "ab") as logfile,
+            CheckpointKeeper(ctx.session, ctx.run_dir, self._pull_checkpoint, on_event=self._keeper_event),
+        ):
+            logfile.truncate(ctx.log_base + ctx.log_offset)
+            partial = b""
 
             def sink(data: bytes) -> None:
+                nonlocal partial
                 logfile.write(data)
                 logfile.flush()
                 ctx.log_offset += len(data)
                 self.reporter.log(data)
+                if self.simulate:
+                    *lines, partial = (partial + data).split(b"\n")
+                    for line in lines:
+                        self._interrupt_if_due(ctx, line.decode("utf-8", "replace"))
 
             drops = 0
-            while True:
-                try:
-                    ctx.session.stream(
-                        agent_command(
-                            self.spec.backend,
-                            f"tail --run-dir {REMOTE_RUN_DIR} --offset {ctx.log_offset} --follow",
-                        ),
-                        sink,
-                    )
-                    status = _json_or_error(
-                        ctx.session.run(
-                            agent_command(self.spec.backend, f"status --run-dir {REMOTE_RUN_DIR}")
-                        ).text
-                    )
-                except RemoteError as e:
-                    drops += 1
-                    if drops > STREAM_RECONNECTS:
-                        raise
-                    self.reporter.warn(f"log stream interrupted ({e.message}); reconnecting")
-                    time.sleep(min(2**drops, 15))
-                    with suppress(RemoteError):
-                        ctx.session.reconnect()
-                    continue
-                if status.get("exit_code") is not None:
-                    return int(status["exit_code"])
-                if not status.get("running"):
-                    raise RemoteError(
-                        "the training supervisor on the instance is gone without an exit code",
-                        hint=f"See {REMOTE_RUN_DIR}/supervisor.log on the instance (`--keep` keeps it).",
-                    )
+            try:
+                while True:
+                    try:
+                        ctx.session.stream(
+                            agent_command(
+                                self.spec.backend,
+                                f"tail --run-dir {REMOTE_RUN_DIR} --offset {ctx.log_offset} --follow",
+                            ),
+                            sink,
+                        )
+                        status = _json_or_error(
+                            ctx.session.run(
+                                agent_command(self.spec.backend, f"status --run-dir {REMOTE_RUN_DIR}")
+                            ).text
+                        )
+                    except RemoteError as e:
+                        lost = self._lost(ctx)
+                        if lost is not None:
+                            raise lost from e
+                        drops += 1
+                        if drops > STREAM_RECONNECTS:
+                            raise
+                        self.reporter.warn(f"log stream interrupted ({e.message}); reconnecting")
+                        time.sleep(min(2**drops, 15))
+                        with suppress(RemoteError):
+                            ctx.session.reconnect()
+                        continue
+                    if status.get("exit_code") is not None:
+                        return int(status["exit_code"])
+                    if not status.get("running"):
+                        raise RemoteError(
+                            "the training supervisor on the instance is gone without an exit code",
+                            hint=f"See {REMOTE_RUN_DIR}/supervisor.log on the instance (`--keep` keeps it).",
+                        )
+            finally:
+                self._flush_keeper_events(ctx)
 
     def pull(self, ctx: RunContext) -> None:
         """Outputs into the run folder, and the log's last bytes."""
@@ -578,7 +750,7 @@ class Orchestrator:
         logs = ctx.run_dir / "logs"
         logs.mkdir(exist_ok=True)
         with open(logs / "train.log", "ab") as logfile:
-            logfile.truncate(ctx.log_offset)
+            logfile.truncate(ctx.log_base + ctx.log_offset)
             ctx.session.stream(
                 agent_command(
                     self.spec.backend, f"tail --run-dir {REMOTE_RUN_DIR} --offset {ctx.log_offset}"

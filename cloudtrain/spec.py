@@ -125,6 +125,12 @@ class Resources(_Strict):
         return int(count) if count else 1
 
 
+class Checkpoint(_Strict):
+    """Checkpoints that survive spot interruptions (weights, optimizer state, epoch)."""
+
+    every_epochs: int = Field(1, ge=1, description="Checkpoint every N epochs (and at once on a notice)")
+
+
 class Budget(_Strict):
     """Per-run limits, across relaunches."""
 
@@ -155,6 +161,7 @@ class JobSpec(_Strict):
     seed: int | None = Field(None, ge=0, description="Random seed applied to the run")
     resources: Resources = Field(default_factory=Resources)  # type: ignore[arg-type]
     budget: Budget = Field(default_factory=Budget)  # type: ignore[arg-type]
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint)  # type: ignore[arg-type]
     secrets: list[str] = Field(
         default_factory=list,
         description="Names of local environment variables passed to the run, never written anywhere",

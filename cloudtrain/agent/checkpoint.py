@@ -20,7 +20,11 @@ as `_cloudtrain_checkpoint.py`; with CLOUDTRAIN_CHECKPOINT_DIR set, the sitecust
   already on disk; with EVERY>1 it is held in host memory at each epoch end for this purpose.
   The part of the current epoch done so far is not saved (resuming in the middle of an
   epoch would need the data order and the position within it; it would make the finished
-  run differ from an uninterrupted one). From the notice on, every epoch is saved.
+  run differ from an uninterrupted one). From the notice on, every epoch is saved, and once
+  a spot notice's termination time is less than CLOUDTRAIN_NOTICE_MARGIN_S (default 30 s)
+  away at an epoch end, training holds there, saved, until the instance is taken (or 60 s
+  past that time, when it carries on): an epoch finished in the last seconds could not
+  reach the controller, so none is started that could be lost.
 - prints `[cloudtrain] checkpoint: ...` lines on stderr (restored, saved, ignored, why).
 
 The format (CLOUDTRAIN_CHECKPOINT_DIR, self-contained and relocatable: paths are relative):
@@ -73,6 +77,9 @@ NOTICE_ENV = "CLOUDTRAIN_NOTICE_FILE"
 # (the save complete: a trainer killed between epochs).
 TEST_KILL_ENV = "CLOUDTRAIN_CHECKPOINT_TEST_KILL"
 NOTICE_POLL_S = 0.2
+MARGIN_ENV = "CLOUDTRAIN_NOTICE_MARGIN_S"  # seconds to copy the last checkpoint home
+DEFAULT_MARGIN_S = 30.0
+HOLD_PAST_DEADLINE_S = 60.0
 _WRAPPED = "_cloudtrain_checkpoint_wrapped"
 
 
@@ -475,6 +482,7 @@ class FitRun:
         self.every = _every()
         self.notice_file = os.environ.get(NOTICE_ENV, "")
         self.notice_seen: tuple[int, int] | None = None
+        self.deadline: float | None = None  # when the instance is taken (time.time()), from a spot notice
         self.next_notice_check = 0.0
         self.saved_epoch = -1
         self.snapshot: _Snapshot | None = None
@@ -577,6 +585,25 @@ class FitRun:
                 self.snapshot = self._capture(done, False, "notice")  # for a notice before the next save
         except Exception as e:
             log(f"could not capture epoch {done}: {type(e).__name__}: {e}")
+        if not complete:
+            self.batch_end()  # a notice that came during this epoch's last batch counts now
+            self._hold_if_too_late()
+
+    def _hold_if_too_late(self) -> None:
+        """Near the termination time, wait (saved) rather than start an epoch that may be lost."""
+        if self.deadline is None or self.saved_epoch <= 0:
+            return
+        left = self.deadline - time.time()
+        if left > _margin():
+            return
+        log(
+            f"the instance is taken in {max(0.0, left):.0f} s: holding at epoch {self.saved_epoch} "
+            "(saved) so that no finished epoch is lost"
+        )
+        while time.time() < self.deadline + HOLD_PAST_DEADLINE_S:
+            time.sleep(0.5)
+        log("still here after the termination time: training carries on")
+        self.deadline = None
 
     def batch_end(self) -> None:
         if not self.notice_file:
@@ -600,6 +627,8 @@ class FitRun:
         with contextlib.suppress(Exception), open(self.notice_file, encoding="utf-8") as f:
             notice = json.load(f)
             what = "notice: {} {}".format(notice.get("kind", ""), notice.get("action", "")).strip()
+            if notice.get("kind") == "spot-interruption" and notice.get("time"):
+                self.deadline = _epoch_seconds(str(notice["time"]))
         self.every = 1
         snapshot = self.snapshot
         if snapshot is not None and snapshot.epoch > self.saved_epoch:
@@ -608,6 +637,22 @@ class FitRun:
             log(f"{what}: epoch {self.saved_epoch} is saved; from now on every epoch is")
         else:
             log(f"{what}: no epoch finished yet, nothing to save; from now on every epoch is")
+
+
+def _margin() -> float:
+    try:
+        return max(0.0, float(os.environ.get(MARGIN_ENV, DEFAULT_MARGIN_S)))
+    except ValueError:
+        return DEFAULT_MARGIN_S
+
+
+def _epoch_seconds(iso_utc: str) -> float | None:
+    """``2026-11-28T12:02:00Z`` as time.time() seconds (None if it is not that form)."""
+    try:
+        moment = datetime.datetime.strptime(iso_utc.replace("+00:00", "Z"), "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=datetime.timezone.utc).timestamp()
 
 
 def _every() -> int:

@@ -59,8 +59,10 @@ def pull(
     remote_python: str = "python3",
     remote_agent_path: str | None = None,
     transport: str = "auto",
+    into: str = OUTPUTS,
 ) -> PullReport:
-    """Copy ``paths`` (relative to ``remote_workdir``) into ``dest_dir/outputs``; verified, atomic, capped.
+    """Copy ``paths`` (relative to ``remote_workdir``) into ``dest_dir/<into>`` (``outputs``);
+    verified, atomic, capped.
 
     ``transport``: "auto" (the OpenSSH client when installed, else the session),
     "openssh" or "paramiko". Raises RemoteError if a file arrived corrupted or the
@@ -74,7 +76,7 @@ def pull(
             wanted.append(check_relpath(raw.strip().rstrip("/")))
         except PathRefused as e:
             skipped.append(f"{raw}: refused: {e}")
-    dest = Path(dest_dir) / OUTPUTS
+    dest = Path(dest_dir) / into if into else Path(dest_dir)
     if not wanted:
         return PullReport(dest, (), 0, tuple(skipped), "none", time.monotonic() - started)
     try:

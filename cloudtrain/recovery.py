@@ -1,0 +1,181 @@
+"""Surviving spot interruptions, controller side: noticing a lost instance, keeping the
+run's checkpoint off the instance, and the dry-run's scheduled interruptions.
+
+The training process checkpoints itself (the agent's hook, into REMOTE_CHECKPOINT on
+the instance). ``CheckpointKeeper`` runs beside the log stream on its own SSH
+connection: every few seconds it reads the remote checkpoint's manifest and, when it
+changed, copies the checkpoint into ``<run folder>/checkpoint`` (complete or not at
+all: into a staging folder, swapped in only once its manifest's files are all there).
+It also reports the spot interruption notice the agent's watcher recorded. The
+orchestrator pushes that folder onto the replacement instance before training starts
+again there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cloudtrain.errors import InputError, RemoteError
+from cloudtrain.remote.session import Session
+
+log = logging.getLogger(__name__)
+
+REMOTE_CHECKPOINT = ".cloudtrain/checkpoint"  # relative to the remote HOME
+LOCAL_CHECKPOINT = "checkpoint"  # in the run folder
+KEEPER_POLL_S = 3.0
+NOTICE_POLL_S = 0.5
+LOST_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
+_AT_RE = re.compile(r"^(?:epoch:(?P<epoch>[1-9]\d*)|(?P<seconds>\d+)s)$")
+
+
+class InstanceLost(RemoteError):
+    """The instance went away under the run (a spot interruption, or stopped by AWS)."""
+
+    def __init__(self, instance_id: str, state: str) -> None:
+        super().__init__(f"{instance_id} is {state}: the instance was taken away")
+        self.instance_id = instance_id
+        self.state = state
+
+
+@dataclass(frozen=True)
+class SimulatedInterruption:
+    """``--simulate-interruption AT``: a spot notice at the start of an epoch, or seconds
+    after training starts on an instance (the first AT for the first instance, ...)."""
+
+    epoch: int | None = None
+    seconds: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> SimulatedInterruption:
+        found = _AT_RE.match(text.strip())
+        if found is None:
+            raise InputError(
+                f"--simulate-interruption {text!r}: expected epoch:N or Ns",
+                hint="For example --simulate-interruption epoch:3 or --simulate-interruption 90s.",
+            )
+        if found["epoch"]:
+            return cls(epoch=int(found["epoch"]))
+        return cls(seconds=int(found["seconds"]))
+
+    def __str__(self) -> str:
+        return f"epoch:{self.epoch}" if self.epoch is not None else f"{self.seconds}s"
+
+    def due_in_log(self, line: str) -> bool:
+        """Is this training log line the start of the epoch to interrupt ("Epoch N/...")?"""
+        return self.epoch is not None and line.lstrip().startswith(f"Epoch {self.epoch}/")
+
+
+def checkpoint_complete(folder: Path) -> dict[str, Any] | None:
+    """The manifest of a checkpoint folder whose listed files are all there at their sizes,
+    else None (the agent checks their sha256 before restoring from them)."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return None
+    for name, meta in manifest["files"].items():
+        path = folder / name
+        size = meta.get("size") if isinstance(meta, dict) else None
+        if not path.is_file() or (size is not None and path.stat().st_size != size):
+            return None
+    return manifest
+
+
+class CheckpointKeeper:
+    """Copies the instance's checkpoint home whenever it changes, and notices the notice."""
+
+    def __init__(
+        self,
+        session: Session,
+        run_dir: Path,
+        pull_checkpoint: Callable[[Session, Path], None],
+        *,
+        on_event: Callable[[str, str], None],
+        poll_s: float = KEEPER_POLL_S,
+    ) -> None:
+        self._endpoint = session.endpoint
+        self.run_dir = run_dir
+        self._pull = pull_checkpoint
+        self._on_event = on_event
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="cloudtrain-checkpoints", daemon=True)
+        self.last_manifest: str | None = None
+        self.notice: dict[str, Any] | None = None
+
+    def start(self) -> CheckpointKeeper:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> CheckpointKeeper:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def _main(self) -> None:
+        session = Session(self._endpoint)  # its own connection: the log stream keeps the other
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.check(session)
+                except RemoteError as e:  # the instance may be going away: keep what we have
+                    log.info("checkpoint keeper: %s", e.message)
+                    session.close()
+                # After a notice every checkpoint counts: the instance has two minutes left.
+                self._stop.wait(NOTICE_POLL_S if self.notice else self.poll_s)
+        finally:
+            session.close()
+
+    def check(self, session: Session) -> None:
+        """One round: the notice, then the checkpoint if its manifest changed."""
+        probe = session.run(
+            f"cat {REMOTE_CHECKPOINT}/manifest.json 2>/dev/null; echo; echo '--notice--'; "
+            "cat .cloudtrain/run/notice.json 2>/dev/null",
+            check=False,
+            timeout=30,
+        ).text
+        manifest, _, notice = probe.partition("--notice--")
+        manifest = manifest.strip()
+        if notice.strip() and self.notice is None:
+            try:
+                self.notice = json.loads(notice)
+            except ValueError:
+                self.notice = {"raw": notice.strip()}
+            self._on_event("notice", f"interruption notice: {json.dumps(self.notice, sort_keys=True)}")
+        if manifest and manifest != self.last_manifest:
+            staging = self.run_dir / (LOCAL_CHECKPOINT + ".incoming")
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                self._pull(session, staging)  # -> staging/checkpoint/...
+                got = checkpoint_complete(staging / "checkpoint")
+                if got is None:
+                    return  # caught mid-write: the next round takes the finished one
+                swap_in(staging / "checkpoint", self.run_dir / LOCAL_CHECKPOINT)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.last_manifest = manifest
+            self._on_event("checkpoint", f"checkpoint of epoch {got.get('epoch')} copied home")
+
+
+def swap_in(staging: Path, target: Path) -> None:
+    """Replace ``target`` with ``staging`` (the old one goes only after the new is in place)."""
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,99 @@
+"""Spot interruptions end to end in `--dry-run`: the simulator's IMDS gives the notice, the
+training checkpoints itself, the controller copies the checkpoint home, relaunches when
+the instance is gone, restores, and the run ends with exactly the epochs asked for."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+from test_run_e2e import cloudtrain, live_instances, only_run, sim_image, status  # noqa: F401  (fixture)
+
+from cloudtrain.settings import Settings
+
+EPOCHS = 8
+
+# A seed-style Keras 3 script: nothing in it knows about checkpoints. The sleep stands in
+# for a real epoch's length, so that the notice lands while it trains.
+TRAIN = textwrap.dedent(f"""
+    import os, time
+    import numpy as np
+    import keras
+    x = np.random.rand(256, 8).astype("float32")
+    y = (x.sum(axis=1) > 4).astype("float32")
+    model = keras.Sequential([keras.Input(shape=(8,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    slow = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: time.sleep(1.5))
+    model.fit(x, y, epochs={EPOCHS}, batch_size=32, verbose=2, callbacks=[slow])
+    os.makedirs("outputs", exist_ok=True)
+    model.save_weights("outputs/model.weights.h5")
+    print("saved", flush=True)
+""")
+
+
+@pytest.fixture
+def quick_notices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLOUDTRAIN_SIM_NOTICE_S", "5")  # the notice period (AWS: two minutes)
+    monkeypatch.setenv("CLOUDTRAIN_IMDS_POLL_S", "0.5")  # the agent's IMDS polling (AWS: <= 5 s)
+
+
+def job(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "train.py").write_text(TRAIN)
+    (folder / "job.yaml").write_text(
+        "name: interrupted\nrun: python train.py\noutputs: [outputs/]\nseed: 3\nresources: {gpu: T4}\n"
+    )
+    return folder / "job.yaml"
+
+
+def epochs_started(log: str) -> list[int]:
+    return [int(n) for n in re.findall(rf"^Epoch (\d+)/{EPOCHS}$", log, re.M)]
+
+
+def test_a_spot_interruption_is_survived_without_losing_finished_epochs(
+    sim_image: Path, tmp_path: Path, settings: Settings, quick_notices: None
+) -> None:
+    out = tmp_path / "runs"
+    done = cloudtrain(
+        "run",
+        str(job(tmp_path / "job")),
+        "--dry-run",
+        "--out",
+        str(out),
+        "--simulate-interruption",
+        "epoch:3",
+    )
+    assert done.returncode == 0, done.stderr
+    run_dir = only_run(out)
+    record = status(run_dir.name)
+    assert record["state"] == "succeeded"
+
+    kinds = [e["kind"] for e in record["events"]]
+    assert "notice" in kinds and "interrupted" in kinds and "restore" in kinds and "recovering" in kinds
+    restored = next(e["message"] for e in record["events"] if e["kind"] == "restore")
+    restored_epoch = int(re.search(r"epoch (\d+)", restored).group(1))  # type: ignore[union-attr]
+
+    # Two instances, one after the other: never two at once, none left.
+    first, second = record["instances"]
+    assert first["ended_at"] is not None and second["ended_at"] is not None
+    assert first["ended_at"] <= second["launched_at"]
+    assert live_instances(settings, run_dir.name) == []
+
+    # The log shows the notice, the interruption and the resume; no finished epoch is redone
+    # except the one in progress, and the run ends with exactly the epochs asked for.
+    log = (run_dir / "logs" / "train.log").read_text()
+    assert "spot interruption notice" in log
+    started = epochs_started(log)
+    cut = len(started) - 1 - started[::-1].index(restored_epoch + 1)  # where the second instance began
+    before, resumed = started[:cut], started[cut:]
+    assert resumed == list(range(restored_epoch + 1, EPOCHS + 1))
+    assert (
+        before == list(range(1, len(before) + 1)) and len(before) <= restored_epoch + 1
+    )  # lost: at most one
+    assert restored_epoch >= 2  # the epochs finished before the notice came home
+    assert f"restored epoch {restored_epoch}" in log
+    assert (run_dir / "outputs" / "outputs" / "model.weights.h5").is_file()
+    assert "relaunching (1/3)" in done.stderr
