@@ -95,5 +95,6 @@ def test_a_spot_interruption_is_survived_without_losing_finished_epochs(
     )  # lost: at most one
     assert restored_epoch >= 2  # the epochs finished before the notice came home
     assert f"restored epoch {restored_epoch}" in log
+    assert f"holding at epoch {restored_epoch} (saved)" in log  # near the end it waits, saved
     assert (run_dir / "outputs" / "outputs" / "model.weights.h5").is_file()
     assert "relaunching (1/3)" in done.stderr
