@@ -263,27 +263,6 @@ def test_keras_2_on_tensorflow_makes_import_keras_tf_keras(
     assert out.stdout.split() == [version] + [str(is_tf_keras)] * 3
 
 
-def test_verify_checks_the_keras_major_version(agent: Agent, tmp_path: Path) -> None:
-    fakes = fake_modules(tmp_path / "fakes")
-    run = tmp_path / "run"
-    agent.backend(
-        "tensorflow", tmp_path / "h", run, "--gpu", "no", "--keras", "2", "--env", f"PYTHONPATH={fakes}"
-    )
-    args = [
-        "verify",
-        "--backend",
-        "tensorflow",
-        "--python",
-        agent.python,
-        "--env-file",
-        str(run / "env.json"),
-    ]
-    ok = agent.json(*args, "--keras", "2")
-    assert ok["keras_version"] == "2.99.0" and ok["expected_keras"] == 2
-    out = agent.json(*args, "--keras", "3", expect=3)
-    assert "gives Keras 2.99.0, but the job wants Keras 3" in out["error"] and out["hint"]
-
-
 def test_theano_compile_folder_starts_as_a_copy_of_the_image_cache(agent: Agent, tmp_path: Path) -> None:
     cache = tmp_path / "image" / "theano-cache"
     (cache / "compiledir_x" / "tmpabc").mkdir(parents=True)
@@ -781,6 +760,10 @@ def test_verify_reports_tf_keras_for_legacy_keras(agent: Agent, tmp_path: Path) 
         str(run / "env.json"),
     ]
     assert agent.json(*args)["tf_keras_version"] == "2.99.0"
+    ok = agent.json(*args, "--keras", "2")  # `import keras` is tf_keras: Keras 2, as the job wants
+    assert ok["keras_version"] == "2.99.0" and ok["expected_keras"] == 2
+    wrong = agent.json(*args, "--keras", "3", expect=3)
+    assert "gives Keras 2.99.0, but the job wants Keras 3" in wrong["error"] and wrong["hint"]
     out = agent.json(*args, "--expect-gpu", env={"FAKE_TF_GPU": "1"}, expect=3)  # not passed to the job
     assert "sees no GPU" in out["error"]
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_backends_e2e import theano_image  # noqa: F401  (fixture)
 
 from cloudtrain.agent import checkpoint
 from cloudtrain.agent.backend import configure
@@ -98,17 +99,6 @@ EPOCH_LINE = re.compile(r"^Epoch (\d+)/(\d+)$", re.MULTILINE)
 @pytest.fixture(scope="module")
 def tf_image() -> Path:
     return simimage.ensure_image(("tensorflow",))
-
-
-@pytest.fixture(scope="module")
-def theano_image() -> Path:
-    """The simulated image with its theano environment (built once per machine, cached)."""
-    if simimage.find_python37() is None:
-        reason = f"no Python 3.7 for the theano environment: {simimage.INSTALL_PYTHON37}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason} (CI must run the Theano tests)")
-        pytest.skip(reason)
-    return simimage.ensure_image(("tensorflow", "theano"))
 
 
 class Job:
