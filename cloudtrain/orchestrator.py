@@ -52,13 +52,12 @@ from cloudtrain.planner import Offer, Plan
 from cloudtrain.progress import Reporter
 from cloudtrain.records import Lifecycle, RunState, iso, new_run_id, utcnow
 from cloudtrain.recovery import (
-    LOCAL_CHECKPOINT,
     LOST_STATES,
     REMOTE_CHECKPOINT,
     CheckpointKeeper,
     InstanceLost,
     SimulatedInterruption,
-    checkpoint_complete,
+    last_checkpoint,
 )
 from cloudtrain.remote.session import Endpoint, HostKeyMismatch, Session, parse_console_fingerprints
 from cloudtrain.remote.sync import SyncReport
@@ -486,10 +485,10 @@ class Orchestrator:
 
     def _push_checkpoint(self, ctx: RunContext) -> None:
         """Put the last checkpoint copied home onto the instance: training resumes from it."""
-        local = ctx.run_dir / LOCAL_CHECKPOINT
-        manifest = checkpoint_complete(local)
-        if ctx.session is None or manifest is None:
+        found = last_checkpoint(ctx.run_dir)
+        if ctx.session is None or found is None:
             return
+        local, manifest = found
         from cloudtrain.remote.sync import upload_tree
 
         upload_tree(ctx.session, local, REMOTE_CHECKPOINT)

@@ -116,7 +116,7 @@ class CheckpointKeeper:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:  # a Ctrl-C must not wait for a copy in flight
         self._stop.set()
         self._thread.join(timeout)
 
@@ -131,9 +131,13 @@ class CheckpointKeeper:
         try:
             while not self._stop.is_set():
                 try:
+                    session.connect(deadline_s=20)  # not the 5 minutes a booting instance gets
                     self.check(session)
                 except RemoteError as e:  # the instance may be going away: keep what we have
                     log.info("checkpoint keeper: %s", e.message)
+                    session.close()
+                except Exception:  # never let one bad round end the keeping
+                    log.exception("checkpoint keeper: this round failed")
                     session.close()
                 # After a notice every checkpoint counts: the instance has two minutes left.
                 self._stop.wait(NOTICE_POLL_S if self.notice else self.poll_s)
@@ -169,6 +173,15 @@ class CheckpointKeeper:
                 shutil.rmtree(staging, ignore_errors=True)
             self.last_manifest = manifest
             self._on_event("checkpoint", f"checkpoint of epoch {got.get('epoch')} copied home")
+
+
+def last_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The run's checkpoint copied home, and its manifest (also if a swap was cut short)."""
+    for folder in (run_dir / LOCAL_CHECKPOINT, run_dir / (LOCAL_CHECKPOINT + ".old")):
+        manifest = checkpoint_complete(folder)
+        if manifest is not None:
+            return folder, manifest
+    return None
 
 
 def swap_in(staging: Path, target: Path) -> None:

@@ -98,3 +98,39 @@ def test_a_spot_interruption_is_survived_without_losing_finished_epochs(
     assert f"holding at epoch {restored_epoch} (saved)" in log  # near the end it waits, saved
     assert (run_dir / "outputs" / "outputs" / "model.weights.h5").is_file()
     assert "relaunching (1/3)" in done.stderr
+
+
+def test_two_interruptions_in_one_run(
+    sim_image: Path, tmp_path: Path, settings: Settings, quick_notices: None
+) -> None:
+    out = tmp_path / "runs"
+    done = cloudtrain(
+        "run",
+        str(job(tmp_path / "job")),
+        "--dry-run",
+        "--out",
+        str(out),
+        "--simulate-interruption",
+        "epoch:2",
+        "--simulate-interruption",
+        "epoch:6",  # on the relaunched instance
+    )
+    assert done.returncode == 0, done.stderr
+    run_dir = only_run(out)
+    record = status(run_dir.name)
+    assert record["state"] == "succeeded"
+    assert [e["kind"] for e in record["events"]].count("interrupted") == 2
+    restores = [
+        int(re.search(r"epoch (\d+)", e["message"]).group(1))
+        for e in record["events"]
+        if e["kind"] == "restore"
+    ]  # type: ignore[union-attr]
+    assert len(restores) == 2 and restores[0] < restores[1] < EPOCHS
+    instances = record["instances"]
+    assert len(instances) == 3 and all(i["ended_at"] for i in instances)
+    assert all(a["ended_at"] <= b["launched_at"] for a, b in zip(instances, instances[1:], strict=False))
+    assert live_instances(settings, run_dir.name) == []
+    started = epochs_started((run_dir / "logs" / "train.log").read_text())
+    cut = len(started) - 1 - started[::-1].index(restores[1] + 1)
+    assert started[cut:] == list(range(restores[1] + 1, EPOCHS + 1))
+    assert "relaunching (2/3)" in done.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cloudtrain.errors import InputError
-from cloudtrain.recovery import SimulatedInterruption, checkpoint_complete, swap_in
+from cloudtrain.recovery import SimulatedInterruption, checkpoint_complete, last_checkpoint, swap_in
 
 
 @pytest.mark.parametrize(
@@ -66,6 +66,15 @@ def test_swap_in_replaces_the_old_checkpoint_only_once_the_new_is_there(tmp_path
     swap_in(tmp_path / "incoming", tmp_path / "checkpoint")
     assert (tmp_path / "checkpoint" / "weights.h5").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_a_swap_cut_short_still_leaves_a_checkpoint_to_restore(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "checkpoint.old", 2, {"weights.h5": b"old"})  # renamed away, then killed
+    found = last_checkpoint(tmp_path)
+    assert found is not None and found[0] == tmp_path / "checkpoint.old" and found[1]["epoch"] == 2
+    write_checkpoint(tmp_path / "checkpoint", 3, {"weights.h5": b"new"})
+    assert (last_checkpoint(tmp_path) or (None, {}))[1]["epoch"] == 3
+    assert last_checkpoint(tmp_path / "nothing") is None
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
