@@ -169,7 +169,7 @@ class Orchestrator:
         self.keep = keep
         self.detach = detach
         self.simulate = list(simulate)  # dry-run: the n-th applies to the n-th instance
-        self._keeper_events: list[tuple[str, str]] = []  # from the keeper's thread, recorded here
+        self._keeper_events: list[tuple[str, str, datetime]] = []  # from the keeper's thread
 
     # --- bookkeeping -------------------------------------------------------------------
 
@@ -511,13 +511,13 @@ class Orchestrator:
 
     def _keeper_event(self, kind: str, message: str) -> None:
         """From the keeper's thread: shown now, recorded by the main thread later."""
-        self._keeper_events.append((kind, message))
+        self._keeper_events.append((kind, message, utcnow()))
         self.reporter.info(message)
 
     def _flush_keeper_events(self, ctx: RunContext) -> None:
         while self._keeper_events:
-            kind, message = self._keeper_events.pop(0)
-            self.ledger.add_event(ctx.run_id, kind, message)
+            kind, message, when = self._keeper_events.pop(0)
+            self.ledger.add_event(ctx.run_id, kind, message, at=when)
 
     def _interrupt_if_due(self, ctx: RunContext, line: str | None) -> None:
         """Dry-run: have the simulator interrupt this instance as --simulate-interruption says."""
