@@ -75,9 +75,20 @@ def main() -> int:
         cli = [sys.executable, "-m", "cloudtrain"]
         started = time.monotonic()
         done = subprocess.run(
-            [*cli, "run", str(folder / "job.yaml"), "--dry-run", "--out", str(Path(tmp) / "runs"),
-             "--simulate-interruption", f"epoch:{args.at}", "--json"],
-            env=env, capture_output=True, text=True,
+            [
+                *cli,
+                "run",
+                str(folder / "job.yaml"),
+                "--dry-run",
+                "--out",
+                str(Path(tmp) / "runs"),
+                "--simulate-interruption",
+                f"epoch:{args.at}",
+                "--json",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
         )
         wall = time.monotonic() - started
         subprocess.run([*cli, "sim", "stop"], env=env, capture_output=True)
@@ -97,8 +108,10 @@ def main() -> int:
         redone = len(before) - restored  # started on the lost instance beyond the checkpoint
         scratch = len(before)  # without checkpoints every epoch started there is trained again
         gap = (at(resumed) - at(notice)).total_seconds()
-    print(f"run: {args.epochs} epochs of {args.epoch_s:g} s, notice at epoch {args.at}, "
-          f"termination {args.notice_s:g} s later; {wall:.0f} s in all, {len(record['instances'])} instances")
+    print(
+        f"run: {args.epochs} epochs of {args.epoch_s:g} s, notice at epoch {args.at}, "
+        f"termination {args.notice_s:g} s later; {wall:.0f} s in all, {len(record['instances'])} instances"
+    )
     print(f"checkpoint restored: epoch {restored}; epochs started on the lost instance: {before}")
     print(f"notice->resumed={gap:.0f} s; epochs redone: cloudtrain {redone}, from scratch {scratch}")
     return 0
