@@ -586,7 +586,7 @@ class FitRun:
         except Exception as e:
             log(f"could not capture epoch {done}: {type(e).__name__}: {e}")
         if not complete:
-            self.batch_end()  # a notice that came during this epoch's last batch counts now
+            self.batch_end(force=True)  # at every epoch end, whatever the batches' throttle says
             self._hold_if_too_late()
 
     def _hold_if_too_late(self) -> None:
@@ -605,11 +605,11 @@ class FitRun:
         log("still here after the termination time: training carries on")
         self.deadline = None
 
-    def batch_end(self) -> None:
+    def batch_end(self, force: bool = False) -> None:
         if not self.notice_file:
             return
         now = time.monotonic()
-        if now < self.next_notice_check:
+        if now < self.next_notice_check and not force:
             return
         self.next_notice_check = now + NOTICE_POLL_S
         try:
