@@ -187,6 +187,7 @@ def _resumed(run: RunRow, settings: Settings, ledger: Ledger, reporter: Reporter
         frozenset(ssh["fingerprints"]),
     )
     log_file = run_dir / "logs" / "train.log"
+    log_base = int(detail.get("log_base") or 0)  # the local log's bytes from earlier instances
     ctx = RunContext(
         run_id=run.id,
         run_dir=run_dir,
@@ -197,10 +198,8 @@ def _resumed(run: RunRow, settings: Settings, ledger: Ledger, reporter: Reporter
         key_path=Path(detail["key_path"]),
         session=Session(endpoint),
         fingerprints=endpoint.fingerprints,
-        log_base=int(detail.get("log_base") or 0),
-        log_offset=max(
-            0, (log_file.stat().st_size if log_file.exists() else 0) - int(detail.get("log_base") or 0)
-        ),
+        log_base=log_base,
+        log_offset=max(0, (log_file.stat().st_size if log_file.exists() else 0) - log_base),
         training_started=True,
         detail=dict(detail),
     )

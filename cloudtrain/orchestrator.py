@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import posixpath
 import shlex
 import signal
 import sys
@@ -450,7 +451,6 @@ class Orchestrator:
         if lost is None or self.plan is None:
             raise error
         assert ctx.instance_id is not None and ctx.launched is not None
-        self._flush_keeper_events(ctx)
         self.ledger.add_event(ctx.run_id, "interrupted", lost.message)
         ctx.lost.append((ctx.launched.instance_type, ctx.launched.zone))
         if ctx.session is not None:
@@ -501,8 +501,8 @@ class Orchestrator:
 
         pull(
             session,
-            ".cloudtrain",
-            ["checkpoint"],
+            posixpath.dirname(REMOTE_CHECKPOINT),
+            [posixpath.basename(REMOTE_CHECKPOINT)],
             dest,
             remote_python=remote_python(self.spec.backend),
             remote_agent_path=f"$HOME/{REMOTE_AGENT}",
@@ -676,7 +676,13 @@ class Orchestrator:
         logs.mkdir(exist_ok=True)
         with (
             open(logs / "train.log", "ab") as logfile,
-            CheckpointKeeper(ctx.session, ctx.run_dir, self._pull_checkpoint, on_event=self._keeper_event),
+            CheckpointKeeper(
+                ctx.session,
+                ctx.run_dir,
+                self._pull_checkpoint,
+                notice_path=f"{REMOTE_RUN_DIR}/notice.json",
+                on_event=self._keeper_event,
+            ),
         ):
             logfile.truncate(ctx.log_base + ctx.log_offset)
             partial = b""
@@ -805,9 +811,10 @@ def launch_offers(plan: Plan, limit: int) -> list[Offer]:
             chosen.append(offer)
             seen.add(key)
     chosen = chosen[: limit - 1 if res.fallback == "on-demand" else limit]
+    if res.fallback != "on-demand" or choice.lifecycle is not Lifecycle.SPOT:
+        return chosen
     cheapest = min(plan.offers, key=lambda o: (o.on_demand_per_hour, o.instance.name))
-    within_price = res.max_price is None or cheapest.on_demand_per_hour <= res.max_price
-    if res.fallback == "on-demand" and choice.lifecycle is Lifecycle.SPOT and within_price:
+    if res.max_price is None or cheapest.on_demand_per_hour <= res.max_price:
         chosen.append(
             Offer(
                 cheapest.instance,

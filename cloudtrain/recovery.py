@@ -99,6 +99,7 @@ class CheckpointKeeper:
         run_dir: Path,
         pull_checkpoint: Callable[[Session, Path], None],
         *,
+        notice_path: str,
         on_event: Callable[[str, str], None],
         poll_s: float = KEEPER_POLL_S,
     ) -> None:
@@ -106,6 +107,7 @@ class CheckpointKeeper:
         self.run_dir = run_dir
         self._pull = pull_checkpoint
         self._on_event = on_event
+        self.notice_path = notice_path  # the agent's notice.json, relative to the remote HOME
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="cloudtrain-checkpoints", daemon=True)
@@ -148,7 +150,7 @@ class CheckpointKeeper:
         """One round: the notice, then the checkpoint if its manifest changed."""
         probe = session.run(
             f"cat {REMOTE_CHECKPOINT}/manifest.json 2>/dev/null; echo; echo '--notice--'; "
-            "cat .cloudtrain/run/notice.json 2>/dev/null",
+            f"cat {self.notice_path} 2>/dev/null",
             check=False,
             timeout=30,
         ).text

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_run_e2e import cloudtrain, live_instances, only_run, sim_image, status  # noqa: F401  (fixture)
@@ -53,42 +54,59 @@ def epochs_started(log: str) -> list[int]:
     return [int(n) for n in re.findall(rf"^Epoch (\d+)/{EPOCHS}$", log, re.M)]
 
 
-def test_a_spot_interruption_is_survived_without_losing_finished_epochs(
-    sim_image: Path, tmp_path: Path, settings: Settings, quick_notices: None
-) -> None:
+def interrupted_run(tmp_path: Path, *ats: str) -> tuple[Path, dict[str, Any], str]:
+    """`run --dry-run` of the job with --simulate-interruption for each AT: (run folder,
+    status record, stderr); the run must have succeeded."""
     out = tmp_path / "runs"
-    done = cloudtrain(
-        "run",
-        str(job(tmp_path / "job")),
-        "--dry-run",
-        "--out",
-        str(out),
-        "--simulate-interruption",
-        "epoch:3",
-    )
+    simulate = [arg for at in ats for arg in ("--simulate-interruption", at)]
+    done = cloudtrain("run", str(job(tmp_path / "job")), "--dry-run", "--out", str(out), *simulate)
     assert done.returncode == 0, done.stderr
     run_dir = only_run(out)
     record = status(run_dir.name)
     assert record["state"] == "succeeded"
+    return run_dir, record, done.stderr
 
+
+def restored_epochs(record: dict[str, Any]) -> list[int]:
+    """The epoch of each checkpoint restored on a relaunched instance, in order."""
+    return [
+        int(re.search(r"epoch (\d+)", e["message"]).group(1))  # type: ignore[union-attr]
+        for e in record["events"]
+        if e["kind"] == "restore"
+    ]
+
+
+def split_at_last_resume(started: list[int], restored: int) -> tuple[list[int], list[int]]:
+    """Epochs started before the last instance, and on it (it begins at ``restored + 1``)."""
+    cut = len(started) - 1 - started[::-1].index(restored + 1)
+    return started[:cut], started[cut:]
+
+
+def one_after_another(instances: list[dict[str, Any]]) -> bool:
+    """Every instance ended, and none was launched before the one before it ended."""
+    ended = all(i["ended_at"] is not None for i in instances)
+    return ended and all(
+        a["ended_at"] <= b["launched_at"] for a, b in zip(instances, instances[1:], strict=False)
+    )
+
+
+def test_a_spot_interruption_is_survived_without_losing_finished_epochs(
+    sim_image: Path, tmp_path: Path, settings: Settings, quick_notices: None
+) -> None:
+    run_dir, record, stderr = interrupted_run(tmp_path, "epoch:3")
     kinds = [e["kind"] for e in record["events"]]
     assert "notice" in kinds and "interrupted" in kinds and "restore" in kinds and "recovering" in kinds
-    restored = next(e["message"] for e in record["events"] if e["kind"] == "restore")
-    restored_epoch = int(re.search(r"epoch (\d+)", restored).group(1))  # type: ignore[union-attr]
+    (restored_epoch,) = restored_epochs(record)
 
     # Two instances, one after the other: never two at once, none left.
-    first, second = record["instances"]
-    assert first["ended_at"] is not None and second["ended_at"] is not None
-    assert first["ended_at"] <= second["launched_at"]
+    assert len(record["instances"]) == 2 and one_after_another(record["instances"])
     assert live_instances(settings, run_dir.name) == []
 
     # The log shows the notice, the interruption and the resume; no finished epoch is redone
     # except the one in progress, and the run ends with exactly the epochs asked for.
     log = (run_dir / "logs" / "train.log").read_text()
     assert "spot interruption notice" in log
-    started = epochs_started(log)
-    cut = len(started) - 1 - started[::-1].index(restored_epoch + 1)  # where the second instance began
-    before, resumed = started[:cut], started[cut:]
+    before, resumed = split_at_last_resume(epochs_started(log), restored_epoch)
     assert resumed == list(range(restored_epoch + 1, EPOCHS + 1))
     assert (
         before == list(range(1, len(before) + 1)) and len(before) <= restored_epoch + 1
@@ -97,40 +115,22 @@ def test_a_spot_interruption_is_survived_without_losing_finished_epochs(
     assert f"restored epoch {restored_epoch}" in log
     assert f"holding at epoch {restored_epoch} (saved)" in log  # near the end it waits, saved
     assert (run_dir / "outputs" / "outputs" / "model.weights.h5").is_file()
-    assert "relaunching (1/3)" in done.stderr
+    assert "relaunching (1/3)" in stderr
 
 
 def test_two_interruptions_in_one_run(
     sim_image: Path, tmp_path: Path, settings: Settings, quick_notices: None
 ) -> None:
-    out = tmp_path / "runs"
-    done = cloudtrain(
-        "run",
-        str(job(tmp_path / "job")),
-        "--dry-run",
-        "--out",
-        str(out),
-        "--simulate-interruption",
-        "epoch:2",
-        "--simulate-interruption",
-        "epoch:6",  # on the relaunched instance
-    )
-    assert done.returncode == 0, done.stderr
-    run_dir = only_run(out)
-    record = status(run_dir.name)
-    assert record["state"] == "succeeded"
+    run_dir, record, stderr = interrupted_run(
+        tmp_path, "epoch:2", "epoch:6"
+    )  # the 2nd: on the relaunched one
     assert [e["kind"] for e in record["events"]].count("interrupted") == 2
-    restores = [
-        int(re.search(r"epoch (\d+)", e["message"]).group(1))
-        for e in record["events"]
-        if e["kind"] == "restore"
-    ]  # type: ignore[union-attr]
+    restores = restored_epochs(record)
     assert len(restores) == 2 and restores[0] < restores[1] < EPOCHS
-    instances = record["instances"]
-    assert len(instances) == 3 and all(i["ended_at"] for i in instances)
-    assert all(a["ended_at"] <= b["launched_at"] for a, b in zip(instances, instances[1:], strict=False))
+    assert len(record["instances"]) == 3 and one_after_another(record["instances"])
     assert live_instances(settings, run_dir.name) == []
-    started = epochs_started((run_dir / "logs" / "train.log").read_text())
-    cut = len(started) - 1 - started[::-1].index(restores[1] + 1)
-    assert started[cut:] == list(range(restores[1] + 1, EPOCHS + 1))
-    assert "relaunching (2/3)" in done.stderr
+    _, resumed = split_at_last_resume(
+        epochs_started((run_dir / "logs" / "train.log").read_text()), restores[1]
+    )
+    assert resumed == list(range(restores[1] + 1, EPOCHS + 1))
+    assert "relaunching (2/3)" in stderr
