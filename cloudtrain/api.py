@@ -202,9 +202,17 @@ def _resumed(run: RunRow, settings: Settings, ledger: Ledger, reporter: Reporter
         log_offset=max(0, (log_file.stat().st_size if log_file.exists() else 0) - log_base),
         training_started=True,
         detail=dict(detail),
+        instance_profile=detail.get("instance_profile"),
+        relaunches=int(detail.get("relaunches") or 0),
     )
     orchestrator = Orchestrator(
-        spec, active, ledger, region=run.region or DEFAULT_REGION, out_dir=run_dir.parent, reporter=reporter
+        spec,
+        active,
+        ledger,
+        region=run.region or DEFAULT_REGION,
+        out_dir=run_dir.parent,
+        reporter=reporter,
+        replan=lambda: _plan(spec, load_catalog(), active, utcnow()),  # for a relaunch
     )
     return orchestrator, ctx
 

@@ -157,8 +157,10 @@ class Orchestrator:
         keep: bool = False,
         detach: bool = False,
         simulate: Sequence[SimulatedInterruption] = (),
+        replan: Callable[[], Plan] | None = None,
     ) -> None:
-        self.plan = plan  # None when resuming a run (attach, pull)
+        self.plan = plan  # None when resuming a run (attach, pull) ...
+        self.replan = replan  # ... until a relaunch needs one: the offers as they are now
         self.spec = spec
         self.region = region
         self.settings = settings
@@ -235,6 +237,11 @@ class Orchestrator:
                         f"{iso(deadline)} regardless"
                     )
                     return 0
+            else:
+                lost = self._lost(ctx)
+                if lost is not None:  # taken away while nobody followed it (a detached run)
+                    self._recover(ctx, lost)
+                    self._bring_up(ctx)
             exit_code = self._train(ctx)
             self._state(ctx, RunState.PULLING, "pulling back outputs and logs")
             self.pull(ctx)
@@ -327,6 +334,9 @@ class Orchestrator:
             f"launching {choice.instance.name} ({choice.lifecycle.value}, ${choice.price_per_hour:.4f}/h) "
             f"in {choice.zone or self.region}",
         )
+        checkpoint_url = self.spec.checkpoint.s3_url(ctx.run_id)
+        if checkpoint_url:  # before anything is created: a bucket that is not there is bad input
+            ctx.cloud.check_bucket(s3_buckets([checkpoint_url])[0], f"{self.job_path}: checkpoint.s3")
         hours = self.spec.budget.max_hours or DEFAULT_KEEP_HOURS
         ctx.tags = tags = run_tags(
             ctx.run_id, self.settings.owner, utcnow() + timedelta(hours=hours, minutes=30)
@@ -343,11 +353,14 @@ class Orchestrator:
             image=image.id,
         )
         buckets = s3_buckets([d.src for d in self.spec.data if d.is_s3])
-        if buckets:  # the instance reads S3 with its own role, never the user's keys
-            ctx.instance_profile = ctx.cloud.ensure_instance_profile(ctx.run_id, buckets, tags)
+        writable = [checkpoint_url] if checkpoint_url else []
+        if buckets or writable:  # the instance reaches S3 with its own role, never the user's keys
+            ctx.instance_profile = ctx.cloud.ensure_instance_profile(ctx.run_id, buckets, tags, writable)
             self._detail(ctx, instance_profile=ctx.instance_profile)
+            reads = f"reads {', '.join(f's3://{b}' for b in buckets)}" if buckets else ""
+            writes = f"keeps checkpoints in {checkpoint_url}" if writable else ""
             self.reporter.info(
-                f"instance profile {ctx.instance_profile}: reads {', '.join(f's3://{b}' for b in buckets)}"
+                f"instance profile {ctx.instance_profile}: {'; '.join(filter(None, (reads, writes)))}"
             )
         self._launch_instance(ctx, launch_offers(self.plan, MAX_LAUNCH_OFFERS), token=ctx.run_id)
 
@@ -448,11 +461,15 @@ class Orchestrator:
         """After a remote failure: re-raise it unless the instance was lost; else confirm the
         old one is gone (one instance per run at a time) and launch the next offer."""
         lost = error if isinstance(error, InstanceLost) else self._lost(ctx)
-        if lost is None or self.plan is None:
+        if lost is None or not self._ready_to_relaunch(ctx):
             raise error
-        assert ctx.instance_id is not None and ctx.launched is not None
+        assert ctx.instance_id is not None and self.plan is not None
         self.ledger.add_event(ctx.run_id, "interrupted", lost.message)
-        ctx.lost.append((ctx.launched.instance_type, ctx.launched.zone))
+        if ctx.launched is not None:
+            ctx.lost.append((ctx.launched.instance_type, ctx.launched.zone))
+        else:  # a resumed run: the ledger knows what it was
+            row = next(i for i in self.ledger.instances(ctx.run_id) if i.id == lost.instance_id)
+            ctx.lost.append((row.instance_type, row.zone))
         if ctx.session is not None:
             ctx.session.close()
             ctx.session = None
@@ -483,18 +500,58 @@ class Orchestrator:
         self._state(ctx, RunState.RECOVERING, f"relaunching after an interruption of {lost.instance_id}")
         self._launch_instance(ctx, offers, token=f"{ctx.run_id}-r{ctx.relaunches}")
 
-    def _push_checkpoint(self, ctx: RunContext) -> None:
-        """Put the last checkpoint copied home onto the instance: training resumes from it."""
-        found = last_checkpoint(ctx.run_dir)
-        if ctx.session is None or found is None:
-            return
-        local, manifest = found
-        from cloudtrain.remote.sync import upload_tree
+    def _ready_to_relaunch(self, ctx: RunContext) -> bool:
+        """Whether a relaunch can go ahead; for a resumed run (`attach`), first gather what
+        the first launch had made: a plan of today's offers, the image, key pair and tags."""
+        if self.plan is None:
+            if self.replan is None:
+                return False
+            self.plan = self.replan()
+        if ctx.image is None:
+            ctx.image = ctx.cloud.resolve_image(ctx.detail.get("image") or self.spec.resources.image)
+        if ctx.key is None and ctx.key_name and ctx.key_path:
+            ctx.key = KeyPair(ctx.key_name, ctx.key_path)
+        if not ctx.tags:
+            hours = self.spec.budget.max_hours or DEFAULT_KEEP_HOURS
+            ctx.tags = run_tags(
+                ctx.run_id, self.settings.owner, utcnow() + timedelta(hours=hours, minutes=30)
+            )
+        return ctx.key is not None and ctx.security_group_id is not None
 
-        upload_tree(ctx.session, local, REMOTE_CHECKPOINT)
-        message = f"restoring the checkpoint of epoch {manifest.get('epoch')}"
-        self.ledger.add_event(ctx.run_id, "restore", message)
-        self.reporter.info(message)
+    def _push_checkpoint(self, ctx: RunContext) -> None:
+        """Put the run's last checkpoint onto the instance, training resumes from it: the copy
+        at home, or the one in S3 (``checkpoint.s3``) when that is further on (e.g. after
+        `attach`, when nothing was copying it home)."""
+        if ctx.session is None:
+            return
+        epoch, source = None, ""
+        found = last_checkpoint(ctx.run_dir)
+        if found is not None:
+            from cloudtrain.remote.sync import upload_tree
+
+            upload_tree(ctx.session, found[0], REMOTE_CHECKPOINT)
+            epoch, source = found[1].get("epoch"), "the copy at home"
+        url = self.spec.checkpoint.s3_url(ctx.run_id)
+        if url:
+            result = ctx.session.run(
+                agent_command(
+                    self.spec.backend,
+                    f"checkpoint-s3 --url {_q(url)} --dir $HOME/{REMOTE_CHECKPOINT} "
+                    f"--region {_q(self.region)}",
+                ),
+                check=False,
+            )
+            report = _json_or_error(result.text)
+            if result.exit_code != 0 or "error" in report:
+                self.reporter.warn(
+                    f"the checkpoint in {url} was not restored: {report.get('error', result.text)}"
+                )
+            elif report.get("source") == "s3":
+                epoch, source = report.get("epoch"), url
+        if epoch is not None:
+            message = f"restoring the checkpoint of epoch {epoch} from {source}"
+            self.ledger.add_event(ctx.run_id, "restore", message)
+            self.reporter.info(message)
 
     def _pull_checkpoint(self, session: Session, dest: Path) -> None:
         from cloudtrain.remote.pull import pull
@@ -571,6 +628,9 @@ class Orchestrator:
         keras = f" --keras {self.spec.keras}" if self.spec.keras else ""
         every = self.spec.checkpoint.every_epochs
         checkpoint = f" --checkpoint-dir $HOME/{REMOTE_CHECKPOINT} --checkpoint-every {every}"
+        checkpoint_url = self.spec.checkpoint.s3_url(ctx.run_id)
+        if checkpoint_url:
+            checkpoint += f" --checkpoint-s3 {_q(checkpoint_url)} --region {_q(self.region)}"
         cache = ""
         if backend == "theano":  # the run's compile folder starts as a copy of the image's warm one
             cache = ' --compile-cache "${CLOUDTRAIN_ROOT:-/opt/cloudtrain}/theano-cache"'

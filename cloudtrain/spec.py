@@ -60,6 +60,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+S3_URL_RE = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
+
+
+def _s3_url(value: str) -> str:
+    if not re.match(S3_URL_RE, value):
+        raise ValueError(f"'{value}' is not an S3 URL like s3://bucket/prefix/")
+    return value
+
+
 class DataSource(_Strict):
     """An extra input: a local path synced to the instance, or an S3 prefix fetched there."""
 
@@ -74,11 +83,7 @@ class DataSource(_Strict):
     @field_validator("src")
     @classmethod
     def _src_form(cls, value: str) -> str:
-        if value.startswith("s3://") and not re.match(
-            r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", value
-        ):
-            raise ValueError(f"'{value}' is not an S3 URL like s3://bucket/prefix/")
-        return value
+        return _s3_url(value) if value.startswith("s3://") else value
 
     @property
     def is_s3(self) -> bool:
@@ -129,6 +134,15 @@ class Checkpoint(_Strict):
     """Checkpoints that survive spot interruptions (weights, optimizer state, epoch)."""
 
     every_epochs: int = Field(1, ge=1, description="Checkpoint every N epochs (and at once on a notice)")
+    s3: Annotated[str, AfterValidator(_s3_url)] | None = Field(
+        None,
+        description="Also keep the checkpoint in S3 (s3://bucket/prefix/; each run under "
+        "<prefix>/<run-id>/), written by the instance's own role",
+    )
+
+    def s3_url(self, run_id: str) -> str | None:
+        """The run's own checkpoint URL under ``s3``."""
+        return None if self.s3 is None else f"{self.s3.rstrip('/')}/{run_id}/"
 
 
 class Budget(_Strict):

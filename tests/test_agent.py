@@ -379,13 +379,16 @@ def test_backend_checkpoint_dir_wraps_fit_of_keras_when_imported(agent: Agent, t
     (fakes / "keras" / "callbacks.py").write_text("class Callback:\n    pass\n")
     home, run, ckpt = tmp_path / "job-home", tmp_path / "run", tmp_path / "ckpt"
     extra = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "3", "--env", f"PYTHONPATH={fakes}"]
-    out = agent.backend("tensorflow", home, run, "--gpu", "no", *extra)
+    url = "s3://bucket/prefix/run-1/"
+    s3 = ["--checkpoint-s3", url, "--region", "eu-west-1"]
+    out = agent.backend("tensorflow", home, run, "--gpu", "no", *extra, *s3)
     notice = str(run / "notice.json")
-    assert out["checkpoint"] == {"dir": str(ckpt), "every": 3, "notice_file": notice}
+    assert out["checkpoint"] == {"dir": str(ckpt), "every": 3, "notice_file": notice, "s3": url}
     assert out["site_dir"] == str(run / "site") and out["seed"] is None and ckpt.is_dir()
     env = json.loads((run / "env.json").read_text())
     assert env["CLOUDTRAIN_CHECKPOINT_DIR"] == str(ckpt) and env["CLOUDTRAIN_CHECKPOINT_EVERY"] == "3"
     assert env["CLOUDTRAIN_NOTICE_FILE"] == notice and "CLOUDTRAIN_SEED" not in env
+    assert env["CLOUDTRAIN_CHECKPOINT_S3"] == url and env["CLOUDTRAIN_CHECKPOINT_S3_REGION"] == "eu-west-1"
     assert env["PYTHONPATH"] == f"{run / 'site'}:{fakes}"
     assert sorted(p.name for p in (run / "site").iterdir()) == [
         "_cloudtrain_checkpoint.py",
@@ -826,6 +829,7 @@ def test_usage_errors_are_json_with_status_2(agent: Agent, tmp_path: Path) -> No
 # checkpoint.py under the name it is copied to (_cloudtrain_checkpoint).
 IMAGE_PACKAGES = {
     "fetch_s3.py": {"boto3", "botocore"},
+    "s3_checkpoint.py": {"botocore"},  # lazily, like fetch_s3.py
     "keras2shim.py": {"tf_keras"},
     "checkpoint.py": {"numpy"},
     "runsite.py": {"_cloudtrain_checkpoint"},

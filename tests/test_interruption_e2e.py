@@ -4,14 +4,18 @@ the instance is gone, restores, and the run ends with exactly the epochs asked f
 
 from __future__ import annotations
 
+import json
 import re
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_run_e2e import cloudtrain, live_instances, only_run, sim_image, status  # noqa: F401  (fixture)
+from test_s3_data import s3_client
 
+from cloudtrain.cloud.simulator import ensure_simulator, schedule_interruption
 from cloudtrain.settings import Settings
 
 EPOCHS = 8
@@ -41,11 +45,12 @@ def quick_notices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLOUDTRAIN_IMDS_POLL_S", "0.5")  # the agent's IMDS polling (AWS: <= 5 s)
 
 
-def job(folder: Path) -> Path:
+def job(folder: Path, extra: str = "") -> Path:
     folder.mkdir(parents=True)
     (folder / "train.py").write_text(TRAIN)
     (folder / "job.yaml").write_text(
         "name: interrupted\nrun: python train.py\noutputs: [outputs/]\nseed: 3\nresources: {gpu: T4}\n"
+        + extra
     )
     return folder / "job.yaml"
 
@@ -134,3 +139,54 @@ def test_two_interruptions_in_one_run(
     )
     assert resumed == list(range(restores[1] + 1, EPOCHS + 1))
     assert "relaunching (2/3)" in stderr
+
+
+def wait_for(what: str, check: Any, timeout: float = 120.0) -> Any:
+    end = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.25)
+    return found
+
+
+def test_a_detached_run_taken_away_unwatched_resumes_from_s3_on_attach(
+    sim_image: Path, tmp_path: Path, settings: Settings, quick_notices: None
+) -> None:
+    sim = ensure_simulator(settings, image=sim_image)
+    s3 = s3_client(sim.endpoint_url)
+    s3.create_bucket(Bucket="checkpoints")
+    out = tmp_path / "runs"
+    job_file = job(tmp_path / "job", extra="checkpoint: {s3: 's3://checkpoints/team/'}\n")
+    cloudtrain("run", str(job_file), "--dry-run", "--detach", "--out", str(out), check=True)
+    run_dir = only_run(out)
+    run_id = run_dir.name
+    key = f"team/{run_id}/manifest.json"
+
+    def s3_epoch() -> int:
+        try:
+            return int(json.loads(s3.get_object(Bucket="checkpoints", Key=key)["Body"].read())["epoch"])
+        except s3.exceptions.NoSuchKey:
+            return 0
+
+    # The instance keeps its checkpoint in S3 by itself: no controller is following it.
+    wait_for("epoch 2 in S3", lambda: s3_epoch() >= 2)
+    (first,) = live_instances(settings, run_id)
+    schedule_interruption(settings, first, notice_s=2)
+    wait_for("the interrupted instance to be gone", lambda: live_instances(settings, run_id) == [])
+    in_s3 = s3_epoch()
+    assert 2 <= in_s3 < EPOCHS
+    assert not (run_dir / "checkpoint").exists()  # nothing was copied home
+
+    attached = cloudtrain("attach", run_id)
+    assert attached.returncode == 0, attached.stderr
+    assert "is terminated: the instance was taken away; relaunching (1/3)" in attached.stderr
+    record = status(run_id)
+    assert record["state"] == "succeeded"
+    (restore,) = [e["message"] for e in record["events"] if e["kind"] == "restore"]
+    assert restore == f"restoring the checkpoint of epoch {in_s3} from s3://checkpoints/team/{run_id}/"
+    assert len(record["instances"]) == 2 and one_after_another(record["instances"])
+    assert live_instances(settings, run_id) == []
+    log = (run_dir / "logs" / "train.log").read_text()  # the replacement's: the first's went with it
+    assert epochs_started(log) == list(range(in_s3 + 1, EPOCHS + 1))
+    assert (run_dir / "outputs" / "outputs" / "model.weights.h5").is_file()
+    assert s3_epoch() == EPOCHS  # the last checkpoint reached S3 before the run ended

@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 
-from . import sitedir
+from . import s3_checkpoint, sitedir
 from .errors import USAGE, AgentError
 from .runfiles import RunPaths, write_atomic, write_json
 
@@ -93,6 +93,8 @@ def configure(
     checkpoint_dir: str | None = None,
     checkpoint_every: int = 1,
     notice_file: str | None = None,
+    checkpoint_s3: str | None = None,
+    region: str | None = None,
 ) -> dict[str, object]:
     """Write the configuration files; return what was written, for the controller."""
     if backend not in BACKENDS:
@@ -157,7 +159,13 @@ def configure(
         notice = os.path.abspath(notice_file or paths.notice)
         os.makedirs(folder, exist_ok=True)
         env.update(sitedir.checkpoint_env(folder, checkpoint_every, notice))
-        checkpoint = {"dir": folder, "every": checkpoint_every, "notice_file": notice}
+        checkpoint = {"dir": folder, "every": checkpoint_every, "notice_file": notice, "s3": checkpoint_s3}
+        if checkpoint_s3:  # the supervisor's uploader reads these (s3_checkpoint.py)
+            env[s3_checkpoint.URL_ENV] = checkpoint_s3
+            if region:
+                env[s3_checkpoint.REGION_ENV] = region
+    elif checkpoint_s3:
+        raise AgentError("--checkpoint-s3 needs --checkpoint-dir", "", USAGE)
 
     write_json(paths.env, env)
     return {

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="the spot interruption notice that makes fit save at once (default RUN_DIR/notice.json)",
     )
+    p.add_argument("--checkpoint-s3", metavar="URL", help="also put each checkpoint under this S3 URL")
+    p.add_argument("--region", help="the S3 region, when the environment names none")
 
     p = sub.add_parser("verify", help="import Keras in the job's environment and check the backend")
     p.add_argument("--backend", required=True, choices=["tensorflow", "theano"])
@@ -93,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dst", required=True, help="the folder to fetch into")
     p.add_argument("--region", help="used when the environment names no region")
 
+    p = sub.add_parser(
+        "checkpoint-s3", help="bring the S3 checkpoint into DIR when it is further on than DIR's"
+    )
+    p.add_argument("--url", required=True, help="s3://bucket/prefix/<run-id>/")
+    p.add_argument("--dir", required=True, help="the run's checkpoint folder")
+    p.add_argument("--region", help="used when the environment names no region")
+
     p = sub.add_parser("poweroff", help="power the instance off (through the hook if there is one)")
     p.add_argument("--reason", default="")
     return parser
@@ -122,6 +131,8 @@ def dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
             checkpoint_dir=args.checkpoint_dir,
             checkpoint_every=args.checkpoint_every,
             notice_file=args.notice_file,
+            checkpoint_s3=args.checkpoint_s3,
+            region=args.region,
         )
     if command == "verify":
         from .verify import verify
@@ -150,6 +161,10 @@ def dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
         from .fetch_s3 import fetch
 
         return fetch(args.src, args.dst, args.region)
+    if command == "checkpoint-s3":
+        from .s3_checkpoint import restore
+
+        return restore(args.url, args.dir, args.region)
     if command == "poweroff":
         from .power import poweroff
 

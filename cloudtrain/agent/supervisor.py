@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from . import imds, procs
+from . import imds, procs, s3_checkpoint
 from .environ import job_env
 from .errors import USAGE, AgentError
 from .runfiles import RunPaths, read_json, remove, utc_now, write_atomic, write_json
@@ -208,6 +208,7 @@ class _Supervisor:
         self.state: dict[str, Any] = {}
         self.lock = threading.Lock()  # state.json and train.log markers: main thread and watcher
         self.watcher: NoticeWatcher | None = None
+        self.uploader: Any = None  # s3_checkpoint.Uploader, when the job names checkpoint.s3
 
     def save(self, **changes: Any) -> None:
         with self.lock:
@@ -295,6 +296,7 @@ class _Supervisor:
         )
         ready()
         self.watcher = NoticeWatcher.start_for(self)
+        self.uploader = start_uploader(self)
         code = 0
         for phase, command in (("setup", job.setup), ("run", job.run)):
             if not command:
@@ -310,6 +312,8 @@ class _Supervisor:
                 break
         self.child = None
         self.stop_watcher()
+        if self.uploader is not None:  # the last checkpoint reaches S3 before the run counts as ended
+            self.uploader.finish()
         self.save(phase="done", ended_at=utc_now(), exit_code=code, stopped=self.stop_requested())
         write_atomic(self.paths.exit_code, f"{code}\n".encode("ascii"))
         os.close(self.log_fd)
@@ -394,6 +398,32 @@ class NoticeWatcher:
                 sup._mark(text)
         if text:
             _log(text)
+
+
+def start_uploader(supervisor: _Supervisor) -> Any:
+    """The thread that puts each checkpoint to S3, when the run's env names a URL (see
+    s3_checkpoint.py); its uploads are recorded in state.json, its failures in the log too."""
+    env = supervisor.job.env
+    url, directory = env.get(s3_checkpoint.URL_ENV), env.get("CLOUDTRAIN_CHECKPOINT_DIR")
+    if not url or not directory:
+        return None
+
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        if kind == "uploaded":
+            first = not supervisor.state.get("checkpoint_s3")
+            supervisor.save(checkpoint_s3=dict(info, at=utc_now()), checkpoint_s3_error=None)
+            _log(f"checkpoint of epoch {info.get('epoch')} uploaded to {info.get('url')}")
+            if first:
+                supervisor.mark(f"checkpoints go to {info.get('url')} (epoch {info.get('epoch')} is there)")
+        else:
+            supervisor.save(checkpoint_s3_error=info.get("error"))
+            _log(f"checkpoint upload failed: {info.get('error')}")
+            supervisor.mark(f"checkpoint upload to {url} failed (retrying): {info.get('error')}")
+
+    _log(f"uploading checkpoints from {directory} to {url}")
+    return s3_checkpoint.Uploader(
+        directory, url, env.get(s3_checkpoint.REGION_ENV), on_event=on_event
+    ).start()
 
 
 def notice_files(paths: RunPaths, env: dict[str, str]) -> list[str]:

@@ -164,12 +164,13 @@ class LaunchedInstance:
     ssh_port: int = 22
 
 
-def s3_read_policy(buckets: Sequence[str]) -> dict[str, Any]:
-    """Read-only access to exactly ``buckets``: list them, get their objects; nothing else."""
+def s3_read_policy(buckets: Sequence[str], writable: Sequence[str] = ()) -> dict[str, Any]:
+    """Read access to exactly ``buckets`` (list them, get their objects), and read-write
+    access (list, get, put, delete) under each ``writable`` ``s3://bucket/prefix/`` URL only."""
     names = sorted(set(buckets))
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
+    statements: list[dict[str, Any]] = []
+    if names:
+        statements += [
             {
                 "Effect": "Allow",
                 "Action": ["s3:ListBucket"],
@@ -180,8 +181,24 @@ def s3_read_policy(buckets: Sequence[str]) -> dict[str, Any]:
                 "Action": ["s3:GetObject"],
                 "Resource": [f"arn:aws:s3:::{b}/*" for b in names],
             },
-        ],
-    }
+        ]
+    for url in sorted(set(writable)):
+        bucket, _, prefix = url[len("s3://") :].partition("/")
+        prefix = prefix.rstrip("/") + "/"
+        statements += [
+            {
+                "Effect": "Allow",
+                "Action": ["s3:ListBucket"],
+                "Resource": [f"arn:aws:s3:::{bucket}"],
+                "Condition": {"StringLike": {"s3:prefix": [f"{prefix}*"]}},
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+                "Resource": [f"arn:aws:s3:::{bucket}/{prefix}*"],
+            },
+        ]
+    return {"Version": "2012-10-17", "Statement": statements}
 
 
 def s3_buckets(sources: Sequence[str]) -> list[str]:
@@ -558,8 +575,11 @@ class AwsCloud:
             self._iam = make_client(self.settings, "iam", self.region)
         return self._iam
 
-    def ensure_instance_profile(self, run_id: str, buckets: Sequence[str], tags: Mapping[str, str]) -> str:
-        """The run's instance profile: a role EC2 may assume, allowed to read only ``buckets``.
+    def ensure_instance_profile(
+        self, run_id: str, buckets: Sequence[str], tags: Mapping[str, str], writable: Sequence[str] = ()
+    ) -> str:
+        """The run's instance profile: a role EC2 may assume, allowed to read only ``buckets``
+        and to write only under the ``writable`` URLs (the run's checkpoint prefix).
 
         Created, or reused (its policy rewritten to exactly ``buckets``) on relaunch; the
         instance gets S3 credentials from it, never from the user's keys. Returns its name.
@@ -578,7 +598,9 @@ class AwsCloud:
                 raise translate(e, "CreateRole") from e
         with aws_errors("PutRolePolicy"):
             self.iam.put_role_policy(
-                RoleName=name, PolicyName=S3_POLICY_NAME, PolicyDocument=json.dumps(s3_read_policy(buckets))
+                RoleName=name,
+                PolicyName=S3_POLICY_NAME,
+                PolicyDocument=json.dumps(s3_read_policy(buckets, writable)),
             )
         try:
             self.iam.create_instance_profile(InstanceProfileName=name, Tags=iam_tags)
@@ -591,7 +613,29 @@ class AwsCloud:
             with aws_errors("AddRoleToInstanceProfile"):
                 self.iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
         log.info("instance profile %s reads s3://%s", name, ", s3://".join(sorted(set(buckets))))
+        if writable:
+            log.info("instance profile %s writes under %s", name, ", ".join(writable))
         return name
+
+    def check_bucket(self, bucket: str, where: str) -> None:
+        """Refuse, before launching, a bucket that is not there or that these credentials
+        cannot reach (``where`` names the job file and key)."""
+        s3 = make_client(self.settings, "s3", self.region)
+        try:
+            s3.head_bucket(Bucket=bucket)
+        except ClientError as e:
+            if _code(e) in ("404", "NoSuchBucket"):
+                raise InputError(
+                    f"{where}: there is no bucket {bucket}",
+                    hint=f"Create it (aws s3 mb s3://{bucket}) or name another.",
+                ) from e
+            if _code(e) in ("403", "AccessDenied"):
+                raise CloudError(
+                    f"{where}: access to bucket {bucket} is denied", hint="Check the bucket's policy."
+                ) from e
+            raise translate(e, "HeadBucket") from e
+        except BotoCoreError as e:
+            raise translate(e, "HeadBucket") from e
 
     def delete_instance_profile(self, name: str) -> None:
         """Remove the role from the profile, delete the profile, the role's policies, the role."""
