@@ -242,9 +242,7 @@ class Orchestrator:
                 if lost is not None:  # taken away while nobody followed it (a detached run)
                     self._recover(ctx, lost)
                     self._bring_up(ctx)
-            exit_code = self._train(ctx)
-            self._state(ctx, RunState.PULLING, "pulling back outputs and logs")
-            self.pull(ctx)
+            exit_code = self._train_and_pull(ctx)
             outcome = RunState.SUCCEEDED if exit_code == 0 else RunState.FAILED
             if exit_code != 0:
                 raise TrainingFailed(
@@ -447,6 +445,23 @@ class Orchestrator:
                 self._recover(ctx, e)
                 self._bring_up(ctx)
 
+    def _train_and_pull(self, ctx: RunContext) -> int:
+        """Train, then pull back; an instance taken away during the pull is relaunched
+        like one taken during training: the last checkpoint is the finished training, so
+        the command runs again without training (its fits restore as done) and writes the
+        outputs anew. Returns the training command's exit code."""
+        while True:
+            exit_code = self._train(ctx)
+            self._state(ctx, RunState.PULLING, "pulling back outputs and logs")
+            try:
+                self.pull(ctx)
+                return exit_code
+            except RemoteError as e:
+                if exit_code != 0:  # a failed command is not run again: its log says why
+                    raise
+                self._recover(ctx, e)
+                self._bring_up(ctx)
+
     def _lost(self, ctx: RunContext) -> InstanceLost | None:
         """The instance, if AWS has taken it away (a failed describe is not proof of that)."""
         if ctx.instance_id is None:
@@ -614,7 +629,7 @@ class Orchestrator:
             },
         )
         try:
-            ctx.session = Session(endpoint).connect()
+            ctx.session = Session(endpoint, give_up=lambda: self._lost(ctx)).connect()
         except HostKeyMismatch:
             self.ledger.add_event(ctx.run_id, "host-key-mismatch", "refused the instance's host key")
             raise
@@ -742,7 +757,7 @@ class Orchestrator:
                 self._pull_checkpoint,
                 notice_path=f"{REMOTE_RUN_DIR}/notice.json",
                 on_event=self._keeper_event,
-            ),
+            ) as keeper,
         ):
             logfile.truncate(ctx.log_base + ctx.log_offset)
             partial = b""
@@ -787,6 +802,7 @@ class Orchestrator:
                             ctx.session.reconnect()
                         continue
                     if status.get("exit_code") is not None:
+                        keeper.final_round(ctx.session)  # the training's last checkpoint comes home
                         return int(status["exit_code"])
                     if not status.get("running"):
                         raise RemoteError(

@@ -32,6 +32,7 @@ REMOTE_CHECKPOINT = ".cloudtrain/checkpoint"  # relative to the remote HOME
 LOCAL_CHECKPOINT = "checkpoint"  # in the run folder
 KEEPER_POLL_S = 3.0
 NOTICE_POLL_S = 0.5
+FINAL_ROUND_S = 120.0
 LOST_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
 _AT_RE = re.compile(r"^(?:epoch:(?P<epoch>[1-9]\d*)|(?P<seconds>\d+)s)$")
 
@@ -113,6 +114,7 @@ class CheckpointKeeper:
         self._thread = threading.Thread(target=self._main, name="cloudtrain-checkpoints", daemon=True)
         self.last_manifest: str | None = None
         self.notice: dict[str, Any] | None = None
+        self._round = threading.Lock()  # one round at a time: the thread's, or final_round's
 
     def start(self) -> CheckpointKeeper:
         self._thread.start()
@@ -121,6 +123,18 @@ class CheckpointKeeper:
     def stop(self, timeout: float = 5.0) -> None:  # a Ctrl-C must not wait for a copy in flight
         self._stop.set()
         self._thread.join(timeout)
+
+    def final_round(self, session: Session, timeout: float = FINAL_ROUND_S) -> None:
+        """Stop the thread, then copy home the checkpoint it has not (the training's last),
+        on ``session``; a copy still in flight is waited for up to ``timeout``."""
+        self._stop.set()
+        if not self._round.acquire(timeout=timeout):
+            log.warning("checkpoint keeper: a copy is still in flight; the last checkpoint may not be home")
+            return
+        try:
+            self._check(session)
+        finally:
+            self._round.release()
 
     def __enter__(self) -> CheckpointKeeper:
         return self.start()
@@ -148,6 +162,10 @@ class CheckpointKeeper:
 
     def check(self, session: Session) -> None:
         """One round: the notice, then the checkpoint if its manifest changed."""
+        with self._round:
+            self._check(session)
+
+    def _check(self, session: Session) -> None:
         probe = session.run(
             f"cat {REMOTE_CHECKPOINT}/manifest.json 2>/dev/null; echo; echo '--notice--'; "
             f"cat {self.notice_path} 2>/dev/null",

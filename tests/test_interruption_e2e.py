@@ -15,7 +15,11 @@ import pytest
 from test_run_e2e import cloudtrain, live_instances, only_run, sim_image, status  # noqa: F401  (fixture)
 from test_s3_data import s3_client
 
+from cloudtrain.api import run_job
+from cloudtrain.cloud.aws import AwsCloud
 from cloudtrain.cloud.simulator import ensure_simulator, schedule_interruption
+from cloudtrain.progress import Reporter
+from cloudtrain.records import RunState
 from cloudtrain.settings import Settings
 
 EPOCHS = 8
@@ -190,3 +194,92 @@ def test_a_detached_run_taken_away_unwatched_resumes_from_s3_on_attach(
     assert epochs_started(log) == list(range(in_s3 + 1, EPOCHS + 1))
     assert (run_dir / "outputs" / "outputs" / "model.weights.h5").is_file()
     assert s3_epoch() == EPOCHS  # the last checkpoint reached S3 before the run ended
+
+
+class PhaseInterrupter(Reporter):
+    """Takes each instance away as a given phase of it begins: the 1st instance at its
+    1st phase, ... A phase is a run state, or a line that starts in the training log;
+    "rebalance@LINE" only recommends a rebalance there. Termination is waited for, so
+    the phase meets a dead instance."""
+
+    def __init__(self, settings: Settings, phases: list[list[str]]) -> None:
+        self.settings = settings
+        self.phases = phases
+        self.instances: list[str] = []
+        self.done: list[str] = []
+        self.warnings: list[str] = []
+        self.partial = b""
+
+    def info(self, message: str) -> None:
+        found = re.match(r"^(i-[0-9a-f]+) is running in ", message)
+        if found:
+            self.instances.append(found.group(1))
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+    def stage(self, state: RunState, message: str) -> None:
+        self._reached(state.value)
+
+    def log(self, data: bytes) -> None:
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        for line in lines:
+            self._reached(line.decode())
+
+    def _reached(self, text: str) -> None:
+        if not self.instances or len(self.instances) > len(self.phases):
+            return
+        instance, todo = self.instances[-1], self.phases[len(self.instances) - 1]
+        for phase in list(todo):
+            rebalance = phase.startswith("rebalance@")
+            if not text.startswith(phase.removeprefix("rebalance@")):
+                continue
+            todo.remove(phase)
+            self.done.append(phase)
+            if rebalance:
+                schedule_interruption(self.settings, instance, kind="rebalance")
+            else:
+                self._take_away(instance)
+            return
+
+    def _take_away(self, instance: str) -> None:
+        schedule_interruption(self.settings, instance, notice_s=0)
+        cloud = AwsCloud(ensure_simulator(self.settings), "us-east-1")
+        wait_for(f"{instance} to be taken away", lambda: cloud.describe(instance).state != "running")
+        time.sleep(0.5)  # its host goes in the same step of the simulator
+
+
+def test_interruptions_during_sync_setup_and_pull_back_and_a_rebalance(
+    sim_image: Path, tmp_path: Path, settings: Settings, quick_notices: None
+) -> None:
+    folder = tmp_path / "job"
+    job_file = job(folder, extra="setup: echo preparing; sleep 1\n")
+    reporter = PhaseInterrupter(
+        settings,
+        [
+            ["syncing"],  # the 1st instance, as the workdir sync starts
+            ["[cloudtrain] setup:"],  # the 2nd, in the job's setup
+            ["rebalance@Epoch 2/", "pulling"],  # the 3rd: a rebalance (no relaunch), then the pull-back
+        ],
+    )
+    outcome = run_job(job_file, settings, dry_run=True, out_dir=tmp_path / "runs", reporter=reporter)
+    assert outcome.exit_code == 0
+    assert reporter.done == ["syncing", "[cloudtrain] setup:", "rebalance@Epoch 2/", "pulling"]
+    record = status(outcome.run_id)
+    assert record["state"] == "succeeded"
+    assert [e["kind"] for e in record["events"]].count("interrupted") == 3
+    assert len(record["instances"]) == 4 and one_after_another(record["instances"])
+    assert [i["id"] for i in record["instances"]] == reporter.instances
+    assert live_instances(settings, outcome.run_id) == []
+    assert any("relaunching (3/3)" in w for w in reporter.warnings)
+
+    # The rebalance made the 3rd instance save at once, and it trained on: every epoch
+    # trained once, in order, across the run.
+    log = (outcome.run_dir / "logs" / "train.log").read_text()
+    assert "rebalance recommendation" in log
+    assert epochs_started(log) == list(range(1, EPOCHS + 1))
+    # Taken away during the pull-back: the 4th restored the finished training and only
+    # ran the script's saving again.
+    assert restored_epochs(record) == [EPOCHS]
+    assert "fit 0 had finished" in log
+    assert (outcome.run_dir / "outputs" / "outputs" / "model.weights.h5").is_file()

@@ -103,10 +103,20 @@ class Result:
 class Session:
     """One SSH connection to an instance, reconnected on demand."""
 
-    def __init__(self, endpoint: Endpoint, *, connect_timeout: float = 10, keepalive_s: int = 15) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        connect_timeout: float = 10,
+        keepalive_s: int = 15,
+        give_up: Callable[[], Exception | None] | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.connect_timeout = connect_timeout
         self.keepalive_s = keepalive_s
+        # Asked before each retry of a failed connect: an error to raise at once rather than
+        # retry until the deadline (the orchestrator's: the instance has been taken away).
+        self.give_up = give_up
         self.policy = PinnedHostKeys(endpoint.fingerprints)
         self._connection: Connection | None = None
 
@@ -156,6 +166,9 @@ class Session:
                 raise
             except (OSError, EOFError, paramiko.SSHException) as e:
                 connection.close()
+                reason = self.give_up() if self.give_up is not None else None
+                if reason is not None:
+                    raise reason from e
                 if time.monotonic() + delay > end:
                     raise RemoteError(
                         f"cannot connect to {self.endpoint.label} after {attempt} attempts: {e}",
