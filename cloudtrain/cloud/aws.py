@@ -716,6 +716,9 @@ class AwsCloud:
             if request.max_price is not None:
                 options["MaxPrice"] = f"{request.max_price:.4f}"
             params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": options}
+            # the spot request EC2 makes for it carries the run's tags too (`cloudtrain gc`);
+            # only here: an on-demand launch makes no spot request to tag
+            params["TagSpecifications"].append(_tag_spec("spot-instances-request", request.tags))
         if request.instance_profile:
             params["IamInstanceProfile"] = {"Name": request.instance_profile}
         with aws_errors("RunInstances", instance_type=request.instance_type, spot=request.spot):
