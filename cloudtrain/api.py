@@ -25,6 +25,7 @@ from cloudtrain.settings import DEFAULT_REGION, Settings
 from cloudtrain.spec import JobSpec, json_schema, load_job
 
 if TYPE_CHECKING:
+    from cloudtrain.gc import GcResult, Survey
     from cloudtrain.ledger import Ledger, RunRow
     from cloudtrain.recovery import SimulatedInterruption
 
@@ -309,6 +310,30 @@ def down_runs(refs: list[str], settings: Settings, *, all_active: bool = False) 
             hint="Run `cloudtrain down` again, or remove what is named in the EC2 console.",
         )
     return stopped
+
+
+def survey_garbage(
+    settings: Settings, *, all_regions: bool = False, dry_run: bool = False, now: datetime | None = None
+) -> Survey:
+    """What ``gc`` would remove: this owner's resources of finished or expired runs, in
+    the default region (or every catalog region) of AWS, or of the simulated cloud."""
+    from cloudtrain.gc import default_region, survey
+    from cloudtrain.ledger import Ledger
+
+    with cloud_settings(settings, dry_run) as active, Ledger.open(active) as ledger:
+        regions = load_catalog().regions if all_regions else (default_region(active),)
+        return survey(active, ledger, tuple(regions), now=now)
+
+
+def remove_garbage(settings: Settings, found: Survey, *, reporter: Reporter | None = None) -> GcResult:
+    """Remove what ``survey_garbage`` found (in its cloud: AWS or the simulated one).
+
+    Every item is attempted; what could not be removed is in the result's ``failed``."""
+    from cloudtrain.gc import remove
+    from cloudtrain.ledger import Ledger
+
+    with cloud_settings(settings, found.simulated) as active, Ledger.open(active) as ledger:
+        return remove(active, ledger, found, reporter=reporter)
 
 
 def run_status(settings: Settings, ref: str | None = None, *, limit: int = 20) -> list[dict[str, Any]]:

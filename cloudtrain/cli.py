@@ -11,6 +11,7 @@ import faulthandler
 import functools
 import json
 import logging
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from cloudtrain.settings import Settings
 
 if TYPE_CHECKING:
     from cloudtrain.doctor import Report as DoctorReport
+    from cloudtrain.gc import Survey
     from cloudtrain.planner import Plan
     from cloudtrain.report import CostReport, CostTotals
 
@@ -573,6 +575,109 @@ def down_command(ctx: Context, runs: tuple[str, ...], all_active: bool) -> None:
         raise InputError("name the runs to stop, or pass --all", hint="`cloudtrain status` lists them.")
     stopped = down_runs(list(runs), ctx.settings, all_active=all_active)
     err.print(f"stopped {len(stopped)} run(s): {', '.join(stopped) or '-'}", highlight=False)
+
+
+@main.command("gc")
+@click.option(
+    "--all-regions", is_flag=True, help="Look in every region of the price catalog, not only the default one."
+)
+@click.option("--yes", "-y", is_flag=True, help="Remove what is listed without asking.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Collect in the simulated cloud that --dry-run runs use (this CLOUDTRAIN_HOME's), not in "
+    "AWS. As for every command, --dry-run means the simulated AWS: it still removes.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print what was found and removed as JSON.")
+@pass_context
+@handle_errors
+def gc_command(ctx: Context, all_regions: bool, yes: bool, dry_run: bool, as_json: bool) -> None:
+    """Remove what runs of this owner (CLOUDTRAIN_OWNER, else user@host) left in the cloud.
+
+    Finds the instances, volumes, security groups, key pairs, spot requests and
+    instance profiles tagged with this owner in the default region (AWS_REGION, the
+    profile's, else us-east-1; --all-regions: every catalog region), and removes those
+    whose run the ledger knows has finished (unless --keep still keeps it), or whose
+    cloudtrain:expires tag has passed (so it works without the ledger). Another owner's
+    resources (a teammate's, another machine's), and live runs of this owner that have
+    not expired (another terminal, a concurrent test), are left alone.
+
+    Lists them first (region, kind, id, run, why) and asks; without a terminal to ask
+    in, pass --yes (without it nothing is removed, exit 2). Instances are terminated
+    and confirmed before their volumes, groups and profiles go. Exit 3 names what could
+    not be removed.
+    """
+    from cloudtrain.api import remove_garbage, survey_garbage
+    from cloudtrain.errors import CloudError
+    from cloudtrain.gc import GcResult
+
+    found = survey_garbage(ctx.settings, all_regions=all_regions, dry_run=dry_run)
+    if not as_json:
+        render_survey(found, out)
+    result = None
+    if found.garbage and not yes:
+        if not sys.stdin.isatty():
+            if as_json:
+                _print_record(GcResult(found).to_json())
+            raise InputError(
+                f"refusing to remove {len(found.garbage)} resource(s) without a terminal to confirm it",
+                hint="Pass --yes to remove what is listed without asking.",
+            )
+        if not click.confirm(f"Remove these {len(found.garbage)} resource(s)?", default=False, err=True):
+            if as_json:
+                _print_record(GcResult(found).to_json())
+            err.print("nothing removed", highlight=False)
+            return
+    if found.garbage:
+        result = remove_garbage(ctx.settings, found, reporter=ConsoleReporter(quiet=as_json))
+    if as_json:
+        _print_record((result or GcResult(found)).to_json())
+    elif result is not None:
+        err.print(f"removed {len(result.removed)} of {len(found.garbage)} resource(s)", highlight=False)
+    if result is not None and result.failed:
+        names = " | ".join(
+            f"{r.leftover.kind} {r.leftover.id} ({r.leftover.run_id}): {r.error}" for r in result.failed
+        )
+        raise CloudError(
+            f"could not remove {len(result.failed)} resource(s): {names}",
+            hint="Run `cloudtrain gc` again, or remove them in the EC2 / IAM console.",
+        )
+
+
+def render_survey(found: Survey, console: Console) -> None:
+    from cloudtrain.records import parse_iso
+
+    def ago(match: re.Match[str]) -> str:  # a time in the table: how long ago (the JSON has it)
+        seconds = (found.at - parse_iso(match.group(0))).total_seconds()
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if abs(seconds) >= size:
+                amount = f"{abs(seconds) // size:.0f}{unit}"
+                return f"{amount} ago" if seconds >= 0 else f"in {amount}"
+        return "just now"
+
+    where = ", ".join(found.regions) + (" of the simulated AWS (dry-run)" if found.simulated else "")
+    if not found.garbage:
+        console.print(f"nothing to remove for {found.owner} in {where}", highlight=False)
+    else:
+        table = Table(
+            title=f"Left behind by {found.owner}'s runs in {where}",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
+        )
+        for header in ("region", "kind", "id", "run", "why"):  # ids whole; the rest may wrap
+            table.add_column(header, no_wrap=header in ("id", "run"))
+        for item in found.garbage:
+            why = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", ago, item.why)
+            table.add_row(item.region, item.kind, item.id, item.run_id, why)
+        console.print(table)
+    if found.kept:
+        runs = len({k.run_id for k in found.kept})
+        console.print(
+            f"left alone: {len(found.kept)} resource(s) of {runs} live or kept run(s) (`--json` lists them)",
+            highlight=False,
+        )
 
 
 @main.group("sim")

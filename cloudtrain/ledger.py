@@ -534,10 +534,10 @@ class Ledger:
 
     def runs_left_behind(self) -> set[str]:
         """Runs whose teardown left something in the cloud: a ``teardown-incomplete``
-        event with no ``down`` event after it."""
+        event with no ``down`` (or ``gc``: ``cloudtrain gc`` removed the rest) event after it."""
         rows = self._conn.execute(
             "SELECT DISTINCT e.run_id FROM events e WHERE e.kind = 'teardown-incomplete' AND NOT EXISTS "
-            "(SELECT 1 FROM events d WHERE d.run_id = e.run_id AND d.kind = 'down' AND d.id > e.id)"
+            "(SELECT 1 FROM events d WHERE d.run_id = e.run_id AND d.kind IN ('down', 'gc') AND d.id > e.id)"
         )
         return {str(r[0]) for r in rows}
 

@@ -75,6 +75,9 @@ IAM_OPERATIONS = frozenset(
         "DeleteInstanceProfile",
         "DeleteRolePolicy",
         "DeleteRole",
+        "ListRoles",  # cloudtrain gc
+        "ListRoleTags",
+        "ListInstanceProfiles",
     }
 )
 PROFILE_RETRY_ATTEMPTS = 6  # run_instances right after creating a profile: about 30 s in all
@@ -116,6 +119,30 @@ class TaggedInstance:
     run_id: str
     owner: str
     state: str
+
+
+@dataclass(frozen=True)
+class TaggedResource:
+    """A resource carrying cloudtrain's tags, as ``cloudtrain gc`` sees it.
+
+    ``kind``: instance, volume, security-group, key-pair, spot-request or instance-profile
+    (an IAM instance profile and its role, one name); ``id``: what deletes it (a key
+    pair's or profile's name); ``instance_id``: a volume's attachment or a spot
+    request's instance."""
+
+    kind: str
+    id: str
+    tags: Mapping[str, str]
+    state: str = ""
+    instance_id: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.tags.get(TAG_RUN_ID, "")
+
+    @property
+    def owner(self) -> str:
+        return self.tags.get(TAG_OWNER, "")
 
 
 @dataclass(frozen=True)
@@ -221,6 +248,11 @@ def quota_name(instance_type: str, spot: bool) -> str:
 
 def run_tags(run_id: str, owner: str, expires: datetime) -> dict[str, str]:
     return {TAG_RUN_ID: run_id, TAG_OWNER: owner, TAG_EXPIRES: iso(expires), "Name": run_id}
+
+
+def _tags(data: Mapping[str, Any]) -> dict[str, str]:
+    """A described resource's tags as a dict."""
+    return {t["Key"]: t["Value"] for t in data.get("Tags", [])}
 
 
 def _tag_spec(resource: str, tags: Mapping[str, str]) -> dict[str, Any]:
@@ -728,6 +760,9 @@ class AwsCloud:
             if request.max_price is not None:
                 options["MaxPrice"] = f"{request.max_price:.4f}"
             params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": options}
+            # the spot request EC2 makes for it carries the run's tags too (`cloudtrain gc`);
+            # only here: an on-demand launch makes no spot request to tag
+            params["TagSpecifications"].append(_tag_spec("spot-instances-request", request.tags))
         if request.instance_profile:
             params["IamInstanceProfile"] = {"Name": request.instance_profile}
         with aws_errors("RunInstances", instance_type=request.instance_type, spot=request.spot):
@@ -859,6 +894,132 @@ class AwsCloud:
             )
         log.info("terminated %s", instance_id)
         return utcnow()
+
+    # --- garbage collection (cloudtrain gc): what runs left behind, by owner tag ------------
+
+    def owned_resources(self, owner: str) -> list[TaggedResource]:
+        """This region's resources tagged with ``owner`` and a run id: instances not yet
+        terminated, volumes, security groups, key pairs, open or active spot requests.
+
+        AWS filters by the owner tag; the tags are checked again here, so another
+        owner's resource never comes back whatever a filter does."""
+        owned = [{"Name": f"tag:{TAG_OWNER}", "Values": [owner]}]
+        found: list[TaggedResource] = []
+        with aws_errors("DescribeInstances"):
+            states = ["pending", "running", "shutting-down", "stopping", "stopped"]
+            for page in self.ec2.get_paginator("describe_instances").paginate(
+                Filters=[*owned, {"Name": "instance-state-name", "Values": states}]
+            ):
+                for reservation in page["Reservations"]:
+                    for data in reservation["Instances"]:
+                        found.append(
+                            TaggedResource("instance", data["InstanceId"], _tags(data), data["State"]["Name"])
+                        )
+        with aws_errors("DescribeSpotInstanceRequests"):
+            for page in self.ec2.get_paginator("describe_spot_instance_requests").paginate(
+                Filters=[*owned, {"Name": "state", "Values": ["open", "active"]}]
+            ):
+                for data in page["SpotInstanceRequests"]:
+                    found.append(
+                        TaggedResource(
+                            "spot-request",
+                            data["SpotInstanceRequestId"],
+                            _tags(data),
+                            data["State"],
+                            data.get("InstanceId"),
+                        )
+                    )
+        with aws_errors("DescribeVolumes"):
+            for page in self.ec2.get_paginator("describe_volumes").paginate(Filters=owned):
+                for data in page["Volumes"]:
+                    if data["State"] in ("deleting", "deleted"):
+                        continue
+                    attached = [a["InstanceId"] for a in data.get("Attachments", []) if a.get("InstanceId")]
+                    found.append(
+                        TaggedResource(
+                            "volume",
+                            data["VolumeId"],
+                            _tags(data),
+                            data["State"],
+                            attached[0] if attached else None,
+                        )
+                    )
+        with aws_errors("DescribeSecurityGroups"):
+            for page in self.ec2.get_paginator("describe_security_groups").paginate(Filters=owned):
+                for data in page["SecurityGroups"]:
+                    found.append(TaggedResource("security-group", data["GroupId"], _tags(data)))
+        with aws_errors("DescribeKeyPairs"):
+            for data in self.ec2.describe_key_pairs(Filters=owned)["KeyPairs"]:
+                found.append(TaggedResource("key-pair", data["KeyName"], _tags(data)))
+        return [r for r in found if r.owner == owner and r.run_id]
+
+    def owned_instance_profiles(self, owner: str, prefix: str = "cloudtrain-") -> list[TaggedResource]:
+        """IAM (global, whatever this cloud's region): the ``prefix``* roles and instance
+        profiles tagged with ``owner`` and a run id, one per name (a run's profile and its
+        role share the name, and ``delete_instance_profile`` removes both).
+
+        A role's tags come from ListRoleTags; a profile left without its role is judged
+        by the tags GetInstanceProfile returns (none: not this owner's)."""
+        tags: dict[str, Mapping[str, str]] = {}
+        with aws_errors("ListRoles"):
+            for page in self.iam.get_paginator("list_roles").paginate():
+                for role in page["Roles"]:
+                    name = role["RoleName"]
+                    if not name.startswith(prefix):
+                        continue
+                    try:
+                        reply = self.iam.list_role_tags(RoleName=name)
+                    except ClientError as e:
+                        if _code(e) == "NoSuchEntity":  # deleted meanwhile
+                            continue
+                        raise translate(e, "ListRoleTags") from e
+                    tags[name] = _tags(reply)
+        with aws_errors("ListInstanceProfiles"):
+            for page in self.iam.get_paginator("list_instance_profiles").paginate():
+                for profile in page["InstanceProfiles"]:
+                    name = profile["InstanceProfileName"]
+                    if not name.startswith(prefix) or name in tags:
+                        continue
+                    if "Tags" not in profile:  # ListInstanceProfiles leaves them out on AWS
+                        try:
+                            profile = self.iam.get_instance_profile(InstanceProfileName=name)[
+                                "InstanceProfile"
+                            ]
+                        except ClientError as e:
+                            if _code(e) == "NoSuchEntity":
+                                continue
+                            raise translate(e, "GetInstanceProfile") from e
+                    tags[name] = _tags(profile)
+        found = [TaggedResource("instance-profile", name, t) for name, t in sorted(tags.items())]
+        return [r for r in found if r.owner == owner and r.run_id]
+
+    def delete_volume(self, volume_id: str, attempts: int = 20, delay: float = 3.0) -> None:
+        """Delete the volume, waiting out the seconds it stays in use after its instance
+        terminated; one already gone (DeleteOnTermination) is no error."""
+        for attempt in range(attempts):
+            try:
+                self.ec2.delete_volume(VolumeId=volume_id)
+                log.info("deleted volume %s", volume_id)
+                return
+            except ClientError as e:
+                if _code(e) == "InvalidVolume.NotFound":
+                    return
+                if _code(e) != "VolumeInUse" or attempt == attempts - 1:
+                    raise translate(e, "DeleteVolume") from e
+                time.sleep(delay)
+            except BotoCoreError as e:
+                raise translate(e, "DeleteVolume") from e
+
+    def cancel_spot_request(self, request_id: str) -> None:
+        """Cancel a spot instance request (its instance, if any, is not terminated by this)."""
+        try:
+            self.ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=[request_id])
+        except ClientError as e:
+            if _code(e) != "InvalidSpotInstanceRequestID.NotFound":
+                raise translate(e, "CancelSpotInstanceRequests") from e
+        except BotoCoreError as e:
+            raise translate(e, "CancelSpotInstanceRequests") from e
+        log.info("cancelled spot request %s", request_id)
 
 
 def credentials_source(settings: Settings) -> str | None:
