@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from cloudtrain import budget
 from cloudtrain.cloud.aws import (
     AwsCloud,
     Image,
@@ -40,6 +41,7 @@ from cloudtrain.cloud.aws import (
     s3_buckets,
 )
 from cloudtrain.errors import (
+    BudgetError,
     CapacityError,
     CloudError,
     CloudtrainError,
@@ -71,10 +73,12 @@ REMOTE_USER = "ubuntu"
 REMOTE_AGENT = ".cloudtrain/agent"  # relative to the remote HOME: the agent package's parent
 REMOTE_RUN_DIR = ".cloudtrain/run"  # env.json, train.log, state.json, exit_code
 REMOTE_WORKDIR = "work"  # the synced workdir
-DEFAULT_KEEP_HOURS = 24.0
+DEFAULT_DEADLINE_HOURS = 24.0  # without budget.max_hours: the instance ends itself after this
 MAX_LAUNCH_OFFERS = 5  # offers tried when AWS has no capacity, before giving up
 FINGERPRINT_TIMEOUT_S = 600.0
 STREAM_RECONNECTS = 5
+FOLLOW_ROUND_S = 15  # the log is followed this long at a time: the budget is checked in between
+BUDGET_SHOW_S = 300.0  # the cost so far is shown this often while the log streams
 MAX_RELAUNCHES = 3  # spot interruptions survived per run, before giving up
 
 
@@ -229,12 +233,13 @@ class Orchestrator:
                 self._launch(ctx)
                 self._bring_up(ctx)
                 if self.detach:
-                    deadline = self._schedule_poweroff(ctx, "detach-deadline")
                     handed_off = True
+                    grace = self.spec.watchdog.collect_grace_s
                     self.reporter.info(
                         f"detached: training goes on; `cloudtrain attach {ctx.run_id}` to follow it, "
-                        f"`cloudtrain down {ctx.run_id}` to stop it; the instance powers itself off at "
-                        f"{iso(deadline)} regardless"
+                        f"`cloudtrain down {ctx.run_id}` to stop it; the instance powers itself off "
+                        f"{grace} s after the run ends unless something collects it, and at "
+                        f"{iso(self._deadline(ctx))} regardless"
                     )
                     return 0
             else:
@@ -306,21 +311,34 @@ class Orchestrator:
             self.reporter.warn(f"{error.message}. {error.hint}")
 
     def _keep(self, ctx: RunContext) -> None:
-        """--keep: leave the instance, and have it power itself off at the deadline."""
-        deadline = self._schedule_poweroff(ctx, "keep-deadline")
+        """--keep: leave the instance, and have it power itself off at the deadline (budget.max_hours
+        after the run started; else 24 h from now); its expiry tag says so too (for `gc`)."""
+        if self.spec.budget.max_hours is not None:
+            deadline = self._deadline(ctx)
+        else:
+            deadline = utcnow() + timedelta(hours=DEFAULT_DEADLINE_HOURS)
+        assert ctx.session is not None and ctx.instance_id is not None
+        ctx.session.run(
+            agent_command(
+                self.spec.backend, f"collected --run-dir {REMOTE_RUN_DIR} --keep-until {iso(deadline)}"
+            )
+        )
+        try:
+            ctx.cloud.set_expiry([ctx.instance_id], deadline + timedelta(minutes=30))
+        except CloudtrainError as e:  # the instance still powers itself off at the deadline
+            self.reporter.warn(f"could not move the expiry tag ({e.message}): `gc` may end it early")
         self._detail(ctx, kept_until=iso(deadline))
         self.reporter.warn(
             f"--keep: {ctx.instance_id} keeps running (and billing) until `cloudtrain down {ctx.run_id}` "
             f"or {iso(deadline)}, when it powers itself off"
         )
 
-    def _schedule_poweroff(self, ctx: RunContext, reason: str) -> datetime:
-        """Have the instance power itself off (the agent's hook) after budget.max_hours, else 24 h."""
-        seconds = int(3600 * (self.spec.budget.max_hours or DEFAULT_KEEP_HOURS))
-        if ctx.session is not None:
-            poweroff = agent_command(self.spec.backend, f"poweroff --reason {reason}")
-            ctx.session.run(f"setsid sh -c {_q(f'sleep {seconds}; {poweroff}')} </dev/null >/dev/null 2>&1 &")
-        return utcnow() + timedelta(seconds=seconds)
+    def _deadline(self, ctx: RunContext) -> datetime:
+        """When the run must end, whatever happens: budget.max_hours after it started (its
+        first instance running), else DEFAULT_DEADLINE_HOURS; the watchdog enforces it."""
+        run = self.ledger.get_run(ctx.run_id)
+        started = (run.started_at if run else None) or utcnow()
+        return started + timedelta(hours=self.spec.budget.max_hours or DEFAULT_DEADLINE_HOURS)
 
     def _launch(self, ctx: RunContext) -> None:
         assert self.plan is not None
@@ -335,7 +353,7 @@ class Orchestrator:
         checkpoint_url = self.spec.checkpoint.s3_url(ctx.run_id)
         if checkpoint_url:  # before anything is created: a bucket that is not there is bad input
             ctx.cloud.check_bucket(s3_buckets([checkpoint_url])[0], f"{self.job_path}: checkpoint.s3")
-        hours = self.spec.budget.max_hours or DEFAULT_KEEP_HOURS
+        hours = self.spec.budget.max_hours or DEFAULT_DEADLINE_HOURS
         ctx.tags = tags = run_tags(
             ctx.run_id, self.settings.owner, utcnow() + timedelta(hours=hours, minutes=30)
         )
@@ -359,6 +377,13 @@ class Orchestrator:
             writes = f"keeps checkpoints in {checkpoint_url}" if writable else ""
             self.reporter.info(
                 f"instance profile {ctx.instance_profile}: {'; '.join(filter(None, (reads, writes)))}"
+            )
+        if not checkpoint_url:
+            say = self.reporter.warn if self.detach else self.reporter.info
+            say(
+                "no checkpoint.s3 prefix: outputs nobody collects within "
+                f"{self.spec.watchdog.collect_grace_s} s of the run's end are lost when the instance "
+                "powers itself off"
             )
         self._launch_instance(ctx, launch_offers(self.plan, MAX_LAUNCH_OFFERS), token=ctx.run_id)
 
@@ -527,7 +552,7 @@ class Orchestrator:
         if ctx.key is None and ctx.key_name and ctx.key_path:
             ctx.key = KeyPair(ctx.key_name, ctx.key_path)
         if not ctx.tags:
-            hours = self.spec.budget.max_hours or DEFAULT_KEEP_HOURS
+            hours = self.spec.budget.max_hours or DEFAULT_DEADLINE_HOURS
             ctx.tags = run_tags(
                 ctx.run_id, self.settings.owner, utcnow() + timedelta(hours=hours, minutes=30)
             )
@@ -739,7 +764,24 @@ class Orchestrator:
         )
         ctx.training_started = True
         self._detail(ctx, training_started=True)  # `logs -f` from elsewhere waits for this
+        self._start_watchdog(ctx)
         self._interrupt_if_due(ctx, None)
+
+    def _start_watchdog(self, ctx: RunContext) -> None:
+        """The instance's own guard (agent/watchdog.py): it powers off at the deadline, or when
+        nobody collects the ended run within the grace; the controller need not stay up."""
+        assert ctx.session is not None
+        outputs = "".join(f" --output {_q(path)}" for path in self.spec.outputs)
+        url = self.spec.checkpoint.s3_url(ctx.run_id)
+        s3 = f" --s3 {_q(url)} --region {_q(self.region)}" if url else ""
+        ctx.session.run(
+            agent_command(
+                self.spec.backend,
+                f"watchdog --run-dir {REMOTE_RUN_DIR} --workdir {REMOTE_WORKDIR} "
+                f"--deadline {iso(self._deadline(ctx))} --grace {self.spec.watchdog.collect_grace_s}"
+                f"{outputs}{s3}",
+            )
+        )
 
     def follow(self, ctx: RunContext) -> int:
         """Stream the training log until it ends (reconnecting after drops); return its exit code.
@@ -761,13 +803,20 @@ class Orchestrator:
         ):
             logfile.truncate(ctx.log_base + ctx.log_offset)
             partial = b""
+            budget_checked = shown = time.monotonic()
+            limits = self.spec.budget
+            if limits.max_cost_usd is not None or limits.max_hours is not None:
+                shown -= BUDGET_SHOW_S  # with a budget, the spending is shown from the start
 
             def sink(data: bytes) -> None:
-                nonlocal partial
+                nonlocal partial, budget_checked
                 logfile.write(data)
                 logfile.flush()
                 ctx.log_offset += len(data)
                 self.reporter.log(data)
+                if time.monotonic() - budget_checked > 2.0:
+                    budget_checked = time.monotonic()
+                    self._check_budget(ctx, keeper)
                 if self.simulate:
                     *lines, partial = (partial + data).split(b"\n")
                     for line in lines:
@@ -776,11 +825,16 @@ class Orchestrator:
             drops = 0
             try:
                 while True:
+                    self._check_budget(ctx, keeper)
+                    if time.monotonic() - shown >= BUDGET_SHOW_S:
+                        shown = time.monotonic()
+                        self.reporter.info(self._spending(ctx))
                     try:
                         ctx.session.stream(
                             agent_command(
                                 self.spec.backend,
-                                f"tail --run-dir {REMOTE_RUN_DIR} --offset {ctx.log_offset} --follow",
+                                f"tail --run-dir {REMOTE_RUN_DIR} --offset {ctx.log_offset} --follow "
+                                f"--for {FOLLOW_ROUND_S}",
                             ),
                             sink,
                         )
@@ -812,6 +866,33 @@ class Orchestrator:
             finally:
                 self._flush_keeper_events(ctx)
 
+    def _spending(self, ctx: RunContext) -> str:
+        run = self.ledger.get_run(ctx.run_id)
+        return budget.describe(
+            self.spec.budget, run.started_at if run else None, self.ledger.instances(ctx.run_id), utcnow()
+        )
+
+    def _check_budget(self, ctx: RunContext, keeper: CheckpointKeeper) -> None:
+        """Raise BudgetError once a limit of ``budget:`` is reached, after copying the last
+        checkpoint home (the lifecycle then pulls back what there is and tears down)."""
+        limits = self.spec.budget
+        if limits.max_cost_usd is None and limits.max_hours is None:
+            return
+        run = self.ledger.get_run(ctx.run_id)
+        reason = budget.breach(
+            limits, run.started_at if run else None, self.ledger.instances(ctx.run_id), utcnow()
+        )
+        if reason is None:
+            return
+        self.ledger.add_event(ctx.run_id, "budget", reason)
+        self.reporter.warn(f"{reason}: stopping the run (its last checkpoint and outputs come home first)")
+        assert ctx.session is not None
+        with suppress(RemoteError):
+            keeper.final_round(ctx.session)
+        raise BudgetError(
+            reason, hint=f"Raise the limit in the job file's budget: ({self.job_path or 'job.yaml'})."
+        )
+
     def pull(self, ctx: RunContext) -> None:
         """Outputs into the run folder, and the log's last bytes."""
         assert ctx.session is not None
@@ -838,6 +919,8 @@ class Orchestrator:
                 ),
                 logfile.write,
             )
+        # The watchdog's grace starts again from here (see agent/watchdog.py).
+        ctx.session.run(agent_command(self.spec.backend, f"collected --run-dir {REMOTE_RUN_DIR}"))
 
     def _salvage(self, ctx: RunContext) -> None:
         """After an interruption or error: pull back what there is, on a fresh connection

@@ -145,6 +145,17 @@ class Checkpoint(_Strict):
         return None if self.s3 is None else f"{self.s3.rstrip('/')}/{run_id}/"
 
 
+class Watchdog(_Strict):
+    """The instance's own guard: it powers itself off when nobody collects a finished run."""
+
+    collect_grace_s: int = Field(
+        1800,
+        ge=1,
+        description="Seconds an ended run waits for a controller to collect its outputs before the "
+        "instance powers itself off (outputs go to checkpoint.s3's prefix first, when set)",
+    )
+
+
 class Budget(_Strict):
     """Per-run limits, across relaunches."""
 
@@ -176,6 +187,7 @@ class JobSpec(_Strict):
     resources: Resources = Field(default_factory=Resources)  # type: ignore[arg-type]
     budget: Budget = Field(default_factory=Budget)  # type: ignore[arg-type]
     checkpoint: Checkpoint = Field(default_factory=Checkpoint)  # type: ignore[arg-type]
+    watchdog: Watchdog = Field(default_factory=Watchdog)  # type: ignore[arg-type]
     secrets: list[str] = Field(
         default_factory=list,
         description="Names of local environment variables passed to the run, never written anywhere",

@@ -346,10 +346,11 @@ def test_keep_then_down(sim_image: Path, tmp_path: Path, settings: Settings) -> 
 def test_kept_instance_powers_itself_off_at_the_deadline(
     sim_image: Path, tmp_path: Path, settings: Settings
 ) -> None:
-    job = write_job(tmp_path / "job", py("print('ok')"), extra="budget: {max_hours: 0.001}\n")  # 3.6 s
+    job = write_job(tmp_path / "job", py("print('ok')"), extra="budget: {max_hours: 0.005}\n")  # 18 s
     cloudtrain("run", str(job), "--dry-run", "--keep", "--out", str(tmp_path / "runs"), check=True)
     run_id = only_run(tmp_path / "runs").name
-    for _ in range(60):
+    assert len(live_instances(settings, run_id)) == 1  # kept: the deadline is 18 s after the start
+    for _ in range(120):
         if not live_instances(settings, run_id):
             break
         time.sleep(0.5)

@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--follow", action="store_true")
     p.add_argument("--poll", type=float, default=0.2, help="seconds between polls (at most 0.2)")
+    p.add_argument("--for", dest="for_s", type=float, help="with --follow: stop following after this long")
 
     p = sub.add_parser("stop", help="SIGTERM the run's process group, SIGKILL after the grace")
     p.add_argument("--run-dir", required=True)
@@ -101,6 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", required=True, help="s3://bucket/prefix/<run-id>/")
     p.add_argument("--dir", required=True, help="the run's checkpoint folder")
     p.add_argument("--region", help="used when the environment names no region")
+
+    p = sub.add_parser("watchdog", help="start the watchdog that powers the instance off (see watchdog.py)")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--deadline", required=True, help="ISO UTC: power off then, whatever happens")
+    p.add_argument("--grace", type=float, default=1800.0, help="seconds an ended run waits to be collected")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--output", action="append", default=[], help="an output path, relative to the workdir")
+    p.add_argument("--s3", help="the run's S3 prefix: outputs and log go there before a power-off")
+    p.add_argument("--region")
+    p.add_argument("--poll", type=float, default=5.0, help="seconds between checks")
+
+    p = sub.add_parser("collected", help="record that the controller has collected the outputs")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--keep-until", help="ISO UTC: --keep, the instance stays until then")
 
     p = sub.add_parser("poweroff", help="power the instance off (through the hook if there is one)")
     p.add_argument("--reason", default="")
@@ -151,7 +166,7 @@ def dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
     if command == "tail":
         from .logtail import tail
 
-        tail(args.run_dir, sys.stdout.buffer, args.offset, args.follow, args.poll)
+        tail(args.run_dir, sys.stdout.buffer, args.offset, args.follow, args.poll, args.for_s)
         return None
     if command == "stop":
         from .stop import stop
@@ -165,6 +180,23 @@ def dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
         from .s3_checkpoint import restore
 
         return restore(args.url, args.dir, args.region)
+    if command == "watchdog":
+        from .watchdog import start as start_watchdog
+
+        return start_watchdog(
+            args.run_dir,
+            args.deadline,
+            args.grace,
+            args.workdir,
+            args.output,
+            args.s3,
+            args.region,
+            args.poll,
+        )
+    if command == "collected":
+        from .watchdog import collected
+
+        return collected(args.run_dir, args.keep_until)
     if command == "poweroff":
         from .power import poweroff
 

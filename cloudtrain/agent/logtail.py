@@ -40,18 +40,27 @@ def _supervisor_alive(paths: RunPaths) -> bool:
     return isinstance(pid, int) and procs.pid_alive(pid, state.get("supervisor_ticks"))
 
 
-def tail(run_dir: str, out: BinaryIO, offset: int = 0, follow: bool = False, poll: float = 0.2) -> int:
-    """Stream the log from `offset`; return the offset reached (the log size)."""
+def tail(
+    run_dir: str,
+    out: BinaryIO,
+    offset: int = 0,
+    follow: bool = False,
+    poll: float = 0.2,
+    for_s: float | None = None,
+) -> int:
+    """Stream the log from `offset`; return the offset reached (the log size). Following
+    stops after `for_s` seconds too (the caller checks on the run and follows again)."""
     paths = RunPaths(run_dir)
     if offset < 0:
         raise AgentError("--offset must be >= 0", "", 2)
     if not os.path.exists(paths.log) and not os.path.exists(paths.state):
         raise AgentError(f"no run log in {paths.run_dir}", "Start the run first, or check --run-dir.")
     poll = min(max(poll, 0.01), 0.2)
+    end = None if for_s is None else time.monotonic() + for_s
     while True:
         done = read_exit_code(paths) is not None
         offset = _copy(paths.log, offset, out)
-        if not follow or done:
+        if not follow or done or (end is not None and time.monotonic() >= end):
             return offset
         if not _supervisor_alive(paths) and read_exit_code(paths) is None:
             offset = _copy(paths.log, offset, out)

@@ -185,6 +185,15 @@ class Uploader:
         return self._present
 
 
+def put_files(url: str, files: dict[str, str], region: str | None = None) -> int:
+    """Put local files under ``url`` (``{relative key: local path}``); returns how many."""
+    bucket, prefix = parse_src(url.rstrip("/") + "/")
+    client = _client(region)
+    for rel, path in sorted(files.items()):
+        client.upload_file(path, bucket, _key(prefix, rel))
+    return len(files)
+
+
 def restore(url: str, directory: str, region: str | None = None) -> dict[str, Any]:
     """Bring S3's checkpoint into ``directory`` when it is further on than the one there.
 

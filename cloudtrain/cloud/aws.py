@@ -649,6 +649,14 @@ class AwsCloud:
             log.info("instance profile %s writes under %s", name, ", ".join(writable))
         return name
 
+    def set_expiry(self, resource_ids: Sequence[str], when: datetime) -> None:
+        """Move the ``cloudtrain:expires`` tag of EC2 resources (``--keep``: `gc` leaves them
+        until then)."""
+        with aws_errors("CreateTags"):
+            self.ec2.create_tags(
+                Resources=list(resource_ids), Tags=[{"Key": TAG_EXPIRES, "Value": iso(when)}]
+            )
+
     def check_bucket(self, bucket: str, where: str) -> None:
         """Refuse, before launching, a bucket that is not there or that these credentials
         cannot reach (``where`` names the job file and key)."""
