@@ -1029,6 +1029,135 @@ class AwsCloud:
             raise translate(e, "CancelSpotInstanceRequests") from e
         log.info("cancelled spot request %s", request_id)
 
+    # --- images (cloudtrain image build | list | copy | rm; the run's image choice) --------
+    # Kept together at the end of the class: every AWS call `cloudtrain image` makes.
+
+    def base_image(self, base: str | None = None) -> Image:
+        """What a builder starts from: an AMI id, the newest image of a name (any owner), or by
+        default the newest AWS Deep Learning Base GPU image (Ubuntu LTS, NVIDIA driver), found
+        by name and owner, never by a fixed id."""
+        with aws_errors("DescribeImages"):
+            if base and base.startswith("ami-"):
+                found = self.ec2.describe_images(ImageIds=[base])["Images"]
+            elif base:
+                found = self.ec2.describe_images(Filters=[{"Name": "name", "Values": [base]}])["Images"]
+            else:
+                found = self.ec2.describe_images(
+                    Owners=[BASE_IMAGE_OWNER],
+                    Filters=[
+                        {"Name": "name", "Values": [BASE_IMAGE_PATTERN]},
+                        {"Name": "architecture", "Values": ["x86_64"]},
+                        {"Name": "state", "Values": ["available"]},
+                    ],
+                )["Images"]
+        if not found:
+            wanted = base or f"the base image ({BASE_IMAGE_PATTERN}, owner {BASE_IMAGE_OWNER})"
+            raise InputError(
+                f"no image {wanted} in {self.region}",
+                hint="Pass --base with an AMI id or name that exists in this region.",
+            )
+        newest = max(found, key=lambda i: i.get("CreationDate", ""))
+        return Image(newest["ImageId"], newest.get("Name", ""), newest.get("RootDeviceName", "/dev/sda1"))
+
+    def cloudtrain_images(self) -> list[ImageInfo]:
+        """This account's cloudtrain images (cloudtrain-gpu-*) in the region, newest first."""
+        with aws_errors("DescribeImages"):
+            found = self.ec2.describe_images(
+                Owners=["self"], Filters=[{"Name": "name", "Values": [DEFAULT_IMAGE_PATTERN]}]
+            )["Images"]
+        images = [_image_info(data, self.region) for data in found]
+        return sorted(images, key=lambda i: i.created_at, reverse=True)
+
+    def choose_image(self, version: str) -> ImageChoice:
+        """The default image of a run: the newest cloudtrain image of ``version`` (the installed
+        recipe's); else the newest of any version (``current`` False: say so); none: InputError."""
+        images = [i for i in self.cloudtrain_images() if i.state == "available"]
+        if not images:
+            raise InputError(
+                f"no cloudtrain image ({DEFAULT_IMAGE_PATTERN}) in {self.region}",
+                hint=f"Build one with `cloudtrain image build --region {self.region}` (once per region), "
+                "or set resources.image to an AMI id or name.",
+            )
+        matching = [i for i in images if i.version == version]
+        chosen = (matching or images)[0]
+        return ImageChoice(chosen.image, chosen.version, current=bool(matching))
+
+    def image_info(self, image: str) -> ImageInfo:
+        """One of this account's images in the region, by AMI id or name."""
+        key = "ImageIds" if image.startswith("ami-") else "Filters"
+        value: Any = [image] if key == "ImageIds" else [{"Name": "name", "Values": [image]}]
+        try:
+            found = self.ec2.describe_images(Owners=["self"], **{key: value})["Images"]
+        except ClientError as e:
+            if _code(e) not in ("InvalidAMIID.NotFound", "InvalidAMIID.Malformed"):
+                raise translate(e, "DescribeImages") from e
+            found = []
+        except BotoCoreError as e:
+            raise translate(e, "DescribeImages") from e
+        if not found:
+            raise InputError(
+                f"no image {image} of this account in {self.region}",
+                hint="`cloudtrain image list --region R` shows them.",
+            )
+        return _image_info(found[0], self.region)
+
+    def create_image(self, instance_id: str, name: str, description: str, tags: Mapping[str, str]) -> str:
+        """create_image from the (builder) instance; the image and its snapshots get ``tags``."""
+        with aws_errors("CreateImage"):
+            image_id: str = self.ec2.create_image(InstanceId=instance_id, Name=name, Description=description)[
+                "ImageId"
+            ]
+            self.ec2.create_tags(Resources=[image_id], Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+        log.info("creating image %s (%s) from %s", image_id, name, instance_id)
+        snapshots = self.image_info(image_id).snapshot_ids
+        if snapshots:
+            with aws_errors("CreateTags"):
+                self.ec2.create_tags(
+                    Resources=list(snapshots), Tags=[{"Key": k, "Value": v} for k, v in tags.items()]
+                )
+        return image_id
+
+    def wait_image_available(self, image_id: str, delay: int = 15, max_attempts: int = 240) -> None:
+        """Until the image is available (creating one takes minutes; the default waits an hour)."""
+        try:
+            self.ec2.get_waiter("image_available").wait(
+                ImageIds=[image_id], WaiterConfig={"Delay": delay, "MaxAttempts": max_attempts}
+            )
+        except WaiterError as e:
+            raise CloudError(
+                f"image {image_id} did not become available: {e}",
+                hint="See the image's state in the EC2 console (AMIs); `cloudtrain image rm` removes it.",
+            ) from e
+        except BotoCoreError as e:
+            raise translate(e, "DescribeImages") from e
+
+    def copy_image(self, source: ImageInfo, tags: Mapping[str, str]) -> str:
+        """copy_image into this region (from ``source``'s), with ``source``'s name and tags."""
+        with aws_errors("CopyImage"):
+            image_id: str = self.ec2.copy_image(
+                SourceImageId=source.id,
+                SourceRegion=source.region,
+                Name=source.name,
+                Description=f"cloudtrain image {source.version}, copied from {source.id} in {source.region}",
+            )["ImageId"]
+            self.ec2.create_tags(Resources=[image_id], Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+        log.info("copying image %s (%s) to %s as %s", source.id, source.region, self.region, image_id)
+        return image_id
+
+    def delete_image(self, image: ImageInfo) -> None:
+        """Deregister the image, then delete its snapshots (they bill on their own)."""
+        with aws_errors("DeregisterImage"):
+            self.ec2.deregister_image(ImageId=image.id)
+        for snapshot in image.snapshot_ids:
+            try:
+                self.ec2.delete_snapshot(SnapshotId=snapshot)
+            except ClientError as e:
+                if _code(e) != "InvalidSnapshot.NotFound":
+                    raise translate(e, "DeleteSnapshot") from e
+            except BotoCoreError as e:
+                raise translate(e, "DeleteSnapshot") from e
+        log.info("deleted image %s and its snapshots %s", image.id, ", ".join(image.snapshot_ids) or "(none)")
+
 
 def credentials_source(settings: Settings) -> str | None:
     """Where boto3 finds credentials ("env", "shared-credentials-file", "sso", ...), or None.
@@ -1055,3 +1184,73 @@ def profile_region(settings: Settings) -> str | None:
         raise InputError(
             f"AWS profile problem: {e}", hint="Check --profile / AWS_PROFILE against ~/.aws/config."
         ) from e
+
+
+# --- images: what `cloudtrain image` and the run's image choice use ----------------------------
+
+TAG_IMAGE_VERSION = "cloudtrain:image-version"  # the recipe's hash (simimage.recipe_version)
+IMAGE_NAME_PREFIX = "cloudtrain-gpu-"  # matches DEFAULT_IMAGE_PATTERN
+# The default base of a build: AWS's Deep Learning Base GPU image for Ubuntu 22.04 LTS (the
+# NVIDIA driver and CUDA-ready kernel; the recipe installs the rest), owner "amazon"'s DLAMI account.
+BASE_IMAGE_OWNER = "898082745236"
+BASE_IMAGE_PATTERN = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """One cloudtrain image as describe_images shows it."""
+
+    id: str
+    name: str
+    region: str
+    version: str  # its cloudtrain:image-version tag ("" when it has none)
+    state: str
+    created_at: str
+    root_device_name: str
+    snapshot_ids: tuple[str, ...]
+    tags: Mapping[str, str]
+
+    @property
+    def image(self) -> Image:
+        return Image(self.id, self.name, self.root_device_name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "region": self.region,
+            "version": self.version or None,
+            "state": self.state,
+            "created_at": self.created_at,
+            "snapshots": list(self.snapshot_ids),
+        }
+
+
+@dataclass(frozen=True)
+class ImageChoice:
+    """A run's default image: ``current`` when its version is the installed recipe's."""
+
+    image: Image
+    version: str
+    current: bool
+
+
+def _image_info(data: Mapping[str, Any], region: str) -> ImageInfo:
+    tags = _tags(data)
+    snapshots = tuple(
+        m["Ebs"]["SnapshotId"]
+        for m in data.get("BlockDeviceMappings", [])
+        if m.get("Ebs", {}).get("SnapshotId")
+    )
+    created = data.get("CreationDate", "")
+    return ImageInfo(
+        id=data["ImageId"],
+        name=data.get("Name", ""),
+        region=region,
+        version=tags.get(TAG_IMAGE_VERSION, ""),
+        state=data.get("State", ""),
+        created_at=created if isinstance(created, str) else iso(created),
+        root_device_name=data.get("RootDeviceName", "/dev/sda1"),
+        snapshot_ids=snapshots,
+        tags=tags,
+    )

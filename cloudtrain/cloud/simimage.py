@@ -101,6 +101,20 @@ def recipe_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+# The whole recipe of the real (GPU) image: what a built image's version is the hash of.
+IMAGE_RECIPE_FILES = (*RECIPE_FILES, "theano-gpu.sh", "theano-gpus.json")
+
+
+def recipe_version() -> str:
+    """The image recipe's version: a hash of the ami/ files alone (no flavor, no local Python),
+    so an image built on AWS and the simulated one carry the same version for one recipe.
+    ``cloudtrain image build`` tags images with it; a run's default image is the newest of it."""
+    digest = hashlib.sha256()
+    for name in IMAGE_RECIPE_FILES:
+        digest.update(name.encode() + b"\0" + (recipe_dir() / name).read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def cache_root() -> Path:
     override = os.environ.get("CLOUDTRAIN_CACHE")
     if override:

@@ -279,6 +279,9 @@ def _spawn(settings: Settings, idle_s: float | None, timeout: float) -> dict[str
     command = [sys.executable, "-m", "cloudtrain.cloud.simulator", "serve", "--home", str(settings.home)]
     command += ["--idle", str(idle)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # never the user's keys
+    # AWS's public base images, as moto's own list lacks a current one: `image build` finds its
+    # base by name and owner with the same call on both clouds.
+    env["MOTO_AMIS_PATH"] = str(Path(__file__).with_name("sim_amis.json"))
     with open(folder / "sim.log", "ab") as logfile:
         process = subprocess.Popen(
             command,
@@ -451,9 +454,15 @@ class _World:
         return [ec2_backends[ACCOUNT_ID][region] for region in load_catalog().regions]
 
     def register_images(self) -> None:
+        """The simulated cloudtrain image in every region, of the installed recipe's version
+        (so a plain ``run --dry-run`` finds a current image, as after ``image build`` on AWS)."""
+        from cloudtrain.cloud.aws import TAG_IMAGE_VERSION
+        from cloudtrain.cloud.simimage import recipe_version
+
         for backend in self.backends():
             if not backend.describe_images(filters={"name": [IMAGE_NAME]}):
-                backend.register_image(name=IMAGE_NAME, description="cloudtrain simulated image")
+                image = backend.register_image(name=IMAGE_NAME, description="cloudtrain simulated image")
+                backend.create_tags([image.id], {TAG_IMAGE_VERSION: recipe_version()})
 
     def step(self) -> None:
         for backend in self.backends():
@@ -484,6 +493,8 @@ class _World:
         sandbox = self.home / "sim" / "instances" / instance.id
         layer = make_layer(Path(self.image), sandbox) if self.image else []
         env = {"CLOUDTRAIN_ROOT": str(sandbox), "CLOUDTRAIN_SIMULATED": "1"}
+        if self.image:  # where `image build` provisions on a simulated builder: the simulated image
+            env["CLOUDTRAIN_IMAGE_PREFIX"] = self.image
         if os.environ.get(POLL_ENV):  # tests: the agent's watcher polls IMDS faster than every 5 s
             env[POLL_ENV] = os.environ[POLL_ENV]
         profile = instance_profile_name(backend, instance.id)
