@@ -25,7 +25,9 @@ from cloudtrain.settings import DEFAULT_REGION, Settings
 from cloudtrain.spec import JobSpec, json_schema, load_job
 
 if TYPE_CHECKING:
+    from cloudtrain.cloud.aws import ImageInfo
     from cloudtrain.gc import GcResult, Survey
+    from cloudtrain.imagebuild import BuildResult
     from cloudtrain.ledger import Ledger, RunRow
     from cloudtrain.recovery import SimulatedInterruption
 
@@ -396,6 +398,108 @@ def follow_logs(
             )
         finally:
             ctx.session.close()
+
+
+# --- cloudtrain image: build, list, copy, remove -------------------------------------------
+
+
+def default_region(settings: Settings) -> str:
+    """The region a command without --region works in: the profile's, else us-east-1."""
+    if settings.simulated:
+        return settings.region or DEFAULT_REGION
+    from cloudtrain.cloud.aws import profile_region
+
+    return profile_region(settings) or DEFAULT_REGION
+
+
+def build_image(
+    settings: Settings,
+    *,
+    region: str | None = None,
+    base: str | None = None,
+    instance_type: str | None = None,
+    envs: Sequence[str] | None = None,
+    dry_run: bool = False,
+    reporter: Reporter | None = None,
+) -> BuildResult:
+    """Build the cloudtrain image in a region (``imagebuild.build``). With ``dry_run`` the
+    simulated image is built (or reused) in the cache first, as ``run --dry-run`` does, and the
+    builder, a simulated host, runs the recipe over it."""
+    from cloudtrain.cloud.simimage import ENVS
+    from cloudtrain.imagebuild import DEFAULT_BUILDER_TYPE, build
+    from cloudtrain.ledger import Ledger
+
+    reporter = reporter or Reporter()
+    wanted = tuple(envs or ENVS)
+    if dry_run:
+        from cloudtrain.cloud.simimage import ensure_image
+        from cloudtrain.cloud.simulator import ensure_simulator
+
+        image = ensure_image(wanted, progress=lambda line: reporter.info(f"simulated image: {line}"))
+        active = ensure_simulator(settings, image=image)
+    else:
+        active = settings
+    with Ledger.open(active) as ledger:
+        return build(
+            active,
+            ledger,
+            region=region or default_region(active),
+            base=base,
+            instance_type=instance_type or DEFAULT_BUILDER_TYPE,
+            envs=wanted,
+            reporter=reporter,
+        )
+
+
+def list_images(settings: Settings, *, region: str | None = None, dry_run: bool = False) -> list[ImageInfo]:
+    """This account's cloudtrain images in a region, newest first."""
+    from cloudtrain.cloud.aws import AwsCloud
+
+    with cloud_settings(settings, dry_run) as active:
+        return AwsCloud(active, region or default_region(active)).cloudtrain_images()
+
+
+def remove_image(
+    settings: Settings, image: str, *, region: str | None = None, dry_run: bool = False
+) -> ImageInfo:
+    """Deregister one of this account's images (id or name) and delete its snapshots."""
+    from cloudtrain.cloud.aws import AwsCloud
+
+    with cloud_settings(settings, dry_run) as active:
+        cloud = AwsCloud(active, region or default_region(active))
+        found = cloud.image_info(image)
+        cloud.delete_image(found)
+        return found
+
+
+def copy_image(
+    settings: Settings,
+    image: str,
+    to: str,
+    *,
+    region: str | None = None,
+    dry_run: bool = False,
+    wait: bool = True,
+) -> ImageInfo:
+    """Copy one of this account's images into region ``to`` (same name, version and tags);
+    with ``wait``, until the copy is available. Returns the copy."""
+    from cloudtrain.cloud.aws import TAG_EXPIRES, AwsCloud
+
+    with cloud_settings(settings, dry_run) as active:
+        source_region = region or default_region(active)
+        if to == source_region:
+            raise InputError(f"{image} is in {to} already", hint="Name another region with --to.")
+        if to not in load_catalog().regions:
+            raise InputError(
+                f"unknown region {to}", hint=f"Use one of the catalog's: {', '.join(load_catalog().regions)}."
+            )
+        source = AwsCloud(active, source_region).image_info(image)
+        target = AwsCloud(active, to)
+        tags = {k: v for k, v in source.tags.items() if k != TAG_EXPIRES and not k.startswith("aws:")}
+        copy_id = target.copy_image(source, tags)
+        if wait:
+            target.wait_image_available(copy_id)
+        return target.image_info(copy_id)
 
 
 def job_schema() -> dict[str, Any]:

@@ -170,6 +170,14 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
         )
     else:
         console.print("No estimate: set budget.max_hours in the job to see what a run would cost.")
+    if plan.boot_provision_min is not None:
+        minutes = plan.boot_provision_min
+        console.print(
+            f"Image: base (resources.image: base): the {job.backend} environment is installed at boot, "
+            f"about {minutes:g} min (~{_money(choice.price_per_hour * minutes / 60)}) before training "
+            "starts, on every run; `cloudtrain image build` once saves it.",
+            highlight=False,
+        )
 
 
 @main.command("plan")
@@ -678,6 +686,184 @@ def render_survey(found: Survey, console: Console) -> None:
             f"left alone: {len(found.kept)} resource(s) of {runs} live or kept run(s) (`--json` lists them)",
             highlight=False,
         )
+
+
+# --- image ----------------------------------------------------------------------------
+
+
+@main.group("image")
+def image_group() -> None:
+    """The cloudtrain image every run starts from: build it once per region, list, copy, remove.
+
+    \b
+    A run's default image (no resources.image) is the newest cloudtrain image in its
+    region whose version is the installed recipe's; an older one is used with a warning.
+    """
+
+
+_REGION = click.option("--region", metavar="R", help="The region (default: the profile's, else us-east-1).")
+_DRY_RUN = click.option("--dry-run", is_flag=True, help="Use the simulated AWS (no account needed).")
+
+
+@image_group.command("build")
+@_REGION
+@click.option(
+    "--base",
+    metavar="AMI",
+    help="AMI id or name to build on (default: the newest AWS "
+    "Deep Learning Base GPU AMI for Ubuntu 22.04, found by name and owner).",
+)
+@click.option("--instance-type", metavar="T", help="The builder's type (default g4dn.xlarge, on-demand).")
+@click.option(
+    "--backends",
+    metavar="LIST",
+    default="tensorflow,theano",
+    show_default=True,
+    help="The job environments to bake in, comma-separated.",
+)
+@_DRY_RUN
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before spending money.")
+@click.option("--json", "as_json", is_flag=True, help="Print the build as JSON at the end.")
+@pass_context
+@handle_errors
+def image_build_command(
+    ctx: Context,
+    region: str | None,
+    base: str | None,
+    instance_type: str | None,
+    backends: str,
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Build the cloudtrain image: launch an on-demand builder from a base image, run the ami/
+    recipe on it (output streamed), verify each job environment's backend (on a GPU builder:
+    the GPU is seen), create the image, wait until it is available, tag it with the recipe's
+    version, and terminate the builder, also when a step fails or on Ctrl-C. The build is
+    recorded in the ledger as a run named image-build (its own line in cost-report).
+    """
+    from cloudtrain.api import build_image
+
+    envs = tuple(b.strip() for b in backends.split(",") if b.strip())
+    if not dry_run and not yes:
+        if not sys.stdin.isatty():
+            raise InputError(
+                "refusing to spend money without a terminal to confirm it",
+                hint="Pass --yes to build without asking, or --dry-run to simulate.",
+            )
+        if not click.confirm(
+            "Launch an on-demand GPU builder (about 20-40 minutes of it) and build the image?",
+            default=False,
+            err=True,
+        ):
+            raise InputError("not built: declined", hint="Nothing was started or spent.")
+    result = build_image(
+        ctx.settings,
+        region=region,
+        base=base,
+        instance_type=instance_type,
+        envs=envs,
+        dry_run=dry_run,
+        reporter=ConsoleReporter(quiet=as_json),
+    )
+    if as_json:
+        _print_record(result.to_json())
+    else:
+        err.print(
+            f"[bold green]done[/] {result.image_id} ({result.name}), version {result.version}, in "
+            f"{result.region}; the build's cost: `cloudtrain cost-report` ({result.run_id})",
+            highlight=False,
+        )
+
+
+@image_group.command("list")
+@_REGION
+@_DRY_RUN
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_context
+@handle_errors
+def image_list_command(ctx: Context, region: str | None, dry_run: bool, as_json: bool) -> None:
+    """This account's cloudtrain images in a region, newest first; → marks the one runs use."""
+    from cloudtrain.api import default_region, list_images
+    from cloudtrain.cloud.simimage import recipe_version
+
+    images = list_images(ctx.settings, region=region, dry_run=dry_run)
+    version = recipe_version()
+    available = [i for i in images if i.state == "available"]
+    chosen = next((i for i in available if i.version == version), available[0] if available else None)
+    where = region or (images[0].region if images else default_region(ctx.settings))
+    if as_json:
+        data = {
+            "schema": 1,
+            "region": where,
+            "recipe_version": version,
+            "default": chosen.id if chosen else None,
+            "images": [{**i.to_json(), "current": i.version == version} for i in images],
+        }
+        _print_record(data)
+        return
+    if not images:
+        out.print(f"no cloudtrain image in {where}; `cloudtrain image build` makes one", highlight=False)
+        return
+    table = Table(
+        title=f"cloudtrain images in {where}{' (simulated AWS)' if dry_run else ''}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for header in ("id", "name", "version", "state", "created"):
+        table.add_column(header, no_wrap=True)
+    for image in images:
+        mark = "→ " if chosen is image else "  "
+        note = "" if image.version == version else " (old)" if image.version else " (none)"
+        created = image.created_at[:16].replace("T", " ")
+        table.add_row(mark + image.id, image.name, (image.version or "-") + note, image.state, created)
+    out.print(table)
+    out.print(f"installed recipe version: {version}", highlight=False)
+
+
+@image_group.command("rm")
+@click.argument("image")
+@_REGION
+@_DRY_RUN
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_context
+@handle_errors
+def image_rm_command(ctx: Context, image: str, region: str | None, dry_run: bool, as_json: bool) -> None:
+    """Deregister IMAGE (an AMI id or name of this account) and delete its snapshots."""
+    from cloudtrain.api import remove_image
+
+    removed = remove_image(ctx.settings, image, region=region, dry_run=dry_run)
+    if as_json:
+        _print_record({"schema": 1, "removed": removed.to_json()})
+    else:
+        err.print(
+            f"removed {removed.id} ({removed.name}) in {removed.region} and "
+            f"{len(removed.snapshot_ids)} snapshot(s)",
+            highlight=False,
+        )
+
+
+@image_group.command("copy")
+@click.argument("image")
+@click.option("--to", "to", required=True, metavar="R", help="The region to copy it into.")
+@_REGION
+@_DRY_RUN
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_context
+@handle_errors
+def image_copy_command(
+    ctx: Context, image: str, to: str, region: str | None, dry_run: bool, as_json: bool
+) -> None:
+    """Copy IMAGE (AMI id or name) into region R, with its name and version; waits until the
+    copy is available (copying is cheaper than building again)."""
+    from cloudtrain.api import copy_image
+
+    copy = copy_image(ctx.settings, image, to, region=region, dry_run=dry_run)
+    if as_json:
+        _print_record({"schema": 1, "copy": copy.to_json()})
+    else:
+        err.print(f"copied {image} to {copy.region} as {copy.id} ({copy.name})", highlight=False)
 
 
 @main.group("sim")

@@ -45,9 +45,9 @@ log = logging.getLogger(__name__)
 # doctor reports; it does not wait: two tries per AWS call, not the runs' eight.
 MAX_ATTEMPTS = 2
 BUILD_IMAGE_FIX = (
-    "Build it with the recipe in ami/ (see ami/README.md: provision.sh --prefix /opt/cloudtrain "
-    "--flavor gpu on a GPU base image, then create-image named cloudtrain-gpu-<date>), or set "
-    "resources.image in the job to an AMI that has /opt/cloudtrain/envs/<backend>."
+    "Build it with `cloudtrain image build --region <region>` (the recipe in ami/, see "
+    "ami/README.md), or set resources.image in the job to an AMI that has "
+    "/opt/cloudtrain/envs/<backend>."
 )
 THEANO_MAX_PYTHON = (3, 8)  # theano 1.0.5 + keras 2.3.1 run on Python <= 3.8
 

@@ -51,7 +51,7 @@ from cloudtrain.errors import (
     TrainingFailed,
 )
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
-from cloudtrain.planner import Offer, Plan
+from cloudtrain.planner import BASE_IMAGE, Offer, Plan
 from cloudtrain.progress import Reporter
 from cloudtrain.records import Lifecycle, RunState, iso, new_run_id, utcnow
 from cloudtrain.recovery import (
@@ -73,6 +73,7 @@ REMOTE_USER = "ubuntu"
 REMOTE_AGENT = ".cloudtrain/agent"  # relative to the remote HOME: the agent package's parent
 REMOTE_RUN_DIR = ".cloudtrain/run"  # env.json, train.log, state.json, exit_code
 REMOTE_WORKDIR = "work"  # the synced workdir
+REMOTE_RECIPE = ".cloudtrain/ami"  # ami/, for provision.sh (image build; resources.image: base)
 DEFAULT_DEADLINE_HOURS = 24.0  # without budget.max_hours: the instance ends itself after this
 MAX_LAUNCH_OFFERS = 5  # offers tried when AWS has no capacity, before giving up
 FINGERPRINT_TIMEOUT_S = 600.0
@@ -343,7 +344,6 @@ class Orchestrator:
     def _launch(self, ctx: RunContext) -> None:
         assert self.plan is not None
         choice = self.plan.choice
-        res = self.spec.resources
         self._state(
             ctx,
             RunState.LAUNCHING,
@@ -359,7 +359,7 @@ class Orchestrator:
         )
         ctx.key = key = ctx.cloud.ensure_key_pair(ctx.run_id, tags)
         ctx.key_name, ctx.key_path = key.name, key.path
-        ctx.image = image = ctx.cloud.resolve_image(res.image)
+        ctx.image = image = self._choose_image(ctx)
         ctx.security_group_id = ctx.cloud.create_security_group(ctx.run_id, caller_cidr(self.settings), tags)
         self._detail(
             ctx,
@@ -386,6 +386,33 @@ class Orchestrator:
                 "powers itself off"
             )
         self._launch_instance(ctx, launch_offers(self.plan, MAX_LAUNCH_OFFERS), token=ctx.run_id)
+
+    def _choose_image(self, ctx: RunContext) -> Image:
+        """resources.image as named; by default the newest cloudtrain image of the installed
+        recipe's version in the region, else (with a warning) the newest older one."""
+        if self.spec.resources.image == BASE_IMAGE:  # the job environment is installed at boot
+            image = ctx.cloud.base_image(None)
+            self.reporter.info(
+                f"resources.image: base: {image.name} ({image.id}); the {self.spec.backend} environment "
+                "is installed at boot (slower than a cloudtrain image)"
+            )
+            return image
+        if self.spec.resources.image:
+            return ctx.cloud.resolve_image(self.spec.resources.image)
+        from cloudtrain.cloud.simimage import recipe_version
+
+        version = recipe_version()
+        choice = ctx.cloud.choose_image(version)
+        if not choice.current:
+            self.reporter.warn(
+                f"the image {choice.image.name} ({choice.image.id}) is of recipe version "
+                f"{choice.version or 'unknown'}, not the installed {version}: it may lack what this "
+                f"cloudtrain expects; `cloudtrain image build --region {self.region}` makes a current one"
+            )
+            self.ledger.add_event(
+                ctx.run_id, "old-image", f"{choice.image.id} is of version {choice.version}"
+            )
+        return choice.image
 
     def _launch_instance(self, ctx: RunContext, offers: list[Offer], *, token: str) -> None:
         """Launch the first offer AWS has capacity for; record it and wait until it runs."""
@@ -662,8 +689,10 @@ class Orchestrator:
 
         upload_tree(ctx.session, agent_source(), f"{REMOTE_AGENT}/cloudtrain_agent")
         backend = self.spec.backend
+        if self.spec.resources.image == BASE_IMAGE:
+            self.reporter.info(f"installing the {backend} environment (resources.image: base)")
+            run_recipe(ctx.session, [backend], self.reporter, ctx.instance_id)
         env_args = " ".join(f"--env {_q(f'{k}={v}')}" for k, v in self.spec.env.items())
-        path = f"PATH=${{CLOUDTRAIN_ROOT:-/opt/cloudtrain}}/envs/{backend}/bin:$PATH"
         seed = f" --seed {self.spec.seed}" if self.spec.seed is not None else ""
         keras = f" --keras {self.spec.keras}" if self.spec.keras else ""
         every = self.spec.checkpoint.every_epochs
@@ -674,30 +703,10 @@ class Orchestrator:
         cache = ""
         if backend == "theano":  # the run's compile folder starts as a copy of the image's warm one
             cache = ' --compile-cache "${CLOUDTRAIN_ROOT:-/opt/cloudtrain}/theano-cache"'
-        gpu = '$([ -n "$CLOUDTRAIN_SIMULATED" ] && echo no || echo auto)'
-        ctx.session.run(
-            f"mkdir -p {REMOTE_RUN_DIR} {REMOTE_WORKDIR} && "
-            + agent_command(
-                backend,
-                f"backend --backend {backend} --home $HOME --run-dir {REMOTE_RUN_DIR} "
-                f'--gpu {gpu}{seed}{keras}{cache}{checkpoint} --env "{path}" {env_args}',
-            )
+        ctx.session.run(f"mkdir -p {REMOTE_WORKDIR}")
+        report = verify_backend(
+            ctx.session, backend, REMOTE_RUN_DIR, f"{seed}{keras}{cache}{checkpoint} {env_args}", keras
         )
-        expect_gpu = '$([ -z "$CLOUDTRAIN_SIMULATED" ] && echo --expect-gpu)'
-        result = ctx.session.run(
-            agent_command(
-                backend,
-                f"verify --backend {backend} --python {remote_python(backend)} "
-                f"--env-file {REMOTE_RUN_DIR}/env.json{keras} {expect_gpu}",
-            ),
-            check=False,
-        )
-        report = _json_or_error(result.text)
-        if result.exit_code != 0 or "error" in report:
-            raise RemoteError(
-                f"the {backend} backend does not work on the instance: {report.get('error', result.text)}",
-                hint=str(report.get("hint") or "See the image's job environment."),
-            )
         self._detail(ctx, backend_report=report)
         self.reporter.info(_describe_backend(report))
 
@@ -987,6 +996,97 @@ def launch_offers(plan: Plan, limit: int) -> list[Offer]:
             )
         )
     return chosen
+
+
+def provision_command(envs: Sequence[str]) -> str:
+    """The recipe on the builder: into /opt/cloudtrain (made with sudo, owned by the login user)
+    with the GPU flavor; a simulated builder names its image prefix and is CPU-only."""
+    prefix = '"${CLOUDTRAIN_IMAGE_PREFIX:-/opt/cloudtrain}"'
+    flavor = '$([ -n "$CLOUDTRAIN_SIMULATED" ] && echo cpu || echo gpu)'
+    return (
+        f"prefix={prefix} && "
+        '{ [ -w "$prefix" ] || mkdir -p "$prefix" 2>/dev/null || '
+        '{ sudo mkdir -p "$prefix" && sudo chown "$(id -u):$(id -g)" "$prefix"; }; } && '
+        f'bash {REMOTE_RECIPE}/provision.sh --prefix "$prefix" --flavor "{flavor}" '
+        f"--envs {shlex.quote(','.join(envs))} 2>&1"
+    )
+
+
+class RecipeOutput:
+    """Turns the recipe's streamed output into lines: ``[provision]`` steps become progress,
+    the rest is shown as it comes (and the last lines kept for an error message)."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.buffer = b""
+        self.tail: list[str] = []
+
+    def __call__(self, data: bytes) -> None:
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.tail = (self.tail + [line])[-30:]
+            if line.startswith("[provision] "):
+                self.reporter.info(f"recipe: {line.removeprefix('[provision] ')}")
+            else:
+                self.reporter.log(raw + b"\n")
+
+
+def run_recipe(session: Session, envs: Sequence[str], reporter: Reporter, instance_id: str) -> None:
+    """Upload ami/ and run its provision.sh for ``envs`` on the instance, output streamed
+    (``image build``; a run on ``resources.image: base``). A failure raises RemoteError."""
+    from cloudtrain.cloud.simimage import recipe_dir
+    from cloudtrain.remote.sync import upload_tree
+
+    upload_tree(session, recipe_dir(), REMOTE_RECIPE)
+    lines = RecipeOutput(reporter)
+    code = session.stream(provision_command(envs), lines)
+    if lines.buffer:
+        lines(b"\n")
+    if code != 0:
+        raise RemoteError(
+            f"the image recipe failed on {instance_id} (exit code {code}):\n" + "\n".join(lines.tail[-15:]),
+            hint="See the recipe's output above.",
+        )
+
+
+def verify_backend(
+    session: Session, backend: str, run_dir: str, backend_args: str = "", keras: str = ""
+) -> dict[str, Any]:
+    """Configure ``backend`` on the instance (the agent's ``backend``: keras.json, .theanorc,
+    ``run_dir``/env.json), then verify it (``verify``: import Keras in the job environment;
+    on a GPU instance, each backend must see the GPU). Returns the agent's report; a backend
+    that does not work raises RemoteError. The agent must be uploaded already.
+
+    ``run`` passes the job's options in ``backend_args`` (seed, keras, checkpoints, env);
+    ``image build`` verifies each environment of the image it builds with none."""
+    path = f"PATH=${{CLOUDTRAIN_ROOT:-/opt/cloudtrain}}/envs/{backend}/bin:$PATH"
+    gpu = '$([ -n "$CLOUDTRAIN_SIMULATED" ] && echo no || echo auto)'
+    session.run(
+        f"mkdir -p {run_dir} && "
+        + agent_command(
+            backend,
+            f"backend --backend {backend} --home $HOME --run-dir {run_dir} "
+            f'--gpu {gpu} --env "{path}"{backend_args.rstrip()}',
+        )
+    )
+    expect_gpu = '$([ -z "$CLOUDTRAIN_SIMULATED" ] && echo --expect-gpu)'
+    result = session.run(
+        agent_command(
+            backend,
+            f"verify --backend {backend} --python {remote_python(backend)} "
+            f"--env-file {run_dir}/env.json{keras} {expect_gpu}",
+        ),
+        check=False,
+    )
+    report = _json_or_error(result.text)
+    if result.exit_code != 0 or "error" in report:
+        raise RemoteError(
+            f"the {backend} backend does not work on the instance: {report.get('error', result.text)}",
+            hint=str(report.get("hint") or "See the image's job environment."),
+        )
+    return report
 
 
 def wait_for_fingerprints(

@@ -19,6 +19,10 @@ from cloudtrain.records import Lifecycle, SpotPrice
 from cloudtrain.spec import JobSpec
 
 HOURS_PER_MONTH = 730.0
+BASE_IMAGE = "base"  # resources.image: the build's base image, the job environment installed at boot
+# What installing a job environment at boot takes (pip's CUDA wheels; conda for GPU Theano):
+# a rough figure, never measured on AWS (no GPU where this was written).
+BOOT_PROVISION_MIN = {"tensorflow": 15.0, "theano": 30.0}
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,9 @@ class Plan:
     estimate: CostEstimate | None
     catalog_date: date
     simulated: bool
+    # resources.image: base: minutes of the instance's time spent installing the job
+    # environment at boot, before training starts (None: the cloudtrain image has it)
+    boot_provision_min: float | None = None
 
     @property
     def lifecycle(self) -> Lifecycle:
@@ -112,6 +119,7 @@ class Plan:
             "estimate": self.estimate.to_json() if self.estimate else None,
             "catalog_date": self.catalog_date.isoformat(),
             "simulated": self.simulated,
+            "boot_provision_min": self.boot_provision_min,
         }
 
 
@@ -277,4 +285,5 @@ def plan(
         estimate=estimate,
         catalog_date=catalog.generated,
         simulated=simulated,
+        boot_provision_min=BOOT_PROVISION_MIN[spec.backend] if res.image == BASE_IMAGE else None,
     )

@@ -102,7 +102,12 @@ class Resources(_Strict):
     )
     zones: list[str] | None = Field(None, min_length=1, description="Allowed availability zones")
     disk_gb: int = Field(100, gt=0, le=16384, description="Root EBS volume size (GiB), encrypted")
-    image: str | None = Field(None, min_length=1, description="AMI id or name; default the cloudtrain image")
+    image: str | None = Field(
+        None,
+        min_length=1,
+        description="AMI id or name; default the newest cloudtrain image of the installed recipe; "
+        "base: the base image, the job environment installed at boot (slower)",
+    )
     fallback: Literal["none", "on-demand"] = Field(
         "none",
         description="When no spot offer has capacity: none (fail), or on-demand (cheapest type, on-demand)",

