@@ -197,6 +197,12 @@ def build(
                 reports[env] = verify_backend(session, env, f"{REMOTE_BUILD_DIR}/{env}")
                 reporter.info(f"{env}: {_describe_backend(reports[env])}")
             ledger.update_run(run_id, detail={"backend_reports": reports})
+            # what the build left in the login user's home stays off the image: the agent, the
+            # recipe, the verification's keras.json, and the build key pair's authorized key
+            session.run(
+                "rm -rf .cloudtrain .keras .theanorc && "
+                "{ [ ! -f .ssh/authorized_keys ] || : > .ssh/authorized_keys; }"
+            )
 
         name = f"{IMAGE_NAME_PREFIX}{version}-{utcnow().strftime('%Y%m%d-%H%M%S')}"
         image_tags = {TAG_OWNER: settings.owner, TAG_RUN_ID: run_id, TAG_IMAGE_VERSION: version, "Name": name}
