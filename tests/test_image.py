@@ -18,6 +18,7 @@ from cloudtrain.cloud.simimage import recipe_version
 from cloudtrain.cloud.simulator import simulated_aws
 from cloudtrain.errors import InputError
 from cloudtrain.orchestrator import provision_command
+from cloudtrain.progress import Reporter
 from cloudtrain.records import utcnow
 from cloudtrain.settings import Settings
 
@@ -140,3 +141,37 @@ def test_plan_states_provisioning_at_boot_for_image_base(tmp_path: Path) -> None
     assert "installed at boot, about 15 min" in text.getvalue()
     assert planned("").boot_provision_min is None
     assert planned("  image: my-image\n").boot_provision_min is None
+
+
+class Warnings(Reporter):
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+@pytest.mark.parametrize("current", [True, False])
+def test_a_run_warns_on_an_older_image_only(cloud: AwsCloud, tmp_path: Path, current: bool) -> None:
+    from cloudtrain.ledger import Ledger, RunRow
+    from cloudtrain.orchestrator import Orchestrator, RunContext
+    from cloudtrain.records import RunState
+    from cloudtrain.spec import JobSpec
+
+    image = register(cloud, "cloudtrain-gpu-x", recipe_version() if current else "0ld0ld0ld0ld")
+    spec = JobSpec.model_validate({"name": "j", "run": "python t.py"})
+    reporter = Warnings()
+    with Ledger.open(cloud.settings) as ledger:
+        ledger.create_run(RunRow(id="j-1", name="j", state=RunState.PLANNED, created_at=utcnow()))
+        orchestrator = Orchestrator(
+            spec, cloud.settings, ledger, region="us-east-1", out_dir=tmp_path, reporter=reporter
+        )
+        chosen = orchestrator._choose_image(RunContext(run_id="j-1", run_dir=tmp_path, cloud=cloud))
+        events = [e.kind for e in ledger.events("j-1")]
+    assert chosen.id == image
+    if current:
+        assert reporter.warnings == [] and "old-image" not in events
+    else:
+        (warning,) = reporter.warnings
+        assert "0ld0ld0ld0ld" in warning and "cloudtrain image build --region us-east-1" in warning
+        assert "old-image" in events
