@@ -431,6 +431,9 @@ def build_image(
 
     reporter = reporter or Reporter()
     wanted = tuple(envs or ENVS)
+    unknown = [e for e in wanted if e not in ENVS]
+    if unknown:  # before anything is started
+        raise InputError(f"no job environment {', '.join(unknown)}", hint=f"Use {', '.join(ENVS)}.")
     if dry_run:
         from cloudtrain.cloud.simimage import ensure_image
         from cloudtrain.cloud.simulator import ensure_simulator

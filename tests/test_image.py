@@ -175,3 +175,10 @@ def test_a_run_warns_on_an_older_image_only(cloud: AwsCloud, tmp_path: Path, cur
         (warning,) = reporter.warnings
         assert "0ld0ld0ld0ld" in warning and "cloudtrain image build --region us-east-1" in warning
         assert "old-image" in events
+
+
+def test_unknown_backend_is_refused_before_anything_starts(settings: Settings) -> None:
+    from cloudtrain.api import build_image
+
+    with pytest.raises(InputError, match="no job environment keras4"):
+        build_image(settings, envs=("tensorflow", "keras4"))  # not a dry-run: nothing may be reached
