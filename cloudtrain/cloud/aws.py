@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 import logging
 import os
+import signal
 import stat
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,6 +43,7 @@ from botocore.exceptions import (
 from cloudtrain.errors import (
     CapacityError,
     CloudError,
+    CloudtrainError,
     CredentialsError,
     InputError,
     PriceError,
@@ -377,19 +381,86 @@ def _private_key_ok(path: Path) -> None:
         )
 
 
+CIDR_HINT = "Set CLOUDTRAIN_SSH_CIDR to your public address, e.g. 203.0.113.7/32."
+
+
+def single_address(cidr: str, where: str = "the SSH ingress rule") -> str:
+    """``cidr`` as one IPv4 address's /32 (a bare address gets its /32). Anything wider
+    (a /24, 0.0.0.0/0) or not an IPv4 address is refused: the SSH rule admits the
+    controller alone."""
+    try:
+        network = ipaddress.ip_network(cidr.strip(), strict=True)
+    except ValueError as e:
+        raise InputError(f"{where}: {cidr!r} is not an IPv4 address", hint=CIDR_HINT) from e
+    if network.version != 4 or network.prefixlen != 32:
+        raise InputError(
+            f"{where} admits {network}: SSH is only ever opened to one IPv4 address (a /32)",
+            hint=CIDR_HINT,
+        )
+    return str(network)
+
+
 def caller_cidr(settings: Settings) -> str:
     """The /32 of the caller's public address, for the SSH ingress rule."""
     if settings.ssh_cidr:
-        return settings.ssh_cidr
+        return single_address(settings.ssh_cidr, "CLOUDTRAIN_SSH_CIDR")
     try:
         with urllib.request.urlopen("https://checkip.amazonaws.com", timeout=5) as reply:
-            address = reply.read().decode().strip()
+            address = reply.read(64).decode("ascii", "replace").strip()
     except OSError as e:
-        raise CloudError(
-            f"cannot find this machine's public IP address: {e}",
-            hint="Set CLOUDTRAIN_SSH_CIDR to your public address, e.g. 203.0.113.7/32.",
-        ) from e
-    return f"{address}/32"
+        raise CloudError(f"cannot find this machine's public IP address: {e}", hint=CIDR_HINT) from e
+    return single_address(address, "checkip.amazonaws.com's answer")
+
+
+def _deliver(signum: int, frame: Any, handler: Any) -> None:
+    """Act on a signal held back, as its own handler would have."""
+    if callable(handler):  # Python's for SIGINT raises KeyboardInterrupt, the CLI's for SIGTERM SystemExit
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.raise_signal(signum)
+
+
+@contextmanager
+def signals_held(what: str, if_abandoned: str) -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while a call whose answer must not be lost is in
+    flight (a launch: its answer names the instance teardown must terminate); the signal
+    acts once the call is over. A second one stops waiting at once, saying what may be
+    left (``if_abandoned``). Main thread only (elsewhere signals do not arrive)."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous: dict[int, Any] = {sig: signal.getsignal(sig) for sig in signals}
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
+        yield  # (None: a handler set outside Python, which could not be put back)
+        return
+    held: list[tuple[int, Any]] = []
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def hold(signum: int, frame: Any) -> None:
+        if held:
+            held.clear()
+            restore()
+            log.warning("stopped waiting for %s: %s", what, if_abandoned)
+            _deliver(signum, frame, previous[signum])
+            return
+        held.append((signum, frame))
+        log.warning(
+            "%s is in flight: waiting for its answer, so that nothing is left behind "
+            "(Ctrl-C again to stop waiting)",
+            what,
+        )
+
+    for sig in signals:
+        signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        restore()
+        if held:  # it acts now, even over an error the call raised
+            _deliver(held[0][0], held[0][1], previous[held[0][0]])
 
 
 class AwsCloud:
@@ -403,6 +474,9 @@ class AwsCloud:
         self._iam: Any = None
         self._sts: Any = None
         self._quotas: Any = None
+        # run id -> the instances this object launched for it: teardown finds them even
+        # before describe_instances lists them (EC2 is eventually consistent)
+        self._launched: dict[str, list[str]] = {}
 
     # --- account (doctor) ------------------------------------------------------------------
 
@@ -552,7 +626,8 @@ class AwsCloud:
     # --- security group ------------------------------------------------------------------
 
     def create_security_group(self, run_id: str, cidr: str, tags: Mapping[str, str]) -> str:
-        """A per-run group allowing tcp/22 from ``cidr`` only."""
+        """A per-run group allowing tcp/22 from ``cidr`` (one address's /32) only."""
+        cidr = single_address(cidr)
         with aws_errors("DescribeVpcs"):
             vpcs = self.ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
         if not vpcs:
@@ -765,9 +840,16 @@ class AwsCloud:
             params["TagSpecifications"].append(_tag_spec("spot-instances-request", request.tags))
         if request.instance_profile:
             params["IamInstanceProfile"] = {"Name": request.instance_profile}
-        with aws_errors("RunInstances", instance_type=request.instance_type, spot=request.spot):
-            reply = self._run_instances(params)
-        instance_id: str = reply["Instances"][0]["InstanceId"]
+        # A Ctrl-C now would lose the answer that names the instance: it waits for it.
+        with signals_held(
+            f"the launch of {request.run_id}'s instance",
+            f"it may have started an instance (client token {request.client_token}); "
+            f"`cloudtrain down {request.run_id}` or `cloudtrain gc` terminates it",
+        ):
+            with aws_errors("RunInstances", instance_type=request.instance_type, spot=request.spot):
+                reply = self._run_instances(params)
+            instance_id: str = reply["Instances"][0]["InstanceId"]
+            self._launched.setdefault(request.run_id, []).append(instance_id)
         log.info(
             "launched %s (%s, %s) for %s",
             instance_id,
@@ -854,19 +936,29 @@ class AwsCloud:
         return self.describe(instance_id)
 
     def find_run_instances(self, run_id: str) -> list[LaunchedInstance]:
-        """The run's instances that are not terminated, found by tag."""
+        """The run's instances that are not terminated, found by tag, and those this object
+        launched for it (which a filter may not list yet, right after the launch)."""
+        live = ["pending", "running", "stopping", "stopped"]
         with aws_errors("DescribeInstances"):
             pages = self.ec2.get_paginator("describe_instances").paginate(
                 Filters=[
                     {"Name": f"tag:{TAG_RUN_ID}", "Values": [run_id]},
-                    {
-                        "Name": "instance-state-name",
-                        "Values": ["pending", "running", "stopping", "stopped"],
-                    },
+                    {"Name": "instance-state-name", "Values": live},
                 ]
             )
             ids = [i["InstanceId"] for page in pages for r in page["Reservations"] for i in r["Instances"]]
-        return [self.describe(i) for i in ids]
+        found = [self.describe(i) for i in ids]
+        for launched in self._launched.get(run_id, []):
+            if launched in ids:
+                continue
+            try:
+                instance = self.describe(launched)
+            except CloudtrainError as e:
+                log.warning("%s, launched for %s, cannot be described: %s", launched, run_id, e.message)
+                continue
+            if instance.state in live:
+                found.append(instance)
+        return found
 
     def terminate(self, instance_id: str, delay: int = 5, max_attempts: int = 120) -> datetime:
         """Terminate and confirm with describe_instances; return when it was confirmed."""
@@ -897,13 +989,16 @@ class AwsCloud:
 
     # --- garbage collection (cloudtrain gc): what runs left behind, by owner tag ------------
 
-    def owned_resources(self, owner: str) -> list[TaggedResource]:
-        """This region's resources tagged with ``owner`` and a run id: instances not yet
-        terminated, volumes, security groups, key pairs, open or active spot requests.
+    def owned_resources(self, owner: str, run_id: str | None = None) -> list[TaggedResource]:
+        """This region's resources tagged with ``owner`` and a run id (``run_id``: that
+        run's only): instances not yet terminated, volumes, security groups, key pairs,
+        open or active spot requests.
 
-        AWS filters by the owner tag; the tags are checked again here, so another
-        owner's resource never comes back whatever a filter does."""
+        AWS filters by the tags; they are checked again here, so another owner's (or
+        run's) resource never comes back whatever a filter does."""
         owned = [{"Name": f"tag:{TAG_OWNER}", "Values": [owner]}]
+        if run_id is not None:
+            owned.append({"Name": f"tag:{TAG_RUN_ID}", "Values": [run_id]})
         found: list[TaggedResource] = []
         with aws_errors("DescribeInstances"):
             states = ["pending", "running", "shutting-down", "stopping", "stopped"]
@@ -951,7 +1046,7 @@ class AwsCloud:
         with aws_errors("DescribeKeyPairs"):
             for data in self.ec2.describe_key_pairs(Filters=owned)["KeyPairs"]:
                 found.append(TaggedResource("key-pair", data["KeyName"], _tags(data)))
-        return [r for r in found if r.owner == owner and r.run_id]
+        return [r for r in found if r.owner == owner and r.run_id and run_id in (None, r.run_id)]
 
     def owned_instance_profiles(self, owner: str, prefix: str = "cloudtrain-") -> list[TaggedResource]:
         """IAM (global, whatever this cloud's region): the ``prefix``* roles and instance

@@ -1,0 +1,302 @@
+"""Issue #6, section 4 (hardening) and the launch-in-flight part of section 5: each
+promise with a test that fails when it is broken. Static scans read the shipped code,
+examples and docs; the rest runs against moto, a real sshd or the simulated cloud."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.awsrequest import AWSResponse
+from sshd import session, sshd_server  # noqa: F401  (fixtures)
+from test_aws import RUN_ID, _Body, cloud, image_id, inject, launch_request, tags  # noqa: F401
+
+from cloudtrain import orchestrator
+from cloudtrain.cloud import aws
+from cloudtrain.cloud.aws import AwsCloud, LaunchRequest, caller_cidr, run_tags, single_address
+from cloudtrain.cloud.simulator import simulated_aws
+from cloudtrain.errors import InputError
+from cloudtrain.ledger import Ledger
+from cloudtrain.records import utcnow
+from cloudtrain.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+USER_KEY_ID = "AKIAFAKEFAKEFAKEFAKE"  # tests/conftest.py's fake credentials
+USER_SECRET = "fake-secret-never-leaves-this-machine"
+
+
+def shipped(*suffixes: str) -> Iterator[Path]:
+    """The files cloudtrain ships: its code, benchmarks, examples, image recipe and docs."""
+    for top in ("cloudtrain", "benchmarks", "jobs", "ami", "README.md", "docs"):
+        root = REPO / top
+        for path in [root] if root.is_file() else sorted(root.rglob("*")):
+            if (
+                path.is_file()
+                and "__pycache__" not in path.parts
+                and (not suffixes or path.suffix in suffixes)
+            ):
+                yield path
+
+
+def offending_lines(pattern: re.Pattern[str], *suffixes: str) -> list[str]:
+    found = []
+    for path in shipped(*suffixes):
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if pattern.search(line):
+                found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    return found
+
+
+# --- the SSH ingress rule: tcp/22 from one /32 -------------------------------------------
+
+
+def test_ssh_is_only_ever_opened_to_one_address(cloud: AwsCloud, tags: dict[str, str]) -> None:
+    assert single_address("203.0.113.7") == "203.0.113.7/32"
+    assert single_address(" 203.0.113.7/32 ") == "203.0.113.7/32"
+    for wide in ("0.0.0.0/0", "203.0.113.0/24", "::/0", "2001:db8::1/128", "203.0.113.7/31", "me"):
+        with pytest.raises(InputError):
+            single_address(wide)
+    with pytest.raises(InputError, match="0.0.0.0/0"):
+        cloud.create_security_group(RUN_ID, "0.0.0.0/0", tags)
+    assert (
+        cloud.ec2.describe_security_groups(
+            Filters=[{"Name": "group-name", "Values": [f"cloudtrain-{RUN_ID}"]}]
+        )["SecurityGroups"]
+        == []
+    ), "nothing is created for a rule that is refused"
+    group = cloud.create_security_group(RUN_ID, "198.51.100.4", tags)
+    data = cloud.ec2.describe_security_groups(GroupIds=[group])["SecurityGroups"][0]
+    assert [
+        (p["IpProtocol"], p["FromPort"], p["ToPort"], [r["CidrIp"] for r in p["IpRanges"]], p["Ipv6Ranges"])
+        for p in data["IpPermissions"]
+    ] == [("tcp", 22, 22, ["198.51.100.4/32"], [])]
+
+
+def test_the_callers_address_is_checked_wherever_it_comes_from(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(InputError, match="CLOUDTRAIN_SSH_CIDR"):
+        caller_cidr(settings.with_(ssh_cidr="10.0.0.0/8"))
+    assert caller_cidr(settings.with_(ssh_cidr="192.0.2.9")) == "192.0.2.9/32"
+
+    class Reply:
+        def __init__(self, body: bytes) -> None:
+            self.body = body
+
+        def __enter__(self) -> Reply:
+            return self
+
+        def __exit__(self, *_: object) -> None:
+            pass
+
+        def read(self, size: int = -1) -> bytes:
+            return self.body[:size]
+
+    answers = [b"198.51.100.23\n", b"<html>captive portal</html>"]
+    monkeypatch.setattr(aws.urllib.request, "urlopen", lambda *_, **__: Reply(answers.pop(0)))
+    assert caller_cidr(settings) == "198.51.100.23/32"
+    with pytest.raises(InputError, match="checkip"):
+        caller_cidr(settings)
+
+
+# --- teardown removes what a run made ------------------------------------------------------
+
+# What each AWS call that makes something is undone by (teardown's calls).
+UNDONE_BY = {
+    "run_instances": "terminate",
+    "create_key_pair": "delete_key_pair",
+    "create_security_group": "delete_security_group",
+    "authorize_security_group_ingress": "delete_security_group",  # the rule goes with its group
+    "create_role": "delete_instance_profile",
+    "put_role_policy": "delete_instance_profile",
+    "create_instance_profile": "delete_instance_profile",
+    "add_role_to_instance_profile": "delete_instance_profile",
+}
+MAKING = re.compile(
+    r"\b(?:ec2|iam|s3)\.((?:create|run|put|authorize|request|add|allocate|import|copy)_\w+)\("
+)
+
+
+def test_each_kind_of_resource_created_is_deleted_at_teardown() -> None:
+    """A new create_* call in the controller fails this until teardown undoes it."""
+    controller = [*sorted((REPO / "cloudtrain").glob("*.py")), REPO / "cloudtrain" / "cloud" / "aws.py"]
+    made = {m.group(1) for path in controller for m in MAKING.finditer(path.read_text())}
+    assert made, "the scan finds nothing: has the code moved?"
+    assert made <= set(UNDONE_BY), f"no teardown known for {sorted(made - set(UNDONE_BY))}"
+    source = inspect.getsource(orchestrator.teardown)
+    for call in sorted({UNDONE_BY[m] for m in made}):
+        assert f"cloud.{call}" in source, f"teardown never calls {call}"
+
+
+def make_run(cloud: AwsCloud, run_id: str, owner: str) -> tuple[str, LaunchRequest, str]:
+    """What a run makes, as the orchestrator makes it: key pair, group, profile, spot instance."""
+    run_tag = run_tags(run_id, owner, utcnow() + timedelta(hours=1))
+    key = cloud.ensure_key_pair(run_id, run_tag)
+    group = cloud.create_security_group(run_id, "127.0.0.1/32", run_tag)
+    profile = cloud.ensure_instance_profile(run_id, ["data-bucket"], run_tag)
+    request = LaunchRequest(
+        run_id=run_id,
+        instance_type="g4dn.xlarge",
+        zone=None,
+        spot=True,
+        max_price=None,
+        disk_gb=50,
+        image=cloud.resolve_image(None),
+        key=key,
+        security_group_id=group,
+        client_token=f"{run_id}-1",
+        tags=run_tag,
+        instance_profile=profile,
+    )
+    return cloud.launch(request), request, profile
+
+
+def test_teardown_leaves_nothing_of_the_run(settings: Settings) -> None:
+    other = "other-run-20261128-120000-beef"
+    with simulated_aws(settings) as sim, Ledger.open(settings) as ledger:
+        cloud = AwsCloud(sim, "us-east-1")
+        cloud.ec2.register_image(Name="cloudtrain-gpu-20261128")
+        made = {run_id: make_run(cloud, run_id, settings.owner) for run_id in (RUN_ID, other)}
+        assert {r.kind for r in cloud.owned_resources(settings.owner, RUN_ID)} == {
+            "instance",
+            "volume",
+            "security-group",
+            "key-pair",
+        }
+        instance_id, request, profile = made[RUN_ID]
+        problems = orchestrator.teardown(
+            cloud, ledger, RUN_ID, instance_id, request.security_group_id, request.key.name, profile
+        )
+        assert problems == []
+        assert cloud.owned_resources(settings.owner, RUN_ID) == []
+        assert [p.id for p in cloud.owned_instance_profiles(settings.owner)] == [f"cloudtrain-{other}"]
+        assert not request.key.path.exists()
+        assert {r.kind for r in cloud.owned_resources(settings.owner, other)} >= {
+            "instance",
+            "security-group",
+        }
+
+
+# --- a launch in flight when Ctrl-C comes ------------------------------------------------------
+
+
+@contextmanager
+def slow_run_instances(delay_s: float) -> Iterator[None]:
+    """The simulated EC2 takes ``delay_s`` to answer RunInstances (and makes the instance then)."""
+    from moto.ec2.responses.instances import InstanceResponse
+
+    current = InstanceResponse.run_instances
+
+    def run_instances(self: Any) -> Any:
+        time.sleep(delay_s)
+        return current(self)
+
+    InstanceResponse.run_instances = run_instances  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        InstanceResponse.run_instances = current  # type: ignore[method-assign]
+
+
+def lagging_filters(cloud: AwsCloud) -> None:
+    """DescribeInstances with a filter lists nothing yet, as EC2 may right after a launch."""
+    empty = (
+        b'<DescribeInstancesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
+        b"<requestId>lag</requestId><reservationSet/></DescribeInstancesResponse>"
+    )
+
+    def lag(request: Any, **_: Any) -> AWSResponse | None:
+        body = request.body.decode() if isinstance(request.body, bytes) else str(request.body)
+        if "Filter." not in body:
+            return None
+        return AWSResponse(request.url, 200, {}, _Body(empty))  # type: ignore[arg-type]
+
+    cloud.ec2.meta.events.register("before-send.ec2.DescribeInstances", lag)
+
+
+@contextmanager
+def signals_to_main_thread(sig: int, *delays_s: float) -> Iterator[None]:
+    """Send ``sig`` to the main thread (where it interrupts a blocking read) at each delay."""
+    main = threading.main_thread().ident
+    assert main is not None
+    timers = [threading.Timer(delay, signal.pthread_kill, (main, sig)) for delay in delays_s]
+    for timer in timers:
+        timer.start()
+    try:
+        yield
+    finally:
+        for timer in timers:
+            timer.cancel()
+
+
+@contextmanager
+def cli_signal_handlers() -> Iterator[None]:
+    """SIGTERM raises SystemExit(143), as the CLI makes it (pytest would die of the default)."""
+
+    def sigterm(signum: int, frame: Any) -> None:
+        raise SystemExit(143)
+
+    previous = signal.signal(signal.SIGTERM, sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize(
+    ("sig", "raised"), [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)]
+)
+def test_a_signal_during_run_instances_waits_for_the_instance_id(
+    settings: Settings, tags: dict[str, str], sig: int, raised: type[BaseException]
+) -> None:
+    with simulated_aws(settings) as sim, Ledger.open(settings) as ledger, cli_signal_handlers():
+        cloud = AwsCloud(sim, "us-east-1")
+        cloud.ec2.register_image(Name="cloudtrain-gpu-20261128")
+        request = launch_request(cloud, tags, "")
+        lagging_filters(cloud)
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        started = time.monotonic()
+        with slow_run_instances(1.5), signals_to_main_thread(sig, 0.3), pytest.raises(raised):
+            cloud.launch(request)
+        assert time.monotonic() - started >= 1.5, "the signal acted once the answer was in"
+        assert {s: signal.getsignal(s) for s in handlers} == handlers
+        # the id came back: teardown terminates it though a filter lists nothing yet
+        (found,) = cloud.find_run_instances(RUN_ID)
+        problems = orchestrator.teardown(
+            cloud, ledger, RUN_ID, None, request.security_group_id, request.key.name
+        )
+        assert problems == []
+        assert cloud.describe(found.id).state == "terminated"
+
+
+def test_a_second_ctrl_c_stops_waiting_and_says_what_may_be_left(
+    settings: Settings, tags: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with simulated_aws(settings) as sim, Ledger.open(settings) as ledger:
+        cloud = AwsCloud(sim, "us-east-1")
+        cloud.ec2.register_image(Name="cloudtrain-gpu-20261128")
+        request = launch_request(cloud, tags, "")
+        started = time.monotonic()
+        with slow_run_instances(2.0):
+            with signals_to_main_thread(signal.SIGINT, 0.3, 0.6), pytest.raises(KeyboardInterrupt):
+                cloud.launch(request)
+            assert time.monotonic() - started < 1.5, "the second Ctrl-C does not wait"
+            time.sleep(2.0)  # the simulated EC2 makes the instance all the same
+        said = caplog.text
+        assert "is in flight" in said
+        assert f"client token {request.client_token}" in said and f"cloudtrain down {RUN_ID}" in said
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # teardown finds it by the run's tag (no id came back)
+        problems = orchestrator.teardown(
+            cloud, ledger, RUN_ID, None, request.security_group_id, request.key.name
+        )
+        assert problems == [] and cloud.find_run_instances(RUN_ID) == []
