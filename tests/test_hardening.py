@@ -15,8 +15,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import paramiko
 import pytest
 from botocore.awsrequest import AWSResponse
+from fabric import Config, Connection
 from sshd import session, sshd_server  # noqa: F401  (fixtures)
 from test_aws import RUN_ID, _Body, cloud, image_id, inject, launch_request, tags  # noqa: F401
 
@@ -24,9 +26,10 @@ from cloudtrain import orchestrator
 from cloudtrain.cloud import aws
 from cloudtrain.cloud.aws import AwsCloud, LaunchRequest, caller_cidr, run_tags, single_address
 from cloudtrain.cloud.simulator import simulated_aws
-from cloudtrain.errors import InputError
+from cloudtrain.errors import InputError, RemoteError
 from cloudtrain.ledger import Ledger
 from cloudtrain.records import utcnow
+from cloudtrain.remote.session import Endpoint, PinnedHostKeys, Session
 from cloudtrain.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +57,55 @@ def offending_lines(pattern: re.Pattern[str], *suffixes: str) -> list[str]:
             if pattern.search(line):
                 found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     return found
+
+
+# --- SSH never auto-accepts host keys ----------------------------------------------------
+
+TRUST_ON_FIRST_USE = re.compile(
+    r"AutoAddPolicy|WarningPolicy"
+    r"|StrictHostKeyChecking['\"]?\s*[=:,]?\s*['\"]?\s*(no|off|accept-new)\b"
+    r"|UserKnownHostsFile['\"]?\s*[=:,]?\s*['\"]?\s*/dev/null",
+    re.IGNORECASE,
+)
+
+
+def test_no_code_or_doc_accepts_unknown_host_keys() -> None:
+    assert TRUST_ON_FIRST_USE.search("client.set_missing_host_key_policy(paramiko.AutoAddPolicy())")
+    assert TRUST_ON_FIRST_USE.search('options = {"StrictHostKeyChecking": "no"}')
+    assert TRUST_ON_FIRST_USE.search("ssh -o StrictHostKeyChecking=accept-new host")
+    assert not TRUST_ON_FIRST_USE.search('"StrictHostKeyChecking": "yes",')
+    assert offending_lines(TRUST_ON_FIRST_USE) == []
+
+
+def test_every_ssh_connection_pins_the_host_key(tmp_path: Path) -> None:
+    """fabric's Connection accepts any host key by default; the session's never does."""
+    key = tmp_path / "key.pem"
+    key.write_text("not used: nothing connects")
+    key.chmod(0o600)
+    pinned = frozenset({"SHA256:" + "A" * 43})
+    connection = Session(Endpoint("127.0.0.1", 22, "ubuntu", key, pinned))._new_connection()
+    policy = connection.client._policy  # type: ignore[attr-defined]
+    assert isinstance(policy, PinnedHostKeys) and policy.fingerprints == pinned
+    default = Connection("127.0.0.1", config=Config(overrides={"load_ssh_configs": False}))
+    assert isinstance(default.client._policy, paramiko.AutoAddPolicy)  # type: ignore[attr-defined]
+
+
+# --- private keys ---------------------------------------------------------------------------
+
+
+def test_a_session_refuses_a_private_key_others_can_read(tmp_path: Path) -> None:
+    """`attach`, `pull` and `down` reach a run with the key the ledger names: loosened since
+    (chmod 644), it is refused before anything is dialled."""
+    key = tmp_path / "run.pem"
+    key.write_text("private")
+    key.chmod(0o644)
+    session = Session(Endpoint("127.0.0.1", 9, "ubuntu", key, frozenset({"SHA256:" + "A" * 43})))
+    with pytest.raises(InputError, match="permissions 644") as info:
+        session.connect(deadline_s=1)
+    assert info.value.hint == f"Run: chmod 600 {key}"
+    key.unlink()
+    with pytest.raises(RemoteError, match="cannot read the private key"):
+        session.connect(deadline_s=1)
 
 
 # --- the SSH ingress rule: tcp/22 from one /32 -------------------------------------------
