@@ -30,7 +30,9 @@ from cloudtrain.errors import InputError, RemoteError
 from cloudtrain.ledger import Ledger
 from cloudtrain.records import utcnow
 from cloudtrain.remote.session import Endpoint, PinnedHostKeys, Session
+from cloudtrain.remote.sync import collect
 from cloudtrain.settings import Settings
+from cloudtrain.spec import DataSource
 
 REPO = Path(__file__).resolve().parents[1]
 USER_KEY_ID = "AKIAFAKEFAKEFAKEFAKE"  # tests/conftest.py's fake credentials
@@ -352,3 +354,24 @@ def test_a_second_ctrl_c_stops_waiting_and_says_what_may_be_left(
             cloud, ledger, RUN_ID, None, request.security_group_id, request.key.name
         )
         assert problems == [] and cloud.find_run_instances(RUN_ID) == []
+
+
+# --- no AWS credentials in the synced files ---------------------------------------------------
+
+
+def test_aws_credentials_are_never_synced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A workdir that holds them (the home folder, a copy of it, a link to them)."""
+    work = tmp_path / "home"
+    (work / ".aws" / "sso" / "cache").mkdir(parents=True)
+    (work / ".aws" / "credentials").write_text(f"[default]\naws_secret_access_key = {USER_SECRET}\n")
+    (work / ".aws" / "sso" / "cache" / "token.json").write_text('{"accessToken": "t"}')
+    (work / "keys.ini").write_text(f"aws_secret_access_key = {USER_SECRET}\n")
+    (work / "train.py").write_text("print('hi')\n")
+    (work / "creds-link").symlink_to(work / ".aws" / "credentials")
+    monkeypatch.setenv("HOME", str(work))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(work / "keys.ini"))
+    found = collect(work)
+    assert [f.path for f in found] == ["train.py"]
+    assert sum("AWS credentials never go to the instance" in w for w in found.warnings) == 3
+    with pytest.raises(RemoteError, match="holds AWS credentials"):
+        collect(tmp_path / "home", data_sources=[DataSource(src=str(work / ".aws"), dst="data/aws")])
