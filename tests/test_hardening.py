@@ -4,9 +4,11 @@ examples and docs; the rest runs against moto, a real sshd or the simulated clou
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,12 +25,15 @@ from sshd import session, sshd_server  # noqa: F401  (fixtures)
 from test_aws import RUN_ID, _Body, cloud, image_id, inject, launch_request, tags  # noqa: F401
 
 from cloudtrain import orchestrator
+from cloudtrain.agent import receive as agent_receive
+from cloudtrain.agent.receive import StreamReceiver
 from cloudtrain.cloud import aws
 from cloudtrain.cloud.aws import AwsCloud, LaunchRequest, caller_cidr, run_tags, single_address
 from cloudtrain.cloud.simulator import simulated_aws
 from cloudtrain.errors import InputError, RemoteError
 from cloudtrain.ledger import Ledger
 from cloudtrain.records import utcnow
+from cloudtrain.remote.pull import pull
 from cloudtrain.remote.session import Endpoint, PinnedHostKeys, Session
 from cloudtrain.remote.sync import collect
 from cloudtrain.settings import Settings
@@ -375,3 +380,57 @@ def test_aws_credentials_are_never_synced(tmp_path: Path, monkeypatch: pytest.Mo
     assert sum("AWS credentials never go to the instance" in w for w in found.warnings) == 3
     with pytest.raises(RemoteError, match="holds AWS credentials"):
         collect(tmp_path / "home", data_sources=[DataSource(src=str(work / ".aws"), dst="data/aws")])
+
+
+# --- pulled files land only where they were asked for -------------------------------------
+
+
+def hostile_stream(files: dict[str, bytes]) -> bytes:
+    stream = agent_receive.MAGIC
+    for path, body in files.items():
+        stream += agent_receive.put_header(path, len(body), 0o644, 0) + body
+        stream += hashlib.sha256(body).hexdigest().encode() + b"\n"
+    return stream + agent_receive.end_header(files=len(files), bytes=sum(map(len, files.values())))
+
+
+def test_the_receiver_takes_only_the_paths_asked_for(tmp_path: Path) -> None:
+    stream = hostile_stream({"checkpoint/w.npz": b"w", "job.yaml": b"run: evil", "checkpointx": b"x"})
+    for piece in (len(stream), 5):  # whole records, and records split across chunks
+        dest = tmp_path / f"dest{piece}"
+        receiver = StreamReceiver(str(dest), only=["checkpoint/"])
+        for i in range(0, len(stream), piece):
+            receiver.feed(stream[i : i + piece])
+        receiver.finish()
+        receiver.close()
+        assert receiver.paths_written == ["checkpoint/w.npz"]
+        assert sorted(p for p, _ in receiver.errors) == ["checkpointx", "job.yaml"]
+        assert all("not among the paths asked for" in why for _, why in receiver.errors)
+        assert sorted(p.name for p in dest.iterdir()) == ["checkpoint"]
+
+
+def test_a_hostile_instance_cannot_write_beside_a_pulled_checkpoint(session: Session, tmp_path: Path) -> None:
+    """The checkpoint is pulled into the run folder itself: an instance that sends
+    job.yaml too (which `attach` reads back) must not replace it."""
+    agent = tmp_path / "hostile"
+    (agent / "cloudtrain_agent").mkdir(parents=True)
+    (agent / "cloudtrain_agent" / "__init__.py").write_text("")
+    stream = tmp_path / "stream.bin"
+    stream.write_bytes(hostile_stream({"checkpoint/w.npz": b"weights", "job.yaml": b"data: [{src: ~/.ssh}]"}))
+    (agent / "cloudtrain_agent" / "pack.py").write_text(
+        f"import sys\nsys.stdout.buffer.write(open({str(stream)!r}, 'rb').read())\n"
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "job.yaml").write_text("name: mine\n")
+    with pytest.raises(RemoteError, match="job.yaml: refused: not among the paths asked for"):
+        pull(
+            session,
+            str(tmp_path),
+            ["checkpoint"],
+            run_dir,
+            remote_python=sys.executable,
+            remote_agent_path=str(agent),
+            into="",
+        )
+    assert (run_dir / "job.yaml").read_text() == "name: mine\n"
+    assert (run_dir / "checkpoint" / "w.npz").read_bytes() == b"weights"
