@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import re
 import signal
 import sys
@@ -31,8 +32,8 @@ from cloudtrain.cloud import aws
 from cloudtrain.cloud.aws import AwsCloud, LaunchRequest, caller_cidr, run_tags, single_address
 from cloudtrain.cloud.simulator import simulated_aws
 from cloudtrain.errors import InputError, RemoteError
-from cloudtrain.ledger import Ledger
-from cloudtrain.records import utcnow
+from cloudtrain.ledger import REDACTED, Ledger, LogRedactor, RunRow, redact
+from cloudtrain.records import RunState, utcnow
 from cloudtrain.remote.pull import pull
 from cloudtrain.remote.session import Endpoint, PinnedHostKeys, Session
 from cloudtrain.remote.sync import collect
@@ -434,3 +435,29 @@ def test_a_hostile_instance_cannot_write_beside_a_pulled_checkpoint(session: Ses
         )
     assert (run_dir / "job.yaml").read_text() == "name: mine\n"
     assert (run_dir / "checkpoint" / "w.npz").read_bytes() == b"weights"
+
+
+# --- secrets: redacted wherever free text reaches the ledger, and in logs -----------------
+
+
+def test_the_ledger_writes_secrets_as_stars(settings: Settings) -> None:
+    with Ledger.open(settings) as ledger:
+        ledger.create_run(RunRow(RUN_ID, "digits", RunState.RUNNING, utcnow()))
+        ledger.redact(["s3cr3t-value", "ab"])  # too short to redact without blotting ids
+        ledger.add_event(RUN_ID, "error", "remote command failed: TOKEN=s3cr3t-value; ab")
+        assert ledger.events(RUN_ID)[-1].message == f"remote command failed: TOKEN={REDACTED}; ab"
+        record = json.dumps(orchestrator.run_record(ledger, RUN_ID))  # what `status --json` shows
+    assert "s3cr3t-value" not in record
+    assert b"s3cr3t-value" not in Path(settings.ledger_path).read_bytes()
+
+
+def test_log_redaction_catches_a_secret_split_between_pieces() -> None:
+    assert redact("a=hunter22, b=hunter2", ["hunter2", "hunter22"]) == f"a={REDACTED}, b={REDACTED}"
+    log = b"epoch 1\ntoken is s3cr3t-value, again s3cr3t-value\ns3cr3t-val"
+    for size in (1, 3, 7, len(log)):
+        redactor = LogRedactor(["s3cr3t-value"])
+        out = b"".join(redactor.feed(log[i : i + size]) for i in range(0, len(log), size)) + redactor.flush()
+        assert out == b"epoch 1\ntoken is ***, again ***\ns3cr3t-val"
+    redactor = LogRedactor(["s3cr3t-value"])
+    assert redactor.feed(b"line\n") == b"line\n"  # nothing held back that cannot begin a secret
+    assert LogRedactor([]).feed(b"s3") == b"s3"
