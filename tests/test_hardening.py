@@ -168,6 +168,36 @@ def test_the_callers_address_is_checked_wherever_it_comes_from(
         caller_cidr(settings)
 
 
+# --- the instance: IMDSv2 with hop limit 1, encrypted EBS, no user data -------------------
+
+
+@pytest.mark.parametrize("spot", [True, False])
+def test_every_launch_is_hardened_and_carries_no_credentials(
+    cloud: AwsCloud, tags: dict[str, str], image_id: str, spot: bool
+) -> None:
+    seen: list[dict[str, list[str]]] = []
+    inject(cloud, "RunInstances", [], seen)
+    request = launch_request(cloud, tags, image_id, spot=spot, max_price=0.4 if spot else None)
+    instance_id = cloud.launch(request)
+    (sent,) = seen
+    assert sent["MetadataOptions.HttpTokens"] == ["required"]
+    assert sent["MetadataOptions.HttpPutResponseHopLimit"] == ["1"]
+    assert sent["BlockDeviceMapping.1.Ebs.Encrypted"] == ["true"]
+    assert not [name for name in sent if name.startswith("UserData")]
+    assert USER_SECRET not in json.dumps(sent) and USER_KEY_ID not in json.dumps(sent)
+
+    data = cloud.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+    assert data["MetadataOptions"]["HttpTokens"] == "required"
+    assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+    assert ("InstanceLifecycle" in data) is spot
+    volumes = cloud.ec2.describe_volumes(
+        Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}]
+    )["Volumes"]
+    assert [v["Encrypted"] for v in volumes] == [True]
+    user_data = cloud.ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+    assert not user_data.get("UserData", {}).get("Value")
+
+
 # --- teardown removes what a run made ------------------------------------------------------
 
 # What each AWS call that makes something is undone by (teardown's calls).
@@ -461,3 +491,26 @@ def test_log_redaction_catches_a_secret_split_between_pieces() -> None:
     redactor = LogRedactor(["s3cr3t-value"])
     assert redactor.feed(b"line\n") == b"line\n"  # nothing held back that cannot begin a secret
     assert LogRedactor([]).feed(b"s3") == b"s3"
+
+
+# --- pulled Keras models: docs and examples load weights, or with safe_mode -------------------
+
+UNSAFE_LOADING = re.compile(
+    r"safe_mode\s*=\s*False|enable_unsafe_deserialization|allow_pickle\s*=\s*True"
+    r"|\bpickle\.loads?\(|\bmarshal\.loads?\(|\bjoblib\.load\(|\byaml\.load\(|\btorch\.load\("
+)
+
+
+def test_pulled_models_are_loaded_as_weights_or_in_safe_mode() -> None:
+    assert UNSAFE_LOADING.search("keras.saving.load_model(path, safe_mode=False)")
+    assert offending_lines(UNSAFE_LOADING, ".py", ".md", ".yaml", ".sh") == []
+    # load_model (Keras 2 has no safe_mode: a Lambda layer in a pulled .h5 runs code) only
+    # with safe_mode=True said out loud
+    unsafe_model = [
+        line
+        for line in offending_lines(re.compile(r"\bload_model\("), ".py", ".md")
+        if "safe_mode=True" not in line
+    ]
+    assert unsafe_model == []
+    examples = [p for p in (REPO / "jobs").rglob("*.py")]
+    assert examples and all("save_weights(" in p.read_text() for p in examples)
