@@ -280,21 +280,25 @@ def test_teardown_leaves_nothing_of_the_run(settings: Settings) -> None:
 
 
 @contextmanager
-def slow_run_instances(delay_s: float) -> Iterator[None]:
-    """The simulated EC2 takes ``delay_s`` to answer RunInstances (and makes the instance then)."""
-    from moto.ec2.responses.instances import InstanceResponse
+def slow_moto(responses: type, action: str, delay_s: float) -> Iterator[None]:
+    """The simulated AWS takes ``delay_s`` to answer ``action`` (and does it then)."""
+    current = getattr(responses, action)
 
-    current = InstanceResponse.run_instances
-
-    def run_instances(self: Any) -> Any:
+    def slow(self: Any) -> Any:
         time.sleep(delay_s)
         return current(self)
 
-    InstanceResponse.run_instances = run_instances  # type: ignore[method-assign]
+    setattr(responses, action, slow)
     try:
         yield
     finally:
-        InstanceResponse.run_instances = current  # type: ignore[method-assign]
+        setattr(responses, action, current)
+
+
+def slow_run_instances(delay_s: float) -> Any:
+    from moto.ec2.responses.instances import InstanceResponse
+
+    return slow_moto(InstanceResponse, "run_instances", delay_s)
 
 
 def lagging_filters(cloud: AwsCloud) -> None:
@@ -390,6 +394,39 @@ def test_a_second_ctrl_c_stops_waiting_and_says_what_may_be_left(
             cloud, ledger, RUN_ID, None, request.security_group_id, request.key.name
         )
         assert problems == [] and cloud.find_run_instances(RUN_ID) == []
+
+
+@pytest.mark.parametrize("made", ["key pair", "security group", "instance profile"])
+def test_a_signal_during_a_create_call_undoes_it(settings: Settings, tags: dict[str, str], made: str) -> None:
+    """The run would never record what the call made, so teardown could not find it."""
+    from moto.ec2.responses.key_pairs import KeyPairs
+    from moto.ec2.responses.security_groups import SecurityGroups
+    from moto.iam.responses import IamResponse
+
+    slowed, make = {
+        "key pair": ((KeyPairs, "create_key_pair"), lambda c: c.ensure_key_pair(RUN_ID, tags)),
+        "security group": (
+            (SecurityGroups, "create_security_group"),
+            lambda c: c.create_security_group(RUN_ID, "127.0.0.1/32", tags),
+        ),
+        "instance profile": (
+            (IamResponse, "create_role"),
+            lambda c: c.ensure_instance_profile(RUN_ID, ["data-bucket"], tags),
+        ),
+    }[made]
+    with simulated_aws(settings) as sim:
+        cloud = AwsCloud(sim, "us-east-1")
+        started = time.monotonic()
+        with (
+            slow_moto(*slowed, 1.0),
+            signals_to_main_thread(signal.SIGINT, 0.3),
+            pytest.raises(KeyboardInterrupt),
+        ):
+            make(cloud)
+        assert time.monotonic() - started >= 1.0, "the Ctrl-C waited for the answer"
+        assert cloud.owned_resources(settings.owner, RUN_ID) == []
+        assert cloud.owned_instance_profiles(settings.owner) == []
+        assert list(settings.keys_dir.glob("*.pem")) == []
 
 
 # --- no AWS credentials in the synced files ---------------------------------------------------

@@ -20,7 +20,7 @@ import stat
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -422,18 +422,32 @@ def _deliver(signum: int, frame: Any, handler: Any) -> None:
         signal.raise_signal(signum)
 
 
+class Held:
+    """What ``signals_held`` yields: whether a signal waits to act when the block ends."""
+
+    def __init__(self) -> None:
+        self.signals: list[tuple[int, Any]] = []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.signals)
+
+
 @contextmanager
-def signals_held(what: str, if_abandoned: str) -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back while a call whose answer must not be lost is in
-    flight (a launch: its answer names the instance teardown must terminate); the signal
-    acts once the call is over. A second one stops waiting at once, saying what may be
-    left (``if_abandoned``). Main thread only (elsewhere signals do not arrive)."""
+def signals_held(what: str, if_abandoned: str) -> Iterator[Held]:
+    """Hold SIGINT and SIGTERM back while calls whose answers must not be lost are in
+    flight (a launch: its answer names the instance teardown must terminate; a create:
+    what to delete); the signal acts once the block is over (``pending`` says one
+    waits, so the block can undo what the caller would never learn of). A second one
+    stops waiting at once, saying what may be left (``if_abandoned``). Main thread only
+    (elsewhere signals do not arrive)."""
     signals = (signal.SIGINT, signal.SIGTERM)
     previous: dict[int, Any] = {sig: signal.getsignal(sig) for sig in signals}
+    state = Held()
     if threading.current_thread() is not threading.main_thread() or None in previous.values():
-        yield  # (None: a handler set outside Python, which could not be put back)
+        yield state  # (None: a handler set outside Python, which could not be put back)
         return
-    held: list[tuple[int, Any]] = []
+    held = state.signals
 
     def restore() -> None:
         for sig, handler in previous.items():
@@ -456,11 +470,32 @@ def signals_held(what: str, if_abandoned: str) -> Iterator[None]:
     for sig in signals:
         signal.signal(sig, hold)
     try:
-        yield
+        yield state
     finally:
         restore()
         if held:  # it acts now, even over an error the call raised
             _deliver(held[0][0], held[0][1], previous[held[0][0]])
+
+
+@contextmanager
+def _undone_unless_done(undo: Callable[[], object], what: str, held: Held) -> Iterator[None]:
+    """Run ``undo`` (delete what was just made) if the block fails, or if a signal waits:
+    either way the caller never gets to record it, so teardown could not find it."""
+    try:
+        yield
+    except BaseException:
+        _quietly(undo, what)
+        raise
+    if held.pending:
+        _quietly(undo, what)
+
+
+def _quietly(undo: Callable[[], object], what: str) -> None:
+    try:
+        undo()
+        log.info("removed %s again: the run never got to record it", what)
+    except (CloudtrainError, ClientError, BotoCoreError, OSError) as e:
+        log.warning("could not remove %s (%s): `cloudtrain gc` removes it", what, e)
 
 
 class AwsCloud:
@@ -604,15 +639,23 @@ class AwsCloud:
             return KeyPair(name, path)
         if found:  # the private half is lost: replace the pair
             self.delete_key_pair(name)
-        with aws_errors("CreateKeyPair"):
-            created = self.ec2.create_key_pair(
-                KeyName=name, KeyType="ed25519", TagSpecifications=[_tag_spec("key-pair", tags)]
-            )
-        path.unlink(missing_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(created["KeyMaterial"])
-        log.info("created key pair %s (%s)", name, path)
+
+        def undo() -> None:
+            path.unlink(missing_ok=True)
+            self.delete_key_pair(name)
+
+        # a Ctrl-C now would leave a pair the run never records: it waits, and it is undone
+        with signals_held(f"the creation of key pair {name}", f"`cloudtrain gc` removes {name}") as held:
+            with aws_errors("CreateKeyPair"):
+                created = self.ec2.create_key_pair(
+                    KeyName=name, KeyType="ed25519", TagSpecifications=[_tag_spec("key-pair", tags)]
+                )
+            with _undone_unless_done(undo, f"key pair {name}", held):
+                path.unlink(missing_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as out:
+                    out.write(created["KeyMaterial"])
+                log.info("created key pair %s (%s)", name, path)
         return KeyPair(name, path)
 
     def delete_key_pair(self, name: str) -> None:
@@ -635,26 +678,33 @@ class AwsCloud:
                 f"no default VPC in {self.region}",
                 hint="Create one with `aws ec2 create-default-vpc`.",
             )
-        with aws_errors("CreateSecurityGroup"):
-            group_id: str = self.ec2.create_security_group(
-                GroupName=f"cloudtrain-{run_id}",
-                Description=f"cloudtrain run {run_id}: ssh from the controller only",
-                VpcId=vpcs[0]["VpcId"],
-                TagSpecifications=[_tag_spec("security-group", tags)],
-            )["GroupId"]
-        with aws_errors("AuthorizeSecurityGroupIngress"):
-            self.ec2.authorize_security_group_ingress(
-                GroupId=group_id,
-                IpPermissions=[
-                    {
-                        "IpProtocol": "tcp",
-                        "FromPort": 22,
-                        "ToPort": 22,
-                        "IpRanges": [{"CidrIp": cidr, "Description": "cloudtrain controller"}],
-                    }
-                ],
-            )
-        log.info("created security group %s for %s (ssh from %s)", group_id, run_id, cidr)
+        name = f"cloudtrain-{run_id}"
+        # a Ctrl-C now would leave a group the run never records: it waits, and it is undone
+        with signals_held(
+            f"the creation of security group {name}", f"`cloudtrain gc` removes {name}"
+        ) as held:
+            with aws_errors("CreateSecurityGroup"):
+                group_id: str = self.ec2.create_security_group(
+                    GroupName=name,
+                    Description=f"cloudtrain run {run_id}: ssh from the controller only",
+                    VpcId=vpcs[0]["VpcId"],
+                    TagSpecifications=[_tag_spec("security-group", tags)],
+                )["GroupId"]
+            undo = lambda: self.delete_security_group(group_id, attempts=1)  # noqa: E731
+            with _undone_unless_done(undo, f"security group {group_id}", held):
+                with aws_errors("AuthorizeSecurityGroupIngress"):
+                    self.ec2.authorize_security_group_ingress(
+                        GroupId=group_id,
+                        IpPermissions=[
+                            {
+                                "IpProtocol": "tcp",
+                                "FromPort": 22,
+                                "ToPort": 22,
+                                "IpRanges": [{"CidrIp": cidr, "Description": "cloudtrain controller"}],
+                            }
+                        ],
+                    )
+                log.info("created security group %s for %s (ssh from %s)", group_id, run_id, cidr)
         return group_id
 
     def delete_security_group(self, group_id: str, attempts: int = 20, delay: float = 3.0) -> None:
@@ -693,16 +743,35 @@ class AwsCloud:
         """
         name = f"cloudtrain-{run_id}"
         iam_tags = [{"Key": k, "Value": v} for k, v in tags.items()]
-        try:
-            self.iam.create_role(
-                RoleName=name,
-                AssumeRolePolicyDocument=json.dumps(EC2_TRUST_POLICY),
-                Description=f"cloudtrain run {run_id}: read the job's S3 data",
-                Tags=iam_tags,
-            )
-        except ClientError as e:
-            if _code(e) != "EntityAlreadyExists":
-                raise translate(e, "CreateRole") from e
+        # a Ctrl-C now would leave a role the run never records: it waits, and what this
+        # call made is undone (a profile made before, which an instance may use, is kept)
+        with signals_held(
+            f"the creation of instance profile {name}", f"`cloudtrain gc` removes {name}"
+        ) as held:
+            made = False
+            try:
+                self.iam.create_role(
+                    RoleName=name,
+                    AssumeRolePolicyDocument=json.dumps(EC2_TRUST_POLICY),
+                    Description=f"cloudtrain run {run_id}: read the job's S3 data",
+                    Tags=iam_tags,
+                )
+                made = True
+            except ClientError as e:
+                if _code(e) != "EntityAlreadyExists":
+                    raise translate(e, "CreateRole") from e
+            undo = (lambda: self.delete_instance_profile(name)) if made else (lambda: None)
+            with _undone_unless_done(undo, f"instance profile {name}", held):
+                self._fill_instance_profile(name, iam_tags, buckets, writable)
+        log.info("instance profile %s reads s3://%s", name, ", s3://".join(sorted(set(buckets))))
+        if writable:
+            log.info("instance profile %s writes under %s", name, ", ".join(writable))
+        return name
+
+    def _fill_instance_profile(
+        self, name: str, iam_tags: list[dict[str, str]], buckets: Sequence[str], writable: Sequence[str]
+    ) -> None:
+        """The role's policy, and the profile holding the role."""
         with aws_errors("PutRolePolicy"):
             self.iam.put_role_policy(
                 RoleName=name,
@@ -719,10 +788,6 @@ class AwsCloud:
         if not any(r["RoleName"] == name for r in roles):
             with aws_errors("AddRoleToInstanceProfile"):
                 self.iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
-        log.info("instance profile %s reads s3://%s", name, ", s3://".join(sorted(set(buckets))))
-        if writable:
-            log.info("instance profile %s writes under %s", name, ", ".join(writable))
-        return name
 
     def check_bucket(self, bucket: str, where: str) -> None:
         """Refuse, before launching, a bucket that is not there or that these credentials
