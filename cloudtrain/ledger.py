@@ -463,14 +463,20 @@ class Ledger:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One short write transaction, taking the write lock up front."""
+        """One short write transaction, taking the write lock up front.
+
+        BEGIN is inside the ``try``: a Ctrl-C that lands once it has begun (say, while
+        it waited for another writer's lock) rolls it back, or every later write of this
+        connection (teardown's included) would fail with "cannot start a transaction
+        within a transaction"."""
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
+        nested = conn.in_transaction  # a misuse: BEGIN fails, and the outer one is not ours
         try:
+            conn.execute("BEGIN IMMEDIATE")
             yield conn
             conn.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
+            if conn.in_transaction and not nested:
                 conn.execute("ROLLBACK")
             raise
 

@@ -551,3 +551,42 @@ def test_pulled_models_are_loaded_as_weights_or_in_safe_mode() -> None:
     assert unsafe_model == []
     examples = [p for p in (REPO / "jobs").rglob("*.py")]
     assert examples and all("save_weights(" in p.read_text() for p in examples)
+
+
+# --- a Ctrl-C in a ledger write ---------------------------------------------------------------
+
+
+class InterruptedOnce:
+    """A connection whose next BEGIN takes effect, then is interrupted (Ctrl-C)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.armed = True
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        result = self.conn.execute(sql, *args)
+        if self.armed and sql.startswith("BEGIN"):
+            self.armed = False
+            raise KeyboardInterrupt
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+def test_a_ctrl_c_in_a_ledger_write_leaves_the_ledger_usable_for_teardown(settings: Settings) -> None:
+    """Seen in the launch-in-flight case of test_ctrl_c_in_each_phase_leaves_nothing_running:
+    the run's next writes (teardown's events, the cancelled state) all failed."""
+    with Ledger.open(settings) as ledger:
+        ledger.create_run(RunRow(RUN_ID, "digits", RunState.LAUNCHING, utcnow()))
+        real = ledger._conn
+        ledger._conn = InterruptedOnce(real)  # type: ignore[assignment]
+        with pytest.raises(KeyboardInterrupt):
+            ledger.update_run(RUN_ID, detail={"security_group_id": "sg-1"})
+        ledger._conn = real
+        assert not real.in_transaction
+        ledger.add_event(RUN_ID, "terminated", "i-1 terminated (confirmed)")
+        ledger.update_run(RUN_ID, state=RunState.CANCELLED)
+        run = ledger.get_run(RUN_ID)
+        assert run is not None and run.state is RunState.CANCELLED and "security_group_id" not in run.detail
+        assert [e.kind for e in ledger.events(RUN_ID)] == ["terminated"]
