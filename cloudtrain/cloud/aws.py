@@ -691,20 +691,22 @@ class AwsCloud:
                     TagSpecifications=[_tag_spec("security-group", tags)],
                 )["GroupId"]
             undo = lambda: self.delete_security_group(group_id, attempts=1)  # noqa: E731
-            with _undone_unless_done(undo, f"security group {group_id}", held):
-                with aws_errors("AuthorizeSecurityGroupIngress"):
-                    self.ec2.authorize_security_group_ingress(
-                        GroupId=group_id,
-                        IpPermissions=[
-                            {
-                                "IpProtocol": "tcp",
-                                "FromPort": 22,
-                                "ToPort": 22,
-                                "IpRanges": [{"CidrIp": cidr, "Description": "cloudtrain controller"}],
-                            }
-                        ],
-                    )
-                log.info("created security group %s for %s (ssh from %s)", group_id, run_id, cidr)
+            with (
+                _undone_unless_done(undo, f"security group {group_id}", held),
+                aws_errors("AuthorizeSecurityGroupIngress"),
+            ):
+                self.ec2.authorize_security_group_ingress(
+                    GroupId=group_id,
+                    IpPermissions=[
+                        {
+                            "IpProtocol": "tcp",
+                            "FromPort": 22,
+                            "ToPort": 22,
+                            "IpRanges": [{"CidrIp": cidr, "Description": "cloudtrain controller"}],
+                        }
+                    ],
+                )
+        log.info("created security group %s for %s (ssh from %s)", group_id, run_id, cidr)
         return group_id
 
     def delete_security_group(self, group_id: str, attempts: int = 20, delay: float = 3.0) -> None:
@@ -911,6 +913,7 @@ class AwsCloud:
             f"it may have started an instance (client token {request.client_token}); "
             f"`cloudtrain down {request.run_id}` or `cloudtrain gc` terminates it",
         ):
+            log.info("RunInstances for %s (client token %s)", request.run_id, request.client_token)
             with aws_errors("RunInstances", instance_type=request.instance_type, spot=request.spot):
                 reply = self._run_instances(params)
             instance_id: str = reply["Instances"][0]["InstanceId"]
