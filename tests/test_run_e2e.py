@@ -166,11 +166,40 @@ def test_host_key_mismatch_is_refused_and_terminated(
     assert any(e["kind"] == "host-key-mismatch" for e in status(run_id)["events"])
 
 
-def run_until(job: Path, out: Path, marker: str, sig: int, *, watch: str = "stderr") -> tuple[int, str, str]:
+def leftovers(settings: Settings, run_id: str) -> list[str]:
+    """What of the run the simulated AWS still has (instances not terminated, its security
+    group, key pair, open or active spot requests), and its private key file."""
+    ec2 = AwsCloud(ensure_simulator(settings), "us-east-1").ec2
+    tagged = [{"Name": f"tag:{TAG_RUN_ID}", "Values": [run_id]}]
+    left = [f"instance {i}" for i in live_instances(settings, run_id)]
+    left += [f"group {g['GroupId']}" for g in ec2.describe_security_groups(Filters=tagged)["SecurityGroups"]]
+    left += [f"key pair {k['KeyName']}" for k in ec2.describe_key_pairs(Filters=tagged)["KeyPairs"]]
+    requests = ec2.describe_spot_instance_requests(
+        Filters=[*tagged, {"Name": "state", "Values": ["open", "active"]}]
+    )["SpotInstanceRequests"]
+    left += [f"spot request {r['SpotInstanceRequestId']}" for r in requests]
+    if (settings.keys_dir / f"{run_id}.pem").exists():
+        left.append("the private key file")
+    return left
+
+
+def run_until(
+    job: Path, out: Path, marker: str, sig: int, *, watch: str = "stderr", debug: bool = False
+) -> tuple[int, str, str]:
     """Start `run --dry-run`, send ``sig`` once ``watch`` (stderr, or stdout: the training log)
-    shows ``marker``; return (code, stdout, stderr)."""
+    shows ``marker``; return (code, stdout, stderr). ``debug``: `--debug` (INFO logs on stderr)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "cloudtrain", "run", str(job), "--dry-run", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "cloudtrain",
+            *(["--debug"] if debug else []),
+            "run",
+            str(job),
+            "--dry-run",
+            "--out",
+            str(out),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -199,20 +228,49 @@ def run_until(job: Path, out: Path, marker: str, sig: int, *, watch: str = "stde
     return process.returncode, stdout, "".join(seen) + rest
 
 
-@pytest.mark.parametrize("phase", ["▸ launching", "▸ provisioning", "▸ syncing", "▸ running", "▸ pulling"])
+LOOP = "import time\nfor i in range(600): print(i, flush=True); time.sleep(0.1)"
+
+
+@pytest.mark.parametrize(
+    ("phase", "marker", "watch"),
+    [
+        ("launching", "▸ launching", "stderr"),  # key pair, image, group
+        # --debug logs the RunInstances call as it goes out: the signal lands while it is in
+        # flight (tests/test_hardening.py slows the call down to hit it every time)
+        ("launch-in-flight", "RunInstances for", "debug"),
+        ("boot", "▸ provisioning", "stderr"),  # waiting for the host key fingerprints, then the backend
+        ("syncing", "▸ syncing", "stderr"),
+        ("setup", "setting-up", "stdout"),  # the job's `setup:`, before its `run:`
+        ("running", "▸ running", "stderr"),
+        ("pulling", "▸ pulling", "stderr"),
+    ],
+)
 def test_ctrl_c_in_each_phase_leaves_nothing_running(
-    sim_image: Path, tmp_path: Path, settings: Settings, phase: str
+    sim_image: Path, tmp_path: Path, settings: Settings, phase: str, marker: str, watch: str
 ) -> None:
-    if phase == "▸ pulling":  # a quick run with 64 MB of outputs: the signal lands mid-pull
+    extra = ""
+    if phase == "pulling":  # a quick run with 64 MB of outputs: the signal lands mid-pull
         program = "import os\nos.makedirs('outputs', exist_ok=True)\nopen('outputs/big.bin', 'wb').write(os.urandom(64 << 20))"
+    elif phase == "setup":
+        program = "print('never runs')"
+        extra = yaml.safe_dump({"setup": py(LOOP.replace("print(i,", "print('setting-up', i,"))})
     else:
-        program = "import time\nfor i in range(600): print(i, flush=True); time.sleep(0.1)"
-    job = write_job(tmp_path / "job", py(program))
-    code, _, stderr = run_until(job, tmp_path / "runs", phase, signal.SIGINT)
+        program = LOOP
+    job = write_job(tmp_path / "job", py(program), extra=extra)
+    code, stdout, stderr = run_until(
+        job,
+        tmp_path / "runs",
+        marker,
+        signal.SIGINT,
+        watch="stderr" if watch == "debug" else watch,
+        debug=watch == "debug",
+    )
     assert code == 130, stderr
     run_id = only_run(tmp_path / "runs").name
-    assert live_instances(settings, run_id) == []
+    assert leftovers(settings, run_id) == [], stderr
     assert status(run_id)["state"] == "cancelled"
+    if phase == "setup":
+        assert "never runs" not in stdout + (tmp_path / "runs" / run_id / "logs" / "train.log").read_text()
 
 
 def test_a_stuck_pull_after_ctrl_c_does_not_hold_up_teardown(
@@ -248,7 +306,7 @@ def test_sigterm_like_sigint(sim_image: Path, tmp_path: Path, settings: Settings
     code, _, stderr = run_until(job, tmp_path / "runs", "▸ running", signal.SIGTERM)
     assert code == 143, stderr
     run_id = only_run(tmp_path / "runs").name
-    assert live_instances(settings, run_id) == []
+    assert leftovers(settings, run_id) == []
     assert status(run_id)["state"] == "cancelled"
 
 
