@@ -417,22 +417,105 @@ def test_kept_instance_powers_itself_off_at_the_deadline(
 def test_secrets_reach_the_run_only(
     sim_image: Path, tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TRAIN_TOKEN", "s3cr3t-value")
+    """The job's secret reaches the training's environment and nothing else; the user's AWS
+    keys reach nothing on the instance (its S3 data comes through the instance profile).
+
+    In-process, so that everything sent to the simulated host is seen: each SSH channel's
+    command and bytes (the OpenSSH client is off: all of it goes through paramiko) and
+    each RunInstances call; then what is on the host and in the run folder."""
+    import gzip
+
+    import paramiko
+
+    from cloudtrain.api import run_job
+    from cloudtrain.cloud.aws import make_client
+    from cloudtrain.progress import Reporter
+    from cloudtrain.remote.sync import OpenSSH
+
+    token, user_keys = b"s3cr3t-value", [b"fake-secret-never-leaves-this-machine", b"AKIAFAKEFAKEFAKEFAKE"]
+    monkeypatch.setenv("TRAIN_TOKEN", token.decode())
+    sim = ensure_simulator(settings, image=sim_image)
+    s3 = make_client(sim, "s3", "us-east-1")
+    s3.create_bucket(Bucket="job-bucket")
+    s3.put_object(Bucket="job-bucket", Key="set/a.txt", Body=b"content of a")
+
+    sent: list[tuple[str, bytearray]] = []  # (command, the bytes sent on its channel)
+    channels: dict[int, bytearray] = {}
+    launches: list[dict[str, Any]] = []
+    exec_command, send, run_instances = (
+        paramiko.Channel.exec_command,
+        paramiko.Channel.send,
+        AwsCloud._run_instances,
+    )
+
+    def recording_exec(channel: paramiko.Channel, command: str | bytes) -> None:
+        sent.append((command if isinstance(command, str) else command.decode(), bytearray()))
+        channels[id(channel)] = sent[-1][1]
+        exec_command(channel, command)
+
+    def recording_send(channel: paramiko.Channel, data: bytes) -> int:
+        n: int = send(channel, data)
+        channels.setdefault(id(channel), bytearray()).extend(bytes(data[:n]))
+        return n
+
+    def recording_launch(cloud: AwsCloud, params: dict[str, Any]) -> Any:
+        launches.append(params)
+        return run_instances(cloud, params)
+
+    monkeypatch.setattr(paramiko.Channel, "exec_command", recording_exec)
+    monkeypatch.setattr(paramiko.Channel, "send", recording_send)
+    monkeypatch.setattr(AwsCloud, "_run_instances", recording_launch)
+    monkeypatch.setattr(OpenSSH, "available", staticmethod(lambda: False))
+
+    class Log(Reporter):
+        def __init__(self) -> None:
+            self.text = bytearray()
+
+        def log(self, data: bytes) -> None:
+            self.text += data
+
+    program = (
+        "import os\n"
+        "print('token length', len(os.environ['TRAIN_TOKEN']), flush=True)\n"
+        "print('A=' + open('data/set/a.txt').read(), flush=True)\n"
+        "print('env', sorted((k, v) for k, v in os.environ.items() if k != 'TRAIN_TOKEN'), flush=True)\n"
+    )
     job = write_job(
         tmp_path / "job",
-        py("import os; print('token length', len(os.environ['TRAIN_TOKEN']))"),
-        extra="secrets: [TRAIN_TOKEN]\n",
+        py(program),
+        extra="secrets: [TRAIN_TOKEN]\ndata: [{src: 's3://job-bucket/set/', dst: data/set}]\n",
     )
-    done = cloudtrain("run", str(job), "--dry-run", "--out", str(tmp_path / "runs"), check=True)
-    assert "token length 12" in done.stdout
+    reporter = Log()
+    outcome = run_job(job, settings, dry_run=True, out_dir=tmp_path / "runs", reporter=reporter)
+    assert outcome.exit_code == 0
+
+    log = bytes(reporter.text)
+    assert b"token length 12" in log and b"A=content of a" in log
+    assert token not in log and not [k for k in user_keys if k in log]
+
+    assert len(sent) > 10 and launches
+    opened = [
+        (command, gzip.decompress(data) if data[:2] == b"\x1f\x8b" else bytes(data)) for command, data in sent
+    ]
+    for command, data in opened:
+        assert token.decode() not in command and not [k for k in user_keys if k.decode() in command], command
+        assert not [k for k in user_keys if k in data], command
+    (start,) = [command for command, data in opened if token in data]  # once: `start`'s stdin
+    assert " start " in start
+    assert not [k for k in user_keys if k.decode() in json.dumps(launches, default=str)]
+
     run_dir = only_run(tmp_path / "runs")
     for path in run_dir.rglob("*"):
         if path.is_file():
-            assert "s3cr3t-value" not in path.read_text(errors="replace"), path
+            assert token not in path.read_bytes(), path
     sandbox = Path(os.environ["CLOUDTRAIN_HOME"]) / "sim" / "instances"
+    checked = 0
     for path in sandbox.rglob("*"):
         if path.is_file() and path.stat().st_size < 1_000_000 and "envs" not in path.parts:
-            assert b"s3cr3t-value" not in path.read_bytes(), path
+            data = path.read_bytes()
+            assert token not in data and not [k for k in user_keys if k in data], path
+            checked += 1
+    assert checked > 10
 
 
 def test_missing_secret_refused_before_launch(tmp_path: Path) -> None:
