@@ -134,12 +134,15 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 class LogRedactor:
     """Redacts secret values in bytes that arrive in pieces (a training log as it streams).
 
-    A secret split between two pieces is still caught: the end of a piece that could
-    begin one is held back until the next piece, or ``flush()`` at the stream's end."""
+    Each value becomes as many ``*`` as it has bytes: the redacted log is exactly as long
+    as the instance's, so byte offsets into it (where a stream resumes after a
+    reconnection) stay true. A secret split between two pieces is still caught: the end
+    of a piece that could begin one is held back until the next piece, or ``flush()``
+    at the stream's end (the bytes held back are ``pending``: a stream cut there and
+    resumed from the bytes passed on sends them again, so start a new redactor)."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         self.values = [v.encode("utf-8") for v in secret_values(secrets)]
-        self.redacted = REDACTED.encode()
         self.pending = b""
 
     def feed(self, data: bytes) -> bytes:
@@ -148,7 +151,7 @@ class LogRedactor:
             return data
         data = self.pending + data
         for value in self.values:
-            data = data.replace(value, self.redacted)
+            data = data.replace(value, b"*" * len(value))
         held = 0
         for size in range(min(len(data), max(len(v) for v in self.values) - 1), 0, -1):
             tail = data[-size:]

@@ -1057,14 +1057,16 @@ class AwsCloud:
 
     # --- garbage collection (cloudtrain gc): what runs left behind, by owner tag ------------
 
-    def owned_resources(self, owner: str, run_id: str | None = None) -> list[TaggedResource]:
+    def owned_resources(self, owner: str | None, run_id: str | None = None) -> list[TaggedResource]:
         """This region's resources tagged with ``owner`` and a run id (``run_id``: that
-        run's only): instances not yet terminated, volumes, security groups, key pairs,
-        open or active spot requests.
+        run's only; ``owner`` None: whoever launched that run): instances not yet
+        terminated, volumes, security groups, key pairs, open or active spot requests.
 
         AWS filters by the tags; they are checked again here, so another owner's (or
         run's) resource never comes back whatever a filter does."""
-        owned = [{"Name": f"tag:{TAG_OWNER}", "Values": [owner]}]
+        if owner is None and run_id is None:
+            raise ValueError("owned_resources needs an owner or a run id")
+        owned = [] if owner is None else [{"Name": f"tag:{TAG_OWNER}", "Values": [owner]}]
         if run_id is not None:
             owned.append({"Name": f"tag:{TAG_RUN_ID}", "Values": [run_id]})
         found: list[TaggedResource] = []
@@ -1114,7 +1116,7 @@ class AwsCloud:
         with aws_errors("DescribeKeyPairs"):
             for data in self.ec2.describe_key_pairs(Filters=owned)["KeyPairs"]:
                 found.append(TaggedResource("key-pair", data["KeyName"], _tags(data)))
-        return [r for r in found if r.owner == owner and r.run_id and run_id in (None, r.run_id)]
+        return [r for r in found if owner in (None, r.owner) and r.run_id and run_id in (None, r.run_id)]
 
     def owned_instance_profiles(self, owner: str, prefix: str = "cloudtrain-") -> list[TaggedResource]:
         """IAM (global, whatever this cloud's region): the ``prefix``* roles and instance
