@@ -86,6 +86,7 @@ IAM_OPERATIONS = frozenset(
 )
 PROFILE_RETRY_ATTEMPTS = 6  # run_instances right after creating a profile: about 30 s in all
 PROFILE_RETRY_DELAY_S = 2.0
+NOT_FOUND_RETRIES = 6  # an instance this process launched, unknown to EC2 yet: about 10 s in all
 
 # The Service Quotas a launch can hit, by instance family letter and market.
 QUOTA_NAMES = {
@@ -1028,16 +1029,29 @@ class AwsCloud:
                 found.append(instance)
         return found
 
-    def terminate(self, instance_id: str, delay: int = 5, max_attempts: int = 120) -> datetime:
-        """Terminate and confirm with describe_instances; return when it was confirmed."""
-        try:
-            self.ec2.terminate_instances(InstanceIds=[instance_id])
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
+    def terminate(
+        self, instance_id: str, delay: int = 5, max_attempts: int = 120, not_found_delay: float = 2.0
+    ) -> datetime:
+        """Terminate and confirm with describe_instances; return when it was confirmed.
+
+        An id EC2 does not know is taken as long gone, unless this object launched it:
+        a new instance's id can be unknown for a few seconds (a Ctrl-C right after the
+        launch), so that is asked again first."""
+        fresh = any(instance_id in ids for ids in self._launched.values())
+        tries = NOT_FOUND_RETRIES if fresh else 1
+        for attempt in range(1, tries + 1):
+            try:
+                self.ec2.terminate_instances(InstanceIds=[instance_id])
+                break
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
+                    raise translate(e, "TerminateInstances") from e
+                if attempt == tries:
+                    return utcnow()
+                log.info("%s, just launched, is not known to EC2 yet; asking again", instance_id)
+                time.sleep(not_found_delay)
+            except BotoCoreError as e:
                 raise translate(e, "TerminateInstances") from e
-            return utcnow()
-        except BotoCoreError as e:
-            raise translate(e, "TerminateInstances") from e
         self._wait(
             "instance_terminated",
             instance_id,
