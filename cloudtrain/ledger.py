@@ -48,7 +48,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -111,6 +111,60 @@ class EventRow:
     at: datetime
     kind: str
     message: str
+
+
+# --- secrets: never written ----------------------------------------------------------
+
+REDACTED = "***"
+MIN_REDACTED_LEN = 4  # shorter values would blot out ids and times, and hide nothing
+
+
+def secret_values(values: Iterable[str]) -> tuple[str, ...]:
+    """The values to redact, longest first (a secret that holds another goes whole)."""
+    return tuple(sorted({v for v in values if len(v) >= MIN_REDACTED_LEN}, key=lambda v: (-len(v), v)))
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with each secret value replaced by ``REDACTED``."""
+    for value in secret_values(secrets):
+        text = text.replace(value, REDACTED)
+    return text
+
+
+class LogRedactor:
+    """Redacts secret values in bytes that arrive in pieces (a training log as it streams).
+
+    Each value becomes as many ``*`` as it has bytes: the redacted log is exactly as long
+    as the instance's, so byte offsets into it (where a stream resumes after a
+    reconnection) stay true. A secret split between two pieces is still caught: the end
+    of a piece that could begin one is held back until the next piece, or ``flush()``
+    at the stream's end (the bytes held back are ``pending``: a stream cut there and
+    resumed from the bytes passed on sends them again, so start a new redactor)."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self.values = [v.encode("utf-8") for v in secret_values(secrets)]
+        self.pending = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """What of ``pending + data`` can be passed on now, redacted."""
+        if not self.values:
+            return data
+        data = self.pending + data
+        for value in self.values:
+            data = data.replace(value, b"*" * len(value))
+        held = 0
+        for size in range(min(len(data), max(len(v) for v in self.values) - 1), 0, -1):
+            tail = data[-size:]
+            if any(v.startswith(tail) for v in self.values):
+                held = size
+                break
+        self.pending = data[len(data) - held :]
+        return data[: len(data) - held]
+
+    def flush(self) -> bytes:
+        """The bytes held back (a secret's beginning, not a whole one)."""
+        data, self.pending = self.pending, b""
+        return data
 
 
 # --- schema -------------------------------------------------------------------------
@@ -316,6 +370,7 @@ class Ledger:
     def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
         self.path = Path(path)
         self.timeout = timeout
+        self._secrets: tuple[str, ...] = ()  # redacted from the texts written (``redact``)
         _prepare_file(self.path)
         try:
             conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
@@ -411,14 +466,20 @@ class Ledger:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One short write transaction, taking the write lock up front."""
+        """One short write transaction, taking the write lock up front.
+
+        BEGIN is inside the ``try``: a Ctrl-C that lands once it has begun (say, while
+        it waited for another writer's lock) rolls it back, or every later write of this
+        connection (teardown's included) would fail with "cannot start a transaction
+        within a transaction"."""
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
+        nested = conn.in_transaction  # a misuse: BEGIN fails, and the outer one is not ours
         try:
+            conn.execute("BEGIN IMMEDIATE")
             yield conn
             conn.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
+            if conn.in_transaction and not nested:
                 conn.execute("ROLLBACK")
             raise
 
@@ -623,10 +684,21 @@ class Ledger:
             for r in rows
         ]
 
+    # --- secrets --------------------------------------------------------------------
+
+    def redact(self, secrets: Iterable[str]) -> None:
+        """From now on, write each of ``secrets`` (a run's ``secrets:`` values) as ``***``
+        wherever free text reaches the ledger: event messages, which carry error messages
+        and remote output. (Run details hold ids, addresses and reports made before any
+        secret reaches the instance; they are left as they are, so no id is ever blotted.)"""
+        self._secrets = secret_values((*self._secrets, *secrets))
+
     # --- events ---------------------------------------------------------------------
 
     def add_event(self, run_id: str, kind: str, message: str, at: datetime | None = None) -> None:
-        """Append a line to a run's history (``at`` defaults to now)."""
+        """Append a line to a run's history (``at`` defaults to now); secrets redacted."""
+        if self._secrets:
+            message = redact(message, self._secrets)
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO events (run_id, at, kind, message) VALUES (?, ?, ?, ?)",

@@ -166,11 +166,40 @@ def test_host_key_mismatch_is_refused_and_terminated(
     assert any(e["kind"] == "host-key-mismatch" for e in status(run_id)["events"])
 
 
-def run_until(job: Path, out: Path, marker: str, sig: int, *, watch: str = "stderr") -> tuple[int, str, str]:
+def leftovers(settings: Settings, run_id: str) -> list[str]:
+    """What of the run the simulated AWS still has (instances not terminated, its security
+    group, key pair, open or active spot requests), and its private key file."""
+    ec2 = AwsCloud(ensure_simulator(settings), "us-east-1").ec2
+    tagged = [{"Name": f"tag:{TAG_RUN_ID}", "Values": [run_id]}]
+    left = [f"instance {i}" for i in live_instances(settings, run_id)]
+    left += [f"group {g['GroupId']}" for g in ec2.describe_security_groups(Filters=tagged)["SecurityGroups"]]
+    left += [f"key pair {k['KeyName']}" for k in ec2.describe_key_pairs(Filters=tagged)["KeyPairs"]]
+    requests = ec2.describe_spot_instance_requests(
+        Filters=[*tagged, {"Name": "state", "Values": ["open", "active"]}]
+    )["SpotInstanceRequests"]
+    left += [f"spot request {r['SpotInstanceRequestId']}" for r in requests]
+    if (settings.keys_dir / f"{run_id}.pem").exists():
+        left.append("the private key file")
+    return left
+
+
+def run_until(
+    job: Path, out: Path, marker: str, sig: int, *, watch: str = "stderr", debug: bool = False
+) -> tuple[int, str, str]:
     """Start `run --dry-run`, send ``sig`` once ``watch`` (stderr, or stdout: the training log)
-    shows ``marker``; return (code, stdout, stderr)."""
+    shows ``marker``; return (code, stdout, stderr). ``debug``: `--debug` (INFO logs on stderr)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "cloudtrain", "run", str(job), "--dry-run", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "cloudtrain",
+            *(["--debug"] if debug else []),
+            "run",
+            str(job),
+            "--dry-run",
+            "--out",
+            str(out),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -199,20 +228,49 @@ def run_until(job: Path, out: Path, marker: str, sig: int, *, watch: str = "stde
     return process.returncode, stdout, "".join(seen) + rest
 
 
-@pytest.mark.parametrize("phase", ["▸ launching", "▸ provisioning", "▸ syncing", "▸ running", "▸ pulling"])
+LOOP = "import time\nfor i in range(600): print(i, flush=True); time.sleep(0.1)"
+
+
+@pytest.mark.parametrize(
+    ("phase", "marker", "watch"),
+    [
+        ("launching", "▸ launching", "stderr"),  # key pair, image, group
+        # --debug logs the RunInstances call as it goes out: the signal lands while it is in
+        # flight (tests/test_hardening.py slows the call down to hit it every time)
+        ("launch-in-flight", "RunInstances for", "debug"),
+        ("boot", "▸ provisioning", "stderr"),  # waiting for the host key fingerprints, then the backend
+        ("syncing", "▸ syncing", "stderr"),
+        ("setup", "setting-up", "stdout"),  # the job's `setup:`, before its `run:`
+        ("running", "▸ running", "stderr"),
+        ("pulling", "▸ pulling", "stderr"),
+    ],
+)
 def test_ctrl_c_in_each_phase_leaves_nothing_running(
-    sim_image: Path, tmp_path: Path, settings: Settings, phase: str
+    sim_image: Path, tmp_path: Path, settings: Settings, phase: str, marker: str, watch: str
 ) -> None:
-    if phase == "▸ pulling":  # a quick run with 64 MB of outputs: the signal lands mid-pull
+    extra = ""
+    if phase == "pulling":  # a quick run with 64 MB of outputs: the signal lands mid-pull
         program = "import os\nos.makedirs('outputs', exist_ok=True)\nopen('outputs/big.bin', 'wb').write(os.urandom(64 << 20))"
+    elif phase == "setup":
+        program = "print('never runs')"
+        extra = yaml.safe_dump({"setup": py(LOOP.replace("print(i,", "print('setting-up', i,"))})
     else:
-        program = "import time\nfor i in range(600): print(i, flush=True); time.sleep(0.1)"
-    job = write_job(tmp_path / "job", py(program))
-    code, _, stderr = run_until(job, tmp_path / "runs", phase, signal.SIGINT)
+        program = LOOP
+    job = write_job(tmp_path / "job", py(program), extra=extra)
+    code, stdout, stderr = run_until(
+        job,
+        tmp_path / "runs",
+        marker,
+        signal.SIGINT,
+        watch="stderr" if watch == "debug" else watch,
+        debug=watch == "debug",
+    )
     assert code == 130, stderr
     run_id = only_run(tmp_path / "runs").name
-    assert live_instances(settings, run_id) == []
+    assert leftovers(settings, run_id) == [], stderr
     assert status(run_id)["state"] == "cancelled"
+    if phase == "setup":
+        assert "never runs" not in stdout + (tmp_path / "runs" / run_id / "logs" / "train.log").read_text()
 
 
 def test_a_stuck_pull_after_ctrl_c_does_not_hold_up_teardown(
@@ -248,7 +306,7 @@ def test_sigterm_like_sigint(sim_image: Path, tmp_path: Path, settings: Settings
     code, _, stderr = run_until(job, tmp_path / "runs", "▸ running", signal.SIGTERM)
     assert code == 143, stderr
     run_id = only_run(tmp_path / "runs").name
-    assert live_instances(settings, run_id) == []
+    assert leftovers(settings, run_id) == []
     assert status(run_id)["state"] == "cancelled"
 
 
@@ -360,22 +418,105 @@ def test_kept_instance_powers_itself_off_at_the_deadline(
 def test_secrets_reach_the_run_only(
     sim_image: Path, tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TRAIN_TOKEN", "s3cr3t-value")
+    """The job's secret reaches the training's environment and nothing else; the user's AWS
+    keys reach nothing on the instance (its S3 data comes through the instance profile).
+
+    In-process, so that everything sent to the simulated host is seen: each SSH channel's
+    command and bytes (the OpenSSH client is off: all of it goes through paramiko) and
+    each RunInstances call; then what is on the host and in the run folder."""
+    import gzip
+
+    import paramiko
+
+    from cloudtrain.api import run_job
+    from cloudtrain.cloud.aws import make_client
+    from cloudtrain.progress import Reporter
+    from cloudtrain.remote.sync import OpenSSH
+
+    token, user_keys = b"s3cr3t-value", [b"fake-secret-never-leaves-this-machine", b"AKIAFAKEFAKEFAKEFAKE"]
+    monkeypatch.setenv("TRAIN_TOKEN", token.decode())
+    sim = ensure_simulator(settings, image=sim_image)
+    s3 = make_client(sim, "s3", "us-east-1")
+    s3.create_bucket(Bucket="job-bucket")
+    s3.put_object(Bucket="job-bucket", Key="set/a.txt", Body=b"content of a")
+
+    sent: list[tuple[str, bytearray]] = []  # (command, the bytes sent on its channel)
+    channels: dict[int, bytearray] = {}
+    launches: list[dict[str, Any]] = []
+    exec_command, send, run_instances = (
+        paramiko.Channel.exec_command,
+        paramiko.Channel.send,
+        AwsCloud._run_instances,
+    )
+
+    def recording_exec(channel: paramiko.Channel, command: str | bytes) -> None:
+        sent.append((command if isinstance(command, str) else command.decode(), bytearray()))
+        channels[id(channel)] = sent[-1][1]
+        exec_command(channel, command)
+
+    def recording_send(channel: paramiko.Channel, data: bytes) -> int:
+        n: int = send(channel, data)
+        channels.setdefault(id(channel), bytearray()).extend(bytes(data[:n]))
+        return n
+
+    def recording_launch(cloud: AwsCloud, params: dict[str, Any]) -> Any:
+        launches.append(params)
+        return run_instances(cloud, params)
+
+    monkeypatch.setattr(paramiko.Channel, "exec_command", recording_exec)
+    monkeypatch.setattr(paramiko.Channel, "send", recording_send)
+    monkeypatch.setattr(AwsCloud, "_run_instances", recording_launch)
+    monkeypatch.setattr(OpenSSH, "available", staticmethod(lambda: False))
+
+    class Log(Reporter):
+        def __init__(self) -> None:
+            self.text = bytearray()
+
+        def log(self, data: bytes) -> None:
+            self.text += data
+
+    program = (
+        "import os\n"
+        "print('token length', len(os.environ['TRAIN_TOKEN']), flush=True)\n"
+        "print('A=' + open('data/set/a.txt').read(), flush=True)\n"
+        "print('env', sorted((k, v) for k, v in os.environ.items() if k != 'TRAIN_TOKEN'), flush=True)\n"
+    )
     job = write_job(
         tmp_path / "job",
-        py("import os; print('token length', len(os.environ['TRAIN_TOKEN']))"),
-        extra="secrets: [TRAIN_TOKEN]\n",
+        py(program),
+        extra="secrets: [TRAIN_TOKEN]\ndata: [{src: 's3://job-bucket/set/', dst: data/set}]\n",
     )
-    done = cloudtrain("run", str(job), "--dry-run", "--out", str(tmp_path / "runs"), check=True)
-    assert "token length 12" in done.stdout
+    reporter = Log()
+    outcome = run_job(job, settings, dry_run=True, out_dir=tmp_path / "runs", reporter=reporter)
+    assert outcome.exit_code == 0
+
+    log = bytes(reporter.text)
+    assert b"token length 12" in log and b"A=content of a" in log
+    assert token not in log and not [k for k in user_keys if k in log]
+
+    assert len(sent) > 10 and launches
+    opened = [
+        (command, gzip.decompress(data) if data[:2] == b"\x1f\x8b" else bytes(data)) for command, data in sent
+    ]
+    for command, data in opened:
+        assert token.decode() not in command and not [k for k in user_keys if k.decode() in command], command
+        assert not [k for k in user_keys if k in data], command
+    (start,) = [command for command, data in opened if token in data]  # once: `start`'s stdin
+    assert " start " in start
+    assert not [k for k in user_keys if k.decode() in json.dumps(launches, default=str)]
+
     run_dir = only_run(tmp_path / "runs")
     for path in run_dir.rglob("*"):
         if path.is_file():
-            assert "s3cr3t-value" not in path.read_text(errors="replace"), path
+            assert token not in path.read_bytes(), path
     sandbox = Path(os.environ["CLOUDTRAIN_HOME"]) / "sim" / "instances"
+    checked = 0
     for path in sandbox.rglob("*"):
         if path.is_file() and path.stat().st_size < 1_000_000 and "envs" not in path.parts:
-            assert b"s3cr3t-value" not in path.read_bytes(), path
+            data = path.read_bytes()
+            assert token not in data and not [k for k in user_keys if k in data], path
+            checked += 1
+    assert checked > 10
 
 
 def test_missing_secret_refused_before_launch(tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ import os
 import re
 import stat
 import sys
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 MAGIC = b"CLOUDTRAIN-STREAM 1\n"
 HASH_HEX = 64
@@ -287,6 +287,7 @@ class StreamReceiver:
         mode_mask: int = 0o777,
         fsync: bool = False,
         refuse_symlinked_dest: bool = False,
+        only: Iterable[str] | None = None,
     ) -> None:
         self.dest = os.path.abspath(dest).rstrip("/") or "/"
         if refuse_symlinked_dest and os.path.islink(self.dest):
@@ -295,6 +296,9 @@ class StreamReceiver:
         if not os.path.isdir(self.dest):
             raise PathRefused(f"{self.dest} is not a folder")
         self.manifest = manifest
+        # pull-back: the paths asked for; a put of anything else (say job.yaml beside a
+        # pulled checkpoint) is refused, whatever the sender sends
+        self.only = None if only is None else tuple(p.rstrip("/") for p in only)
         self.max_bytes = max_bytes
         self.mode_mask = mode_mask
         self.fsync = fsync
@@ -485,6 +489,8 @@ class StreamReceiver:
         self._final = ""
         try:
             check_relpath(record.get("path"))
+            if self.only is not None:
+                self._check_asked(path)
             self._dir = self._parent(path, create=True)
             self._final = self._dir + "/" + path.rpartition("/")[2]
         except PathRefused as e:
@@ -513,6 +519,8 @@ class StreamReceiver:
         mode &= self.mode_mask
         try:
             check_relpath(path)
+            if self.only is not None:
+                self._check_asked(path)
             cut = path.rfind("/")
             if cut < 0:
                 folder = self.dest
@@ -704,6 +712,12 @@ class StreamReceiver:
                 return
             self._dirs.discard(rel)
             parts.pop()
+
+    def _check_asked(self, path: str) -> None:
+        for asked in self.only or ():
+            if path == asked or path.startswith(asked + "/"):
+                return
+        raise PathRefused("not among the paths asked for")
 
     def _parent(self, path: str, create: bool) -> str:
         """The real folder that holds ``path``; every part is checked to be a folder, not a link."""

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 import logging
 import os
+import signal
 import stat
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,6 +43,7 @@ from botocore.exceptions import (
 from cloudtrain.errors import (
     CapacityError,
     CloudError,
+    CloudtrainError,
     CredentialsError,
     InputError,
     PriceError,
@@ -82,6 +86,7 @@ IAM_OPERATIONS = frozenset(
 )
 PROFILE_RETRY_ATTEMPTS = 6  # run_instances right after creating a profile: about 30 s in all
 PROFILE_RETRY_DELAY_S = 2.0
+NOT_FOUND_RETRIES = 6  # an instance this process launched, unknown to EC2 yet: about 10 s in all
 
 # The Service Quotas a launch can hit, by instance family letter and market.
 QUOTA_NAMES = {
@@ -377,19 +382,121 @@ def _private_key_ok(path: Path) -> None:
         )
 
 
+CIDR_HINT = "Set CLOUDTRAIN_SSH_CIDR to your public address, e.g. 203.0.113.7/32."
+
+
+def single_address(cidr: str, where: str = "the SSH ingress rule") -> str:
+    """``cidr`` as one IPv4 address's /32 (a bare address gets its /32). Anything wider
+    (a /24, 0.0.0.0/0) or not an IPv4 address is refused: the SSH rule admits the
+    controller alone."""
+    try:
+        network = ipaddress.ip_network(cidr.strip(), strict=True)
+    except ValueError as e:
+        raise InputError(f"{where}: {cidr!r} is not an IPv4 address", hint=CIDR_HINT) from e
+    if network.version != 4 or network.prefixlen != 32:
+        raise InputError(
+            f"{where} admits {network}: SSH is only ever opened to one IPv4 address (a /32)",
+            hint=CIDR_HINT,
+        )
+    return str(network)
+
+
 def caller_cidr(settings: Settings) -> str:
     """The /32 of the caller's public address, for the SSH ingress rule."""
     if settings.ssh_cidr:
-        return settings.ssh_cidr
+        return single_address(settings.ssh_cidr, "CLOUDTRAIN_SSH_CIDR")
     try:
         with urllib.request.urlopen("https://checkip.amazonaws.com", timeout=5) as reply:
-            address = reply.read().decode().strip()
+            address = reply.read(64).decode("ascii", "replace").strip()
     except OSError as e:
-        raise CloudError(
-            f"cannot find this machine's public IP address: {e}",
-            hint="Set CLOUDTRAIN_SSH_CIDR to your public address, e.g. 203.0.113.7/32.",
-        ) from e
-    return f"{address}/32"
+        raise CloudError(f"cannot find this machine's public IP address: {e}", hint=CIDR_HINT) from e
+    return single_address(address, "checkip.amazonaws.com's answer")
+
+
+def _deliver(signum: int, frame: Any, handler: Any) -> None:
+    """Act on a signal held back, as its own handler would have."""
+    if callable(handler):  # Python's for SIGINT raises KeyboardInterrupt, the CLI's for SIGTERM SystemExit
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.raise_signal(signum)
+
+
+class Held:
+    """What ``signals_held`` yields: whether a signal waits to act when the block ends."""
+
+    def __init__(self) -> None:
+        self.signals: list[tuple[int, Any]] = []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.signals)
+
+
+@contextmanager
+def signals_held(what: str, if_abandoned: str) -> Iterator[Held]:
+    """Hold SIGINT and SIGTERM back while calls whose answers must not be lost are in
+    flight (a launch: its answer names the instance teardown must terminate; a create:
+    what to delete); the signal acts once the block is over (``pending`` says one
+    waits, so the block can undo what the caller would never learn of). A second one
+    stops waiting at once, saying what may be left (``if_abandoned``). Main thread only
+    (elsewhere signals do not arrive)."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous: dict[int, Any] = {sig: signal.getsignal(sig) for sig in signals}
+    state = Held()
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
+        yield state  # (None: a handler set outside Python, which could not be put back)
+        return
+    held = state.signals
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def hold(signum: int, frame: Any) -> None:
+        if held:
+            held.clear()
+            restore()
+            log.warning("stopped waiting for %s: %s", what, if_abandoned)
+            _deliver(signum, frame, previous[signum])
+            return
+        held.append((signum, frame))
+        log.warning(
+            "%s is in flight: waiting for its answer, so that nothing is left behind "
+            "(Ctrl-C again to stop waiting)",
+            what,
+        )
+
+    for sig in signals:
+        signal.signal(sig, hold)
+    try:
+        yield state
+    finally:
+        restore()
+        if held:  # it acts now, even over an error the call raised
+            _deliver(held[0][0], held[0][1], previous[held[0][0]])
+
+
+@contextmanager
+def _undone_unless_done(undo: Callable[[], object], what: str, held: Held) -> Iterator[None]:
+    """Run ``undo`` (delete what was just made) if the block fails, or if a signal waits:
+    either way the caller never gets to record it, so teardown could not find it."""
+    try:
+        yield
+    except BaseException:
+        _quietly(undo, what)
+        raise
+    if held.pending:
+        _quietly(undo, what)
+
+
+def _quietly(undo: Callable[[], object], what: str) -> None:
+    try:
+        undo()
+        log.info("removed %s again: the run never got to record it", what)
+    except (CloudtrainError, ClientError, BotoCoreError, OSError) as e:
+        log.warning("could not remove %s (%s): `cloudtrain gc` removes it", what, e)
 
 
 class AwsCloud:
@@ -403,6 +510,9 @@ class AwsCloud:
         self._iam: Any = None
         self._sts: Any = None
         self._quotas: Any = None
+        # run id -> the instances this object launched for it: teardown finds them even
+        # before describe_instances lists them (EC2 is eventually consistent)
+        self._launched: dict[str, list[str]] = {}
 
     # --- account (doctor) ------------------------------------------------------------------
 
@@ -530,15 +640,23 @@ class AwsCloud:
             return KeyPair(name, path)
         if found:  # the private half is lost: replace the pair
             self.delete_key_pair(name)
-        with aws_errors("CreateKeyPair"):
-            created = self.ec2.create_key_pair(
-                KeyName=name, KeyType="ed25519", TagSpecifications=[_tag_spec("key-pair", tags)]
-            )
-        path.unlink(missing_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(created["KeyMaterial"])
-        log.info("created key pair %s (%s)", name, path)
+
+        def undo() -> None:
+            path.unlink(missing_ok=True)
+            self.delete_key_pair(name)
+
+        # a Ctrl-C now would leave a pair the run never records: it waits, and it is undone
+        with signals_held(f"the creation of key pair {name}", f"`cloudtrain gc` removes {name}") as held:
+            with aws_errors("CreateKeyPair"):
+                created = self.ec2.create_key_pair(
+                    KeyName=name, KeyType="ed25519", TagSpecifications=[_tag_spec("key-pair", tags)]
+                )
+            with _undone_unless_done(undo, f"key pair {name}", held):
+                path.unlink(missing_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as out:
+                    out.write(created["KeyMaterial"])
+                log.info("created key pair %s (%s)", name, path)
         return KeyPair(name, path)
 
     def delete_key_pair(self, name: str) -> None:
@@ -552,7 +670,8 @@ class AwsCloud:
     # --- security group ------------------------------------------------------------------
 
     def create_security_group(self, run_id: str, cidr: str, tags: Mapping[str, str]) -> str:
-        """A per-run group allowing tcp/22 from ``cidr`` only."""
+        """A per-run group allowing tcp/22 from ``cidr`` (one address's /32) only."""
+        cidr = single_address(cidr)
         with aws_errors("DescribeVpcs"):
             vpcs = self.ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
         if not vpcs:
@@ -560,25 +679,34 @@ class AwsCloud:
                 f"no default VPC in {self.region}",
                 hint="Create one with `aws ec2 create-default-vpc`.",
             )
-        with aws_errors("CreateSecurityGroup"):
-            group_id: str = self.ec2.create_security_group(
-                GroupName=f"cloudtrain-{run_id}",
-                Description=f"cloudtrain run {run_id}: ssh from the controller only",
-                VpcId=vpcs[0]["VpcId"],
-                TagSpecifications=[_tag_spec("security-group", tags)],
-            )["GroupId"]
-        with aws_errors("AuthorizeSecurityGroupIngress"):
-            self.ec2.authorize_security_group_ingress(
-                GroupId=group_id,
-                IpPermissions=[
-                    {
-                        "IpProtocol": "tcp",
-                        "FromPort": 22,
-                        "ToPort": 22,
-                        "IpRanges": [{"CidrIp": cidr, "Description": "cloudtrain controller"}],
-                    }
-                ],
-            )
+        name = f"cloudtrain-{run_id}"
+        # a Ctrl-C now would leave a group the run never records: it waits, and it is undone
+        with signals_held(
+            f"the creation of security group {name}", f"`cloudtrain gc` removes {name}"
+        ) as held:
+            with aws_errors("CreateSecurityGroup"):
+                group_id: str = self.ec2.create_security_group(
+                    GroupName=name,
+                    Description=f"cloudtrain run {run_id}: ssh from the controller only",
+                    VpcId=vpcs[0]["VpcId"],
+                    TagSpecifications=[_tag_spec("security-group", tags)],
+                )["GroupId"]
+            undo = lambda: self.delete_security_group(group_id, attempts=1)  # noqa: E731
+            with (
+                _undone_unless_done(undo, f"security group {group_id}", held),
+                aws_errors("AuthorizeSecurityGroupIngress"),
+            ):
+                self.ec2.authorize_security_group_ingress(
+                    GroupId=group_id,
+                    IpPermissions=[
+                        {
+                            "IpProtocol": "tcp",
+                            "FromPort": 22,
+                            "ToPort": 22,
+                            "IpRanges": [{"CidrIp": cidr, "Description": "cloudtrain controller"}],
+                        }
+                    ],
+                )
         log.info("created security group %s for %s (ssh from %s)", group_id, run_id, cidr)
         return group_id
 
@@ -618,16 +746,35 @@ class AwsCloud:
         """
         name = f"cloudtrain-{run_id}"
         iam_tags = [{"Key": k, "Value": v} for k, v in tags.items()]
-        try:
-            self.iam.create_role(
-                RoleName=name,
-                AssumeRolePolicyDocument=json.dumps(EC2_TRUST_POLICY),
-                Description=f"cloudtrain run {run_id}: read the job's S3 data",
-                Tags=iam_tags,
-            )
-        except ClientError as e:
-            if _code(e) != "EntityAlreadyExists":
-                raise translate(e, "CreateRole") from e
+        # a Ctrl-C now would leave a role the run never records: it waits, and what this
+        # call made is undone (a profile made before, which an instance may use, is kept)
+        with signals_held(
+            f"the creation of instance profile {name}", f"`cloudtrain gc` removes {name}"
+        ) as held:
+            made = False
+            try:
+                self.iam.create_role(
+                    RoleName=name,
+                    AssumeRolePolicyDocument=json.dumps(EC2_TRUST_POLICY),
+                    Description=f"cloudtrain run {run_id}: read the job's S3 data",
+                    Tags=iam_tags,
+                )
+                made = True
+            except ClientError as e:
+                if _code(e) != "EntityAlreadyExists":
+                    raise translate(e, "CreateRole") from e
+            undo = (lambda: self.delete_instance_profile(name)) if made else (lambda: None)
+            with _undone_unless_done(undo, f"instance profile {name}", held):
+                self._fill_instance_profile(name, iam_tags, buckets, writable)
+        log.info("instance profile %s reads s3://%s", name, ", s3://".join(sorted(set(buckets))))
+        if writable:
+            log.info("instance profile %s writes under %s", name, ", ".join(writable))
+        return name
+
+    def _fill_instance_profile(
+        self, name: str, iam_tags: list[dict[str, str]], buckets: Sequence[str], writable: Sequence[str]
+    ) -> None:
+        """The role's policy, and the profile holding the role."""
         with aws_errors("PutRolePolicy"):
             self.iam.put_role_policy(
                 RoleName=name,
@@ -644,10 +791,6 @@ class AwsCloud:
         if not any(r["RoleName"] == name for r in roles):
             with aws_errors("AddRoleToInstanceProfile"):
                 self.iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
-        log.info("instance profile %s reads s3://%s", name, ", s3://".join(sorted(set(buckets))))
-        if writable:
-            log.info("instance profile %s writes under %s", name, ", ".join(writable))
-        return name
 
     def set_expiry(self, resource_ids: Sequence[str], when: datetime) -> None:
         """Move the ``cloudtrain:expires`` tag of EC2 resources (``--keep``: `gc` leaves them
@@ -773,9 +916,17 @@ class AwsCloud:
             params["TagSpecifications"].append(_tag_spec("spot-instances-request", request.tags))
         if request.instance_profile:
             params["IamInstanceProfile"] = {"Name": request.instance_profile}
-        with aws_errors("RunInstances", instance_type=request.instance_type, spot=request.spot):
-            reply = self._run_instances(params)
-        instance_id: str = reply["Instances"][0]["InstanceId"]
+        # A Ctrl-C now would lose the answer that names the instance: it waits for it.
+        with signals_held(
+            f"the launch of {request.run_id}'s instance",
+            f"it may have started an instance (client token {request.client_token}); "
+            f"`cloudtrain down {request.run_id}` or `cloudtrain gc` terminates it",
+        ):
+            log.info("RunInstances for %s (client token %s)", request.run_id, request.client_token)
+            with aws_errors("RunInstances", instance_type=request.instance_type, spot=request.spot):
+                reply = self._run_instances(params)
+            instance_id: str = reply["Instances"][0]["InstanceId"]
+            self._launched.setdefault(request.run_id, []).append(instance_id)
         log.info(
             "launched %s (%s, %s) for %s",
             instance_id,
@@ -862,30 +1013,53 @@ class AwsCloud:
         return self.describe(instance_id)
 
     def find_run_instances(self, run_id: str) -> list[LaunchedInstance]:
-        """The run's instances that are not terminated, found by tag."""
+        """The run's instances that are not terminated, found by tag, and those this object
+        launched for it (which a filter may not list yet, right after the launch)."""
+        live = ["pending", "running", "stopping", "stopped"]
         with aws_errors("DescribeInstances"):
             pages = self.ec2.get_paginator("describe_instances").paginate(
                 Filters=[
                     {"Name": f"tag:{TAG_RUN_ID}", "Values": [run_id]},
-                    {
-                        "Name": "instance-state-name",
-                        "Values": ["pending", "running", "stopping", "stopped"],
-                    },
+                    {"Name": "instance-state-name", "Values": live},
                 ]
             )
             ids = [i["InstanceId"] for page in pages for r in page["Reservations"] for i in r["Instances"]]
-        return [self.describe(i) for i in ids]
+        found = [self.describe(i) for i in ids]
+        for launched in self._launched.get(run_id, []):
+            if launched in ids:
+                continue
+            try:
+                instance = self.describe(launched)
+            except CloudtrainError as e:
+                log.warning("%s, launched for %s, cannot be described: %s", launched, run_id, e.message)
+                continue
+            if instance.state in live:
+                found.append(instance)
+        return found
 
-    def terminate(self, instance_id: str, delay: int = 5, max_attempts: int = 120) -> datetime:
-        """Terminate and confirm with describe_instances; return when it was confirmed."""
-        try:
-            self.ec2.terminate_instances(InstanceIds=[instance_id])
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
+    def terminate(
+        self, instance_id: str, delay: int = 5, max_attempts: int = 120, not_found_delay: float = 2.0
+    ) -> datetime:
+        """Terminate and confirm with describe_instances; return when it was confirmed.
+
+        An id EC2 does not know is taken as long gone, unless this object launched it:
+        a new instance's id can be unknown for a few seconds (a Ctrl-C right after the
+        launch), so that is asked again first."""
+        fresh = any(instance_id in ids for ids in self._launched.values())
+        tries = NOT_FOUND_RETRIES if fresh else 1
+        for attempt in range(1, tries + 1):
+            try:
+                self.ec2.terminate_instances(InstanceIds=[instance_id])
+                break
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
+                    raise translate(e, "TerminateInstances") from e
+                if attempt == tries:
+                    return utcnow()
+                log.info("%s, just launched, is not known to EC2 yet; asking again", instance_id)
+                time.sleep(not_found_delay)
+            except BotoCoreError as e:
                 raise translate(e, "TerminateInstances") from e
-            return utcnow()
-        except BotoCoreError as e:
-            raise translate(e, "TerminateInstances") from e
         self._wait(
             "instance_terminated",
             instance_id,
@@ -905,13 +1079,18 @@ class AwsCloud:
 
     # --- garbage collection (cloudtrain gc): what runs left behind, by owner tag ------------
 
-    def owned_resources(self, owner: str) -> list[TaggedResource]:
-        """This region's resources tagged with ``owner`` and a run id: instances not yet
+    def owned_resources(self, owner: str | None, run_id: str | None = None) -> list[TaggedResource]:
+        """This region's resources tagged with ``owner`` and a run id (``run_id``: that
+        run's only; ``owner`` None: whoever launched that run): instances not yet
         terminated, volumes, security groups, key pairs, open or active spot requests.
 
-        AWS filters by the owner tag; the tags are checked again here, so another
-        owner's resource never comes back whatever a filter does."""
-        owned = [{"Name": f"tag:{TAG_OWNER}", "Values": [owner]}]
+        AWS filters by the tags; they are checked again here, so another owner's (or
+        run's) resource never comes back whatever a filter does."""
+        if owner is None and run_id is None:
+            raise ValueError("owned_resources needs an owner or a run id")
+        owned = [] if owner is None else [{"Name": f"tag:{TAG_OWNER}", "Values": [owner]}]
+        if run_id is not None:
+            owned.append({"Name": f"tag:{TAG_RUN_ID}", "Values": [run_id]})
         found: list[TaggedResource] = []
         with aws_errors("DescribeInstances"):
             states = ["pending", "running", "shutting-down", "stopping", "stopped"]
@@ -959,7 +1138,7 @@ class AwsCloud:
         with aws_errors("DescribeKeyPairs"):
             for data in self.ec2.describe_key_pairs(Filters=owned)["KeyPairs"]:
                 found.append(TaggedResource("key-pair", data["KeyName"], _tags(data)))
-        return [r for r in found if r.owner == owner and r.run_id]
+        return [r for r in found if owner in (None, r.owner) and r.run_id and run_id in (None, r.run_id)]
 
     def owned_instance_profiles(self, owner: str, prefix: str = "cloudtrain-") -> list[TaggedResource]:
         """IAM (global, whatever this cloud's region): the ``prefix``* roles and instance

@@ -3,8 +3,9 @@
 ``cloudtrain_agent.pack`` streams the listed paths from the instance (each file's
 sha256 after its bytes); the same ``StreamReceiver`` that applies a sync on the
 instance writes them here: each file under a temporary name, renamed into place
-only when its hash matches. Nothing can land outside ``<dest>/outputs``: paths with
-``..``, absolute paths and symlinked local parent folders are refused here, and pack
+only when its hash matches. Nothing can land outside ``<dest>/outputs``, nor beside the
+paths asked for (whatever the instance sends): paths with ``..``, absolute paths, paths
+not asked for and symlinked local parent folders are refused here, and pack
 leaves out symlinks pointing outside the workdir, devices, pipes and sockets. The
 total size is capped on both sides (``max_bytes``); a stream over the cap is cut.
 """
@@ -80,7 +81,9 @@ def pull(
     if not wanted:
         return PullReport(dest, (), 0, tuple(skipped), "none", time.monotonic() - started)
     try:
-        receiver = StreamReceiver(str(dest), max_bytes=max_bytes, mode_mask=0o755, refuse_symlinked_dest=True)
+        receiver = StreamReceiver(
+            str(dest), max_bytes=max_bytes, mode_mask=0o755, refuse_symlinked_dest=True, only=wanted
+        )
     except (PathRefused, OSError) as e:
         raise RemoteError(f"cannot pull outputs into {dest}: {e}") from e
     command = agent_command(

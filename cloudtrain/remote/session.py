@@ -15,6 +15,7 @@ import hashlib
 import logging
 import re
 import select
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,7 +26,7 @@ from typing import Any
 import paramiko
 from fabric import Config, Connection
 
-from cloudtrain.errors import RemoteError
+from cloudtrain.errors import InputError, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,22 @@ def fingerprint(key: paramiko.PKey) -> str:
     """OpenSSH's ``SHA256:<base64, unpadded>`` fingerprint of a public key."""
     digest = hashlib.sha256(key.asbytes()).digest()
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def check_private_key(path: Path) -> None:
+    """Refuse a private key file that anyone but its owner may read (or write)."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as e:
+        raise RemoteError(
+            f"cannot read the private key {path}: {e.strerror or e}",
+            hint="A run's private key stays under CLOUDTRAIN_HOME/keys until its teardown.",
+        ) from e
+    if mode & 0o077:
+        raise InputError(
+            f"{path} has permissions {mode:o}; others could read the private key",
+            hint=f"Run: chmod 600 {path}",
+        )
 
 
 class PinnedHostKeys(paramiko.MissingHostKeyPolicy):
@@ -147,6 +164,7 @@ class Session:
         """Connect, retrying while the instance boots; a host key mismatch is never retried."""
         if self.connected:
             return self
+        check_private_key(self.endpoint.key_path)
         end = time.monotonic() + deadline_s
         delay = first_delay
         attempt = 0

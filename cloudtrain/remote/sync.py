@@ -38,7 +38,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, NamedTuple, cast
@@ -190,10 +190,13 @@ def _walk(
     *,
     use_rules: bool,
     skip_rel: set[str],
-    skip_real: set[str],
+    skip_real: Mapping[str, str],
     warnings: list[str],
 ) -> Iterator[LocalFile]:
-    """Files under ``root`` (paths ``prefix`` + relative path), honouring ignore files if asked."""
+    """Files under ``root`` (paths ``prefix`` + relative path), honouring ignore files if asked.
+
+    ``skip_real``: real paths left out (files, or folders with all they hold, through a
+    symlink too), each with the warning to give when it is met ("": none)."""
     stack: list[tuple[str, str, list[_Rules]]] = [(root, "", [])]
     while stack:
         folder, rel_folder, rules = stack.pop()
@@ -224,6 +227,8 @@ def _walk(
                 except OSError:
                     warnings.append(f"skipped {full}: a dangling symlink")
                     continue
+                if _left_out(os.path.realpath(full), full, skip_real, warnings):
+                    continue
                 if stat.S_ISDIR(st.st_mode):
                     if not (use_rules and _ignored(rules, rel, True)):
                         warnings.append(
@@ -231,18 +236,47 @@ def _walk(
                         )
                     continue
             if stat.S_ISDIR(st.st_mode):
-                if full in skip_real or (use_rules and _ignored(rules, rel, True)):
+                if full in skip_real:
+                    _left_out(full, full, skip_real, warnings)
+                    continue
+                if use_rules and _ignored(rules, rel, True):
                     continue
                 subfolders.append((full, rel + "/", rules))
             elif stat.S_ISREG(st.st_mode):
                 if use_rules and _ignored(rules, rel, False):
                     continue
                 if full in skip_real:
+                    _left_out(full, full, skip_real, warnings)
                     continue
                 yield LocalFile.from_stat(prefix + rel, full, st)
             elif not (use_rules and _ignored(rules, rel, False)):
                 warnings.append(f"skipped {full}: not a regular file")
         stack.extend(reversed(subfolders))
+
+
+def _left_out(real: str, shown: str, skip_real: Mapping[str, str], warnings: list[str]) -> bool:
+    """Whether ``real`` is, or is inside, a path left out; its warning is noted if it has one."""
+    for path, why in skip_real.items():
+        if real == path or real.startswith(path.rstrip("/") + "/"):
+            if why:
+                warnings.append(f"left out {shown}: {why}")
+            return True
+    return False
+
+
+def aws_credential_paths() -> list[Path]:
+    """Where this machine keeps AWS credentials and tokens: ~/.aws (credentials, config,
+    the SSO and CLI caches) and the files AWS_SHARED_CREDENTIALS_FILE, AWS_CONFIG_FILE and
+    AWS_WEB_IDENTITY_TOKEN_FILE name. Never synced: the instance reaches AWS with its
+    instance profile."""
+    paths = [Path.home() / ".aws"]
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        if os.environ.get(name):
+            paths.append(Path(os.environ[name]).expanduser())
+    return paths
+
+
+CREDENTIALS_LEFT_OUT = "AWS credentials never go to the instance (it uses its instance profile)"
 
 
 def collect(
@@ -261,10 +295,12 @@ def collect(
     if not root.is_dir():
         raise RemoteError(f"workdir {root} is not a folder", hint="Check `workdir:` in the job file.")
     warnings: list[str] = []
-    skip_real = {str(_default_home().resolve())}
+    skip_real = {str(_default_home().resolve()): ""}
     for excluded in exclude:
         path = Path(excluded)
-        skip_real.add(str((path if path.is_absolute() else root / path).resolve()))
+        skip_real[str((path if path.is_absolute() else root / path).resolve())] = ""
+    for credentials in aws_credential_paths():
+        skip_real[str(credentials.resolve())] = CREDENTIALS_LEFT_OUT
     skip_rel = set(ROOT_EXCLUDED)
     for source in data_sources:
         skip_rel.add(_clean_dst(source.dst))
@@ -279,6 +315,11 @@ def collect(
         dst = _clean_dst(source.dst)
         src = Path(source.src)
         src = (src if src.is_absolute() else root / src).resolve()
+        if _left_out(str(src), source.src, {p: w for p, w in skip_real.items() if w}, []):
+            raise RemoteError(
+                f"data source {source.src} holds AWS credentials: {CREDENTIALS_LEFT_OUT}",
+                hint="Remove it from `data:`; S3 data is read on the instance with its instance profile.",
+            )
         try:
             st = src.stat()
         except OSError as e:
