@@ -50,7 +50,7 @@ from cloudtrain.errors import (
     RemoteError,
     TrainingFailed,
 )
-from cloudtrain.ledger import InstanceRow, Ledger, RunRow
+from cloudtrain.ledger import InstanceRow, Ledger, LogRedactor, RunRow
 from cloudtrain.planner import BASE_IMAGE, Offer, Plan
 from cloudtrain.progress import Reporter
 from cloudtrain.records import Lifecycle, RunState, iso, new_run_id, utcnow
@@ -128,15 +128,21 @@ def _q(text: str) -> str:
 
 
 @contextmanager
-def shielded_from_signals() -> Iterator[None]:
-    """Teardown must finish: a second Ctrl-C or SIGTERM is noted, not obeyed."""
+def shielded_from_signals(pending: Callable[[], str] | None = None) -> Iterator[None]:
+    """Teardown must finish: a second Ctrl-C or SIGTERM is noted, not obeyed; the note says
+    what is still to remove (``pending()``) and how, should this process be killed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def noted(*_: object) -> None:
+        left = pending() if pending is not None else ""
+        log.warning("teardown in progress: it finishes first%s", f"; still to remove: {left}" if left else "")
+
     for sig in signals:
-        signal.signal(sig, lambda *_: log.warning("teardown in progress: it finishes first"))
+        signal.signal(sig, noted)
     try:
         yield
     finally:
@@ -173,6 +179,7 @@ class Orchestrator:
         self.job_path = job_path
         self.out_dir = out_dir
         self.secrets = dict(secrets or {})
+        ledger.redact(self.secrets.values())  # a value in an error or remote output shows as ***
         self.reporter = reporter or Reporter()
         self.keep = keep
         self.detach = detach
@@ -281,7 +288,7 @@ class Orchestrator:
         The state is recorded whatever teardown manages; what it could not remove is
         named (ledger events, a warning) and, when nothing else went wrong, raised."""
         problems: list[str] = []
-        with shielded_from_signals():
+        with shielded_from_signals(lambda: self._left_to_remove(ctx)):
             keep = self.keep and ctx.instance_id is not None and ctx.training_started
             if keep:
                 self._keep(ctx)
@@ -310,6 +317,22 @@ class Orchestrator:
             if sys.exc_info()[1] is None:
                 raise error
             self.reporter.warn(f"{error.message}. {error.hint}")
+
+    def _left_to_remove(self, ctx: RunContext) -> str:
+        """What the run still holds in the cloud, and the command that removes it."""
+        held = [
+            f"{what} {name}"
+            for what, name in (
+                ("instance", ctx.instance_id),
+                ("security group", ctx.security_group_id),
+                ("key pair", ctx.key_name),
+                ("instance profile", ctx.instance_profile),
+            )
+            if name
+        ]
+        return (
+            f"{', '.join(held)} (if this process is killed: `cloudtrain down {ctx.run_id}`)" if held else ""
+        )
 
     def _keep(self, ctx: RunContext) -> None:
         """--keep: leave the instance, and have it power itself off at the deadline (budget.max_hours
@@ -817,8 +840,11 @@ class Orchestrator:
             if limits.max_cost_usd is not None or limits.max_hours is not None:
                 shown -= BUDGET_SHOW_S  # with a budget, the spending is shown from the start
 
+            redactor = LogRedactor(self.secrets.values())
+
             def sink(data: bytes) -> None:
                 nonlocal partial, budget_checked
+                data = redactor.feed(data)  # the part of a secret held back is not counted yet
                 logfile.write(data)
                 logfile.flush()
                 ctx.log_offset += len(data)
@@ -838,6 +864,7 @@ class Orchestrator:
                     if time.monotonic() - shown >= BUDGET_SHOW_S:
                         shown = time.monotonic()
                         self.reporter.info(self._spending(ctx))
+                    redactor = LogRedactor(self.secrets.values())  # the next tail resends what it held
                     try:
                         ctx.session.stream(
                             agent_command(
@@ -922,12 +949,14 @@ class Orchestrator:
         logs.mkdir(exist_ok=True)
         with open(logs / "train.log", "ab") as logfile:
             logfile.truncate(ctx.log_base + ctx.log_offset)
+            redactor = LogRedactor(self.secrets.values())
             ctx.session.stream(
                 agent_command(
                     self.spec.backend, f"tail --run-dir {REMOTE_RUN_DIR} --offset {ctx.log_offset}"
                 ),
-                logfile.write,
+                lambda data: logfile.write(redactor.feed(data)),
             )
+            logfile.write(redactor.flush())
         # The watchdog's grace starts again from here (see agent/watchdog.py).
         ctx.session.run(agent_command(self.spec.backend, f"collected --run-dir {REMOTE_RUN_DIR}"))
 
@@ -1136,6 +1165,18 @@ def teardown(
         with suppress(KeyError):  # an instance the ledger never heard of
             ledger.instance_terminated(instance, terminated_at)
         ledger.add_event(run_id, "terminated", f"{instance} terminated (confirmed)")
+    try:  # what a Ctrl-C between a create call and its recording left unrecorded
+        tagged = cloud.owned_resources(None, run_id)
+    except CloudtrainError as e:
+        problems.append(f"listing the run's resources: {e.message}")
+        tagged = []
+    security_group_id = security_group_id or next((r.id for r in tagged if r.kind == "security-group"), None)
+    key_name = key_name or next((r.id for r in tagged if r.kind == "key-pair"), None)
+    for request in (r for r in tagged if r.kind == "spot-request"):
+        try:
+            cloud.cancel_spot_request(request.id)
+        except CloudtrainError as e:
+            problems.append(f"spot request {request.id}: {e.message}")
     steps: list[tuple[str | None, str, Callable[[str], object]]] = [
         (security_group_id, "security group", cloud.delete_security_group),
         (key_name, "key pair", cloud.delete_key_pair),

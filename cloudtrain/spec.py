@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
@@ -67,6 +67,23 @@ def _s3_url(value: str) -> str:
     if not re.match(S3_URL_RE, value):
         raise ValueError(f"'{value}' is not an S3 URL like s3://bucket/prefix/")
     return value
+
+
+AWS_CREDENTIAL_NAMES = frozenset(
+    {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"}
+)
+
+
+def _check_names(names: Iterable[str]) -> None:
+    """Environment variable names; never AWS credentials (the instance uses its own role)."""
+    for key in names:
+        if not re.match(ENV_NAME_RE, key):
+            raise ValueError(f"'{key}' is not a valid environment variable name")
+        if key in AWS_CREDENTIAL_NAMES:
+            raise ValueError(
+                f"'{key}': AWS credentials never go to the instance; S3 data and checkpoints use the "
+                "run's own instance profile"
+            )
 
 
 class DataSource(_Strict):
@@ -201,17 +218,13 @@ class JobSpec(_Strict):
     @field_validator("env")
     @classmethod
     def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
-            if not re.match(ENV_NAME_RE, key):
-                raise ValueError(f"'{key}' is not a valid environment variable name")
+        _check_names(value)
         return value
 
     @field_validator("secrets")
     @classmethod
     def _secret_names(cls, value: list[str]) -> list[str]:
-        for key in value:
-            if not re.match(ENV_NAME_RE, key):
-                raise ValueError(f"'{key}' is not a valid environment variable name")
+        _check_names(value)
         return value
 
     @property

@@ -608,3 +608,22 @@ def test_a_ctrl_c_in_a_ledger_write_leaves_the_ledger_usable_for_teardown(settin
         run = ledger.get_run(RUN_ID)
         assert run is not None and run.state is RunState.CANCELLED and "security_group_id" not in run.detail
         assert [e.kind for e in ledger.events(RUN_ID)] == ["terminated"]
+
+
+def test_a_second_ctrl_c_during_teardown_says_what_is_left_and_how_to_remove_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import os
+    import signal as signals
+
+    from cloudtrain.orchestrator import shielded_from_signals
+
+    finished = False
+    with caplog.at_level("WARNING"), shielded_from_signals(lambda: "instance i-1 (`cloudtrain down r-1`)"):
+        os.kill(os.getpid(), signals.SIGINT)  # noted, not obeyed: teardown goes on
+        finished = True
+    assert finished
+    assert (
+        "teardown in progress: it finishes first; still to remove: instance i-1 (`cloudtrain down r-1`)"
+        in (caplog.text)
+    )

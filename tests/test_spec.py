@@ -220,3 +220,13 @@ def test_schema_describes_every_top_level_key() -> None:
     assert set(schema["properties"]) == set(JobSpec.model_fields)
     assert schema["required"] == ["name", "run"]
     json.dumps(schema)  # serialisable
+
+
+@pytest.mark.parametrize(
+    "extra", ["secrets: [AWS_SECRET_ACCESS_KEY]\n", "env: {AWS_ACCESS_KEY_ID: AKIAEXAMPLE}\n"]
+)
+def test_aws_credentials_never_go_to_the_instance(tmp_path: Path, extra: str) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("name: creds\nrun: python train.py\n" + extra)
+    with pytest.raises(SpecError, match="AWS credentials never go to the instance"):
+        load_job(job)

@@ -627,8 +627,8 @@ class _World:
                 continue
             assert found is not None
             log.info("%s: spot interruption: terminating", item.instance_id)
+            self.stop_host(item.instance_id)  # first: once AWS says terminated, nothing answers
             found[0].terminate_instances([item.instance_id])
-            self.stop_host(item.instance_id)
         self.interruptions = keep
 
     def run(self) -> None:
