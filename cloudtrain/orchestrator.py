@@ -342,11 +342,15 @@ class Orchestrator:
         else:
             deadline = utcnow() + timedelta(hours=DEFAULT_DEADLINE_HOURS)
         assert ctx.session is not None and ctx.instance_id is not None
-        ctx.session.run(
-            agent_command(
-                self.spec.backend, f"collected --run-dir {REMOTE_RUN_DIR} --keep-until {iso(deadline)}"
+        try:
+            ctx.session.run(
+                agent_command(
+                    self.spec.backend, f"collected --run-dir {REMOTE_RUN_DIR} --keep-until {iso(deadline)}"
+                )
             )
-        )
+        except RemoteError as e:  # teardown must go on: the watchdog still ends it, only sooner
+            deadline = min(deadline, utcnow() + timedelta(seconds=self.spec.watchdog.collect_grace_s))
+            self.reporter.warn(f"could not tell the instance it is kept ({e.message})")
         try:
             ctx.cloud.set_expiry([ctx.instance_id], deadline + timedelta(minutes=30))
         except CloudtrainError as e:  # the instance still powers itself off at the deadline

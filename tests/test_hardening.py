@@ -211,6 +211,9 @@ UNDONE_BY = {
     "create_instance_profile": "delete_instance_profile",
     "add_role_to_instance_profile": "delete_instance_profile",
 }
+# Made to outlive the run on purpose: images (`image build`/`image copy`), removed by
+# `cloudtrain image rm`; and tags, which are no resource of their own.
+NOT_THE_RUNS = {"create_image": "delete_image", "copy_image": "delete_image", "create_tags": None}
 MAKING = re.compile(
     r"\b(?:ec2|iam|s3)\.((?:create|run|put|authorize|request|add|allocate|import|copy)_\w+)\("
 )
@@ -221,10 +224,14 @@ def test_each_kind_of_resource_created_is_deleted_at_teardown() -> None:
     controller = [*sorted((REPO / "cloudtrain").glob("*.py")), REPO / "cloudtrain" / "cloud" / "aws.py"]
     made = {m.group(1) for path in controller for m in MAKING.finditer(path.read_text())}
     assert made, "the scan finds nothing: has the code moved?"
+    kept = {m for m in made if m in NOT_THE_RUNS}
+    made -= kept
     assert made <= set(UNDONE_BY), f"no teardown known for {sorted(made - set(UNDONE_BY))}"
     source = inspect.getsource(orchestrator.teardown)
     for call in sorted({UNDONE_BY[m] for m in made}):
         assert f"cloud.{call}" in source, f"teardown never calls {call}"
+    for call in sorted({NOT_THE_RUNS[m] for m in kept} - {None}):
+        assert callable(getattr(AwsCloud, str(call), None)), f"nothing removes what {call} should"
 
 
 def make_run(cloud: AwsCloud, run_id: str, owner: str) -> tuple[str, LaunchRequest, str]:
