@@ -180,3 +180,16 @@ def test_a_checkpoint_bucket_that_is_not_there_is_refused_before_launch(
     groups = cloud.ec2.describe_security_groups()["SecurityGroups"]
     assert not any(run_id in g["GroupName"] for g in groups)
     assert status(run_id)["state"] == "failed"
+
+
+def test_a_file_pruned_by_a_newer_save_is_no_error(s3: Any, tmp_path: Path) -> None:
+    store = checkpoint.Store(str(tmp_path / "ckpt"))
+    folder = save(store, 1)
+    (tmp_path / "ckpt" / folder / "weights.npz").unlink()  # as if the next save pruned it mid-upload
+    events: list[str] = []
+    uploader = Uploader(store.directory, URL, on_event=lambda kind, info: events.append(kind))
+    assert uploader.round() is True and events == []  # no alarm
+    assert "manifest.json" not in keys(s3)  # and no manifest naming a file S3 lacks
+    save(store, 2)
+    assert uploader.round() is True and events == ["uploaded"]
+    assert restore(URL, str(tmp_path / "restored"))["epoch"] == 2

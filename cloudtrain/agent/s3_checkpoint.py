@@ -112,6 +112,8 @@ class Uploader:
         """Upload the checkpoint if it changed since the last upload; False after a failure."""
         try:
             self.upload()
+        except (FileNotFoundError, Invalid):  # a newer save pruned a file: the next round takes it
+            return True
         except Exception as e:  # never let S3 end the run: the next round tries again
             message = f"{type(e).__name__}: {e}"
             if message != self.error:
