@@ -627,19 +627,13 @@ class Orchestrator:
             epoch, source = found[1].get("epoch"), "the copy at home"
         url = self.spec.checkpoint.s3_url(ctx.run_id)
         if url:
-            result = ctx.session.run(
-                agent_command(
-                    self.spec.backend,
-                    f"checkpoint-s3 --url {_q(url)} --dir $HOME/{REMOTE_CHECKPOINT} "
-                    f"--region {_q(self.region)}",
-                ),
-                check=False,
+            report = agent_report(
+                ctx.session,
+                self.spec.backend,
+                f"checkpoint-s3 --url {_q(url)} --dir $HOME/{REMOTE_CHECKPOINT} --region {_q(self.region)}",
             )
-            report = _json_or_error(result.text)
-            if result.exit_code != 0 or "error" in report:
-                self.reporter.warn(
-                    f"the checkpoint in {url} was not restored: {report.get('error', result.text)}"
-                )
+            if "error" in report:
+                self.reporter.warn(f"the checkpoint in {url} was not restored: {report['error']}")
             elif report.get("source") == "s3":
                 epoch, source = report.get("epoch"), url
         if epoch is not None:
@@ -765,17 +759,14 @@ class Orchestrator:
             if not source.is_s3:
                 continue
             dst = f"{REMOTE_WORKDIR}/{source.dst.strip('/')}"
-            result = ctx.session.run(
-                agent_command(
-                    self.spec.backend,
-                    f"fetch-s3 --src {_q(source.src)} --dst {_q(dst)} --region {_q(self.region)}",
-                ),
-                check=False,
+            report = agent_report(
+                ctx.session,
+                self.spec.backend,
+                f"fetch-s3 --src {_q(source.src)} --dst {_q(dst)} --region {_q(self.region)}",
             )
-            report = _json_or_error(result.text)
-            if result.exit_code != 0 or "error" in report:
+            if "error" in report:
                 raise RemoteError(
-                    f"fetching {source.src} on the instance failed: {report.get('error', result.text)}",
+                    f"fetching {source.src} on the instance failed: {report['error']}",
                     hint=str(report.get("hint") or "See the instance profile's policy and the bucket's."),
                 )
             self.reporter.info(
@@ -1105,18 +1096,15 @@ def verify_backend(
         )
     )
     expect_gpu = '$([ -z "$CLOUDTRAIN_SIMULATED" ] && echo --expect-gpu)'
-    result = session.run(
-        agent_command(
-            backend,
-            f"verify --backend {backend} --python {remote_python(backend)} "
-            f"--env-file {run_dir}/env.json{keras} {expect_gpu}",
-        ),
-        check=False,
+    report = agent_report(
+        session,
+        backend,
+        f"verify --backend {backend} --python {remote_python(backend)} "
+        f"--env-file {run_dir}/env.json{keras} {expect_gpu}",
     )
-    report = _json_or_error(result.text)
-    if result.exit_code != 0 or "error" in report:
+    if "error" in report:
         raise RemoteError(
-            f"the {backend} backend does not work on the instance: {report.get('error', result.text)}",
+            f"the {backend} backend does not work on the instance: {report['error']}",
             hint=str(report.get("hint") or "See the image's job environment."),
         )
     return report
@@ -1258,6 +1246,16 @@ def run_record(ledger: Ledger, run_id: str, now: Any = None) -> dict[str, Any]:
         ],
         "events": [{"at": iso(e.at), "kind": e.kind, "message": e.message} for e in ledger.events(run_id)],
     }
+
+
+def agent_report(session: Session, backend: str, args: str) -> dict[str, Any]:
+    """Run an agent command that prints one JSON object; its report, with ``error`` set
+    when the command failed (the agent's own message, else its output)."""
+    result = session.run(agent_command(backend, args), check=False)
+    report = _json_or_error(result.text)
+    if result.exit_code != 0 and "error" not in report:
+        report["error"] = result.text.strip()[-500:] or f"exit code {result.exit_code}"
+    return report
 
 
 def _json_or_error(text: str) -> dict[str, Any]:

@@ -255,6 +255,12 @@ def run_tags(run_id: str, owner: str, expires: datetime) -> dict[str, str]:
     return {TAG_RUN_ID: run_id, TAG_OWNER: owner, TAG_EXPIRES: iso(expires), "Name": run_id}
 
 
+def _newest_image(found: Sequence[Mapping[str, Any]]) -> Image:
+    """The newest of described images."""
+    newest = max(found, key=lambda i: i.get("CreationDate", ""))
+    return Image(newest["ImageId"], newest.get("Name", ""), newest.get("RootDeviceName", "/dev/sda1"))
+
+
 def _tags(data: Mapping[str, Any]) -> dict[str, str]:
     """A described resource's tags as a dict."""
     return {t["Key"]: t["Value"] for t in data.get("Tags", [])}
@@ -864,8 +870,7 @@ class AwsCloud:
                 f"no image {wanted} in {self.region}",
                 hint="Set resources.image to an AMI id or name that exists in this region.",
             )
-        newest = max(found, key=lambda i: i.get("CreationDate", ""))
-        return Image(newest["ImageId"], newest.get("Name", ""), newest.get("RootDeviceName", "/dev/sda1"))
+        return _newest_image(found)
 
     # --- instances -----------------------------------------------------------------------
 
@@ -1235,8 +1240,7 @@ class AwsCloud:
                 f"no image {wanted} in {self.region}",
                 hint="Pass --base with an AMI id or name that exists in this region.",
             )
-        newest = max(found, key=lambda i: i.get("CreationDate", ""))
-        return Image(newest["ImageId"], newest.get("Name", ""), newest.get("RootDeviceName", "/dev/sda1"))
+        return _newest_image(found)
 
     def cloudtrain_images(self) -> list[ImageInfo]:
         """This account's cloudtrain images (cloudtrain-gpu-*) in the region, newest first."""
