@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cloudtrain import __version__
@@ -31,6 +32,7 @@ from cloudtrain.records import RunState
 from cloudtrain.settings import Settings
 
 if TYPE_CHECKING:
+    from cloudtrain.api import RunOutcome
     from cloudtrain.doctor import Report as DoctorReport
     from cloudtrain.gc import Survey
     from cloudtrain.planner import Plan
@@ -72,9 +74,9 @@ def handle_errors(func: F) -> F:
         except CloudtrainError as e:
             if debug:
                 err.print_exception()
-            err.print(f"[bold red]error:[/] {e.message}", highlight=False, markup=True)
+            err.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False)
             if e.hint:
-                err.print(f"[bold]hint:[/] {e.hint}", highlight=False)
+                err.print(f"[bold]hint:[/] {escape(e.hint)}", highlight=False)
             sys.exit(int(e.exit_code))
         except (KeyboardInterrupt, click.exceptions.Abort):  # Ctrl-C, also at a prompt
             err.print("[bold red]interrupted[/]")
@@ -160,7 +162,7 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
         highlight=False,
     )
     if choice.note:
-        console.print(f"Note: {choice.note} (catalog of {plan.catalog_date}).", highlight=False)
+        console.print(f"Note: {escape(choice.note)} (catalog of {plan.catalog_date}).", highlight=False)
     if plan.estimate:
         est = plan.estimate
         console.print(
@@ -339,19 +341,27 @@ class ConsoleReporter(Reporter):
 
     def stage(self, state: RunState, message: str) -> None:
         if not self.quiet:
-            err.print(f"[bold cyan]▸ {state.value}[/] {message}", highlight=False)
+            rest = message  # "launching g4dn..." under "launching" reads "▸ launching g4dn..."
+            if rest.startswith(state.value):
+                rest = rest[len(state.value) :].lstrip(": ")
+            err.print(f"[bold cyan]▸ {state.value}[/] {escape(rest)}", highlight=False)
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            err.print(f"  {message}", style="dim", highlight=False)
+            err.print(f"  {escape(message)}", style="dim", highlight=False)
 
     def warn(self, message: str) -> None:
-        err.print(f"[yellow]warning:[/] {message}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
     def log(self, data: bytes) -> None:
         if not self.quiet:
             sys.stdout.buffer.write(data)
             sys.stdout.buffer.flush()
+
+
+def _print_done(outcome: RunOutcome) -> None:
+    where = escape(str(outcome.run_dir))
+    err.print(f"[bold green]done[/] {outcome.run_id}: results in {where}", highlight=False)
 
 
 def _confirm_spend(plan: Plan) -> bool:
@@ -443,7 +453,7 @@ def run_command(
         if as_json and run_ids:
             _print_record(run_status(ctx.settings, run_ids[0])[0])
     if not as_json:
-        err.print(f"[bold green]done[/] {outcome.run_id}: results in {outcome.run_dir}", highlight=False)
+        _print_done(outcome)
 
 
 @main.command("attach")
@@ -455,7 +465,7 @@ def attach_command(ctx: Context, run: str) -> None:
     from cloudtrain.api import attach_run
 
     outcome = attach_run(run, ctx.settings, reporter=ConsoleReporter())
-    err.print(f"[bold green]done[/] {outcome.run_id}: results in {outcome.run_dir}", highlight=False)
+    _print_done(outcome)
 
 
 @main.command("pull")
@@ -467,7 +477,7 @@ def pull_command(ctx: Context, run: str) -> None:
     from cloudtrain.api import pull_run
 
     folder = pull_run(run, ctx.settings, reporter=ConsoleReporter())
-    err.print(f"pulled into {folder}", highlight=False)
+    err.print(f"pulled into {escape(str(folder))}", highlight=False)
 
 
 @main.command("status")
@@ -524,7 +534,7 @@ def render_run(record: dict[str, Any], console: Console) -> None:
         "kept_until",
     ):
         if record.get(key) is not None:
-            console.print(f"  {key}: {record[key]}", highlight=False)
+            console.print(f"  {key}: {escape(str(record[key]))}", highlight=False)
     report = record.get("backend_report")
     if report:
         console.print(

@@ -83,6 +83,16 @@ def test_invalid_job_exits_2_before_any_aws_call(tmp_path: Path, no_aws: None) -
     assert "Traceback" not in result.output
 
 
+def test_an_error_naming_brackets_prints_them(tmp_path: Path, no_aws: None) -> None:
+    """Square brackets in a path or a value are text, not console markup that eats them."""
+    job = tmp_path / "a[b]" / "job.yaml"
+    job.parent.mkdir()
+    job.write_text("name: x\nbackend: tensorflw\nrun: '[/tmp] python t.py'\n")
+    result = cli("plan", str(job))
+    assert result.exit_code == ExitCode.INVALID_INPUT
+    assert f"error: {job}:2: backend:" in result.output
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     job = tmp_path / "job.yaml"
     job.write_text("name: x\n")
