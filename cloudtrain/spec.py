@@ -57,7 +57,9 @@ def _env_value(value: Any) -> Any:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a YAML value of the wrong type is refused, never coerced ("yes" is no bool, true no
+    # disk size); finite numbers only (.inf hours would plan an infinite cost).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 S3_URL_RE = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
@@ -248,6 +250,7 @@ class _Positions:
 
     def __init__(self, root: yaml.Node | None) -> None:
         self.lines: dict[tuple[str | int, ...], int] = {}
+        self.repeated: list[tuple[tuple[str | int, ...], int, int]] = []  # (key path, first, again)
         if root is not None:
             self._walk(root, ())
 
@@ -256,7 +259,11 @@ class _Positions:
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 sub = (*path, str(key.value))
-                self.lines[sub] = key.start_mark.line + 1
+                line = key.start_mark.line + 1
+                if sub in self.lines:  # YAML lets the later one win without a word
+                    self.repeated.append((sub, self.lines[sub], line))
+                    continue
+                self.lines[sub] = line
                 self._walk(value, sub)
         elif isinstance(node, yaml.SequenceNode):
             for index, item in enumerate(node.value):
@@ -414,6 +421,14 @@ def load_job(path: str | os.PathLike[str], catalog: Catalog | None = None) -> Jo
             hint="Start from an example in jobs/.",
         )
     positions = _Positions(root)
+    _raise(
+        job_path,
+        [
+            f"{job_path}:{again}: {_dotted(loc)}: appears twice (first on line {first}); "
+            "the later one would silently win"
+            for loc, first, again in positions.repeated
+        ],
+    )
     try:
         spec = JobSpec.model_validate(document)
     except ValidationError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -86,7 +87,21 @@ def tag_dict(items: list[dict[str, str]]) -> dict[str, str]:
 def test_launch_parameters_as_moto_records_them(cloud: AwsCloud, tags: dict[str, str], image_id: str) -> None:
     request = launch_request(cloud, tags, image_id)
     assert request.image.id == image_id  # the default cloudtrain image, found by name
+    sent: list[dict[str, Any]] = []  # what moto accepts but does not record: the request itself
+    cloud.ec2.meta.events.register(
+        "provide-client-params.ec2.RunInstances", lambda params, **_: sent.append(copy.deepcopy(params))
+    )
     instance_id = cloud.launch(request)
+    assert sent[0]["InstanceMarketOptions"] == {
+        "MarketType": "spot",
+        "SpotOptions": {
+            "SpotInstanceType": "one-time",
+            "InstanceInterruptionBehavior": "terminate",
+            "MaxPrice": "0.4000",
+        },
+    }
+    assert sent[0]["BlockDeviceMappings"][0]["Ebs"]["VolumeType"] == "gp3"
+    assert sent[0]["ClientToken"] == f"{RUN_ID}-1"
     running = cloud.wait_running(instance_id, delay=1)
     assert running.state == "running" and running.lifecycle == "spot"
     assert running.zone == "us-east-1b" and running.instance_type == "g4dn.xlarge"

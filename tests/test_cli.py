@@ -118,6 +118,33 @@ def test_missing_credentials_exit_3(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert "--dry-run" in result.output
 
 
+def test_profile_gives_the_region_and_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--profile NAME: its region is the plan's when the job names none; a missing one exits 2."""
+    from moto import mock_aws
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    config = tmp_path / "aws-config"
+    config.write_text(
+        "[profile eu]\nregion = eu-west-1\naws_access_key_id = AKIAEUEUEUEUEUEUEUEU\n"
+        "aws_secret_access_key = fake-eu-secret\n"
+    )
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    job = tmp_path / "job.yaml"
+    job.write_text("name: x\nrun: r\nresources: {gpu: T4}\n")
+    with mock_aws():
+        result = cli("--profile", "eu", "plan", str(job), "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["region"] == "eu-west-1"
+    assert {offer["zone"][:-1] for offer in plan["offers"]} == {"eu-west-1"}
+
+    missing = cli("--profile", "nope", "plan", str(job))
+    assert missing.exit_code == ExitCode.INVALID_INPUT
+    assert "error: AWS profile problem" in missing.output and "nope" in missing.output
+
+
 def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
     def interrupted(*_: Any, **__: Any) -> None:
         raise KeyboardInterrupt

@@ -179,11 +179,53 @@ def test_example_jobs_are_valid() -> None:
             "job.yaml:4: keras: Keras 3 has no Theano backend: use keras: 2",
         ),
         ("name: x\nrun: r\nkeras: 1\n", "job.yaml:3: keras: Input should be 2 or 3"),
+        # wrong types are refused, not coerced
+        (
+            "name: x\nrun: r\nresources: {disk_gb: true}\n",
+            "job.yaml:3: resources.disk_gb: Input should be a valid integer (got True)",
+        ),
+        (
+            "name: x\nrun: r\nresources: {spot: 'yes'}\n",
+            "job.yaml:3: resources.spot: Input should be a valid boolean (got 'yes')",
+        ),
+        (
+            "name: x\nrun: r\nresources: {max_price: '0.3'}\n",
+            "job.yaml:3: resources.max_price: Input should be a valid number (got '0.3')",
+        ),
+        ("name: x\nrun: r\nseed: '42'\n", "job.yaml:3: seed: Input should be a valid integer (got '42')"),
+        ("name: x\nrun: 42\n", "job.yaml:2: run: Input should be a valid string (got 42)"),
+        (
+            "name: x\nrun: r\nbudget: {max_hours: .inf}\n",
+            "job.yaml:3: budget.max_hours: Input should be a finite number",
+        ),
+        (
+            "name: x\nrun: r\nbudget: {max_cost_usd: .nan}\n",
+            "job.yaml:3: budget.max_cost_usd: Input should be a finite number",
+        ),
+        (
+            "name: x\nrun: r\nseed: 1\nseed: 2\n",
+            "job.yaml:4: seed: appears twice (first on line 3); the later one would silently win",
+        ),
+        (
+            "name: x\nrun: r\nresources:\n  gpu: T4\n  gpu: A10G\n",
+            "job.yaml:5: resources.gpu: appears twice (first on line 4)",
+        ),
     ],
 )
 def test_bad_files_refused_with_line_and_key(tmp_path: Path, text: str, expected: str) -> None:
     message = refused(tmp_path, text)
     assert expected in message
+
+
+def test_whole_numbers_and_yaml_booleans_still_fit_their_keys(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "name: x\nrun: r\nenv: {EPOCHS: 5, FAST: true}\n"
+        "resources: {max_price: 1, spot: no}\nbudget: {max_hours: 2, max_cost_usd: 3}\n"
+    )
+    spec = load_job(job)
+    assert spec.resources.max_price == 1.0 and spec.resources.spot is False
+    assert spec.budget.max_hours == 2.0 and spec.env == {"EPOCHS": "5", "FAST": "true"}
 
 
 def test_empty_file(tmp_path: Path) -> None:
