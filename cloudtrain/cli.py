@@ -130,7 +130,8 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
         pad_edge=False,
     )
     table.add_column("type", no_wrap=True)
-    table.add_column("GPUs", no_wrap=True)
+    table.add_column("GPU", no_wrap=True)
+    table.add_column("count", justify="right", no_wrap=True)
     table.add_column("AZ", no_wrap=True)
     price_header = "spot $/h" if plan.lifecycle.value == "spot" else "$/h"
     for header in (price_header, "on-demand", "saving"):
@@ -139,18 +140,21 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
     best_per_type: dict[str, Any] = {}
     for offer in plan.offers:
         best_per_type.setdefault(offer.instance.name, offer)
+    max_price = job.resources.max_price
     for offer in list(best_per_type.values())[:top]:
         chosen = offer is plan.choice
+        over = max_price is not None and offer.price_per_hour > max_price
         itype = offer.instance
         table.add_row(
             ("→ " if chosen else "  ") + itype.name,
-            f"{itype.gpu_count} x {itype.gpu} {itype.gpu_memory_gib:g}G",
+            f"{itype.gpu} {itype.gpu_memory_gib:g}G",
+            str(itype.gpu_count),
             offer.zone or "any",
             _money(offer.price_per_hour),
             _money(offer.on_demand_per_hour),
             f"{offer.saving_pct:.0f}%",
-            offer.price_source,
-            style="bold green" if chosen else None,
+            offer.price_source + (", over max_price" if over else ""),
+            style="bold green" if chosen else ("dim" if over else None),
         )
     console.print(table)
     choice = plan.choice

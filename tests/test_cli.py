@@ -61,6 +61,19 @@ def test_plan_dry_run_table() -> None:
     assert "Estimate for budget.max_hours 1 h" in result.output
 
 
+def test_plan_table_has_gpu_count_and_marks_offers_over_max_price(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("name: x\nrun: r\nresources: {max_price: 0.3}\n")
+    result = cli("plan", str(job), "--dry-run")
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if line.split()[:1] == ["type"])
+    assert header.split()[:4] == ["type", "GPU", "count", "AZ"]
+    rows = {line.lstrip(" →").split()[0]: line for line in result.output.splitlines() if "%" in line}
+    assert "over max_price" in rows["g5.xlarge"]  # $0.3018/h simulated
+    assert "over max_price" not in rows["g4dn.xlarge"]  # $0.1578/h, the choice
+    assert rows["g4dn.xlarge"].lstrip(" →").split()[1:4] == ["T4", "16G", "1"]
+
+
 def test_plan_dry_run_json() -> None:
     result = cli("plan", str(EXAMPLE), "--dry-run", "--json")
     assert result.exit_code == 0
