@@ -246,15 +246,17 @@ def _totals_line(label: str, totals: CostTotals) -> str:
 def render_cost_report(report: CostReport, console: Console) -> None:
     key_header = {"run": "run", "day": "day", "instance-type": "instance type"}[report.group_by]
     table = Table(title=f"Costs by {key_header}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column(key_header)
+    keys = [row.key + (" (sim)" if row.simulated and report.group_by == "run" else "") for row in report.rows]
+    # a run id is what a user copies into `status` and `down`: never cut or wrapped
+    table.add_column(key_header, no_wrap=True, min_width=max(map(len, keys), default=0))
     if report.group_by != "instance-type":
         table.add_column("instance types")
     if report.group_by == "run":
         table.add_column("state")
     for header in ("hours", "cost", "on-demand", "saving", "EBS", "total"):
         table.add_column(header, justify="right")
-    for row in report.rows:
-        cells = [row.key + (" (sim)" if row.simulated and report.group_by == "run" else "")]
+    for row, key in zip(report.rows, keys, strict=True):
+        cells = [key]
         if report.group_by != "instance-type":
             cells.append(", ".join(row.instance_types) or "-")
         if report.group_by == "run":

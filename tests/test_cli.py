@@ -233,6 +233,20 @@ def test_cost_report_table_separates_real_and_simulated(settings: Settings) -> N
     assert "saved 60%" in result.output
 
 
+def test_cost_report_never_cuts_a_run_id(settings: Settings) -> None:
+    created = datetime(2026, 11, 20, 10, 0, tzinfo=timezone.utc)
+    run_id = f"{'long-name-' * 4}{created:%Y%m%d-%H%M%S}-abcd"  # a 40-character name
+    with Ledger.open(settings) as ledger:
+        ledger.create_run(
+            RunRow(
+                id=run_id, name="long-name-" * 4, state=RunState.FAILED, created_at=created, simulated=True
+            )
+        )
+    result = cli("cost-report")
+    assert result.exit_code == 0, result.output
+    assert f"{run_id} (sim)" in result.output
+
+
 def test_cost_report_limit_keeps_totals(settings: Settings) -> None:
     seed(settings)
     result = cli("cost-report", "--limit", "1")
