@@ -99,50 +99,37 @@ def one_after_another(instances: list[dict[str, Any]]) -> bool:
     )
 
 
-def test_a_spot_interruption_is_survived_without_losing_finished_epochs(
+def test_two_spot_interruptions_are_survived_without_losing_finished_epochs(
     sim_image: Path, tmp_path: Path, settings: Settings, quick_notices: None
 ) -> None:
-    run_dir, record, stderr = interrupted_run(tmp_path, "epoch:3")
+    # the 2nd notice comes on the relaunched instance, as its training reaches epoch 6
+    run_dir, record, stderr = interrupted_run(tmp_path, "epoch:3", "epoch:6")
     kinds = [e["kind"] for e in record["events"]]
-    assert "notice" in kinds and "interrupted" in kinds and "restore" in kinds and "recovering" in kinds
-    (restored_epoch,) = restored_epochs(record)
+    assert "notice" in kinds and "restore" in kinds and "recovering" in kinds
+    assert kinds.count("interrupted") == 2
+    restores = restored_epochs(record)
+    assert len(restores) == 2 and 2 <= restores[0] < restores[1] < EPOCHS
+    # 2: the epochs finished before the first notice came home
 
-    # Two instances, one after the other: never two at once, none left.
-    assert len(record["instances"]) == 2 and one_after_another(record["instances"])
+    # Three instances, one after the other: never two at once, none left.
+    assert len(record["instances"]) == 3 and one_after_another(record["instances"])
     assert live_instances(settings, run_dir.name) == []
 
-    # The log shows the notice, the interruption and the resume; no finished epoch is redone
+    # The log shows each notice, interruption and resume; no finished epoch is redone
     # except the one in progress, and the run ends with exactly the epochs asked for.
     log = (run_dir / "logs" / "train.log").read_text()
     assert "spot interruption notice" in log
-    before, resumed = split_at_last_resume(epochs_started(log), restored_epoch)
-    assert resumed == list(range(restored_epoch + 1, EPOCHS + 1))
-    assert (
-        before == list(range(1, len(before) + 1)) and len(before) <= restored_epoch + 1
-    )  # lost: at most one
-    assert restored_epoch >= 2  # the epochs finished before the notice came home
-    assert f"restored epoch {restored_epoch}" in log
-    assert f"holding at epoch {restored_epoch} (saved)" in log  # near the end it waits, saved
+    earlier, last = split_at_last_resume(epochs_started(log), restores[1])
+    first, middle = split_at_last_resume(earlier, restores[0])
+    assert first == list(range(1, len(first) + 1)) and len(first) <= restores[0] + 1  # lost: at most one
+    assert middle == list(range(restores[0] + 1, len(middle) + restores[0] + 1))
+    assert len(middle) <= restores[1] - restores[0] + 1
+    assert last == list(range(restores[1] + 1, EPOCHS + 1))
+    for epoch in restores:
+        assert f"restored epoch {epoch}" in log
+        assert f"holding at epoch {epoch} (saved)" in log  # near the end it waits, saved
     assert (run_dir / "outputs" / "outputs" / "model.weights.h5").is_file()
-    assert "relaunching (1/3)" in stderr
-
-
-def test_two_interruptions_in_one_run(
-    sim_image: Path, tmp_path: Path, settings: Settings, quick_notices: None
-) -> None:
-    run_dir, record, stderr = interrupted_run(
-        tmp_path, "epoch:2", "epoch:6"
-    )  # the 2nd: on the relaunched one
-    assert [e["kind"] for e in record["events"]].count("interrupted") == 2
-    restores = restored_epochs(record)
-    assert len(restores) == 2 and restores[0] < restores[1] < EPOCHS
-    assert len(record["instances"]) == 3 and one_after_another(record["instances"])
-    assert live_instances(settings, run_dir.name) == []
-    _, resumed = split_at_last_resume(
-        epochs_started((run_dir / "logs" / "train.log").read_text()), restores[1]
-    )
-    assert resumed == list(range(restores[1] + 1, EPOCHS + 1))
-    assert "relaunching (2/3)" in stderr
+    assert "relaunching (1/3)" in stderr and "relaunching (2/3)" in stderr
 
 
 def wait_for(what: str, check: Any, timeout: float = 120.0) -> Any:
