@@ -328,7 +328,7 @@ def translate(error: Exception, operation: str, *, instance_type: str = "", spot
             f"AWS kept throttling {operation} after retries: {message}",
             hint="Wait a minute and run again.",
         )
-    if code == "AccessDenied":  # IAM's word for a missing permission
+    if code in ("AccessDenied", "AccessDeniedException"):  # IAM's, and the JSON services' word
         permission = f"iam:{operation}" if operation in IAM_OPERATIONS else f"the permission for {operation}"
         return CredentialsError(
             f"not allowed to call {operation}: {message}",
