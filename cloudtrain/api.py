@@ -426,7 +426,7 @@ def build_image(
     simulated image is built (or reused) in the cache first, as ``run --dry-run`` does, and the
     builder, a simulated host, runs the recipe over it."""
     from cloudtrain.cloud.simimage import ENVS
-    from cloudtrain.imagebuild import DEFAULT_BUILDER_TYPE, build
+    from cloudtrain.imagebuild import DEFAULT_BUILDER_TYPE, build, builder_price
     from cloudtrain.ledger import Ledger
 
     reporter = reporter or Reporter()
@@ -434,7 +434,9 @@ def build_image(
     unknown = [e for e in wanted if e not in ENVS]
     if unknown:  # before anything is started
         raise InputError(f"no job environment {', '.join(unknown)}", hint=f"Use {', '.join(ENVS)}.")
-    if dry_run:
+    instance_type = instance_type or DEFAULT_BUILDER_TYPE
+    if dry_run:  # the type is checked before the simulated image and the simulator start
+        builder_price(instance_type, region or settings.region or DEFAULT_REGION)
         from cloudtrain.cloud.simimage import ensure_image
         from cloudtrain.cloud.simulator import ensure_simulator
 
@@ -448,7 +450,7 @@ def build_image(
             ledger,
             region=region or default_region(active),
             base=base,
-            instance_type=instance_type or DEFAULT_BUILDER_TYPE,
+            instance_type=instance_type,
             envs=wanted,
             reporter=reporter,
         )

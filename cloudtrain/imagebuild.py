@@ -87,6 +87,18 @@ class BuildResult:
         }
 
 
+def builder_price(instance_type: str, region: str) -> float:
+    """The builder's on-demand USD/h from the catalog; an InputError for a type it lacks there."""
+    itype = load_catalog().get(instance_type)
+    price = itype.on_demand_price(region) if itype else None
+    if price is None:
+        raise InputError(
+            f"no on-demand price for {instance_type} in {region} in the catalog",
+            hint="Pass --instance-type with a GPU type the catalog lists for this region.",
+        )
+    return price
+
+
 def build(
     settings: Settings,
     ledger: Ledger,
@@ -99,14 +111,8 @@ def build(
 ) -> BuildResult:
     """Build the cloudtrain image in ``region``; the builder is terminated whatever happens."""
     reporter = reporter or Reporter()
+    price = builder_price(instance_type, region)
     catalog = load_catalog()
-    itype = catalog.get(instance_type)
-    price = itype.on_demand_price(region) if itype else None
-    if itype is None or price is None:
-        raise InputError(
-            f"no on-demand price for {instance_type} in {region} in the catalog",
-            hint="Pass --instance-type with a GPU type the catalog lists for this region.",
-        )
     version = recipe_version()
     now = utcnow()
     run_id = new_run_id(BUILD_NAME, now)

@@ -182,3 +182,17 @@ def test_unknown_backend_is_refused_before_anything_starts(settings: Settings) -
 
     with pytest.raises(InputError, match="no job environment keras4"):
         build_image(settings, envs=("tensorflow", "keras4"))  # not a dry-run: nothing may be reached
+
+
+def test_an_unknown_builder_type_is_refused_before_the_simulator_starts(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cloudtrain import api
+
+    def no_simulator(*_: object, **__: object) -> None:
+        raise AssertionError("the simulated image or the simulator was started")
+
+    monkeypatch.setattr("cloudtrain.cloud.simimage.ensure_image", no_simulator)
+    monkeypatch.setattr("cloudtrain.cloud.simulator.ensure_simulator", no_simulator)
+    with pytest.raises(InputError, match="no on-demand price for g9.mega in us-east-1"):
+        api.build_image(settings, instance_type="g9.mega", dry_run=True)
