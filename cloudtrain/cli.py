@@ -128,15 +128,17 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
         title_justify="left",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
+        collapse_padding=True,
     )
+    # When narrow, the GPU and the price's source fold; types, zones and money are never cut.
     table.add_column("type", no_wrap=True)
-    table.add_column("GPU", no_wrap=True)
+    table.add_column("GPU", overflow="fold")
     table.add_column("count", justify="right", no_wrap=True)
     table.add_column("AZ", no_wrap=True)
     price_header = "spot $/h" if plan.lifecycle.value == "spot" else "$/h"
     for header in (price_header, "on-demand", "saving"):
         table.add_column(header, justify="right", no_wrap=True)
-    table.add_column("price", no_wrap=True)
+    table.add_column("price", overflow="fold")
     best_per_type: dict[str, Any] = {}
     for offer in plan.offers:
         best_per_type.setdefault(offer.instance.name, offer)
@@ -147,13 +149,13 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
         itype = offer.instance
         table.add_row(
             ("→ " if chosen else "  ") + itype.name,
-            f"{itype.gpu} {itype.gpu_memory_gib:g}G",
+            f"{itype.gpu} {itype.gpu_memory_gib:.0f}G",
             str(itype.gpu_count),
             offer.zone or "any",
             _money(offer.price_per_hour),
             _money(offer.on_demand_per_hour),
             f"{offer.saving_pct:.0f}%",
-            offer.price_source + (", over max_price" if over else ""),
+            offer.price_source + (", > max" if over else ""),
             style="bold green" if chosen else ("dim" if over else None),
         )
     console.print(table)
@@ -246,17 +248,17 @@ def _totals_line(label: str, totals: CostTotals) -> str:
 def render_cost_report(report: CostReport, console: Console) -> None:
     key_header = {"run": "run", "day": "day", "instance-type": "instance type"}[report.group_by]
     table = Table(title=f"Costs by {key_header}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    keys = [row.key + (" (sim)" if row.simulated and report.group_by == "run" else "") for row in report.rows]
-    # a run id is what a user copies into `status` and `down`: never cut or wrapped
-    table.add_column(key_header, no_wrap=True, min_width=max(map(len, keys), default=0))
+    # Nothing is cut: a run id is what a user copies into `status` and `down`. When narrow,
+    # the text columns fold and the numbers keep their width.
+    table.add_column(key_header, overflow="fold")
     if report.group_by != "instance-type":
-        table.add_column("instance types")
+        table.add_column("instance types", overflow="fold")
     if report.group_by == "run":
-        table.add_column("state")
+        table.add_column("state", overflow="fold")
     for header in ("hours", "cost", "on-demand", "saving", "EBS", "total"):
-        table.add_column(header, justify="right")
-    for row, key in zip(report.rows, keys, strict=True):
-        cells = [key]
+        table.add_column(header, justify="right", no_wrap=True)
+    for row in report.rows:
+        cells = [row.key + (" (sim)" if row.simulated and report.group_by == "run" else "")]
         if report.group_by != "instance-type":
             cells.append(", ".join(row.instance_types) or "-")
         if report.group_by == "run":
@@ -339,6 +341,18 @@ def cost_report_command(
 # --- run and the commands around it ---------------------------------------------------
 
 
+def stage_line(state: RunState, message: str) -> tuple[str, str]:
+    """The bold head and the rest of a stage's line, the state said once: "launching g4dn..."
+    reads "▸ launching g4dn...", "running: CMD" "▸ running CMD", "run succeeded" as it is."""
+    name = state.value
+    for joint in (": ", " "):
+        if message.startswith(name + joint):
+            return name, message[len(name + joint) :]
+    if message == name or message.endswith(" " + name):
+        return message, ""
+    return name, message
+
+
 class ConsoleReporter(Reporter):
     """Renders the orchestrator's progress; the training log goes to stdout as it arrives."""
 
@@ -347,10 +361,8 @@ class ConsoleReporter(Reporter):
 
     def stage(self, state: RunState, message: str) -> None:
         if not self.quiet:
-            rest = message  # "launching g4dn..." under "launching" reads "▸ launching g4dn..."
-            if rest.startswith(state.value):
-                rest = rest[len(state.value) :].lstrip(": ")
-            err.print(f"[bold cyan]▸ {state.value}[/] {escape(rest)}", highlight=False)
+            head, rest = stage_line(state, message)
+            err.print(f"[bold cyan]▸ {escape(head)}[/] {escape(rest)}".rstrip(), highlight=False)
 
     def info(self, message: str) -> None:
         if not self.quiet:
@@ -681,10 +693,10 @@ def render_survey(found: Survey, console: Console) -> None:
 
     where = ", ".join(found.regions) + (" of the simulated AWS (dry-run)" if found.simulated else "")
     if not found.garbage:
-        console.print(f"nothing to remove for {found.owner} in {where}", highlight=False)
+        console.print(f"nothing to remove for {escape(found.owner)} in {where}", highlight=False)
     else:
         table = Table(
-            title=f"Left behind by {found.owner}'s runs in {where}",
+            title=f"Left behind by {escape(found.owner)}'s runs in {where}",
             title_justify="left",
             box=box.SIMPLE_HEAD,
             pad_edge=False,
@@ -694,7 +706,7 @@ def render_survey(found: Survey, console: Console) -> None:
             table.add_column(header, no_wrap=header in ("id", "run"))
         for item in found.garbage:
             why = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", ago, item.why)
-            table.add_row(item.region, item.kind, item.id, item.run_id, why)
+            table.add_row(item.region, item.kind, item.id, item.run_id, escape(why))
         console.print(table)
     if found.kept:
         runs = len({k.run_id for k in found.kept})
@@ -833,7 +845,8 @@ def image_list_command(ctx: Context, region: str | None, dry_run: bool, as_json:
         mark = "→ " if chosen is image else "  "
         note = "" if image.version == version else " (old)" if image.version else " (none)"
         created = image.created_at[:16].replace("T", " ")
-        table.add_row(mark + image.id, image.name, (image.version or "-") + note, image.state, created)
+        version_cell = (image.version or "-") + note
+        table.add_row(mark + image.id, escape(image.name), version_cell, image.state, created)
     out.print(table)
     out.print(f"installed recipe version: {version}", highlight=False)
 
@@ -879,7 +892,7 @@ def image_copy_command(
     if as_json:
         _print_record({"schema": 1, "copy": copy.to_json()})
     else:
-        err.print(f"copied {image} to {copy.region} as {copy.id} ({copy.name})", highlight=False)
+        err.print(escape(f"copied {image} to {copy.region} as {copy.id} ({copy.name})"), highlight=False)
 
 
 @main.group("sim")

@@ -29,6 +29,18 @@ from pydantic import (
 from cloudtrain.catalog import Catalog, load_catalog
 from cloudtrain.errors import SpecError
 
+INT_TAG, FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+BOOL_TAG, MERGE_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:merge"
+
+
+class _JobLoader(yaml.SafeLoader):
+    """PyYAML's YAML 1.1, plus YAML 1.2's exponent floats: ``1e-3`` is a number, not text."""
+
+
+_JobLoader.add_implicit_resolver(
+    FLOAT_TAG, re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
 NAME_RE = r"^[a-z0-9][a-z0-9-]{0,39}$"
 REGION_RE = r"^[a-z]{2}(-gov)?-[a-z]+-\d$"
 ENV_NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -250,21 +262,32 @@ class _Positions:
 
     def __init__(self, root: yaml.Node | None) -> None:
         self.lines: dict[tuple[str | int, ...], int] = {}
-        self.repeated: list[tuple[tuple[str | int, ...], int, int]] = []  # (key path, first, again)
+        self.problems: list[str] = []  # "LINE: key.path: what" for what YAML reads unlike its looks
         if root is not None:
             self._walk(root, ())
 
     def _walk(self, node: yaml.Node, path: tuple[str | int, ...]) -> None:
-        self.lines.setdefault(path, node.start_mark.line + 1)
+        line = node.start_mark.line + 1
+        self.lines.setdefault(path, line)
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 sub = (*path, str(key.value))
-                line = key.start_mark.line + 1
-                if sub in self.lines:  # YAML lets the later one win without a word
-                    self.repeated.append((sub, self.lines[sub], line))
+                key_line = key.start_mark.line + 1
+                if sub in self.lines and key.tag != MERGE_TAG:  # YAML keeps the later one silently
+                    self.problems.append(
+                        f"{key_line}: {_dotted(sub)}: appears twice (first on line {self.lines[sub]}); "
+                        "the later one would silently win"
+                    )
                     continue
-                self.lines[sub] = line
+                self.lines[sub] = key_line
                 self._walk(value, sub)
+        elif isinstance(node, yaml.ScalarNode):
+            if node.tag in (INT_TAG, FLOAT_TAG) and ":" in node.value and path[:1] != ("env",):
+                number = yaml.load(node.value, Loader=_JobLoader)
+                self.problems.append(
+                    f"{line}: {_dotted(path)}: YAML reads {node.value} as base 60, {number}; "
+                    "write the number you mean"
+                )
         elif isinstance(node, yaml.SequenceNode):
             for index, item in enumerate(node.value):
                 self._walk(item, (*path, index))
@@ -405,8 +428,8 @@ def load_job(path: str | os.PathLike[str], catalog: Catalog | None = None) -> Jo
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(f"{job_path}: cannot read the job file: {e}") from e
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        document = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=_JobLoader)
+        document = yaml.load(text, Loader=_JobLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{job_path}:{mark.line + 1}" if mark is not None else str(job_path)
@@ -421,14 +444,8 @@ def load_job(path: str | os.PathLike[str], catalog: Catalog | None = None) -> Jo
             hint="Start from an example in jobs/.",
         )
     positions = _Positions(root)
-    _raise(
-        job_path,
-        [
-            f"{job_path}:{again}: {_dotted(loc)}: appears twice (first on line {first}); "
-            "the later one would silently win"
-            for loc, first, again in positions.repeated
-        ],
-    )
+    _raise(job_path, [f"{job_path}:{problem}" for problem in positions.problems])
+    _env_as_written(root, document)
     try:
         spec = JobSpec.model_validate(document)
     except ValidationError as e:
@@ -448,6 +465,19 @@ def load_job(path: str | os.PathLike[str], catalog: Catalog | None = None) -> Jo
         ],
     )
     return _resolved(spec, base, catalog)
+
+
+def _env_as_written(root: yaml.Node | None, document: dict[str, Any]) -> None:
+    """``env:`` values as typed: YAML reads ``3.10`` as 3.1, ``010`` as 8 and ``yes`` as True."""
+    env = document.get("env")
+    if not isinstance(root, yaml.MappingNode) or not isinstance(env, dict):
+        return
+    for key, value in root.value:
+        if key.value == "env" and isinstance(value, yaml.MappingNode):
+            for name, text in value.value:
+                plain = isinstance(text, yaml.ScalarNode) and text.tag in (INT_TAG, FLOAT_TAG, BOOL_TAG)
+                if plain and name.value in env:
+                    env[name.value] = text.value
 
 
 def _resolved(spec: JobSpec, base: Path, catalog: Catalog) -> JobSpec:

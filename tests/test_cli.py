@@ -69,9 +69,26 @@ def test_plan_table_has_gpu_count_and_marks_offers_over_max_price(tmp_path: Path
     header = next(line for line in result.output.splitlines() if line.split()[:1] == ["type"])
     assert header.split()[:4] == ["type", "GPU", "count", "AZ"]
     rows = {line.lstrip(" →").split()[0]: line for line in result.output.splitlines() if "%" in line}
-    assert "over max_price" in rows["g5.xlarge"]  # $0.3018/h simulated
-    assert "over max_price" not in rows["g4dn.xlarge"]  # $0.1578/h, the choice
+    assert rows["g5.xlarge"].rstrip().endswith("simulated, > max")  # $0.3018/h
+    assert rows["g4dn.xlarge"].rstrip().endswith("simulated")  # $0.1578/h, the choice
     assert rows["g4dn.xlarge"].lstrip(" →").split()[1:4] == ["T4", "16G", "1"]
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_plan_table_never_cuts_a_price_or_a_type(width: int) -> None:
+    """The table `run` shows before asking to spend, at a terminal's width."""
+    import io
+
+    from rich.console import Console
+
+    from cloudtrain.api import plan_job
+    from cloudtrain.cli import render_plan
+
+    plan = plan_job(EXAMPLE, Settings.from_env(), dry_run=True)
+    text = io.StringIO()
+    render_plan(plan, Console(file=text, width=width))
+    assert "…" not in text.getvalue()
+    assert "→ g4dn.xlarge" in text.getvalue() and "$0.1578" in text.getvalue()
 
 
 def test_plan_dry_run_json() -> None:
@@ -242,9 +259,14 @@ def test_cost_report_never_cuts_a_run_id(settings: Settings) -> None:
                 id=run_id, name="long-name-" * 4, state=RunState.FAILED, created_at=created, simulated=True
             )
         )
-    result = cli("cost-report")
+    result = cli("cost-report")  # piped: 120 columns
     assert result.exit_code == 0, result.output
-    assert f"{run_id} (sim)" in result.output
+    assert "…" not in result.output
+    lines = result.output.splitlines()
+    header = next(line for line in lines if line.split()[:1] == ["run"])
+    width = header.index("instance types")  # the run column, folded over several lines
+    column = "".join(line[:width].strip() for line in lines[lines.index(header) + 2 :])
+    assert column.startswith(f"{run_id} (sim)")
 
 
 def test_cost_report_limit_keeps_totals(settings: Settings) -> None:
@@ -279,3 +301,24 @@ def test_cost_report_empty_ledger(settings: Settings) -> None:
     result = cli("cost-report")
     assert result.exit_code == 0
     assert "Real spend: 0 runs" in result.output
+
+
+@pytest.mark.parametrize(
+    ("state", "message", "line"),
+    [
+        (
+            RunState.LAUNCHING,
+            "launching g4dn.xlarge (spot, $0.1578/h)",
+            ("launching", "g4dn.xlarge (spot, $0.1578/h)"),
+        ),
+        (RunState.RUNNING, "running: : ; python x", ("running", ": ; python x")),  # the command kept whole
+        (RunState.PULLING, "pulling back outputs and logs", ("pulling", "back outputs and logs")),
+        (RunState.PROVISIONING, "verifying the host key", ("provisioning", "verifying the host key")),
+        (RunState.SUCCEEDED, "run succeeded", ("run succeeded", "")),
+        (RunState.FAILED, "image build failed", ("image build failed", "")),
+    ],
+)
+def test_a_stage_line_says_its_state_once(state: RunState, message: str, line: tuple[str, str]) -> None:
+    from cloudtrain.cli import stage_line
+
+    assert stage_line(state, message) == line
