@@ -349,6 +349,7 @@ def run_status(settings: Settings, ref: str | None = None, *, limit: int = 20) -
 
 
 LOGS_POLL_S = 1.0
+LOGS_RECONNECTS = 3  # drops of `logs -f`'s stream from a live instance before it gives up
 
 
 def follow_logs(
@@ -362,42 +363,92 @@ def follow_logs(
     """A run's log: the local copy, then (with ``follow``, for a live run) the rest as it comes.
 
     Following a run that has not started training yet waits for it (``on_wait`` hears
-    each state it passes through) and returns if it ends before training."""
+    each state it passes through) and returns if it ends before training. An instance
+    taken away mid-follow is waited out: the log goes on with the relaunched instance's."""
     from cloudtrain.ledger import Ledger
 
+    note = on_wait or (lambda _: None)
     with Ledger.open(settings) as ledger:
-        run = ledger.resolve_run(ref)
-        state = None
-        while follow and not run.state.finished and not run.detail.get("training_started"):
-            if run.state != state:
-                state = run.state
-                if on_wait:
-                    on_wait(f"waiting for {run.id} to start training (now {state.value})")
-            time.sleep(LOGS_POLL_S)
-            found = ledger.get_run(run.id)
-            assert found is not None
-            run = found
+        run = _until_training(ledger, ledger.resolve_run(ref), follow, note)
         local = Path(run.run_dir or ".") / "logs" / "train.log"
-        offset = 0
-        if local.exists():
-            data = local.read_bytes()
-            sink(data)
-            offset = len(data)
+        printed = local.read_bytes() if local.exists() else b""
+        sink(printed)
         if not follow or run.state.finished:
             return
         orchestrator, ctx = _resumed(run, settings, ledger, None)
-        from cloudtrain.orchestrator import REMOTE_RUN_DIR, agent_command
+        offset = max(0, len(printed) - ctx.log_base)  # this instance's bytes already printed
+        while True:
+            if _tail_instance(orchestrator, ctx, offset, sink):
+                return
+            lost = ctx.instance_id
+            note(
+                f"{lost} was taken away; waiting for {run.id} to go on on a new instance "
+                f"(`cloudtrain attach {run.id}` relaunches a detached run)"
+            )
+            run = _until_relaunched(ledger, run.id, lost)
+            if run.state.finished:  # what its controller brought home of the later instances
+                if local.exists():
+                    sink(local.read_bytes()[int(run.detail.get("log_base") or 0) :])
+                return
+            orchestrator, ctx = _resumed(run, settings, ledger, None)
+            offset = 0
 
+
+def _until_training(ledger: Any, run: Any, follow: bool, note: Callable[[str], Any]) -> Any:
+    """The run once it trains or has ended (at once without ``follow``)."""
+    state = None
+    while follow and not run.state.finished and not run.detail.get("training_started"):
+        if run.state != state:
+            state = run.state
+            note(f"waiting for {run.id} to start training (now {state.value})")
+        time.sleep(LOGS_POLL_S)
+        run = ledger.get_run(run.id)
+    return run
+
+
+def _until_relaunched(ledger: Any, run_id: str, lost: str | None) -> Any:
+    """The run once it has ended, or trains on an instance other than ``lost``."""
+    while True:
+        run = ledger.get_run(run_id)
+        moved = run.detail.get("instance_id") != lost and run.detail.get("training_started")
+        if run.state.finished or moved:
+            return run
+        time.sleep(LOGS_POLL_S)
+
+
+def _tail_instance(orchestrator: Any, ctx: Any, offset: int, sink: Callable[[bytes], Any]) -> bool:
+    """Stream the instance's log from ``offset`` to its end: True once the training has
+    ended, False if AWS took the instance away. A drop on a live instance reconnects."""
+    from cloudtrain.errors import RemoteError
+    from cloudtrain.orchestrator import REMOTE_RUN_DIR, agent_command
+
+    def counted(data: bytes) -> None:
+        nonlocal offset
+        offset += len(data)
+        sink(data)
+
+    ctx.session.give_up = lambda: orchestrator._lost(ctx)  # no 5-minute connect to a gone host
+    for drop in range(LOGS_RECONNECTS + 1):
         try:
             ctx.session.connect()
-            ctx.session.stream(
+            code = ctx.session.stream(
                 agent_command(
                     orchestrator.spec.backend, f"tail --run-dir {REMOTE_RUN_DIR} --offset {offset} --follow"
                 ),
-                sink,
+                counted,
             )
+            if code != 0:  # e.g. the supervisor went with its host, which is stopping
+                raise RemoteError(f"the log stream from {ctx.instance_id} ended with exit code {code}")
+            return True
+        except RemoteError:
+            if orchestrator._lost(ctx) is not None:
+                return False
+            if drop == LOGS_RECONNECTS:
+                raise
+            time.sleep(min(2 ** (drop + 1), 15))
         finally:
             ctx.session.close()
+    raise AssertionError("unreachable")
 
 
 # --- cloudtrain image: build, list, copy, remove -------------------------------------------

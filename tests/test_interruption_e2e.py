@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -159,7 +161,15 @@ def test_a_detached_run_taken_away_unwatched_resumes_from_s3_on_attach(
         except s3.exceptions.NoSuchKey:
             return 0
 
-    # The instance keeps its checkpoint in S3 by itself: no controller is following it.
+    # The instance keeps its checkpoint in S3 by itself: no controller is following it,
+    # only `logs -f`, which goes on with the replacement's log once `attach` relaunches.
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "cloudtrain", "logs", run_id, "-f"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
     wait_for("epoch 2 in S3", lambda: s3_epoch() >= 2)
     (first,) = live_instances(settings, run_id)
     schedule_interruption(settings, first, notice_s=2)
@@ -169,6 +179,11 @@ def test_a_detached_run_taken_away_unwatched_resumes_from_s3_on_attach(
     assert not (run_dir / "checkpoint").exists()  # nothing was copied home
 
     attached = cloudtrain("attach", run_id)
+    followed, waited = follower.communicate(timeout=120)
+    assert follower.returncode == 0, waited
+    assert f"{first} was taken away; waiting for {run_id} to go on on a new instance" in waited
+    before, after = split_at_last_resume(epochs_started(followed), in_s3)
+    assert before[:2] == [1, 2] and after == list(range(in_s3 + 1, EPOCHS + 1))
     assert attached.returncode == 0, attached.stderr
     assert "is terminated: the instance was taken away; relaunching (1/3)" in attached.stderr
     record = status(run_id)
