@@ -247,7 +247,13 @@ def _totals_line(label: str, totals: CostTotals) -> str:
 
 def render_cost_report(report: CostReport, console: Console) -> None:
     key_header = {"run": "run", "day": "day", "instance-type": "instance type"}[report.group_by]
-    table = Table(title=f"Costs by {key_header}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(
+        title=f"Costs by {key_header}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     # Nothing is cut: a run id is what a user copies into `status` and `down`. When narrow,
     # the text columns fold and the numbers keep their width.
     table.add_column(key_header, overflow="fold")
