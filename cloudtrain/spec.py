@@ -41,6 +41,16 @@ _JobLoader.add_implicit_resolver(
     FLOAT_TAG, re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
 
+
+def _construct(node: yaml.Node) -> Any:
+    """The Python value of a composed YAML node (safe types only)."""
+    loader = _JobLoader("")
+    try:
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 NAME_RE = r"^[a-z0-9][a-z0-9-]{0,39}$"
 REGION_RE = r"^[a-z]{2}(-gov)?-[a-z]+-\d$"
 ENV_NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -283,7 +293,7 @@ class _Positions:
                 self._walk(value, sub)
         elif isinstance(node, yaml.ScalarNode):
             if node.tag in (INT_TAG, FLOAT_TAG) and ":" in node.value and path[:1] != ("env",):
-                number = yaml.load(node.value, Loader=_JobLoader)
+                number = _construct(node)
                 self.problems.append(
                     f"{line}: {_dotted(path)}: YAML reads {node.value} as base 60, {number}; "
                     "write the number you mean"
@@ -428,8 +438,9 @@ def load_job(path: str | os.PathLike[str], catalog: Catalog | None = None) -> Jo
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(f"{job_path}: cannot read the job file: {e}") from e
     try:
-        root = yaml.compose(text, Loader=_JobLoader)
-        document = yaml.load(text, Loader=_JobLoader)  # a SafeLoader
+        root = yaml.compose(text, Loader=_JobLoader)  # for line numbers, as written
+        tree = yaml.compose(text, Loader=_JobLoader)  # constructing flattens merge keys in place
+        document = None if tree is None else _construct(tree)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{job_path}:{mark.line + 1}" if mark is not None else str(job_path)
