@@ -169,8 +169,18 @@ def settings_for_run(run: RunRow, settings: Settings) -> Settings:
     return ensure_simulator(settings)
 
 
-def _resumed(run: RunRow, settings: Settings, ledger: Ledger, reporter: Reporter | None) -> tuple[Any, Any]:
-    """An orchestrator and context for a run that is already on an instance."""
+def _resumed(
+    run: RunRow,
+    settings: Settings,
+    ledger: Ledger,
+    reporter: Reporter | None,
+    *,
+    need_secrets: bool = False,
+) -> tuple[Any, Any]:
+    """An orchestrator and context for a run that is already on an instance.
+
+    The job's secrets come from this environment, as for `run`: they mask the log that
+    comes home (and go to a relaunched instance). ``need_secrets``: all must be set."""
     from cloudtrain.cloud.aws import AwsCloud
     from cloudtrain.orchestrator import REMOTE_USER, Orchestrator, RunContext
     from cloudtrain.remote.session import Endpoint, Session
@@ -180,6 +190,10 @@ def _resumed(run: RunRow, settings: Settings, ledger: Ledger, reporter: Reporter
         raise InputError(f"run {run.id} never reached its instance", hint="Nothing to attach to or pull.")
     run_dir = Path(run.run_dir)
     spec = JobSpec.model_validate(yaml.safe_load((run_dir / "job.yaml").read_text()))
+    if need_secrets:
+        secrets = secrets_from(spec, os.environ)
+    else:
+        secrets = {name: os.environ[name] for name in spec.secrets if name in os.environ}
     active = settings_for_run(run, settings)
     ssh = detail["ssh"]
     endpoint = Endpoint(
@@ -215,6 +229,7 @@ def _resumed(run: RunRow, settings: Settings, ledger: Ledger, reporter: Reporter
         region=run.region or DEFAULT_REGION,
         out_dir=run_dir.parent,
         reporter=reporter,
+        secrets=secrets,
         replan=lambda: _plan(spec, load_catalog(), active, utcnow()),  # for a relaunch
     )
     return orchestrator, ctx
@@ -230,7 +245,7 @@ def attach_run(ref: str, settings: Settings, *, reporter: Reporter | None = None
             raise InputError(
                 f"run {run.id} has already {run.state.value}", hint=f"Its results are in {run.run_dir}."
             )
-        orchestrator, ctx = _resumed(run, settings, ledger, reporter)
+        orchestrator, ctx = _resumed(run, settings, ledger, reporter, need_secrets=True)
         code = orchestrator.resume(ctx)
         return RunOutcome(run.id, ctx.run_dir, code)
 
@@ -420,15 +435,20 @@ def _tail_instance(orchestrator: Any, ctx: Any, offset: int, sink: Callable[[byt
     """Stream the instance's log from ``offset`` to its end: True once the training has
     ended, False if AWS took the instance away. A drop on a live instance reconnects."""
     from cloudtrain.errors import RemoteError
+    from cloudtrain.ledger import LogRedactor
     from cloudtrain.orchestrator import REMOTE_RUN_DIR, agent_command
+
+    redactor = LogRedactor(orchestrator.secrets.values())  # secrets show as ***, as at home
 
     def counted(data: bytes) -> None:
         nonlocal offset
+        data = redactor.feed(data)  # the part of a secret held back is not counted yet
         offset += len(data)
         sink(data)
 
     ctx.session.give_up = lambda: orchestrator._lost(ctx)  # no 5-minute connect to a gone host
     for drop in range(LOGS_RECONNECTS + 1):
+        redactor = LogRedactor(orchestrator.secrets.values())  # the next tail resends what it held
         try:
             ctx.session.connect()
             code = ctx.session.stream(
@@ -439,6 +459,7 @@ def _tail_instance(orchestrator: Any, ctx: Any, offset: int, sink: Callable[[byt
             )
             if code != 0:  # e.g. the supervisor went with its host, which is stopping
                 raise RemoteError(f"the log stream from {ctx.instance_id} ended with exit code {code}")
+            sink(redactor.flush())
             return True
         except RemoteError:
             if orchestrator._lost(ctx) is not None:

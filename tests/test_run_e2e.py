@@ -310,14 +310,18 @@ def test_sigterm_like_sigint(sim_image: Path, tmp_path: Path, settings: Settings
     assert status(run_id)["state"] == "cancelled"
 
 
-def test_detach_then_pull_and_attach(sim_image: Path, tmp_path: Path, settings: Settings) -> None:
+def test_detach_then_pull_and_attach(
+    sim_image: Path, tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     code = (
         "import os, time\nos.makedirs('outputs', exist_ok=True)\n"
         "open('outputs/early.txt', 'w').write('early')\n"
-        "for i in range(80): print('step', i, flush=True); time.sleep(0.1)\n"
+        "for i in range(80): print('step', i, os.environ['TRAIN_TOKEN'], flush=True); time.sleep(0.1)\n"
         "open('outputs/final.txt', 'w').write('final')\nprint('finished', flush=True)"
     )
-    job = write_job(tmp_path / "job", py(code))
+    job = write_job(tmp_path / "job", py(code), extra="secrets: [TRAIN_TOKEN]\n")
+    token = "s3cr3t-for-the-run"
+    monkeypatch.setenv("TRAIN_TOKEN", token)
     done = cloudtrain("run", str(job), "--dry-run", "--detach", "--out", str(tmp_path / "runs"), check=True)
     assert "detached" in done.stderr
     run_dir = only_run(tmp_path / "runs")
@@ -334,11 +338,30 @@ def test_detach_then_pull_and_attach(sim_image: Path, tmp_path: Path, settings: 
     assert early.read_text() == "early"
     assert status(run_id)["state"] == "running"  # pull leaves the instance running
 
+    # The secret is read from this environment by whatever follows the run, and masked
+    # in what it shows and keeps; `attach`, which may relaunch the run, needs it.
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "cloudtrain", "logs", run_id, "-f"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    monkeypatch.delenv("TRAIN_TOKEN")
+    refused = cloudtrain("attach", run_id)
+    assert (
+        refused.returncode == 2 and "secrets are not set in this environment: TRAIN_TOKEN" in refused.stderr
+    )
+    monkeypatch.setenv("TRAIN_TOKEN", token)
     attached = cloudtrain("attach", run_id, check=True)
-    assert "step 79" in attached.stdout  # the rest of the log, streamed
+    followed, _ = follower.communicate(timeout=120)
+    masked = "*" * len(token)
+    assert f"step 79 {masked}" in attached.stdout  # the rest of the log, streamed
+    assert f"step 79 {masked}" in followed and f"step 0 {masked}" in followed
     assert (run_dir / "outputs" / "outputs" / "final.txt").read_text() == "final"
     log = (run_dir / "logs" / "train.log").read_text()
-    assert all(f"step {i}\n" in log for i in range(80)) and "finished" in log
+    assert all(f"step {i} {masked}\n" in log for i in range(80)) and "finished" in log
+    assert token not in log + attached.stdout + followed
     assert status(run_id)["state"] == "succeeded"
     assert live_instances(settings, run_id) == []
 
