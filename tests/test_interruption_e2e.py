@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_run_e2e import cloudtrain, live_instances, only_run, sim_image, status  # noqa: F401  (fixture)
+from test_run_e2e import (  # noqa: F401  (sim_image: a fixture)
+    cloudtrain,
+    live_instances,
+    logs_follower,
+    only_run,
+    sim_image,
+    status,
+)
 from test_s3_data import s3_client
 
 from cloudtrain.api import run_job
@@ -163,13 +168,7 @@ def test_a_detached_run_taken_away_unwatched_resumes_from_s3_on_attach(
 
     # The instance keeps its checkpoint in S3 by itself: no controller is following it,
     # only `logs -f`, which goes on with the replacement's log once `attach` relaunches.
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "cloudtrain", "logs", run_id, "-f"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+    follower = logs_follower(run_id)
     wait_for("epoch 2 in S3", lambda: s3_epoch() >= 2)
     (first,) = live_instances(settings, run_id)
     schedule_interruption(settings, first, notice_s=2)

@@ -51,6 +51,17 @@ def cloudtrain(*args: str, timeout: float = 600, check: bool = False) -> subproc
     return done
 
 
+def logs_follower(run_id: str) -> subprocess.Popen[str]:
+    """`cloudtrain logs RUN -f` in the background (``communicate()`` for its output)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cloudtrain", "logs", run_id, "-f"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+
+
 def status(run_id: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(cloudtrain("status", run_id, "--json", check=True).stdout)
     return data
@@ -340,13 +351,7 @@ def test_detach_then_pull_and_attach(
 
     # The secret is read from this environment by whatever follows the run, and masked
     # in what it shows and keeps; `attach`, which may relaunch the run, needs it.
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "cloudtrain", "logs", run_id, "-f"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+    follower = logs_follower(run_id)
     monkeypatch.delenv("TRAIN_TOKEN")
     refused = cloudtrain("attach", run_id)
     assert (
