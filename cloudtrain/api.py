@@ -261,7 +261,7 @@ def pull_run(ref: str, settings: Settings, *, reporter: Reporter | None = None) 
                 f"run {run.id} has {run.state.value}: its instance is gone",
                 hint=f"What was pulled back is in {run.run_dir}.",
             )
-        orchestrator, ctx = _resumed(run, settings, ledger, reporter)
+        orchestrator, ctx = _resumed(run, settings, ledger, reporter, need_secrets=True)
         try:
             orchestrator.pull(ctx)
         finally:
@@ -365,6 +365,7 @@ def run_status(settings: Settings, ref: str | None = None, *, limit: int = 20) -
 
 LOGS_POLL_S = 1.0
 LOGS_RECONNECTS = 3  # drops of `logs -f`'s stream from a live instance before it gives up
+LOGS_RELAUNCH_WAIT_S = 1800.0  # `logs -f` after a loss: how long a run may show no change
 
 
 def follow_logs(
@@ -391,22 +392,37 @@ def follow_logs(
         if not follow or run.state.finished:
             return
         orchestrator, ctx = _resumed(run, settings, ledger, None)
+        unset = [name for name in orchestrator.spec.secrets if name not in orchestrator.secrets]
+        if unset:
+            note(f"{', '.join(unset)} not set here: a value the training prints shows unmasked")
         offset = max(0, len(printed) - ctx.log_base)  # this instance's bytes already printed
         while True:
-            if _tail_instance(orchestrator, ctx, offset, sink):
+            ended, offset = _tail_instance(orchestrator, ctx, offset, sink)
+            if ended:
                 return
-            lost = ctx.instance_id
-            note(
-                f"{lost} was taken away; waiting for {run.id} to go on on a new instance "
-                f"(`cloudtrain attach {run.id}` relaunches a detached run)"
-            )
-            run = _until_relaunched(ledger, run.id, lost)
-            if run.state.finished:  # what its controller brought home of the later instances
+            run = ledger.resolve_run(run.id)
+            if not run.state.finished:
+                note(
+                    f"{ctx.instance_id} was taken away; waiting for {run.id} to go on on a new "
+                    f"instance (`cloudtrain attach {run.id}` relaunches a detached run)"
+                )
+                run = _until_relaunched(ledger, run.id, ctx.instance_id)
+            if run.state.finished:  # what its controller brought home that was not shown
                 if local.exists():
-                    sink(local.read_bytes()[int(run.detail.get("log_base") or 0) :])
+                    sink(local.read_bytes()[_unshown(run, ctx, offset) :])
                 return
             orchestrator, ctx = _resumed(run, settings, ledger, None)
             offset = 0
+
+
+def _unshown(run: Any, ctx: Any, offset: int) -> int:
+    """Where the local log goes on past what was shown of the lost instance ``ctx`` (``offset``
+    bytes): the local log holds the earlier instances' bytes (``ctx.log_base``), what the
+    controller got of the lost one, then the later instances' (from the run's ``log_base``)."""
+    shown: int = ctx.log_base + offset
+    if int(run.detail.get("relaunches") or 0) == ctx.relaunches:  # it was not relaunched
+        return shown
+    return min(shown, int(run.detail.get("log_base") or 0))
 
 
 def _until_training(ledger: Any, run: Any, follow: bool, note: Callable[[str], Any]) -> Any:
@@ -422,18 +438,33 @@ def _until_training(ledger: Any, run: Any, follow: bool, note: Callable[[str], A
 
 
 def _until_relaunched(ledger: Any, run_id: str, lost: str | None) -> Any:
-    """The run once it has ended, or trains on an instance other than ``lost``."""
+    """The run once it has ended, or trains on an instance other than ``lost``; a CloudError
+    when its ledger row has not changed for LOGS_RELAUNCH_WAIT_S (nobody is relaunching it)."""
+    from cloudtrain.errors import CloudError
+
+    seen, since = None, time.monotonic()
     while True:
         run = ledger.get_run(run_id)
         moved = run.detail.get("instance_id") != lost and run.detail.get("training_started")
         if run.state.finished or moved:
             return run
+        if (run.state, run.detail) != seen:
+            seen, since = (run.state, run.detail), time.monotonic()
+        elif time.monotonic() - since > LOGS_RELAUNCH_WAIT_S:
+            raise CloudError(
+                f"{run_id} has not gone on since {lost} was taken away "
+                f"({LOGS_RELAUNCH_WAIT_S / 60:g} min with no change)",
+                hint=f"`cloudtrain attach {run_id}` relaunches it; `cloudtrain down {run_id}` ends it.",
+            )
         time.sleep(LOGS_POLL_S)
 
 
-def _tail_instance(orchestrator: Any, ctx: Any, offset: int, sink: Callable[[bytes], Any]) -> bool:
-    """Stream the instance's log from ``offset`` to its end: True once the training has
-    ended, False if AWS took the instance away. A drop on a live instance reconnects."""
+def _tail_instance(
+    orchestrator: Any, ctx: Any, offset: int, sink: Callable[[bytes], Any]
+) -> tuple[bool, int]:
+    """Stream the instance's log from ``offset`` to its end: (True, offset reached) once the
+    training has ended, (False, ...) if AWS took the instance away. A drop on a live
+    instance reconnects."""
     from cloudtrain.errors import RemoteError
     from cloudtrain.ledger import LogRedactor
     from cloudtrain.orchestrator import REMOTE_RUN_DIR, agent_command
@@ -460,10 +491,10 @@ def _tail_instance(orchestrator: Any, ctx: Any, offset: int, sink: Callable[[byt
             if code != 0:  # e.g. the supervisor went with its host, which is stopping
                 raise RemoteError(f"the log stream from {ctx.instance_id} ended with exit code {code}")
             sink(redactor.flush())
-            return True
+            return True, offset
         except RemoteError:
             if orchestrator._lost(ctx) is not None:
-                return False
+                return False, offset
             if drop == LOGS_RECONNECTS:
                 raise
             time.sleep(min(2 ** (drop + 1), 15))

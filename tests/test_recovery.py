@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,3 +92,77 @@ def test_simulate_interruption_needs_dry_run_and_a_valid_at(tmp_path: Path) -> N
     assert real.returncode == 2 and "--simulate-interruption needs --dry-run" in real.stderr
     bad = cli("run", str(job), "--dry-run", "--simulate-interruption", "soon")
     assert bad.returncode == 2 and "expected epoch:N or Ns" in bad.stderr
+
+
+# --- `logs -f` across a relaunch (the ledger's side) ------------------------------------
+
+
+def _following(settings: Any, **detail: Any) -> tuple[Any, str]:
+    from datetime import datetime, timezone
+
+    from cloudtrain.ledger import Ledger, RunRow
+    from cloudtrain.records import RunState
+
+    ledger = Ledger.open(settings)
+    run_id = "job-20261128-100000-abcd"
+    ledger.create_run(
+        RunRow(
+            id=run_id,
+            name="job",
+            state=RunState.RUNNING,
+            created_at=datetime(2026, 11, 28, 10, tzinfo=timezone.utc),
+            detail={"instance_id": "i-1", "training_started": True, **detail},
+        )
+    )
+    return ledger, run_id
+
+
+def test_logs_follow_waits_for_the_relaunch_and_gives_up_when_nothing_changes(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from cloudtrain import api
+    from cloudtrain.errors import CloudError
+
+    monkeypatch.setattr(api, "LOGS_POLL_S", 0.02)
+    monkeypatch.setattr(api, "LOGS_RELAUNCH_WAIT_S", 0.3)
+    ledger, run_id = _following(settings)
+    with pytest.raises(CloudError, match="has not gone on since i-1 was taken away") as gave_up:
+        api._until_relaunched(ledger, run_id, "i-1")
+    assert f"cloudtrain attach {run_id}" in (gave_up.value.hint or "")
+
+    def relaunch() -> None:  # each change restarts the wait; training on another instance ends it
+        from cloudtrain.ledger import Ledger
+
+        with Ledger.open(settings) as controller:  # another process's view, as in real life
+            for step in ({"relaunches": 1, "training_started": False}, {"instance_id": "i-2"}):
+                controller.update_run(run_id, detail=step)  # as the controller's _recover does
+                time.sleep(1.0)  # 2 s in all, more than the wait: each change restarts it
+            controller.update_run(run_id, detail={"training_started": True})
+
+    monkeypatch.setattr(api, "LOGS_RELAUNCH_WAIT_S", 1.5)
+    threading.Timer(0.2, relaunch).start()
+    run = api._until_relaunched(ledger, run_id, "i-1")
+    assert run.detail["instance_id"] == "i-2" and run.detail["training_started"]
+
+
+@pytest.mark.parametrize(
+    ("relaunches_now", "log_base_now", "expected"),
+    [
+        (1, 1000, 1300),  # not relaunched: the controller's copy of the lost one, past what was shown
+        (2, 1250, 1250),  # relaunched: the rest of the lost one the controller got, then the next
+        (2, 1500, 1300),
+        (2, 1000, 1000),  # a detached run relaunched by attach: nothing of the lost one came home
+    ],
+)
+def test_what_logs_follow_shows_when_the_run_ends_while_it_waits(
+    relaunches_now: int, log_base_now: int, expected: int
+) -> None:
+    from types import SimpleNamespace
+
+    from cloudtrain.api import _unshown
+
+    run = SimpleNamespace(detail={"relaunches": relaunches_now, "log_base": log_base_now})
+    lost = SimpleNamespace(log_base=1000, relaunches=1)  # 300 bytes of it were shown
+    assert _unshown(run, lost, 300) == expected
