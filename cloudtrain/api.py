@@ -469,11 +469,9 @@ def _tail_instance(
     from cloudtrain.ledger import LogRedactor
     from cloudtrain.orchestrator import REMOTE_RUN_DIR, agent_command
 
-    redactor = LogRedactor(orchestrator.secrets.values())  # secrets show as ***, as at home
-
     def counted(data: bytes) -> None:
         nonlocal offset
-        data = redactor.feed(data)  # the part of a secret held back is not counted yet
+        data = redactor.feed(data)  # secrets show as ***; a part held back is not counted yet
         offset += len(data)
         sink(data)
 

@@ -222,12 +222,13 @@ def test_bad_files_refused_with_line_and_key(tmp_path: Path, text: str, expected
 
 
 def test_whole_numbers_and_yaml_booleans_still_fit_their_keys(tmp_path: Path) -> None:
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        "name: x\nrun: r\nenv: {EPOCHS: 5, FAST: true, PY: 3.10, MODE: 010, AT: 1:30, LR: 1e-3}\n"
-        "resources: {max_price: 1e-1, spot: no}\nbudget: {max_hours: 2, max_cost_usd: 3}\n"
+    spec = load_job(
+        write_job(
+            tmp_path,
+            "name: x\nrun: r\nenv: {EPOCHS: 5, FAST: true, PY: 3.10, MODE: 010, AT: 1:30, LR: 1e-3}\n"
+            "resources: {max_price: 1e-1, spot: no}\nbudget: {max_hours: 2, max_cost_usd: 3}\n",
+        )
     )
-    spec = load_job(job)
     assert spec.resources.max_price == 0.1 and spec.resources.spot is False  # YAML 1.2's 1e-1 too
     assert spec.budget.max_hours == 2.0
     # env: the text as typed, not what YAML 1.1 makes of it (3.1, 8, 90, 0.001)
@@ -242,12 +243,13 @@ def test_whole_numbers_and_yaml_booleans_still_fit_their_keys(tmp_path: Path) ->
 
 
 def test_merge_keys_are_no_duplicates(tmp_path: Path) -> None:
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        "name: x\nrun: r\nenv:\n  <<: {A: a}\n  <<: {B: b}\n  C: c\n"
-        "data:\n  - &one {src: s3://bucket-one/x/, dst: one}\n  - {<<: *one, dst: two}\n"
+    spec = load_job(
+        write_job(
+            tmp_path,
+            "name: x\nrun: r\nenv:\n  <<: {A: a}\n  <<: {B: b}\n  C: c\n"
+            "data:\n  - &one {src: s3://bucket-one/x/, dst: one}\n  - {<<: *one, dst: two}\n",
+        )
     )
-    spec = load_job(job)
     assert spec.env == {"A": "a", "B": "b", "C": "c"}
     assert [d.dst for d in spec.data] == ["one", "two"]
 
