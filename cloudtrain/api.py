@@ -188,8 +188,16 @@ def _resumed(
     detail = run.detail
     if not run.run_dir or "ssh" not in detail:
         raise InputError(f"run {run.id} never reached its instance", hint="Nothing to attach to or pull.")
-    run_dir = Path(run.run_dir)
-    spec = JobSpec.model_validate(yaml.safe_load((run_dir / "job.yaml").read_text()))
+    run_dir = run_folder(run)
+    try:
+        job_text = (run_dir / "job.yaml").read_text()
+    except FileNotFoundError:
+        raise InputError(
+            f"run {run.id}'s job file {run_dir / 'job.yaml'} is missing",
+            hint=f"cloudtrain needs the job the run was started with; put it back, or stop the run's "
+            f"instance with `cloudtrain down {run.id}`.",
+        ) from None
+    spec = JobSpec.model_validate(yaml.safe_load(job_text))
     if need_secrets:
         secrets = secrets_from(spec, os.environ)
     else:
@@ -233,6 +241,25 @@ def _resumed(
         replan=lambda: _plan(spec, load_catalog(), active, utcnow()),  # for a relaunch
     )
     return orchestrator, ctx
+
+
+def run_folder(run: RunRow) -> Path:
+    """The run's folder (its job.yaml, log and results), which must still be there."""
+    folder = Path(run.run_dir) if run.run_dir else None
+    if folder is not None and folder.is_dir():
+        return folder
+    if run.state.finished:
+        hint = (
+            "cloudtrain brought the run's log and outputs home only there: restore the folder, "
+            f"or see what the ledger keeps with `cloudtrain status {run.id}`."
+        )
+    else:
+        hint = (
+            "It holds the job the run was started with and its log: put it back, or stop the "
+            f"run's instance with `cloudtrain down {run.id}`."
+        )
+    where = f" {folder}" if folder is not None else ""
+    raise InputError(f"run {run.id}'s folder{where} is missing (deleted or moved)", hint=hint)
 
 
 def attach_run(ref: str, settings: Settings, *, reporter: Reporter | None = None) -> RunOutcome:
@@ -386,7 +413,15 @@ def follow_logs(
     note = on_wait or (lambda _: None)
     with Ledger.open(settings) as ledger:
         run = _until_training(ledger, ledger.resolve_run(ref), follow, note)
-        local = Path(run.run_dir or ".") / "logs" / "train.log"
+        local = run_folder(run) / "logs" / "train.log"
+        live = follow and not run.state.finished  # -f streams the instance's own copy
+        if not local.exists() and run.detail.get("training_started") and not live:
+            raise InputError(
+                f"run {run.id}'s log {local} is missing (deleted or moved)",
+                hint="The log came home only there."
+                if run.state.finished
+                else f"`cloudtrain logs {run.id} -f` streams the instance's copy while the run lives.",
+            )
         printed = local.read_bytes() if local.exists() else b""
         sink(printed)
         if not follow or run.state.finished:

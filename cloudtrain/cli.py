@@ -74,6 +74,8 @@ def handle_errors(func: F) -> F:
         except CloudtrainError as e:
             if debug:
                 err.print_exception()
+                if e.debug:
+                    err.print(f"[bold]debug:[/] {escape(e.debug)}", highlight=False)
             err.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False)
             if e.hint:
                 err.print(f"[bold]hint:[/] {escape(e.hint)}", highlight=False)
@@ -88,7 +90,7 @@ def handle_errors(func: F) -> F:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="cloudtrain")
 @click.option("--profile", metavar="NAME", help="AWS named profile (default: boto3's credential chain).")
-@click.option("--debug", is_flag=True, help="Show tracebacks and AWS calls.")
+@click.option("--debug", is_flag=True, help="Show tracebacks, AWS calls and remote command lines.")
 @click.pass_context
 def main(ctx: click.Context, profile: str | None, debug: bool) -> None:
     """Train a Keras job on the cheapest AWS GPU spot instance that fits it.

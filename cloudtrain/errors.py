@@ -27,10 +27,11 @@ class CloudtrainError(Exception):
 
     exit_code: ExitCode = ExitCode.CLOUD_OR_REMOTE
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None, *, debug: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.debug = debug  # internals (a remote command line, ...): shown with --debug only
 
     def __str__(self) -> str:
         return self.message
@@ -71,7 +72,14 @@ class PriceError(CloudError):
 
 
 class RemoteError(CloudtrainError):
-    """SSH, sync or the on-instance agent failed."""
+    """SSH, sync or the on-instance agent failed. ``reason``: the cause in a few words (what
+    the remote said last, or what broke), for a line such as "lost the connection (reason)"."""
+
+    def __init__(
+        self, message: str, hint: str | None = None, *, debug: str | None = None, reason: str | None = None
+    ) -> None:
+        super().__init__(message, hint, debug=debug)
+        self.reason = reason or message
 
 
 class BudgetError(CloudtrainError):

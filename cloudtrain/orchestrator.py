@@ -881,7 +881,10 @@ class Orchestrator:
                         drops += 1
                         if drops > STREAM_RECONNECTS:
                             raise
-                        self.reporter.warn(f"log stream interrupted ({e.message}); reconnecting")
+                        self.reporter.warn(
+                            f"lost the connection to {ctx.instance_id} ({e.reason}); reconnecting"
+                        )
+                        log.info("the log stream failed: %s (%s)", e.message, e.debug)
                         time.sleep(min(2**drops, 15))
                         with suppress(RemoteError):
                             ctx.session.reconnect()

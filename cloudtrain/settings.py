@@ -34,7 +34,7 @@ class Settings:
     @classmethod
     def from_env(cls, profile: str | None = None) -> Settings:
         env = os.environ
-        home = Path(env.get("CLOUDTRAIN_HOME") or Path.home() / ".cloudtrain").expanduser()
+        home = Path(env.get("CLOUDTRAIN_HOME") or Path.home() / ".cloudtrain").expanduser().absolute()
         return cls(
             home=home,
             profile=profile or env.get("AWS_PROFILE") or None,

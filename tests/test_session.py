@@ -73,3 +73,17 @@ def test_stdin_and_streams(host: SimHost, client_key: ClientKey, tmp_path: Path)
         assert b"".join(got) == b"1\n2\n3\n"
         sent = session.send_stream("cat > up.bin && wc -c < up.bin", (b"y" * 65536 for _ in range(32)))
         assert sent.exit_code == 0 and sent.stdout.strip() == b"2097152"
+
+
+def test_a_failed_command_says_what_the_remote_said_not_its_command_line(
+    host: SimHost, client_key: ClientKey, tmp_path: Path
+) -> None:
+    """The command line is for --debug: a user reads what happened (the remote's last words)."""
+    command = "PYTHONPATH=$HOME/.cloudtrain/agent true; echo 'the instance is shutting down' >&2; exit 255"
+    with Session(endpoint(host, client_key, tmp_path)) as session, pytest.raises(RemoteError) as failed:
+        session.run(command)
+    error = failed.value
+    assert "PYTHONPATH" not in error.message and "PYTHONPATH" not in error.reason
+    assert "exit code 255" in error.message and "the instance is shutting down" in error.message
+    assert error.reason == "the instance is shutting down"
+    assert error.debug == f"command: {command}"

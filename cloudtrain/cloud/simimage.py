@@ -118,7 +118,7 @@ def recipe_version() -> str:
 def cache_root() -> Path:
     override = os.environ.get("CLOUDTRAIN_CACHE")
     if override:
-        return Path(override)
+        return Path(override).expanduser().absolute()
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("cloudtrain"))
@@ -172,6 +172,7 @@ def ensure_image(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
+            cwd=path.parent,  # never the user's folder: the recipe's Pythons import nothing from it
             text=True,
         )
         assert process.stdout is not None

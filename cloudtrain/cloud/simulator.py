@@ -37,6 +37,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -285,6 +286,10 @@ def _spawn(settings: Settings, idle_s: float | None, timeout: float) -> dict[str
     with open(folder / "sim.log", "ab") as logfile:
         process = subprocess.Popen(
             command,
+            # `-m` puts the current folder first on sys.path: from a checkout's root that is the
+            # source tree, not the installed package (where ami/ is cloudtrain.ami). A daemon
+            # keeps no user's folder anyway.
+            cwd=folder,
             stdin=subprocess.DEVNULL,
             stdout=logfile,
             stderr=subprocess.STDOUT,
@@ -691,10 +696,13 @@ def _text(value: str | bytes) -> str:
 
 def make_layer(image: Path, sandbox: Path) -> list[str]:
     """A writable layer over each image environment: a venv whose .pth sees the image's packages,
-    and a link to the image's warmed Theano compile cache.
+    with the image environment's console scripts (pip, ...), and a link to the image's warmed
+    Theano compile cache.
 
-    A job's ``setup`` (pip install ...) installs into the layer, never into the image.
-    Returns the layer's bin folders for PATH (the first environment first).
+    The layer is the job's environment as an instance of the image offers it: ``pip`` and
+    ``python -m pip`` install into the layer, never into the image, and the console scripts a
+    package installs land in the layer's bin/, on PATH. Returns the layer's bin folders for
+    PATH (the first environment first).
     """
     bins = []
     envs = image / "envs"
@@ -705,23 +713,10 @@ def make_layer(image: Path, sandbox: Path) -> list[str]:
         layer = sandbox / "envs" / env.name
         if not (layer / "bin" / "python").exists():
             subprocess.run([str(python), "-m", "venv", "--without-pip", str(layer)], check=True)
-            site = subprocess.run(
-                [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.strip()
-            layer_site = subprocess.run(
-                [
-                    str(layer / "bin" / "python"),
-                    "-c",
-                    "import sysconfig; print(sysconfig.get_paths()['purelib'])",
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.strip()
-            Path(layer_site, "cloudtrain_image.pth").write_text(site + "\n")
+            Path(_purelib(layer / "bin" / "python"), "cloudtrain_image.pth").write_text(
+                _purelib(python) + "\n"
+            )
+            _mirror_scripts(env / "bin", layer / "bin")
         bins.append(str(layer / "bin"))
     cache = image / "theano-cache"  # read-only, like the image: the agent copies it per run
     if cache.is_dir() and not (sandbox / "theano-cache").exists():
@@ -734,6 +729,41 @@ def _purelib(python: Path) -> str:
     return subprocess.run(
         [str(python), "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
+
+
+# A console script's first line names its interpreter: "#!PYTHON"; where that line would be too
+# long for the kernel (127 bytes) or hold a space, pip writes the /bin/sh form below instead.
+_SH_EXEC = re.compile(rb"\A#!/bin/sh\n'''exec' \"([^\"\n]+)\" \"\$0\" \"\$@\"\n' '''\n")
+
+
+def _script_header(python: str) -> bytes:
+    if len(python) + 3 <= 127 and " " not in python:
+        return f"#!{python}\n".encode()
+    return b"#!/bin/sh\n'''exec' \"" + python.encode() + b'" "$0" "$@"\n\' \'\'\'\n'
+
+
+def _mirror_scripts(image_bin: Path, layer_bin: Path) -> None:
+    """Copy the image environment's console scripts into the layer, run by the layer's Python."""
+    layer_python = str(layer_bin / "python")
+    for script in sorted(image_bin.iterdir()):
+        if script.name.startswith(("python", "activate", "Activate")) or not script.is_file():
+            continue
+        if (layer_bin / script.name).exists():
+            continue
+        text = script.read_bytes()
+        found = _SH_EXEC.match(text)
+        if found:
+            interpreter, body = found.group(1).decode(errors="replace"), text[found.end() :]
+        elif text.startswith(b"#!"):
+            first, _, body = text.partition(b"\n")
+            interpreter = first[2:].decode(errors="replace").strip()
+        else:
+            continue
+        if Path(interpreter).parent != image_bin or not Path(interpreter).name.startswith("python"):
+            continue  # not one of this environment's Python scripts
+        target = layer_bin / script.name
+        target.write_bytes(_script_header(layer_python) + body)
+        target.chmod(0o755)
 
 
 def serve(home: Path, idle_s: float) -> int:

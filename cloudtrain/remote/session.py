@@ -274,18 +274,29 @@ class Session:
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     channel.close()
-                    raise RemoteError(f"remote command timed out after {timeout} s: {_short(command)}")
+                    raise RemoteError(
+                        f"a command on {self.endpoint.label} timed out after {timeout} s",
+                        debug=f"command: {command}",
+                        reason=f"no answer in {timeout} s",
+                    )
             code = channel.recv_exit_status()
             channel.close()
         except (OSError, EOFError, paramiko.SSHException) as e:
-            raise RemoteError(f"ssh to {self.endpoint.label} failed running a command: {e}") from e
+            raise RemoteError(
+                f"ssh to {self.endpoint.label} failed running a command: {e}",
+                debug=f"command: {command}",
+                reason=str(e) or type(e).__name__,
+            ) from e
         self._check_not_dropped(code, channel)
         result = Result(code, bytes(out), bytes(err))
         if check and code != 0:
             detail = (result.stderr or result.stdout).decode("utf-8", "replace").strip()[-2000:]
+            reason = detail.splitlines()[-1].strip() if detail else f"exit code {code}"
             raise RemoteError(
-                f"remote command failed with exit code {code}: {_short(command)}\n{detail}",
-                hint="See the output above.",
+                f"a command on {self.endpoint.label} failed with exit code {code}"
+                + (f":\n{detail}" if detail else ""),
+                debug=f"command: {command}",
+                reason=reason[:200],
             )
         return result
 
@@ -304,7 +315,11 @@ class Session:
             code = channel.recv_exit_status()
             channel.close()
         except (OSError, EOFError, paramiko.SSHException) as e:
-            raise RemoteError(f"ssh stream from {self.endpoint.label} broke: {e}") from e
+            raise RemoteError(
+                f"ssh stream from {self.endpoint.label} broke: {e}",
+                debug=f"command: {command}",
+                reason=str(e) or type(e).__name__,
+            ) from e
         self._check_not_dropped(code, channel)
         return code
 
@@ -313,7 +328,9 @@ class Session:
         connection, not a command that finished: say so (callers reconnect)."""
         transport = channel.get_transport()
         if code == -1 and (transport is None or not transport.is_active()):
-            raise RemoteError(f"the connection to {self.endpoint.label} dropped")
+            raise RemoteError(
+                f"the connection to {self.endpoint.label} dropped", reason="the connection dropped"
+            )
 
     def send_stream(self, command: str, chunks: Iterable[bytes]) -> Result:
         """Run a command whose stdin is a stream of chunks (bulk upload); return its result."""
@@ -343,7 +360,3 @@ def _drain_stderr(channel: paramiko.Channel) -> bytes:
         if not data:
             return bytes(err)
         err += data
-
-
-def _short(command: str, limit: int = 120) -> str:
-    return command if len(command) <= limit else command[: limit - 1] + "…"
