@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import reprlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -33,13 +34,88 @@ INT_TAG, FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 BOOL_TAG, MERGE_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:merge"
 
 
+MAX_JOB_BYTES = 1024 * 1024  # a job file names its data; it does not hold it
+MAX_VALUES = 100_000  # values in a job file once its aliases are expanded
+MAX_DEPTH = 64  # levels of nesting
+MAX_DIGITS = 64  # digits of a whole number
+
+
+class _Unbounded(Exception):
+    """A job file whose work would not be bounded by its size (alias bombs, loops, deep nesting)."""
+
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.line = mark.line + 1 if mark is not None else 1
+
+
 class _JobLoader(yaml.SafeLoader):
-    """PyYAML's YAML 1.1, plus YAML 1.2's exponent floats: ``1e-3`` is a number, not text."""
+    """PyYAML's YAML 1.1, plus YAML 1.2's exponent floats: ``1e-3`` is a number, not text.
+
+    Composing is bounded by the text: aliases may not expand the document beyond
+    MAX_VALUES values nor refer to a value that contains them, and nesting stops at MAX_DEPTH.
+    A date is text (no job key is a date).
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._values = 0  # values composed so far, each alias counted as what it expands to
+        self._sizes: dict[int, int] = {}  # id(node) -> its values once expanded
+        self._open: list[str | None] = []  # anchors of the nodes being composed, outermost first
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open:
+                raise _Unbounded(
+                    f"the alias *{event.anchor} refers to the value that holds it (a loop)",
+                    event.start_mark,
+                )
+            target = self.anchors.get(event.anchor)  # unknown: PyYAML's own error
+            self._count(self._sizes.get(id(target), 1), event, f"the alias *{event.anchor}")
+            return super().compose_node(parent, index)
+        if len(self._open) >= MAX_DEPTH:
+            raise _Unbounded(f"values nested more than {MAX_DEPTH} levels deep", event.start_mark)
+        self._count(1, event, "this value")
+        self._open.append(getattr(event, "anchor", None))
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._open.pop()
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        self._sizes[id(node)] = 1 + sum(self._sizes.get(id(child), 1) for child in children)
+        return node
+
+    def fetch_flow_collection_start(self, token_class: Any) -> None:
+        # Refused while scanning: the scanner's own work grows with the nesting of [ and {.
+        if self.flow_level >= MAX_DEPTH:
+            raise _Unbounded(f"values nested more than {MAX_DEPTH} levels deep", self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
+    def _count(self, values: int, event: yaml.Event, what: str) -> None:
+        self._values += values
+        if self._values > MAX_VALUES:
+            raise _Unbounded(
+                f"{what} takes the job file past {MAX_VALUES:,} values; write the values out "
+                "instead of nesting aliases",
+                event.start_mark,
+            )
 
 
 _JobLoader.add_implicit_resolver(
     FLOAT_TAG, re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
+
+
+def _date_as_text(loader: _JobLoader, node: yaml.ScalarNode) -> str:
+    return loader.construct_scalar(node)
+
+
+_JobLoader.add_constructor("tag:yaml.org,2002:timestamp", _date_as_text)
 
 
 def _construct(node: yaml.Node) -> Any:
@@ -273,12 +349,16 @@ class _Positions:
     def __init__(self, root: yaml.Node | None) -> None:
         self.lines: dict[tuple[str | int, ...], int] = {}
         self.problems: list[str] = []  # "LINE: key.path: what" for what YAML reads unlike its looks
+        self._seen: set[int] = set()  # nodes walked: an alias's value is walked once, where defined
         if root is not None:
             self._walk(root, ())
 
     def _walk(self, node: yaml.Node, path: tuple[str | int, ...]) -> None:
         line = node.start_mark.line + 1
         self.lines.setdefault(path, line)
+        if id(node) in self._seen:
+            return
+        self._seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 sub = (*path, str(key.value))
@@ -292,7 +372,12 @@ class _Positions:
                 self.lines[sub] = key_line
                 self._walk(value, sub)
         elif isinstance(node, yaml.ScalarNode):
-            if node.tag in (INT_TAG, FLOAT_TAG) and ":" in node.value and path[:1] != ("env",):
+            digits = sum(c.isdigit() for c in node.value) if node.tag == INT_TAG else 0
+            if "\0" in str(node.value):  # no path, command line or variable can carry one
+                self.problems.append(f"{line}: {_dotted(path)}: contains a NUL character (\\0)")
+            elif digits > MAX_DIGITS:  # (Python refuses to read one of over 4,300)
+                self.problems.append(f"{line}: {_dotted(path)}: a whole number of {digits} digits")
+            elif node.tag in (INT_TAG, FLOAT_TAG) and ":" in node.value and path[:1] != ("env",):
                 number = _construct(node)
                 self.problems.append(
                     f"{line}: {_dotted(path)}: YAML reads {node.value} as base 60, {number}; "
@@ -365,9 +450,16 @@ def _describe(error: Mapping[str, Any]) -> tuple[tuple[str | int, ...], str]:
         "less_than_equal",
         "too_short",
     ):
-        message = f"{message} (got {error.get('input')!r})"
+        message = f"{message} (got {_short_repr(error.get('input'))})"
     # A model-level validator reports at the model's own location.
     return loc, message
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _problem(path: Path, positions: _Positions, loc: tuple[str | int, ...], message: str) -> str:
@@ -400,7 +492,7 @@ def _iter_semantic_problems(
     res = spec.resources
     if res.gpu is not None:
         model, _, count = res.gpu.partition(":")
-        if count and not (count.isdigit() and int(count) > 0):
+        if count and not re.fullmatch(r"[1-9][0-9]{0,3}", count):
             yield (
                 ("resources", "gpu"),
                 f"'{res.gpu}': the count after ':' must be a positive whole number",
@@ -437,10 +529,21 @@ def load_job(path: str | os.PathLike[str], catalog: Catalog | None = None) -> Jo
         raise SpecError(f"{job_path}: no such job file", hint="Check the path; jobs/ has examples.") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(f"{job_path}: cannot read the job file: {e}") from e
+    if len(text) > MAX_JOB_BYTES:
+        raise SpecError(
+            f"{job_path}: the job file is {len(text.encode()) / 2**20:.1f} MiB; a job file is at most "
+            f"{MAX_JOB_BYTES // 2**20} MiB",
+            hint="Name the training's data under data: (local paths or s3://) instead of writing it in.",
+        )
     try:
-        root = yaml.compose(text, Loader=_JobLoader)  # for line numbers, as written
-        tree = yaml.compose(text, Loader=_JobLoader)  # constructing flattens merge keys in place
-        document = None if tree is None else _construct(tree)
+        root = yaml.compose(text, Loader=_JobLoader)
+        positions = _Positions(root)  # line numbers as written: constructing flattens merge keys
+        _raise(job_path, [f"{job_path}:{problem}" for problem in positions.problems])
+        document = None if root is None else _construct(root)
+    except _Unbounded as e:
+        raise SpecError(
+            f"{job_path}:{e.line}: {e.problem}", hint="A job file is small: write it out."
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{job_path}:{mark.line + 1}" if mark is not None else str(job_path)
@@ -454,8 +557,6 @@ def load_job(path: str | os.PathLike[str], catalog: Catalog | None = None) -> Jo
             f"not a {type(document).__name__}",
             hint="Start from an example in jobs/.",
         )
-    positions = _Positions(root)
-    _raise(job_path, [f"{job_path}:{problem}" for problem in positions.problems])
     _env_as_written(root, document)
     try:
         spec = JobSpec.model_validate(document)

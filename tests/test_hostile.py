@@ -1,0 +1,146 @@
+"""Broken and hostile input: each case ends in one clear error with the right exit code,
+never a traceback, never a hang, within bounded time and memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import cli, no_aws  # noqa: F401  (no_aws: a fixture)
+
+from cloudtrain.errors import SpecError
+from cloudtrain.spec import load_job
+
+
+def _laughs(levels: int = 7, width: int = 9) -> str:
+    """A "billion laughs": each level's list names the previous one ``width`` times."""
+    lines = ["  l0: &l0 [" + ", ".join(["lol"] * width) + "]"]
+    for level in range(1, levels + 1):
+        lines.append(f"  l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * width) + "]")
+    return "name: laughs\nrun: echo\nenv:\n" + "\n".join(lines) + "\n"
+
+
+JOB_FILES = [
+    pytest.param(
+        _laughs(), "job.yaml:9: the alias *l4 takes the job file past 100,000 values", id="alias-bomb"
+    ),
+    pytest.param(
+        "name: &a [*a]\nrun: echo\n",
+        "job.yaml:1: the alias *a refers to the value that holds it",
+        id="alias-loop",
+    ),
+    pytest.param(
+        "name: x\nrun: echo\nenv: " + "[" * 5000 + "]" * 5000 + "\n",
+        "job.yaml:3: values nested more than 64 levels deep",
+        id="deep-nesting",
+    ),
+    pytest.param(
+        "name: x\nrun: echo\nseed: " + "7" * 5000 + "\n",
+        "job.yaml:3: seed: a whole number of 5000 digits",
+        id="huge-int",
+    ),
+    pytest.param(
+        "name: x\nrun: echo\nseed: 2001-02-30\n",
+        "job.yaml:3: seed: Input should be a valid integer (got '2001-02-30')",
+        id="impossible-date",
+    ),
+    pytest.param(
+        "name: x\nrun: echo\nresources: {gpu: 'T4:²'}\n",
+        "job.yaml:3: resources.gpu: 'T4:²': the count after ':' must be a positive whole number",
+        id="superscript-count",
+    ),
+    pytest.param(
+        'name: x\nrun: echo\nworkdir: "a\\0b"\n',
+        "job.yaml:3: workdir: contains a NUL character",
+        id="nul-workdir",
+    ),
+    pytest.param(
+        'name: x\nrun: echo\ndata: [{src: "d\\0", dst: d}]\n',
+        "job.yaml:3: data[0].src: contains a NUL character",
+        id="nul-data-src",
+    ),
+    pytest.param(
+        'name: x\nrun: "python train.py\\0"\n', "job.yaml:2: run: contains a NUL character", id="nul-run"
+    ),
+    pytest.param(
+        'name: x\nrun: echo\nsetup: "pip\\0"\n', "job.yaml:3: setup: contains a NUL character", id="nul-setup"
+    ),
+    pytest.param(
+        'name: x\nrun: echo\nenv: {A: "b\\0"}\n', "job.yaml:3: env.A: contains a NUL character", id="nul-env"
+    ),
+    pytest.param(
+        'name: x\nrun: echo\noutputs: ["out\\0"]\n',
+        "job.yaml:3: outputs[0]: contains a NUL character",
+        id="nul-outputs",
+    ),
+    pytest.param(
+        "name: x\nrun: '" + "a" * (2 * 2**20) + "'\n",
+        "job.yaml: the job file is 2.0 MiB; a job file is at most 1 MiB",
+        id="huge-file",
+    ),
+    pytest.param(
+        "name: x\nrun: echo\nresources: {disk_gb: '" + "9" * 100_000 + "'}\n",
+        "job.yaml:3: resources.disk_gb: Input should be a valid integer (got '999",
+        id="huge-wrong-type",
+    ),
+]
+
+
+# Loads a job file in a child process capped at 1 GiB and reports the error, the seconds it
+# took and its peak memory: a case that came back hangs or dies here, never the suite.
+LOAD = """
+import json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
+from cloudtrain.errors import SpecError
+from cloudtrain.spec import load_job
+started = time.perf_counter()
+try:
+    load_job(sys.argv[1])
+    message = None
+except SpecError as e:
+    message = e.message
+seconds = time.perf_counter() - started
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"message": message, "seconds": seconds, "peak": peak}))
+"""
+
+
+@pytest.mark.parametrize(("text", "expected"), JOB_FILES)
+def test_a_hostile_job_file_is_refused_at_its_line_in_bounded_time_and_memory(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(text)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD, str(job)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    message = (report["message"] or "").replace(str(tmp_path) + "/", "")
+    assert expected in message and "\n" not in message and len(message) < 300, message
+    assert report["seconds"] < 2.0 and report["peak"] < 200 * 2**20, report
+
+
+def test_the_cli_refuses_a_nul_in_run_with_exit_2_before_any_aws_call(tmp_path: Path, no_aws: None) -> None:
+    """An SSH command line cannot carry a NUL: refused before anything is launched."""
+    job = tmp_path / "job.yaml"
+    job.write_text('name: x\nrun: "python train.py\\0"\n')
+    for command in (["plan"], ["run", "--yes"]):
+        result = cli(*command, str(job))
+        assert result.exit_code == 2, result.output
+        assert (
+            "job.yaml:2: run: contains a NUL character" in result.output and "Traceback" not in result.output
+        )
+
+
+def test_aliases_within_bounds_still_work(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("name: aliased\nrun: &cmd python train.py\nsetup: *cmd\nenv: &e {PY: '3.10'}\n")
+    spec = load_job(job)
+    assert spec.setup == spec.run == "python train.py" and spec.env == {"PY": "3.10"}
+    job.write_text(_laughs(levels=2))  # 1 + 9 + 81 lists of 9: well within bounds
+    with pytest.raises(SpecError, match=r"env.l0: Input should be a valid string"):
+        load_job(job)  # refused for its types (env: takes text), as any list there is, not for its size
