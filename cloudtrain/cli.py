@@ -11,13 +11,15 @@ import faulthandler
 import functools
 import json
 import logging
+import os
 import re
 import signal
 import sys
-from collections.abc import Callable
+import tempfile
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich import box
@@ -38,7 +40,6 @@ if TYPE_CHECKING:
     from cloudtrain.planner import Plan
     from cloudtrain.report import CostReport, CostTotals
 
-F = TypeVar("F", bound=Callable[..., Any])
 
 out = Console(soft_wrap=True)
 if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
@@ -62,16 +63,47 @@ def _raise_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(ExitCode.SIGTERM)
 
 
-def handle_errors(func: F) -> F:
-    """Turn cloudtrain errors into one message, a hint and the documented exit code."""
+def _interrupted() -> None:
+    """Ctrl-C (also at a prompt): the run's teardown has already happened on the way here.
+    A second Ctrl-C now must not turn exit 130 into a death by the signal."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    err.print("[bold red]interrupted[/]")
+    sys.exit(int(ExitCode.SIGINT))
 
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        ctx = click.get_current_context().find_object(Context)
-        debug = bool(ctx and ctx.debug)
+
+def _crash_report(error: BaseException, home: Path | None) -> Path | None:
+    """Write the traceback of an unforeseen error to a file; where it went (None: nowhere)."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    name = f"crash-{stamp}-{os.getpid()}.log"
+    for folder in ([home / "logs"] if home else []) + [Path(tempfile.gettempdir())]:
         try:
-            return func(*args, **kwargs)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / name
+            path.write_text(f"cloudtrain {__version__}: {' '.join(sys.argv)}\n{text}")
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def _debugging(ctx: click.Context) -> bool:
+    options = ctx.find_object(Context)  # set by main() once the options are parsed
+    return bool(options and options.debug)
+
+
+class CloudtrainGroup(click.Group):
+    """The whole command line's one error boundary: a ``CloudtrainError`` becomes its message,
+    its hint and its exit code; Ctrl-C exits 130; anything unforeseen exits 70 (a bug) with one
+    line and the traceback in a file. Click's own usage errors keep click's exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit):
+            raise
         except CloudtrainError as e:
+            debug = _debugging(ctx)
             if debug:
                 err.print_exception()
                 if e.debug:
@@ -80,14 +112,28 @@ def handle_errors(func: F) -> F:
             if e.hint:
                 err.print(f"[bold]hint:[/] {escape(e.hint)}", highlight=False)
             sys.exit(int(e.exit_code))
-        except (KeyboardInterrupt, click.exceptions.Abort):  # Ctrl-C, also at a prompt
-            err.print("[bold red]interrupted[/]")
-            sys.exit(int(ExitCode.SIGINT))
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            _interrupted()
+        except Exception as e:
+            if _debugging(ctx):
+                err.print_exception()
+            home = None
+            with contextlib.suppress(Exception):
+                home = Settings.from_env().home
+            report = _crash_report(e, home)
+            where = f"the traceback is in {report}" if report else "the traceback could not be written"
+            err.print(
+                f"[bold red]error:[/] cloudtrain failed unexpectedly ({escape(type(e).__name__)}: "
+                f"{escape(str(e)[:200])}); {escape(where)}",
+                highlight=False,
+            )
+            err.print("[bold]hint:[/] This is a bug in cloudtrain: please report it with that file.")
+            sys.exit(int(ExitCode.BUG))
 
-    return wrapper  # type: ignore[return-value]
 
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=CloudtrainGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(__version__, prog_name="cloudtrain")
 @click.option("--profile", metavar="NAME", help="AWS named profile (default: boto3's credential chain).")
 @click.option("--debug", is_flag=True, help="Show tracebacks, AWS calls and remote command lines.")
@@ -97,7 +143,8 @@ def main(ctx: click.Context, profile: str | None, debug: bool) -> None:
 
     \b
     Exit codes: 0 success, 1 the training command failed, 2 invalid input or an
-    impossible plan, 3 cloud or remote failure, 4 budget reached, 130 SIGINT, 143 SIGTERM.
+    impossible plan, 3 cloud or remote failure, 4 budget reached, 70 a bug in
+    cloudtrain (the traceback goes to a file it names), 130 SIGINT, 143 SIGTERM.
     Add --dry-run to a command to use the local simulated AWS (no account needed).
     """
     ctx.obj = Context(profile, debug)
@@ -195,7 +242,6 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--dry-run", is_flag=True, help="Use the simulated AWS and its prices (no account needed).")
 @pass_context
-@handle_errors
 def plan_command(ctx: Context, job: str, as_json: bool, dry_run: bool) -> None:
     """Show which GPU spot instance JOB would rent, and what it would cost.
 
@@ -214,7 +260,6 @@ def plan_command(ctx: Context, job: str, as_json: bool, dry_run: bool) -> None:
 
 
 @main.command("schema")
-@handle_errors
 def schema_command() -> None:
     """Print the job file's JSON Schema (for editor completion)."""
     from cloudtrain.api import job_schema
@@ -318,7 +363,6 @@ def render_cost_report(report: CostReport, console: Console) -> None:
     help="Rows in the table (most recent first); totals always cover every run.",
 )
 @pass_context
-@handle_errors
 def cost_report_command(
     ctx: Context,
     since: str | None,
@@ -429,7 +473,6 @@ def _print_record(record: dict[str, Any]) -> None:
     "training starts), then the instance's termination; repeat for the relaunched instances.",
 )
 @pass_context
-@handle_errors
 def run_command(
     ctx: Context,
     job: str,
@@ -485,7 +528,6 @@ def run_command(
 @main.command("attach")
 @click.argument("run")
 @pass_context
-@handle_errors
 def attach_command(ctx: Context, run: str) -> None:
     """Follow a detached RUN: stream its log, pull back its results, terminate its instance."""
     from cloudtrain.api import attach_run
@@ -497,7 +539,6 @@ def attach_command(ctx: Context, run: str) -> None:
 @main.command("pull")
 @click.argument("run")
 @pass_context
-@handle_errors
 def pull_command(ctx: Context, run: str) -> None:
     """Pull a live RUN's outputs and log into its run folder now (the instance keeps running)."""
     from cloudtrain.api import pull_run
@@ -513,7 +554,6 @@ def pull_command(ctx: Context, run: str) -> None:
     "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Runs listed without RUN."
 )
 @pass_context
-@handle_errors
 def status_command(ctx: Context, run: str | None, as_json: bool, limit: int) -> None:
     """Show RUN (a run id or a unique prefix of one), or the most recent runs."""
     from cloudtrain.api import run_status
@@ -586,7 +626,6 @@ def render_run(record: dict[str, Any], console: Console) -> None:
     help="Keep streaming while the run trains (waiting for it to start, if it has not yet).",
 )
 @pass_context
-@handle_errors
 def logs_command(ctx: Context, run: str, follow: bool) -> None:
     """Print RUN's training log (setup and run output)."""
     from cloudtrain.api import follow_logs
@@ -608,7 +647,6 @@ def logs_command(ctx: Context, run: str, follow: bool) -> None:
     "finished one whose teardown left something behind.",
 )
 @pass_context
-@handle_errors
 def down_command(ctx: Context, runs: tuple[str, ...], all_active: bool) -> None:
     """Terminate the instances of RUNS (confirmed) and delete their security groups, key
     pairs and instance profiles. A finished run whose teardown could not remove everything
@@ -634,7 +672,6 @@ def down_command(ctx: Context, runs: tuple[str, ...], all_active: bool) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print what was found and removed as JSON.")
 @pass_context
-@handle_errors
 def gc_command(ctx: Context, all_regions: bool, yes: bool, dry_run: bool, as_json: bool) -> None:
     """Remove what runs of this owner (CLOUDTRAIN_OWNER, else user@host) left in the cloud.
 
@@ -761,7 +798,6 @@ _DRY_RUN = click.option("--dry-run", is_flag=True, help="Use the simulated AWS (
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before spending money.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build as JSON at the end.")
 @pass_context
-@handle_errors
 def image_build_command(
     ctx: Context,
     region: str | None,
@@ -817,7 +853,6 @@ def image_build_command(
 @_DRY_RUN
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_context
-@handle_errors
 def image_list_command(ctx: Context, region: str | None, dry_run: bool, as_json: bool) -> None:
     """This account's cloudtrain images in a region, newest first; → marks the one runs use."""
     from cloudtrain.api import default_region, list_images
@@ -865,7 +900,6 @@ def image_list_command(ctx: Context, region: str | None, dry_run: bool, as_json:
 @_DRY_RUN
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_context
-@handle_errors
 def image_rm_command(ctx: Context, image: str, region: str | None, dry_run: bool, as_json: bool) -> None:
     """Deregister IMAGE (an AMI id or name of this account) and delete its snapshots."""
     from cloudtrain.api import remove_image
@@ -888,7 +922,6 @@ def image_rm_command(ctx: Context, image: str, region: str | None, dry_run: bool
 @_DRY_RUN
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_context
-@handle_errors
 def image_copy_command(
     ctx: Context, image: str, to: str, region: str | None, dry_run: bool, as_json: bool
 ) -> None:
@@ -911,7 +944,6 @@ def sim_group() -> None:
 @sim_group.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_context
-@handle_errors
 def sim_status_command(ctx: Context, as_json: bool) -> None:
     """Whether this CLOUDTRAIN_HOME's simulator runs, and its simulated AWS endpoint."""
     from cloudtrain.cloud.simulator import simulator_status
@@ -937,7 +969,6 @@ def sim_status_command(ctx: Context, as_json: bool) -> None:
 
 @sim_group.command("stop")
 @pass_context
-@handle_errors
 def sim_stop_command(ctx: Context) -> None:
     """Stop the simulator, its simulated instances and their processes."""
     from cloudtrain.cloud.simulator import stop_simulator
@@ -990,7 +1021,6 @@ def render_doctor(report: DoctorReport, console: Console) -> None:
 @click.option("--region", metavar="REGION", help="Check this region (default: the one a job would use).")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @pass_context
-@handle_errors
 def doctor_command(ctx: Context, dry_run: bool, region: str | None, as_json: bool) -> None:
     """Check what a run needs, and say how to fix what is missing.
 

@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     INVALID_INPUT = 2
     CLOUD_OR_REMOTE = 3
     BUDGET = 4
+    BUG = 70  # anything unforeseen (EX_SOFTWARE): never 1, which means the training failed
     SIGINT = 130
     SIGTERM = 143
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 from test_cli import cli, no_aws  # noqa: F401  (no_aws: a fixture)
 
-from cloudtrain.errors import SpecError
+from cloudtrain.errors import ExitCode, SpecError
+from cloudtrain.settings import Settings
 from cloudtrain.spec import load_job
 
 
@@ -90,20 +92,27 @@ JOB_FILES = [
 
 
 # Loads a job file in a child process capped at 1 GiB and reports the error, the seconds it
-# took and its peak memory: a case that came back hangs or dies here, never the suite.
+# took and the peak of what it allocated: a case that came back hangs or dies here, never the suite.
 LOAD = """
-import json, resource, sys, time
+import json, resource, sys, time, tracemalloc
 resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
-from cloudtrain.errors import SpecError
+from cloudtrain.errors import ExitCode, SpecError
+from cloudtrain.settings import Settings
 from cloudtrain.spec import load_job
+
+def load():
+    try:
+        load_job(sys.argv[1])
+    except SpecError as e:
+        return e.message
+    return None
+
 started = time.perf_counter()
-try:
-    load_job(sys.argv[1])
-    message = None
-except SpecError as e:
-    message = e.message
+message = load()
 seconds = time.perf_counter() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+tracemalloc.start()  # a second time for its memory (tracing slows it down)
+load()
+peak = tracemalloc.get_traced_memory()[1]
 print(json.dumps({"message": message, "seconds": seconds, "peak": peak}))
 """
 
@@ -144,3 +153,50 @@ def test_aliases_within_bounds_still_work(tmp_path: Path) -> None:
     job.write_text(_laughs(levels=2))  # 1 + 9 + 81 lists of 9: well within bounds
     with pytest.raises(SpecError, match=r"env.l0: Input should be a valid string"):
         load_job(job)  # refused for its types (env: takes text), as any list there is, not for its size
+
+
+# --- one error boundary ------------------------------------------------------------------
+
+
+def test_an_unforeseen_error_exits_70_with_one_line_and_the_traceback_in_a_file(
+    monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> None:
+    def broken(*_: object, **__: object) -> None:
+        raise TypeError("'NoneType' object is not subscriptable")
+
+    monkeypatch.setattr("cloudtrain.api.run_status", broken)
+    result = cli("status")
+    assert result.exit_code == ExitCode.BUG == 70, result.output
+    assert "Traceback" not in result.output and len(result.output.splitlines()) == 2  # error, hint
+    assert (
+        "cloudtrain failed unexpectedly (TypeError: 'NoneType' object is not subscriptable)" in result.output
+    )
+    reports = list((settings.home / "logs").glob("crash-*.log"))
+    assert len(reports) == 1 and str(reports[0]) in result.output
+    assert "Traceback" in reports[0].read_text() and "in broken" in reports[0].read_text()
+
+
+def test_a_second_ctrl_c_while_reporting_the_first_still_exits_130(tmp_path: Path) -> None:
+    """The second SIGINT arrives while `interrupted` is printed (after the run's teardown)."""
+    script = textwrap.dedent("""
+        import os, signal, time
+        import cloudtrain.cli as cli
+
+        @cli.main.command("interrupt-me")
+        def interrupt_me():
+            raise KeyboardInterrupt
+
+        real_print = cli.err.print
+        def print_slowly(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again, now
+            time.sleep(0.5)
+            real_print(*args, **kwargs)
+
+        cli.err.print = print_slowly
+        cli.main(["interrupt-me"])
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 130, (done.returncode, done.stderr)
+    assert "interrupted" in done.stderr and "Traceback" not in done.stderr
