@@ -44,6 +44,10 @@ class InputError(CloudtrainError):
     exit_code = ExitCode.INVALID_INPUT
 
 
+class LedgerError(InputError):
+    """The ledger file is damaged, or cannot be read or written where it is (never reset)."""
+
+
 class SpecError(InputError):
     """The job file is invalid: the message names the file, the line and the key."""
 

@@ -56,7 +56,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from cloudtrain.errors import InputError
+from cloudtrain.errors import InputError, LedgerError
 from cloudtrain.records import Lifecycle, RunState, iso, parse_iso, utcnow
 from cloudtrain.settings import Settings
 
@@ -371,14 +371,11 @@ class Ledger:
         self.path = Path(path)
         self.timeout = timeout
         self._secrets: tuple[str, ...] = ()  # redacted from the texts written (``redact``)
-        _prepare_file(self.path)
         try:
+            _prepare_file(self.path)
             conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
-        except sqlite3.OperationalError as e:
-            raise InputError(
-                f"cannot open the ledger {self.path}: {e}",
-                hint="check that the folder is writable, or set CLOUDTRAIN_HOME elsewhere",
-            ) from e
+        except (OSError, sqlite3.DatabaseError) as e:
+            raise self.unusable(e) from e
         self._conn = conn
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
@@ -388,15 +385,40 @@ class Ledger:
             self._migrate()
         except sqlite3.DatabaseError as e:
             conn.close()
-            if isinstance(e, sqlite3.OperationalError):
-                raise
-            raise InputError(
-                f"{self.path} is not a usable cloudtrain ledger: {e}",
-                hint="move the file aside (cloudtrain starts a new ledger) or restore a backup",
-            ) from e
+            raise self.unusable(e) from e
         except BaseException:
             conn.close()
             raise
+
+    def unusable(self, error: BaseException) -> LedgerError:
+        """What is wrong with the ledger file, and what to do: it is never reset by cloudtrain."""
+        text = str(error) or type(error).__name__
+        if isinstance(error, OSError) or any(
+            word in text for word in ("readonly", "read-only", "unable to open", "disk I/O", "full")
+        ):
+            return LedgerError(
+                f"cannot use the ledger {self.path}: {text}",
+                hint="Its folder must be writable and have free space; or set CLOUDTRAIN_HOME to a "
+                "writable folder (that starts another ledger).",
+            )
+        return LedgerError(
+            f"the ledger {self.path} is damaged: {text}",
+            hint=f"cloudtrain never resets it: restore a backup, or move it aside "
+            f"(mv {self.path} {self.path}.damaged) to start a new one, which knows none of its runs.",
+        )
+
+    @contextmanager
+    def reading(self, what: str = "") -> Iterator[None]:
+        """Decoding what the file holds: a damaged file or row becomes a LedgerError."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            raise self.unusable(e) from e
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            raise LedgerError(
+                f"the ledger {self.path} holds a damaged row{what}: {e}",
+                hint="A row was changed outside cloudtrain: restore a backup, or fix the row with sqlite3.",
+            ) from e
 
     @classmethod
     def open(cls, settings: Settings) -> Ledger:
@@ -421,6 +443,8 @@ class Ledger:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+        if isinstance(exc, sqlite3.DatabaseError):  # only this file raises these
+            raise self.unusable(exc) from exc
 
     # --- opening ------------------------------------------------------------------
 
@@ -549,9 +573,9 @@ class Ledger:
                 conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*changes.values(), run_id))
 
     def get_run(self, run_id: str) -> RunRow | None:
-        row = self._conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,))
-        found = row.fetchone()
-        return _run_row(found) if found is not None else None
+        with self.reading(f" (run {run_id})"):
+            found = self._conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+            return _run_row(found) if found is not None else None
 
     def resolve_run(self, ref: str) -> RunRow:
         """The run whose id is ``ref``, or the one run whose id starts with it."""
@@ -561,13 +585,14 @@ class Ledger:
         exact = self.get_run(ref)
         if exact is not None:
             return exact
-        rows = self._conn.execute(
-            f"SELECT {_RUN_COLUMNS} FROM runs WHERE id >= ? AND id < ?"
-            " ORDER BY created_at DESC, id DESC LIMIT ?",
-            (ref, ref + "\U0010ffff", _MAX_CANDIDATES + 1),
-        ).fetchall()
-        if len(rows) == 1:
-            return _run_row(rows[0])
+        with self.reading():
+            rows = self._conn.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE id >= ? AND id < ?"
+                " ORDER BY created_at DESC, id DESC LIMIT ?",
+                (ref, ref + "\U0010ffff", _MAX_CANDIDATES + 1),
+            ).fetchall()
+            if len(rows) == 1:
+                return _run_row(rows[0])
         if not rows:
             raise InputError(
                 f"no run matches {ref!r}",
@@ -591,7 +616,8 @@ class Ledger:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(max(0, limit))
-        return [_run_row(r) for r in self._conn.execute(sql, params)]
+        with self.reading():
+            return [_run_row(r) for r in self._conn.execute(sql, params)]
 
     def runs_left_behind(self) -> set[str]:
         """Runs whose teardown left something in the cloud: a ``teardown-incomplete``
@@ -660,6 +686,10 @@ class Ledger:
 
     def instances(self, run_id: str) -> list[InstanceRow]:
         """A run's instances in launch order."""
+        with self.reading(f" (an instance of run {run_id})"):
+            return self._instances(run_id)
+
+    def _instances(self, run_id: str) -> list[InstanceRow]:
         rows = self._conn.execute(
             "SELECT id, run_id, instance_type, zone, lifecycle, price_per_hour,"
             " on_demand_per_hour, launched_at, disk_gb, ebs_per_gb_month, running_at,"
@@ -707,11 +737,12 @@ class Ledger:
 
     def events(self, run_id: str) -> list[EventRow]:
         """A run's events, oldest first (ties in the order they were added)."""
-        rows = self._conn.execute(
-            "SELECT run_id, at, kind, message FROM events WHERE run_id = ? ORDER BY at, id",
-            (run_id,),
-        )
-        return [EventRow(run_id=r[0], at=parse_iso(r[1]), kind=r[2], message=r[3]) for r in rows]
+        with self.reading(f" (an event of run {run_id})"):
+            rows = self._conn.execute(
+                "SELECT run_id, at, kind, message FROM events WHERE run_id = ? ORDER BY at, id",
+                (run_id,),
+            )
+            return [EventRow(run_id=r[0], at=parse_iso(r[1]), kind=r[2], message=r[3]) for r in rows]
 
 
 # --- helpers --------------------------------------------------------------------------

@@ -402,7 +402,7 @@ def cost_report(
     _check(group_by, limit)
     generated_at = now or utcnow()
     query = _Query(ledger.connection, since, until, generated_at)
-    with _snapshot(query.conn):
+    with ledger.reading(), _snapshot(query.conn):
         live = query.live()
         days = query.days(live, types=group_by == "day")
         totals = _totals(days)

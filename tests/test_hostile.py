@@ -4,15 +4,21 @@ never a traceback, never a hang, within bounded time and memory."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
+from contextlib import closing
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 from test_cli import cli, no_aws  # noqa: F401  (no_aws: a fixture)
 
 from cloudtrain.errors import ExitCode, SpecError
+from cloudtrain.ledger import InstanceRow, Ledger, RunRow
+from cloudtrain.records import Lifecycle, RunState
 from cloudtrain.settings import Settings
 from cloudtrain.spec import load_job
 
@@ -97,6 +103,8 @@ LOAD = """
 import json, resource, sys, time, tracemalloc
 resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
 from cloudtrain.errors import ExitCode, SpecError
+from cloudtrain.ledger import InstanceRow, Ledger, RunRow
+from cloudtrain.records import Lifecycle, RunState
 from cloudtrain.settings import Settings
 from cloudtrain.spec import load_job
 
@@ -200,3 +208,127 @@ def test_a_second_ctrl_c_while_reporting_the_first_still_exits_130(tmp_path: Pat
     )
     assert done.returncode == 130, (done.returncode, done.stderr)
     assert "interrupted" in done.stderr and "Traceback" not in done.stderr
+
+
+# --- broken ledgers and read-only homes ---------------------------------------------------
+
+
+def _ledger_with_runs(home: Path, runs: int = 120) -> Path:
+    path = home / "ledger.sqlite"
+    with Ledger(path) as ledger:
+        for i in range(runs):
+            run_id = f"job-20260301-10{i:04d}-{i:04x}"
+            ledger.create_run(RunRow(id=run_id, name="job", state=RunState.SUCCEEDED, created_at=T0))
+            ledger.record_instance(
+                InstanceRow(
+                    id=f"i-{i:017x}",
+                    run_id=run_id,
+                    instance_type="g4dn.xlarge",
+                    zone="us-east-1a",
+                    lifecycle=Lifecycle.SPOT,
+                    price_per_hour=0.15,
+                    on_demand_per_hour=0.5,
+                    launched_at=T0,
+                )
+            )
+    with closing(sqlite3.connect(path)) as conn:  # everything into the main file (no -wal)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return path
+
+
+def _zero_pages(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[2 * 4096 : 6 * 4096] = bytes(4 * 4096)
+    path.write_bytes(bytes(data))
+
+
+def _no_tables(path: Path) -> None:
+    path.unlink()
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA user_version = 1")  # what this cloudtrain writes, with nothing in it
+
+
+def _edit(sql: str) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        with closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute(sql)
+
+    return edit
+
+
+RUN = "job-20260301-100003-0003"
+T0 = datetime(2026, 3, 1, 10, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    ("damage", "command", "expected"),
+    [
+        (_zero_pages, ["status"], "is damaged: database disk image is malformed"),
+        (_no_tables, ["status"], "is damaged: no such table: runs"),
+        (_no_tables, ["cost-report"], "is damaged: no such table"),
+        (
+            _edit(f"UPDATE runs SET state = 'weird' WHERE id = '{RUN}'"),
+            ["status", RUN],
+            f"holds a damaged row (run {RUN}): 'weird' is not a valid RunState",
+        ),
+        (
+            _edit(f"UPDATE runs SET detail = '{{bad' WHERE id = '{RUN}'"),
+            ["status", RUN],
+            f"holds a damaged row (run {RUN}): Expecting property name",
+        ),
+        (
+            _edit(f"UPDATE runs SET created_at = 'yesterday' WHERE id = '{RUN}'"),
+            ["cost-report"],
+            "holds a damaged row: Invalid isoformat string: 'yesterday'",
+        ),
+        (
+            _edit("UPDATE instances SET price_per_hour = 'cheap' WHERE id = 'i-00000000000000003'"),
+            ["status", RUN],
+            f"holds a damaged row (an instance of run {RUN}): could not convert string to float: 'cheap'",
+        ),
+    ],
+    ids=[
+        "zeroed-pages",
+        "no-tables-status",
+        "no-tables-report",
+        "bad-state",
+        "bad-detail",
+        "bad-time",
+        "bad-price",
+    ],
+)
+def test_a_broken_ledger_is_named_with_exit_2_and_kept_as_it_is(
+    settings: Settings, damage: Callable[[Path], None], command: list[str], expected: str
+) -> None:
+    path = _ledger_with_runs(settings.home)
+    damage(path)
+    before = path.stat()
+    result = cli(*command)
+    assert result.exit_code == 2, result.output
+    assert f"error: the ledger {path} {expected}" in result.output, result.output
+    assert "Traceback" not in result.output and "hint:" in result.output
+    after = path.stat()  # never reset or replaced ("repaired")
+    assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
+
+
+def test_a_read_only_home_is_named_with_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "ro"
+    home.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(home)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (root only): {mounted.stderr.decode().strip()}")
+    try:
+        _ledger_with_runs(home, runs=3)
+        subprocess.run(["mount", "-o", "remount,ro", str(home)], check=True)
+        monkeypatch.setenv("CLOUDTRAIN_HOME", str(home))
+        for command in (["status"], ["cost-report"]):
+            result = cli(*command)
+            assert result.exit_code == 2, result.output
+            assert f"error: cannot use the ledger {home / 'ledger.sqlite'}" in result.output
+        monkeypatch.setenv("CLOUDTRAIN_HOME", str(home / "new"))
+        result = cli("status")
+        assert result.exit_code == 2 and "Read-only file system" in result.output, result.output
+    finally:
+        subprocess.run(["umount", str(home)], check=False)

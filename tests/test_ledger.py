@@ -126,7 +126,7 @@ def test_a_newer_ledger_is_refused(tmp_path: Path) -> None:
 def test_a_file_that_is_not_a_database_is_an_input_error(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
     path.write_bytes(b"this is not sqlite at all, just some text " * 100)
-    with pytest.raises(InputError, match="not a usable cloudtrain ledger"):
+    with pytest.raises(InputError, match="is damaged: file is not a database"):
         Ledger(path)
 
 
