@@ -10,12 +10,14 @@ differs, and the instance tells the agent whether a GPU is expected.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
 import posixpath
 import shlex
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -47,6 +49,7 @@ from cloudtrain.errors import (
     CloudtrainError,
     ExitCode,
     InputError,
+    LedgerError,
     RemoteError,
     TrainingFailed,
 )
@@ -1144,8 +1147,14 @@ def teardown(
     """Terminate (confirmed) the run's instance and any other the run's tag finds (a launch
     whose id never came back), then delete the security group, the key pair and the
     instance profile, and, when all that worked, the local private key. Every step is
-    attempted; returns what could not be removed."""
+    attempted; returns what could not be removed.
+
+    The cloud comes first: nothing is written to the ledger until every removal was tried
+    (a full disk must not leave a group and a key pair behind). What cannot be recorded
+    then raises a LedgerError that says the cloud part is done."""
     problems: list[str] = []
+    terminated: list[tuple[str, datetime]] = []
+    events: list[tuple[str, str]] = []  # (kind, message), recorded once the cloud is clean
     instances = [instance_id] if instance_id else []
     try:
         instances += [i.id for i in cloud.find_run_instances(run_id) if i.id not in instances]
@@ -1157,9 +1166,8 @@ def teardown(
         except CloudtrainError as e:
             problems.append(f"instance {instance}: {e.message}")
             continue
-        with suppress(KeyError):  # an instance the ledger never heard of
-            ledger.instance_terminated(instance, terminated_at)
-        ledger.add_event(run_id, "terminated", f"{instance} terminated (confirmed)")
+        terminated.append((instance, terminated_at))
+        events.append(("terminated", f"{instance} terminated (confirmed)"))
     try:  # what a Ctrl-C between a create call and its recording left unrecorded
         tagged = cloud.owned_resources(None, run_id)
     except CloudtrainError as e:
@@ -1188,12 +1196,42 @@ def teardown(
         except CloudtrainError as e:
             problems.append(f"{what} {name}: {e.message}")
     if not problems and instance_profile:
-        ledger.add_event(run_id, "instance-profile-deleted", f"{instance_profile} deleted")
+        events.append(("instance-profile-deleted", f"{instance_profile} deleted"))
     if not problems:  # nothing left to reach: the private key goes too
         cloud.forget_private_key(run_id)
-    for problem in problems:
-        ledger.add_event(run_id, "teardown-incomplete", problem)
+    events += [("teardown-incomplete", problem) for problem in problems]
+    _record_teardown(ledger, run_id, terminated, events, problems)
     return problems
+
+
+def _record_teardown(
+    ledger: Ledger,
+    run_id: str,
+    terminated: list[tuple[str, datetime]],
+    events: list[tuple[str, str]],
+    problems: list[str],
+) -> None:
+    """Write what teardown did; every write is tried, and a failure is said, not hidden."""
+    failed: list[str] = []
+    writes: list[Callable[[], object]] = [
+        functools.partial(ledger.instance_terminated, instance, at) for instance, at in terminated
+    ]
+    writes += [functools.partial(ledger.add_event, run_id, kind, message) for kind, message in events]
+    for write in writes:
+        try:
+            write()
+        except KeyError:  # an instance the ledger never heard of
+            pass
+        except (sqlite3.Error, OSError, CloudtrainError) as e:
+            failed.append(str(e.message if isinstance(e, CloudtrainError) else e))
+    if failed:
+        left = f"left in the cloud: {'; '.join(problems)}" if problems else "nothing is left in the cloud"
+        raise LedgerError(
+            f"teardown of {run_id} ran ({left}), but the ledger could not record it: {failed[0]}",
+            hint=f"Free space for {ledger.path}; until then `cloudtrain status` shows what it last "
+            "recorded of the run"
+            + (f", and `cloudtrain down {run_id}` removes the rest." if problems else "."),
+        )
 
 
 def write_run_json(ledger: Ledger, run_id: str, run_dir: Path) -> dict[str, Any]:

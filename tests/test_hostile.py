@@ -14,11 +14,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from test_aws import RUN_ID, cloud, image_id, launch_request, tags  # noqa: F401  (fixtures)
 from test_cli import cli, no_aws  # noqa: F401  (no_aws: a fixture)
 
-from cloudtrain.errors import ExitCode, SpecError
+from cloudtrain import orchestrator
+from cloudtrain.cloud.aws import AwsCloud
+from cloudtrain.errors import ExitCode, LedgerError, SpecError
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
-from cloudtrain.records import Lifecycle, RunState
+from cloudtrain.records import Lifecycle, RunState, utcnow
 from cloudtrain.settings import Settings
 from cloudtrain.spec import load_job
 
@@ -102,9 +105,9 @@ JOB_FILES = [
 LOAD = """
 import json, resource, sys, time, tracemalloc
 resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
-from cloudtrain.errors import ExitCode, SpecError
+from cloudtrain.errors import ExitCode, LedgerError, SpecError
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
-from cloudtrain.records import Lifecycle, RunState
+from cloudtrain.records import Lifecycle, RunState, utcnow
 from cloudtrain.settings import Settings
 from cloudtrain.spec import load_job
 
@@ -332,3 +335,29 @@ def test_a_read_only_home_is_named_with_exit_2(tmp_path: Path, monkeypatch: pyte
         assert result.exit_code == 2 and "Read-only file system" in result.output, result.output
     finally:
         subprocess.run(["umount", str(home)], check=False)
+
+
+# --- teardown on a full disk ----------------------------------------------------------------
+
+
+def test_teardown_on_a_full_disk_removes_everything_then_says_what_it_could_not_record(
+    cloud: AwsCloud, tags: dict[str, str], image_id: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    request = launch_request(cloud, tags, image_id)
+    instance = cloud.launch(request)
+    with Ledger.open(settings) as ledger:
+        ledger.create_run(RunRow(id=RUN_ID, name="t", state=RunState.RUNNING, created_at=utcnow()))
+
+        def disk_full(self: Ledger) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(Ledger, "_write", disk_full)  # every ledger write from now on
+        with pytest.raises(LedgerError) as failed:
+            orchestrator.teardown(
+                cloud, ledger, RUN_ID, instance, request.security_group_id, request.key.name
+            )
+    assert f"teardown of {RUN_ID} ran (nothing is left in the cloud)" in failed.value.message
+    assert "database or disk is full" in failed.value.message
+    assert cloud.describe(instance).state == "terminated"
+    assert cloud.owned_resources(None, RUN_ID) == []  # the group and the key pair went too
+    assert not request.key.path.exists()  # and the local private key
