@@ -500,8 +500,8 @@ def _tail_instance(
     """Stream the instance's log from ``offset`` to its end: (True, offset reached) once the
     training has ended, (False, ...) if AWS took the instance away. A drop on a live
     instance reconnects."""
+    from cloudtrain.agent.redact import LogRedactor
     from cloudtrain.errors import RemoteError
-    from cloudtrain.ledger import LogRedactor
     from cloudtrain.orchestrator import REMOTE_RUN_DIR, agent_command
 
     def counted(data: bytes) -> None:

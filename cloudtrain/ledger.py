@@ -131,42 +131,6 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-class LogRedactor:
-    """Redacts secret values in bytes that arrive in pieces (a training log as it streams).
-
-    Each value becomes as many ``*`` as it has bytes: the redacted log is exactly as long
-    as the instance's, so byte offsets into it (where a stream resumes after a
-    reconnection) stay true. A secret split between two pieces is still caught: the end
-    of a piece that could begin one is held back until the next piece, or ``flush()``
-    at the stream's end (the bytes held back are ``pending``: a stream cut there and
-    resumed from the bytes passed on sends them again, so start a new redactor)."""
-
-    def __init__(self, secrets: Iterable[str]) -> None:
-        self.values = [v.encode("utf-8") for v in secret_values(secrets)]
-        self.pending = b""
-
-    def feed(self, data: bytes) -> bytes:
-        """What of ``pending + data`` can be passed on now, redacted."""
-        if not self.values:
-            return data
-        data = self.pending + data
-        for value in self.values:
-            data = data.replace(value, b"*" * len(value))
-        held = 0
-        for size in range(min(len(data), max(len(v) for v in self.values) - 1), 0, -1):
-            tail = data[-size:]
-            if any(v.startswith(tail) for v in self.values):
-                held = size
-                break
-        self.pending = data[len(data) - held :]
-        return data[: len(data) - held]
-
-    def flush(self) -> bytes:
-        """The bytes held back (a secret's beginning, not a whole one)."""
-        data, self.pending = self.pending, b""
-        return data
-
-
 # --- schema -------------------------------------------------------------------------
 
 MIN_BILLED_SECONDS = 60  # EC2 Linux: per second, with a 60 s minimum per instance

@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from cloudtrain import budget
+from cloudtrain.agent.redact import LogRedactor
 from cloudtrain.cloud.aws import (
     AwsCloud,
     Image,
@@ -53,7 +54,7 @@ from cloudtrain.errors import (
     RemoteError,
     TrainingFailed,
 )
-from cloudtrain.ledger import InstanceRow, Ledger, LogRedactor, RunRow
+from cloudtrain.ledger import InstanceRow, Ledger, RunRow
 from cloudtrain.planner import BASE_IMAGE, Offer, Plan
 from cloudtrain.progress import Reporter
 from cloudtrain.records import Lifecycle, RunState, iso, new_run_id, utcnow

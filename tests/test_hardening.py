@@ -28,11 +28,12 @@ from test_aws import RUN_ID, _Body, cloud, image_id, inject, launch_request, tag
 from cloudtrain import orchestrator
 from cloudtrain.agent import receive as agent_receive
 from cloudtrain.agent.receive import StreamReceiver
+from cloudtrain.agent.redact import LogRedactor
 from cloudtrain.cloud import aws
 from cloudtrain.cloud.aws import AwsCloud, LaunchRequest, caller_cidr, run_tags, single_address
 from cloudtrain.cloud.simulator import simulated_aws
 from cloudtrain.errors import InputError, RemoteError
-from cloudtrain.ledger import REDACTED, Ledger, LogRedactor, RunRow, redact
+from cloudtrain.ledger import REDACTED, Ledger, RunRow, redact
 from cloudtrain.records import RunState, utcnow
 from cloudtrain.remote.pull import pull
 from cloudtrain.remote.session import Endpoint, PinnedHostKeys, Session

@@ -19,6 +19,7 @@ from test_cli import cli, no_aws  # noqa: F401  (no_aws: a fixture)
 
 from cloudtrain import orchestrator
 from cloudtrain.cloud.aws import AwsCloud
+from cloudtrain.cloud.simulator import ensure_simulator, simulator_status
 from cloudtrain.errors import ExitCode, LedgerError, SpecError
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
 from cloudtrain.records import Lifecycle, RunState, utcnow
@@ -361,3 +362,21 @@ def test_teardown_on_a_full_disk_removes_everything_then_says_what_it_could_not_
     assert cloud.describe(instance).state == "terminated"
     assert cloud.owned_resources(None, RUN_ID) == []  # the group and the key pair went too
     assert not request.key.path.exists()  # and the local private key
+
+
+# --- secrets: nowhere they need not be ----------------------------------------------------
+
+
+def test_the_simulator_gets_an_allow_listed_environment(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-5ecret-of-the-user")
+    monkeypatch.setenv("CLOUDTRAIN_SIM_NOTICE_S", "7")
+    ensure_simulator(settings)
+    state = simulator_status(settings)
+    assert state is not None
+    environ = Path(f"/proc/{state['pid']}/environ").read_bytes().split(b"\0")
+    names = {entry.split(b"=", 1)[0].decode() for entry in environ if entry}
+    assert b"CLOUDTRAIN_SIM_NOTICE_S=7" in environ and "PATH" in names
+    assert "WANDB_API_KEY" not in names and not any(name.startswith("AWS_") for name in names)
+    assert b"wandb-5ecret-of-the-user" not in b"\0".join(environ)

@@ -6,7 +6,10 @@ supervisor's pid once it is ready. The supervisor runs each phase with `/bin/sh 
 the workdir, in a process group of its own (so `stop` can signal all of it), appends
 stdout+stderr to train.log after a `[cloudtrain] <phase>: <cmd>` marker, keeps
 state.json current (atomically), and writes exit_code last. A failing setup skips the
-run. Secrets exist only in memory and in the job processes' environments.
+run. Secrets exist only in memory and in the job processes' environments: a job with
+secrets writes through a pipe that the supervisor copies to train.log through a
+``LogRedactor``, so a value the job prints is masked at the source (no copy of the log,
+on the instance, in S3 or at home, holds it).
 
 While the phases run, a watcher thread polls IMDS (`imds.py`) every
 $CLOUDTRAIN_IMDS_POLL_S seconds (at most 5, AWS's advice) for a spot interruption
@@ -27,12 +30,13 @@ import subprocess
 import sys
 import threading
 import traceback
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import IO, Any
 
 from . import imds, procs, s3_checkpoint
 from .environ import job_env
 from .errors import USAGE, AgentError
+from .redact import LogRedactor, secret_values
 from .runfiles import RunPaths, read_json, remove, utc_now, write_atomic, write_json
 
 SUPERVISOR_ERROR = 70
@@ -41,17 +45,27 @@ POLL_ENV = "CLOUDTRAIN_IMDS_POLL_S"
 DEFAULT_POLL_S = 5.0  # AWS: check for interruption notices every 5 seconds
 MIN_POLL_S = 0.05
 TESTING_ENV = "CLOUDTRAIN_TESTING"
+COPY_DRAIN_S = 5.0  # after a phase ends, how long its leftover processes may hold its output
 
 
 class Job:
     """What the supervisor runs: the commands, where, and with which environment."""
 
-    def __init__(self, paths: RunPaths, workdir: str, run: str, setup: str | None, env: dict[str, str]):
+    def __init__(
+        self,
+        paths: RunPaths,
+        workdir: str,
+        run: str,
+        setup: str | None,
+        env: dict[str, str],
+        secrets: Sequence[str] = (),
+    ):
         self.paths = paths
         self.workdir = workdir
         self.run = run
         self.setup = setup
         self.env = env
+        self.secrets = secret_values(secrets)  # masked in train.log
 
 
 def running_supervisor(paths: RunPaths) -> int | None:
@@ -92,7 +106,7 @@ def start(
         )
     for stale in (paths.exit_code, paths.stop, *notice_files(paths, env)):
         remove(stale)
-    job = Job(paths, workdir, run, setup or None, env)
+    job = Job(paths, workdir, run, setup or None, env, list((secrets or {}).values()))
     pid = detach(lambda ready: supervise(job, ready), paths.supervisor_log)
     return {
         "pid": pid,
@@ -221,6 +235,8 @@ class _Supervisor:
             self._mark(text)
 
     def _mark(self, text: str) -> None:
+        for value in self.job.secrets:
+            text = text.replace(value, "*" * len(value.encode("utf-8")))
         prefix = b""
         size = os.fstat(self.log_fd).st_size
         if size and os.pread(self.log_fd, 1, size - 1) != b"\n":
@@ -241,13 +257,14 @@ class _Supervisor:
     def run_phase(self, phase: str, command: str) -> int:
         self.mark(f"{phase}: {command}")
         started = utc_now()
+        masked = bool(self.job.secrets)  # the output goes through the redactor, not straight in
         try:
             child = subprocess.Popen(
                 ["/bin/sh", "-c", command],
                 cwd=self.job.workdir,
                 env=self.job.env,
                 stdin=subprocess.DEVNULL,
-                stdout=self.log_fd,
+                stdout=subprocess.PIPE if masked else self.log_fd,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
@@ -257,15 +274,43 @@ class _Supervisor:
             self.save(**{phase + "_exit_code": code, phase + "_started_at": started})
             return code
         self.child = child
+        copier = None
+        if child.stdout is not None:
+            copier = threading.Thread(target=self._copy_masked, args=(child.stdout,), daemon=True)
+            copier.start()
         self.save(phase=phase, pid=child.pid, pgid=child.pid, **{phase + "_started_at": started})
         if self.terminated is not None:  # a signal arrived before the child existed
             with contextlib.suppress(OSError):
                 os.killpg(child.pid, signal.SIGTERM)
         returncode = child.wait()
+        if copier is not None:  # what the phase printed, before its end is marked
+            copier.join(COPY_DRAIN_S)
         code, signame = procs.exit_status(returncode)
         self.mark(f"{phase} exited with code {code}" + (f" ({signame})" if signame else ""))
         self.save(**{phase + "_exit_code": code, phase + "_ended_at": utc_now(), "signal": signame})
         return code
+
+    def _copy_masked(self, stream: IO[bytes]) -> None:
+        """The phase's output into train.log, each secret value masked (one `*` per byte).
+
+        Ends at EOF: when every process holding the pipe has closed it; a process the
+        phase left behind that keeps it open is cut off COPY_DRAIN_S after the phase ends."""
+        redactor = LogRedactor(self.job.secrets)
+        fd = stream.fileno()
+        try:
+            while True:
+                data = os.read(fd, 65536)
+                if not data:
+                    break
+                masked = redactor.feed(data)
+                with self.lock:
+                    os.write(self.log_fd, masked)
+            with self.lock:
+                os.write(self.log_fd, redactor.flush())
+        except OSError as e:
+            _log(f"copying the job's output to the log stopped: {e}")
+        finally:
+            stream.close()
 
     def main(self, ready: Callable[[], None]) -> None:
         job = self.job

@@ -45,7 +45,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -279,7 +279,7 @@ def _spawn(settings: Settings, idle_s: float | None, timeout: float) -> dict[str
     idle = idle_s if idle_s is not None else float(os.environ.get("CLOUDTRAIN_SIM_IDLE_S", DEFAULT_IDLE_S))
     command = [sys.executable, "-m", "cloudtrain.cloud.simulator", "serve", "--home", str(settings.home)]
     command += ["--idle", str(idle)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # never the user's keys
+    env = simulator_environment(os.environ)
     # AWS's public base images, as moto's own list lacks a current one: `image build` finds its
     # base by name and owner with the same call on both clouds.
     env["MOTO_AMIS_PATH"] = str(Path(__file__).with_name("sim_amis.json"))
@@ -308,6 +308,20 @@ def _spawn(settings: Settings, idle_s: float | None, timeout: float) -> dict[str
         time.sleep(0.1)
     process.kill()
     raise CloudError("the simulator did not start in time", hint=f"See {folder / 'sim.log'}.")
+
+
+# What the simulator process gets of the controller's environment: what a shell and this
+# package need, never the user's AWS keys, the job's secrets or anything else of theirs.
+_PASSED_TO_SIMULATOR = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "PYTHONPATH")
+
+
+def simulator_environment(source: Mapping[str, str]) -> dict[str, str]:
+    """The simulator's environment: an allow-list (see above), locale and CLOUDTRAIN_* settings."""
+    return {
+        name: value
+        for name, value in source.items()
+        if name in _PASSED_TO_SIMULATOR or name.startswith(("LC_", "CLOUDTRAIN_"))
+    }
 
 
 def stop_simulator(settings: Settings, timeout: float = 30.0) -> bool:
