@@ -262,7 +262,7 @@ def remove(
             return
         checked.add((region, run_id))
         try:
-            live = cloud(region).find_run_instances(run_id)
+            live = cloud(region).find_run_instances(run_id, any_owner=True)
         except CloudtrainError as e:
             blocked[run_id] = f"could not list its run's instances: {e.message}"
             return
@@ -363,7 +363,7 @@ def _end_run(ledger: Ledger, run: RunRow, mine: list[Removal], cloud: Callable[[
         ledger.add_event(run.id, "teardown-incomplete", "gc could not tell the run's region")
         return
     try:
-        live = cloud(region).find_run_instances(run.id)
+        live = cloud(region).find_run_instances(run.id, any_owner=True)
     except CloudtrainError as e:
         ledger.add_event(run.id, "teardown-incomplete", f"listing the run's instances: {e.message}")
         return

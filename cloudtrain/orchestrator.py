@@ -356,7 +356,7 @@ class Orchestrator:
             deadline = min(deadline, utcnow() + timedelta(seconds=self.spec.watchdog.collect_grace_s))
             self.reporter.warn(f"could not tell the instance it is kept ({e.message})")
         try:
-            ctx.cloud.set_expiry([ctx.instance_id], deadline + timedelta(minutes=30))
+            ctx.cloud.set_run_expiry(ctx.run_id, deadline + timedelta(minutes=30), ctx.instance_profile)
         except CloudtrainError as e:  # the instance still powers itself off at the deadline
             self.reporter.warn(f"could not move the expiry tag ({e.message}): `gc` may end it early")
         self._detail(ctx, kept_until=iso(deadline))
@@ -1170,7 +1170,7 @@ def teardown(
         terminated.append((instance, terminated_at))
         events.append(("terminated", f"{instance} terminated (confirmed)"))
     try:  # what a Ctrl-C between a create call and its recording left unrecorded
-        tagged = cloud.owned_resources(None, run_id)
+        tagged = cloud.owned_resources(cloud.settings.owner, run_id)
     except CloudtrainError as e:
         problems.append(f"listing the run's resources: {e.message}")
         tagged = []

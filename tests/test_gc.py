@@ -16,9 +16,10 @@ from moto import mock_aws
 
 from cloudtrain.cli import main
 from cloudtrain.cloud.aws import AwsCloud, LaunchRequest, run_tags
-from cloudtrain.errors import ExitCode
+from cloudtrain.errors import CloudError, ExitCode
 from cloudtrain.gc import verdict
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
+from cloudtrain.orchestrator import teardown
 from cloudtrain.records import Lifecycle, RunState, iso, utcnow
 from cloudtrain.settings import Settings
 
@@ -510,3 +511,47 @@ def test_dry_run_collects_in_the_simulated_cloud(settings: Settings) -> None:
         cloud.ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [key.name]}])["KeyPairs"] == []
     )
     assert "--dry-run" in cli("gc", "--help").stdout
+
+
+# --- two owners, one run id; --keep's expiry -----------------------------------------------
+
+
+def test_two_owners_with_one_run_id_never_touch_each_others_resources(aws: None, settings: Settings) -> None:
+    """Same name, same second, same 4 hex digits: the teammate's run must come to no harm."""
+    theirs = leave(settings, "same-20261128-120000-abcd", owner=TEAMMATE, profile=True)
+    cloud = AwsCloud(settings, "us-east-1")  # this owner's controller (not the one that launched theirs)
+    tags = run_tags(theirs.run_id, OWNER, utcnow() + timedelta(hours=5))
+    for make in (
+        lambda: cloud.ensure_key_pair(theirs.run_id, tags),
+        lambda: cloud.create_security_group(theirs.run_id, CIDR, tags),
+        lambda: cloud.ensure_instance_profile(theirs.run_id, ["data-bucket"], tags),
+    ):
+        with pytest.raises(CloudError, match="already exists and is not this run's"):
+            make()
+    assert cloud.find_run_instances(theirs.run_id) == []
+    assert cloud.owned_resources(OWNER, theirs.run_id) == []
+    with Ledger.open(settings) as ledger:
+        ledger.create_run(RunRow(theirs.run_id, "same", RunState.FAILED, utcnow()))
+        assert teardown(cloud, ledger, theirs.run_id, None, None, None) == []  # this owner's: none
+    assert instance_state(settings, theirs) == "running"
+    assert (
+        group_exists(settings, theirs) and key_exists(settings, theirs) and profile_exists(settings, theirs)
+    )
+    # the teammate's own relaunch still reuses them
+    mine_again = run_tags(theirs.run_id, TEAMMATE, utcnow() + timedelta(hours=5))
+    assert cloud.ensure_key_pair(theirs.run_id, mine_again).name == theirs.key
+    assert cloud.ensure_instance_profile(theirs.run_id, ["data-bucket"], mine_again) == theirs.profile
+
+
+def test_keep_moves_the_expiry_of_every_resource_of_the_run(aws: None, settings: Settings) -> None:
+    """`gc` from another home goes by the tags alone: a kept run's key pair, group and profile
+    must last as long as its instance."""
+    kept = leave(settings, "kept-20261128-120000-aaaa", expires=utcnow() - timedelta(minutes=5), profile=True)
+    cloud = cloud_in(settings, "us-east-1")
+    cloud.set_run_expiry(kept.run_id, utcnow() + timedelta(hours=24), kept.profile)
+    result = cli("gc", "--yes", "--json")  # no ledger row: the tags decide
+    assert result.exit_code == 0, result.output
+    assert {
+        kind for (kind, _), status in statuses(json.loads(result.stdout)).items() if status != "kept"
+    } == set()
+    untouched(settings, kept)

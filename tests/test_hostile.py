@@ -360,7 +360,7 @@ def test_teardown_on_a_full_disk_removes_everything_then_says_what_it_could_not_
     assert f"teardown of {RUN_ID} ran (nothing is left in the cloud)" in failed.value.message
     assert "database or disk is full" in failed.value.message
     assert cloud.describe(instance).state == "terminated"
-    assert cloud.owned_resources(None, RUN_ID) == []  # the group and the key pair went too
+    assert cloud.owned_resources(settings.owner, RUN_ID) == []  # the group and the key pair went too
     assert not request.key.path.exists()  # and the local private key
 
 

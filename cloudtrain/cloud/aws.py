@@ -641,6 +641,8 @@ class AwsCloud:
         path = keys / f"{run_id}.pem"
         with aws_errors("DescribeKeyPairs"):
             found = self.ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])["KeyPairs"]
+        for pair in found:
+            self._refuse_unless_ours(f"key pair {name}", _tags(pair), tags)
         if path.exists() and found:
             _private_key_ok(path)
             return KeyPair(name, path)
@@ -664,6 +666,18 @@ class AwsCloud:
                     out.write(created["KeyMaterial"])
                 log.info("created key pair %s (%s)", name, path)
         return KeyPair(name, path)
+
+    @staticmethod
+    def _refuse_unless_ours(what: str, found: Mapping[str, str], tags: Mapping[str, str]) -> None:
+        """A resource named after the run that exists already is this run's (a relaunch) only
+        when it carries the run's id and owner; anything else is never reused nor replaced."""
+        if found.get(TAG_RUN_ID) == tags.get(TAG_RUN_ID) and found.get(TAG_OWNER) == tags.get(TAG_OWNER):
+            return
+        owner = found.get(TAG_OWNER) or "nobody cloudtrain knows"
+        raise CloudError(
+            f"{what} already exists and is not this run's (its owner: {owner})",
+            hint="Two runs got the same id (same name, same second): start the run again for a new id.",
+        )
 
     def delete_key_pair(self, name: str) -> None:
         with aws_errors("DeleteKeyPair"):
@@ -690,13 +704,22 @@ class AwsCloud:
         with signals_held(
             f"the creation of security group {name}", f"`cloudtrain gc` removes {name}"
         ) as held:
-            with aws_errors("CreateSecurityGroup"):
+            try:
                 group_id: str = self.ec2.create_security_group(
                     GroupName=name,
                     Description=f"cloudtrain run {run_id}: ssh from the controller only",
                     VpcId=vpcs[0]["VpcId"],
                     TagSpecifications=[_tag_spec("security-group", tags)],
                 )["GroupId"]
+            except ClientError as e:
+                if _code(e) == "InvalidGroup.Duplicate":  # never reused: a relaunch keeps its id
+                    raise CloudError(
+                        f"security group {name} already exists and is not this run's",
+                        hint="Two runs got the same id (same name, same second): start the run again.",
+                    ) from e
+                raise translate(e, "CreateSecurityGroup") from e
+            except BotoCoreError as e:
+                raise translate(e, "CreateSecurityGroup") from e
             undo = lambda: self.delete_security_group(group_id, attempts=1)  # noqa: E731
             with (
                 _undone_unless_done(undo, f"security group {group_id}", held),
@@ -769,6 +792,9 @@ class AwsCloud:
             except ClientError as e:
                 if _code(e) != "EntityAlreadyExists":
                     raise translate(e, "CreateRole") from e
+                with aws_errors("ListRoleTags"):
+                    found = _tags(self.iam.list_role_tags(RoleName=name))
+                self._refuse_unless_ours(f"IAM role {name}", found, tags)
             undo = (lambda: self.delete_instance_profile(name)) if made else (lambda: None)
             with _undone_unless_done(undo, f"instance profile {name}", held):
                 self._fill_instance_profile(name, iam_tags, buckets, writable)
@@ -792,19 +818,36 @@ class AwsCloud:
         except ClientError as e:
             if _code(e) != "EntityAlreadyExists":
                 raise translate(e, "CreateInstanceProfile") from e
+            with aws_errors("GetInstanceProfile"):
+                found = _tags(self.iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"])
+            self._refuse_unless_ours(
+                f"instance profile {name}", found, {t["Key"]: t["Value"] for t in iam_tags}
+            )
         with aws_errors("GetInstanceProfile"):
             roles = self.iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]["Roles"]
         if not any(r["RoleName"] == name for r in roles):
             with aws_errors("AddRoleToInstanceProfile"):
                 self.iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
 
-    def set_expiry(self, resource_ids: Sequence[str], when: datetime) -> None:
-        """Move the ``cloudtrain:expires`` tag of EC2 resources (``--keep``: `gc` leaves them
-        until then)."""
-        with aws_errors("CreateTags"):
-            self.ec2.create_tags(
-                Resources=list(resource_ids), Tags=[{"Key": TAG_EXPIRES, "Value": iso(when)}]
-            )
+    def set_run_expiry(self, run_id: str, when: datetime, instance_profile: str | None = None) -> None:
+        """Move the ``cloudtrain:expires`` tag of every resource of the run (``--keep``): `gc`
+        judges them by it, so the key pair, the group and the profile stay as long as the
+        instance that needs them."""
+        found = self.owned_resources(self.settings.owner, run_id)
+        ids = [r.id for r in found if r.kind != "key-pair"]
+        names = [r.id for r in found if r.kind == "key-pair"]
+        tag = [{"Key": TAG_EXPIRES, "Value": iso(when)}]
+        if names:
+            with aws_errors("DescribeKeyPairs"):
+                ids += [k["KeyPairId"] for k in self.ec2.describe_key_pairs(KeyNames=names)["KeyPairs"]]
+        if ids:
+            with aws_errors("CreateTags"):
+                self.ec2.create_tags(Resources=ids, Tags=tag)
+        if instance_profile:
+            with aws_errors("TagRole"):
+                self.iam.tag_role(RoleName=instance_profile, Tags=tag)
+            with aws_errors("TagInstanceProfile"):
+                self.iam.tag_instance_profile(InstanceProfileName=instance_profile, Tags=tag)
 
     def check_bucket(self, bucket: str, where: str) -> None:
         """Refuse, before launching, a bucket that is not there or that these credentials
@@ -1017,18 +1060,29 @@ class AwsCloud:
         )
         return self.describe(instance_id)
 
-    def find_run_instances(self, run_id: str) -> list[LaunchedInstance]:
-        """The run's instances that are not terminated, found by tag, and those this object
-        launched for it (which a filter may not list yet, right after the launch)."""
+    def find_run_instances(self, run_id: str, *, any_owner: bool = False) -> list[LaunchedInstance]:
+        """The run's instances that are not terminated, found by its id and this owner's tags,
+        and those this object launched for it (which a filter may not list yet).
+
+        ``any_owner``: whoever's tags (or none) claim the run id: for checks that only keep a
+        run from counting as ended (`gc`), never to terminate what is found."""
         live = ["pending", "running", "stopping", "stopped"]
+        owner = [] if any_owner else [{"Name": f"tag:{TAG_OWNER}", "Values": [self.settings.owner]}]
         with aws_errors("DescribeInstances"):
             pages = self.ec2.get_paginator("describe_instances").paginate(
                 Filters=[
                     {"Name": f"tag:{TAG_RUN_ID}", "Values": [run_id]},
+                    *owner,
                     {"Name": "instance-state-name", "Values": live},
                 ]
             )
-            ids = [i["InstanceId"] for page in pages for r in page["Reservations"] for i in r["Instances"]]
+            ids = [
+                i["InstanceId"]
+                for page in pages
+                for r in page["Reservations"]
+                for i in r["Instances"]
+                if any_owner or _tags(i).get(TAG_OWNER) == self.settings.owner  # whatever a filter does
+            ]
         found = [self.describe(i) for i in ids]
         for launched in self._launched.get(run_id, []):
             if launched in ids:
@@ -1084,16 +1138,14 @@ class AwsCloud:
 
     # --- garbage collection (cloudtrain gc): what runs left behind, by owner tag ------------
 
-    def owned_resources(self, owner: str | None, run_id: str | None = None) -> list[TaggedResource]:
+    def owned_resources(self, owner: str, run_id: str | None = None) -> list[TaggedResource]:
         """This region's resources tagged with ``owner`` and a run id (``run_id``: that
-        run's only; ``owner`` None: whoever launched that run): instances not yet
-        terminated, volumes, security groups, key pairs, open or active spot requests.
+        run's only: a run id alone is no filter, two owners' runs may share one): instances
+        not yet terminated, volumes, security groups, key pairs, open or active spot requests.
 
         AWS filters by the tags; they are checked again here, so another owner's (or
         run's) resource never comes back whatever a filter does."""
-        if owner is None and run_id is None:
-            raise ValueError("owned_resources needs an owner or a run id")
-        owned = [] if owner is None else [{"Name": f"tag:{TAG_OWNER}", "Values": [owner]}]
+        owned = [{"Name": f"tag:{TAG_OWNER}", "Values": [owner]}]
         if run_id is not None:
             owned.append({"Name": f"tag:{TAG_RUN_ID}", "Values": [run_id]})
         found: list[TaggedResource] = []
@@ -1143,7 +1195,7 @@ class AwsCloud:
         with aws_errors("DescribeKeyPairs"):
             for data in self.ec2.describe_key_pairs(Filters=owned)["KeyPairs"]:
                 found.append(TaggedResource("key-pair", data["KeyName"], _tags(data)))
-        return [r for r in found if owner in (None, r.owner) and r.run_id and run_id in (None, r.run_id)]
+        return [r for r in found if r.owner == owner and r.run_id and run_id in (None, r.run_id)]
 
     def owned_instance_profiles(self, owner: str, prefix: str = "cloudtrain-") -> list[TaggedResource]:
         """IAM (global, whatever this cloud's region): the ``prefix``* roles and instance
