@@ -3,6 +3,7 @@ never a traceback, never a hang, within bounded time and memory."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import subprocess
@@ -14,15 +15,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
+from sshd import session, sshd_server  # noqa: F401  (fixtures)
 from test_aws import RUN_ID, cloud, image_id, launch_request, tags  # noqa: F401  (fixtures)
 from test_cli import cli, no_aws  # noqa: F401  (no_aws: a fixture)
 
 from cloudtrain import orchestrator
+from cloudtrain.agent.receive import MAGIC, StreamError, StreamReceiver
 from cloudtrain.cloud.aws import AwsCloud
 from cloudtrain.cloud.simulator import ensure_simulator, simulator_status
-from cloudtrain.errors import ExitCode, LedgerError, SpecError
+from cloudtrain.errors import ExitCode, LedgerError, RemoteError, SpecError
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
 from cloudtrain.records import Lifecycle, RunState, utcnow
+from cloudtrain.remote.pull import pull
+from cloudtrain.remote.session import Session
+from cloudtrain.remote.sync import collect, push, remote_manifest
 from cloudtrain.settings import Settings
 from cloudtrain.spec import load_job
 
@@ -106,9 +115,12 @@ JOB_FILES = [
 LOAD = """
 import json, resource, sys, time, tracemalloc
 resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
-from cloudtrain.errors import ExitCode, LedgerError, SpecError
+from cloudtrain.errors import ExitCode, LedgerError, RemoteError, SpecError
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
 from cloudtrain.records import Lifecycle, RunState, utcnow
+from cloudtrain.remote.pull import pull
+from cloudtrain.remote.session import Session
+from cloudtrain.remote.sync import collect, push, remote_manifest
 from cloudtrain.settings import Settings
 from cloudtrain.spec import load_job
 
@@ -380,3 +392,183 @@ def test_the_simulator_gets_an_allow_listed_environment(
     assert b"CLOUDTRAIN_SIM_NOTICE_S=7" in environ and "PATH" in names
     assert "WANDB_API_KEY" not in names and not any(name.startswith("AWS_") for name in names)
     assert b"wandb-5ecret-of-the-user" not in b"\0".join(environ)
+
+
+# --- a misbehaving instance: what comes off the wire -------------------------------------
+
+FAKE_PACK = """
+import os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "..", "stream.bin"), "rb") as f:
+    sys.stdout.buffer.write(f.read())
+"""
+FAKE_RECEIVE = """
+import os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "..", "manifest.json"), "rb") as f:
+    sys.stdout.buffer.write(f.read() + b"\\n")
+sys.stdout.flush()
+sys.stdin.buffer.read()
+"""
+
+
+def hostile_agent(folder: Path, *, stream: bytes = b"", manifest: bytes = b"") -> str:
+    """An instance whose agent answers with what a compromised machine might send."""
+    package = folder / "cloudtrain_agent"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "pack.py").write_text(FAKE_PACK)
+    (package / "receive.py").write_text(FAKE_RECEIVE)
+    (folder / "stream.bin").write_bytes(stream)
+    (folder / "manifest.json").write_bytes(manifest)
+    return str(folder)
+
+
+def _put(header: str, data: bytes = b"x") -> bytes:
+    return header.encode() + b"\n" + data + hashlib.sha256(data).hexdigest().encode() + b"\n"
+
+
+END = b'{"op":"end","files":1,"bytes":1}\n'
+STREAMS = [
+    pytest.param(
+        MAGIC + _put('{"op":"put","path":"outputs/\\udc80x","size":1,"mode":420,"mtime_ns":1}') + END,
+        "refused: path is not valid UTF-8 text",
+        id="lone-surrogate",
+    ),
+    pytest.param(
+        MAGIC + _put('{"op":"put","path":"outputs/a","size":1,"mode":420,"mtime_ns":' + "1" + "0" * 30 + "}"),
+        "a put record's mtime 1000",
+        id="mtime-10e30",
+    ),
+    pytest.param(
+        MAGIC + _put('{"op":"put","path":"outputs/a","size":1,"mode":420,"mtime_ns":9999999999999999999}'),
+        "a put record's mtime 9999999999999999999",
+        id="mtime-past-64-bits",
+    ),
+    pytest.param(
+        MAGIC + _put('{"op":"put","path":"outputs/a","size":1,"mode":1099511627776,"mtime_ns":1}'),
+        "a put record's mode 1099511627776",
+        id="mode-huge",
+    ),
+    pytest.param(
+        MAGIC + b'{"op":"put","path":' + b"[" * 20_000 + b"]" * 20_000 + b"}\n",
+        "is not a JSON object with an op",
+        id="nested-brackets",
+    ),
+    pytest.param(
+        MAGIC + b'{"op":"skip","path":"' + b"a" * 70_000 + b'"}\n',
+        "a record header is longer than 65536 bytes",
+        id="huge-header-one-chunk",
+    ),
+    pytest.param(MAGIC + b"[1, 2]\n", "is not a JSON object with an op", id="not-an-object"),
+    pytest.param(
+        MAGIC + _put('{"op":"put","path":"outputs/a","size":true,"mode":420,"mtime_ns":1}'),
+        "a put record's size True",
+        id="bool-size",
+    ),
+]
+
+
+@pytest.mark.parametrize(("stream", "expected"), STREAMS)
+def test_a_hostile_pull_stream_is_a_remote_error_and_writes_nothing_outside(
+    session: Session, tmp_path: Path, stream: bytes, expected: str
+) -> None:
+    fake = hostile_agent(tmp_path / "instance", stream=stream)
+    dest = tmp_path / "run"
+    with pytest.raises(RemoteError) as failed:
+        pull(
+            session,
+            str(tmp_path / "work"),
+            ["outputs"],
+            dest,
+            remote_python=sys.executable,
+            remote_agent_path=fake,
+            transport="paramiko",
+        )
+    assert expected in failed.value.message, failed.value.message
+    failed.value.message.encode("utf-8")  # printable as it is
+    assert [p.name for p in tmp_path.iterdir()] in (["instance"], ["instance", "run"])
+    assert not [p for p in dest.rglob("*") if p.is_file()] if dest.exists() else True
+
+
+def test_a_hostile_skip_record_is_reported_printably(session: Session, tmp_path: Path) -> None:
+    stream = (
+        MAGIC
+        + b'{"op":"skip","path":"outputs/\\udc80","reason":"\\udcff"}\n{"op":"end","files":0,"bytes":0}\n'
+    )
+    fake = hostile_agent(tmp_path / "instance", stream=stream)
+    report = pull(
+        session,
+        str(tmp_path / "work"),
+        ["outputs"],
+        tmp_path / "run",
+        remote_python=sys.executable,
+        remote_agent_path=fake,
+        transport="paramiko",
+    )
+    assert report.skipped == ("outputs/\\udc80: \\udcff",)
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        b'{"version":1,"files":{"train.py":5}}',
+        b'{"version":1,"files":{"../x":["",1,420,1]}}',
+        b'{"version":1,"files":{"a":["' + b"0" * 64 + b'",1,420,' + b"9" * 30 + b"]}}",
+    ],
+    ids=["entry-not-a-list", "path-escapes", "mtime-huge"],
+)
+def test_a_hostile_sync_manifest_is_a_remote_error(session: Session, tmp_path: Path, manifest: bytes) -> None:
+    fake = hostile_agent(tmp_path / "instance", manifest=manifest)
+    with pytest.raises(RemoteError, match="the instance sent a malformed manifest"):
+        remote_manifest(session, str(tmp_path / "work"), remote_python=sys.executable, remote_agent_path=fake)
+    work = tmp_path / "local"
+    work.mkdir()
+    (work / "train.py").write_text("print('hi')\n")
+    for transport in ("openssh", "paramiko"):  # the handshake of a first sync, and the session's
+        with pytest.raises(RemoteError, match="the instance sent a malformed manifest"):
+            push(
+                session,
+                collect(work),
+                str(tmp_path / "work"),
+                cache_dir=tmp_path / f"cache-{transport}",
+                remote_python=sys.executable,
+                remote_agent_path=fake,
+                transport=transport,
+                openssh_min_bytes=0,
+            )
+
+
+@settings_(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    chunks=st.lists(st.binary(max_size=300), max_size=6),
+    headers=st.lists(
+        st.sampled_from(
+            [
+                b'{"op":"put","path":"a","size":1,"mode":420,"mtime_ns":1}\n',
+                b'{"op":"delete","path":"a"}\n',
+                b'{"op":"skip","path":1,"reason":null}\n',
+                b'{"op":"end","files":1,"bytes":1}\n',
+                b'{"op":"put","path":"a/b","size":3}\n',
+            ]
+        ),
+        max_size=4,
+    ),
+)
+def test_the_receiver_only_ever_raises_stream_errors(
+    tmp_path: Path, chunks: list[bytes], headers: list[bytes]
+) -> None:
+    """Whatever arrives, the receiver either applies it or raises StreamError: never another
+    exception, never a file outside its folder."""
+    dest = tmp_path / "dest"
+    receiver = StreamReceiver(str(dest), manifest={}, max_bytes=10_000)
+    try:
+        receiver.feed(MAGIC)
+        for piece in [*headers, *chunks]:
+            receiver.feed(piece)
+        receiver.finish()
+    except StreamError:
+        pass
+    finally:
+        receiver.close()
+    assert all(dest in p.resolve().parents for p in dest.rglob("*"))

@@ -88,6 +88,52 @@ class PathRefused(Exception):
     """A path that must not be written or deleted (escapes DEST, symlinked parent, ...)."""
 
 
+# Every number read off the wire is checked against its range before use: os.utime of an
+# mtime past 64 bits overflows, a mode is permission bits.
+INT64 = (-(2**63), 2**63 - 1)
+SIZE_RANGE = (0, 2**63 - 1)
+MODE_RANGE = (0, 0o7777)
+_HEX64 = re.compile(r"[0-9a-f]{64}").fullmatch
+
+
+def checked_int(value: Any, bounds: tuple[int, int], what: str) -> int:
+    """``value`` if it is a whole number (not a bool) within ``bounds``, else StreamError."""
+    if type(value) is not int or not bounds[0] <= value <= bounds[1]:
+        raise StreamError(f"{what} {_shown(value)} is not a whole number from {bounds[0]} to {bounds[1]}")
+    return value
+
+
+def _shown(value: Any, limit: int = 300) -> str:
+    """A value from the wire, safe to print: text as it is (a lone surrogate escaped), anything
+    else as its ASCII repr; cut short."""
+    if isinstance(value, str):
+        text = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    else:
+        text = ascii(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_manifest(files: Any) -> dict[str, list[Any]]:
+    """A manifest's files as read from the wire (or a disk the job can write): a mapping of
+    clean relative paths to [sha256 hex or "", size, mode, mtime_ns]; else StreamError."""
+    if not isinstance(files, dict):
+        raise StreamError(f"the manifest's files are not a mapping: {_shown(files)}")
+    for path, entry in files.items():
+        try:
+            check_relpath(path)
+        except PathRefused as e:
+            raise StreamError(f"the manifest names {_shown(path)}: {e}") from None
+        if not isinstance(entry, list) or len(entry) != 4:
+            raise StreamError(f"the manifest's entry for {_shown(path)} is not [sha256, size, mode, mtime]")
+        digest, size, mode, mtime_ns = entry
+        if not isinstance(digest, str) or not (digest == "" or _HEX64(digest)):
+            raise StreamError(f"the manifest's sha256 for {_shown(path)} is {_shown(digest)}")
+        checked_int(size, SIZE_RANGE, f"the manifest's size for {_shown(path)}")
+        checked_int(mode, MODE_RANGE, f"the manifest's mode for {_shown(path)}")
+        checked_int(mtime_ns, INT64, f"the manifest's mtime for {_shown(path)}")
+    return files
+
+
 # --- encoding (used by the senders: the controller's sync and pack) ------------------------
 
 
@@ -139,6 +185,10 @@ def check_relpath(path: Any) -> str:
         raise PathRefused("empty or non-text path")
     if "\x00" in path:
         raise PathRefused("path contains a NUL byte")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PathRefused("path is not valid UTF-8 text (a lone surrogate)") from None
     if path.startswith("/"):
         raise PathRefused("absolute path")
     parts = path.split("/")
@@ -344,7 +394,7 @@ class StreamReceiver:
         while pos < n:
             state = self._state
             if state == _HEADER and not self._pending:
-                newline = data.find(b"\n", pos)
+                newline = data.find(b"\n", pos, pos + MAX_HEADER + 1)
                 if newline < 0:
                     self._header_part(view[pos:])
                     return
@@ -390,11 +440,11 @@ class StreamReceiver:
             elif state == _DONE:
                 raise StreamError("data after the end record")
             else:  # a header line split across chunks, or the magic line
-                newline = data.find(b"\n", pos)
+                newline = data.find(b"\n", pos, pos + MAX_HEADER + 1)
                 if newline < 0:
                     self._header_part(view[pos:])
                     return
-                self._pending += view[pos:newline]
+                self._header_part(view[pos:newline])
                 line = bytes(self._pending)
                 del self._pending[:]
                 pos = newline + 1
@@ -448,15 +498,15 @@ class StreamReceiver:
         try:
             record = _DECODE(line.decode("utf-8"))[0]
             op = record["op"]
-        except (ValueError, KeyError, TypeError, IndexError):
-            raise StreamError(f"a record header is not valid JSON: {line[:200]!r}") from None
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+            raise StreamError(f"a record header is not a JSON object with an op: {_shown(line)}") from None
         if op == "put":
             self._begin(record)
             return record  # type: ignore[no-any-return]
         if op == "delete":
             self._delete(record.get("path"))
         elif op == "skip":
-            self.skipped.append((str(record.get("path")), str(record.get("reason"))))
+            self.skipped.append((_shown(record.get("path")), _shown(record.get("reason"))))
         elif op == "end":
             self.end = record
             self._state = _DONE
@@ -465,35 +515,30 @@ class StreamReceiver:
         return None
 
     def _begin(self, record: dict[str, Any]) -> None:
-        size = record.get("size")
-        mode = record.get("mode", 0o644)
-        mtime_ns = record.get("mtime_ns", -1)
-        if (
-            not isinstance(size, int)
-            or size < 0
-            or not isinstance(mode, int)
-            or not isinstance(mtime_ns, int)
-        ):
-            raise StreamError(f"a put record has no valid size, mode or mtime: {record!r}")
+        size = checked_int(record.get("size"), SIZE_RANGE, "a put record's size")
+        mode = checked_int(record.get("mode", 0o644), MODE_RANGE, "a put record's mode")
+        mtime_ns = checked_int(record.get("mtime_ns", -1), INT64, "a put record's mtime")
         self.puts += 1
         self.declared_bytes += size
         if self.max_bytes is not None and self.declared_bytes > self.max_bytes:
             raise StreamError(
                 f"the files are over the size cap of {self.max_bytes} bytes at {record.get('path')!r}"
             )
-        self._path = path = str(record.get("path"))
+        raw = record.get("path")
+        self._path = path = raw if isinstance(raw, str) else _shown(raw)
         self._size = self._left = size
         self._mode = mode & self.mode_mask
         self._mtime_ns = mtime_ns
         self._error = ""
         self._final = ""
         try:
-            check_relpath(record.get("path"))
+            check_relpath(raw)
             if self.only is not None:
                 self._check_asked(path)
             self._dir = self._parent(path, create=True)
             self._final = self._dir + "/" + path.rpartition("/")[2]
         except PathRefused as e:
+            self._path = _shown(raw)  # reported, never used as a path
             self._error = f"refused: {e}"
         except OSError as e:
             self._error = f"cannot write: {e.strerror or e}"
@@ -505,6 +550,8 @@ class StreamReceiver:
         (per-file Python is what a receiver of many small files spends its time on).
         """
         size = len(data)
+        checked_int(mode, MODE_RANGE, "a put record's mode")  # the plain header's digits are bounded,
+        checked_int(mtime_ns, INT64, "a put record's mtime")  # not their values
         self.puts += 1
         self.declared_bytes += size
         if self.max_bytes is not None and self.declared_bytes > self.max_bytes:
@@ -853,10 +900,8 @@ def current_manifest(dest: str, name: str = MANIFEST_NAME) -> tuple[dict[str, li
         return {}, None
     header, files_line = raw
     try:
-        files: dict[str, list[Any]] = json.loads(files_line)
-        if not isinstance(files, dict):
-            return {}, None
-    except ValueError:
+        files = check_manifest(json.loads(files_line))
+    except (ValueError, StreamError, RecursionError):  # damaged: everything is sent again
         return {}, None
     if header.get("boot_id") != boot_id():
         files = _reverify(dest, files)

@@ -52,6 +52,8 @@ from cloudtrain.agent.receive import (
     SMALL_RECORD,
     FileReader,
     PathRefused,
+    StreamError,
+    check_manifest,
     check_relpath,
     delete_header,
     end_header,
@@ -625,11 +627,12 @@ class _OpenSSHReceiver:
         """The handshake's first line: the manifest (ConnectFailed if ssh could not connect)."""
         line = self.stdout.readline()
         try:
-            files = json.loads(line)["files"]
-            if not isinstance(files, dict):
-                raise ValueError
-            return files
-        except (ValueError, KeyError, TypeError):
+            return check_manifest(json.loads(line)["files"])
+        except StreamError as e:  # it answered, with something no agent writes
+            self.stdin.close()
+            self.proc.wait()
+            raise _bad_manifest(e) from None
+        except (ValueError, KeyError, TypeError, RecursionError):
             pass
         self.stdin.close()
         code = self.proc.wait()
@@ -704,15 +707,25 @@ def remote_manifest(
     code = session.stream(command + " 2>&1", output.extend)
     try:
         files = json.loads(bytes(output).strip().rsplit(b"\n", 1)[-1])["files"]
-        if code != 0 or not isinstance(files, dict):
+        if code != 0:
             raise ValueError
-    except (ValueError, KeyError, TypeError, IndexError):
+        files = check_manifest(files)
+    except StreamError as e:
+        raise _bad_manifest(e) from None
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
         detail = bytes(output).decode("utf-8", "replace").strip()[-2000:]
         raise RemoteError(
             f"cannot read the synced set's manifest on {session.endpoint.label} (exit {code}): {detail}",
             hint="Is the agent uploaded and the remote Python 3.7+ there?",
         ) from None
     return files
+
+
+def _bad_manifest(error: StreamError) -> RemoteError:
+    return RemoteError(
+        f"the instance sent a malformed manifest of the synced set: {error}",
+        hint="The agent on the instance does not answer as cloudtrain's does; the run stops here.",
+    )
 
 
 class _LastPush:
