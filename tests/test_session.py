@@ -87,3 +87,14 @@ def test_a_failed_command_says_what_the_remote_said_not_its_command_line(
     assert "exit code 255" in error.message and "the instance is shutting down" in error.message
     assert error.reason == "the instance is shutting down"
     assert error.debug == f"command: {command}"
+
+
+def test_no_pinned_fingerprint_refuses_every_host_key(
+    host: SimHost, client_key: ClientKey, tmp_path: Path
+) -> None:
+    """Nothing pinned is no reason to trust: the console gave no fingerprints, so no host is known."""
+    unpinned = endpoint(host, client_key, tmp_path, frozenset())
+    started = time.monotonic()
+    with pytest.raises(HostKeyMismatch):
+        Session(unpinned).connect(deadline_s=30)
+    assert time.monotonic() - started < 10  # refused at once, never retried
