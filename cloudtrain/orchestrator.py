@@ -13,7 +13,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import posixpath
 import shlex
 import signal
 import sys
@@ -61,6 +60,7 @@ from cloudtrain.recovery import (
     InstanceLost,
     SimulatedInterruption,
     last_checkpoint,
+    pull_checkpoint,
 )
 from cloudtrain.remote.session import Endpoint, HostKeyMismatch, Session, parse_console_fingerprints
 from cloudtrain.remote.sync import SyncReport
@@ -642,17 +642,8 @@ class Orchestrator:
             self.reporter.info(message)
 
     def _pull_checkpoint(self, session: Session, dest: Path) -> None:
-        from cloudtrain.remote.pull import pull
-
-        pull(
-            session,
-            posixpath.dirname(REMOTE_CHECKPOINT),
-            [posixpath.basename(REMOTE_CHECKPOINT)],
-            dest,
-            remote_python=remote_python(self.spec.backend),
-            remote_agent_path=f"$HOME/{REMOTE_AGENT}",
-            into="",
-        )
+        python, agent = remote_python(self.spec.backend), f"$HOME/{REMOTE_AGENT}"
+        pull_checkpoint(session, dest, remote_python=python, remote_agent_path=agent)
 
     def _keeper_event(self, kind: str, message: str) -> None:
         """From the keeper's thread: shown now, recorded by the main thread later."""

@@ -3,21 +3,27 @@ run's checkpoint off the instance, and the dry-run's scheduled interruptions.
 
 The training process checkpoints itself (the agent's hook, into REMOTE_CHECKPOINT on
 the instance). ``CheckpointKeeper`` runs beside the log stream on its own SSH
-connection: every few seconds it reads the remote checkpoint's manifest and, when it
+connection: a round starts every ``KEEPER_POLL_S`` seconds (or as soon as the last one
+ended, when a copy takes longer); it reads the remote checkpoint's manifest and, when it
 changed, copies the checkpoint into ``<run folder>/checkpoint`` (complete or not at
 all: into a staging folder, swapped in only once its manifest's files are all there).
-It also reports the spot interruption notice the agent's watcher recorded. The
-orchestrator pushes that folder onto the replacement instance before training starts
-again there.
+The copy is of a hard-link snapshot of the latest save, taken on the instance as it
+starts (``pull(checkpoint=True)``), so a trainer that saves faster than a copy takes
+cannot prune it mid-copy: a save made one round's interval plus one copy's time before
+the instance is lost is home, with or without a notice. It also reports the spot
+interruption notice the agent's watcher recorded. The orchestrator pushes that folder
+onto the replacement instance before training starts again there.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +152,7 @@ class CheckpointKeeper:
         session = Session(self._endpoint)  # its own connection: the log stream keeps the other
         try:
             while not self._stop.is_set():
+                started = time.monotonic()
                 try:
                     session.connect(deadline_s=20)  # not the 5 minutes a booting instance gets
                     self.check(session)
@@ -155,8 +162,10 @@ class CheckpointKeeper:
                 except Exception:  # never let one bad round end the keeping
                     log.exception("checkpoint keeper: this round failed")
                     session.close()
-                # After a notice every checkpoint counts: the instance has two minutes left.
-                self._stop.wait(NOTICE_POLL_S if self.notice else self.poll_s)
+                # Rounds start every poll_s, however long the copy took (a save waits at most
+                # that long for its round); after a notice every checkpoint counts.
+                period = NOTICE_POLL_S if self.notice else self.poll_s
+                self._stop.wait(max(0.0, started + period - time.monotonic()))
         finally:
             session.close()
 
@@ -166,6 +175,7 @@ class CheckpointKeeper:
             self._check(session)
 
     def _check(self, session: Session) -> None:
+        started = time.monotonic()
         probe = session.run(
             f"cat {REMOTE_CHECKPOINT}/manifest.json 2>/dev/null; echo; echo '--notice--'; "
             f"cat {self.notice_path} 2>/dev/null",
@@ -184,15 +194,54 @@ class CheckpointKeeper:
             staging = self.run_dir / (LOCAL_CHECKPOINT + ".incoming")
             shutil.rmtree(staging, ignore_errors=True)
             try:
-                self._pull(session, staging)  # -> staging/checkpoint/...
-                got = checkpoint_complete(staging / "checkpoint")
-                if got is None:
-                    return  # caught mid-write: the next round takes the finished one
-                swap_in(staging / "checkpoint", self.run_dir / LOCAL_CHECKPOINT)
+                self._pull(session, staging)  # -> staging/checkpoint/..., the latest save
+                arrived = staging / "checkpoint"
+                got = checkpoint_complete(arrived)
+                if got is None:  # the snapshot makes this rare: the next round tries again
+                    log.info("checkpoint keeper: the copy arrived incomplete: %s", _what_lacks(arrived))
+                    return
+                size = sum(p.stat().st_size for p in arrived.rglob("*") if p.is_file())
+                # The manifest that came home: newer than the probe's when a save came between.
+                copied = (arrived / "manifest.json").read_text().strip()
+                swap_in(arrived, self.run_dir / LOCAL_CHECKPOINT)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-            self.last_manifest = manifest
-            self._on_event("checkpoint", f"checkpoint of epoch {got.get('epoch')} copied home")
+            self.last_manifest = copied
+            took = time.monotonic() - started
+            self._on_event(
+                "checkpoint",
+                f"checkpoint of epoch {got.get('epoch')} copied home ({size / 1e6:.1f} MB in {took:.1f} s)",
+            )
+
+
+def _what_lacks(folder: Path) -> str:
+    """Why ``checkpoint_complete(folder)`` is None, for the log."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no readable manifest.json"
+    missing = sorted(name for name in files if not (folder / name).is_file())
+    if missing:
+        return f"{len(missing)} of the {len(files)} files its manifest lists are missing ({missing[0]}, ...)"
+    return "a file's size differs from its manifest's"
+
+
+def pull_checkpoint(session: Session, dest: Path, *, remote_python: str, remote_agent_path: str) -> None:
+    """The instance's checkpoint into ``dest/checkpoint``: its latest save alone, from a
+    hard-link snapshot the instance takes as the copy starts (see ``CheckpointKeeper``)."""
+    from cloudtrain.remote.pull import pull
+
+    pull(
+        session,
+        posixpath.dirname(REMOTE_CHECKPOINT),
+        [posixpath.basename(REMOTE_CHECKPOINT)],
+        dest,
+        remote_python=remote_python,
+        remote_agent_path=remote_agent_path,
+        into="",
+        checkpoint=True,
+    )
 
 
 def last_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
