@@ -118,7 +118,8 @@ class CheckpointKeeper:
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="cloudtrain-checkpoints", daemon=True)
-        self.last_manifest: str | None = None
+        # The copy at home, as pushed onto this instance: no need to copy it back.
+        self.last_manifest: str | None = _manifest_text(run_dir / LOCAL_CHECKPOINT)
         self.notice: dict[str, Any] | None = None
         self._round = threading.Lock()  # one round at a time: the thread's, or final_round's
 
@@ -212,6 +213,13 @@ class CheckpointKeeper:
                 "checkpoint",
                 f"checkpoint of epoch {got.get('epoch')} copied home ({size / 1e6:.1f} MB in {took:.1f} s)",
             )
+
+
+def _manifest_text(folder: Path) -> str | None:
+    try:
+        return (folder / "manifest.json").read_text().strip() or None
+    except (OSError, ValueError):
+        return None
 
 
 def _what_lacks(folder: Path) -> str:
