@@ -663,7 +663,9 @@ class Orchestrator:
         if (line is None and plan.seconds is not None) or (line is not None and plan.due_in_log(line)):
             from cloudtrain.cloud.simulator import schedule_interruption
 
-            schedule_interruption(self.settings, ctx.instance_id, delay_s=plan.seconds or 0)
+            schedule_interruption(
+                self.settings, ctx.instance_id, delay_s=plan.seconds or 0, notice=plan.notice
+            )
             self.simulate[ctx.relaunches] = SimulatedInterruption()  # done: due for nothing more
 
     def _provision(self, ctx: RunContext) -> None:

@@ -40,7 +40,7 @@ KEEPER_POLL_S = 3.0
 NOTICE_POLL_S = 0.5
 FINAL_ROUND_S = 120.0
 LOST_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
-_AT_RE = re.compile(r"^(?:epoch:(?P<epoch>[1-9]\d*)|(?P<seconds>\d+)s)$")
+_AT_RE = re.compile(r"^(?:epoch:(?P<epoch>[1-9]\d*)|(?P<seconds>\d+)s)(?P<silent>:no-notice)?$")
 
 
 class InstanceLost(RemoteError):
@@ -55,25 +55,30 @@ class InstanceLost(RemoteError):
 @dataclass(frozen=True)
 class SimulatedInterruption:
     """``--simulate-interruption AT``: a spot notice at the start of an epoch, or seconds
-    after training starts on an instance (the first AT for the first instance, ...)."""
+    after training starts on an instance (the first AT for the first instance, ...).
+    ``AT:no-notice`` (``notice=False``): no notice at all, the instance is simply gone at
+    AT, as when AWS takes it with a notice the agent never saw, or the hardware fails."""
 
     epoch: int | None = None
     seconds: int | None = None
+    notice: bool = True
 
     @classmethod
     def parse(cls, text: str) -> SimulatedInterruption:
         found = _AT_RE.match(text.strip())
         if found is None:
             raise InputError(
-                f"--simulate-interruption {text!r}: expected epoch:N or Ns",
-                hint="For example --simulate-interruption epoch:3 or --simulate-interruption 90s.",
+                f"--simulate-interruption {text!r}: expected epoch:N or Ns, optionally with :no-notice",
+                hint="For example --simulate-interruption epoch:3, 90s or epoch:12:no-notice.",
             )
+        notice = not found["silent"]
         if found["epoch"]:
-            return cls(epoch=int(found["epoch"]))
-        return cls(seconds=int(found["seconds"]))
+            return cls(epoch=int(found["epoch"]), notice=notice)
+        return cls(seconds=int(found["seconds"]), notice=notice)
 
     def __str__(self) -> str:
-        return f"epoch:{self.epoch}" if self.epoch is not None else f"{self.seconds}s"
+        at = f"epoch:{self.epoch}" if self.epoch is not None else f"{self.seconds}s"
+        return at if self.notice else f"{at}:no-notice"
 
     def due_in_log(self, line: str) -> bool:
         """Is this training log line the start of the epoch to interrupt ("Epoch N/...")?"""

@@ -29,7 +29,19 @@ def test_interruption_syntax(text: str, epoch: int | None, seconds: int | None) 
     assert SimulatedInterruption.parse(str(parsed)) == parsed
 
 
-@pytest.mark.parametrize("text", ["epoch:0", "epoch:", "3", "90", "1m", "epoch:x", "-5s"])
+@pytest.mark.parametrize(
+    ("text", "epoch", "seconds"), [("epoch:12:no-notice", 12, None), ("0s:no-notice", None, 0)]
+)
+def test_an_interruption_without_notice(text: str, epoch: int | None, seconds: int | None) -> None:
+    parsed = SimulatedInterruption.parse(text)
+    assert (parsed.epoch, parsed.seconds, parsed.notice) == (epoch, seconds, False)
+    assert str(parsed) == text and SimulatedInterruption.parse(str(parsed)) == parsed
+    assert SimulatedInterruption.parse(text.removesuffix(":no-notice")).notice
+
+
+@pytest.mark.parametrize(
+    "text", ["epoch:0", "epoch:", "3", "90", "1m", "epoch:x", "-5s", "no-notice", "epoch:3:nonotice", "5s:"]
+)
 def test_bad_interruption_refused(text: str) -> None:
     with pytest.raises(InputError, match="expected epoch:N or Ns"):
         SimulatedInterruption.parse(text)
