@@ -470,7 +470,8 @@ def _print_record(record: dict[str, Any]) -> None:
     multiple=True,
     metavar="AT",
     help="With --dry-run: a spot interruption notice at AT (epoch:N, when epoch N starts, or Ns after "
-    "training starts), then the instance's termination; repeat for the relaunched instances.",
+    "training starts), then the instance's termination; AT:no-notice (epoch:N:no-notice, "
+    "Ns:no-notice): no notice, the instance is simply gone at AT; repeat for the relaunched instances.",
 )
 @pass_context
 def run_command(

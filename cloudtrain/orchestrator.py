@@ -14,7 +14,6 @@ import functools
 import ipaddress
 import json
 import logging
-import posixpath
 import shlex
 import signal
 import sqlite3
@@ -65,6 +64,7 @@ from cloudtrain.recovery import (
     InstanceLost,
     SimulatedInterruption,
     last_checkpoint,
+    pull_checkpoint,
 )
 from cloudtrain.remote.session import Endpoint, HostKeyMismatch, Session, parse_console_fingerprints
 from cloudtrain.remote.sync import SyncReport
@@ -646,17 +646,8 @@ class Orchestrator:
             self.reporter.info(message)
 
     def _pull_checkpoint(self, session: Session, dest: Path) -> None:
-        from cloudtrain.remote.pull import pull
-
-        pull(
-            session,
-            posixpath.dirname(REMOTE_CHECKPOINT),
-            [posixpath.basename(REMOTE_CHECKPOINT)],
-            dest,
-            remote_python=remote_python(self.spec.backend),
-            remote_agent_path=f"$HOME/{REMOTE_AGENT}",
-            into="",
-        )
+        python, agent = remote_python(self.spec.backend), f"$HOME/{REMOTE_AGENT}"
+        pull_checkpoint(session, dest, remote_python=python, remote_agent_path=agent)
 
     def _keeper_event(self, kind: str, message: str) -> None:
         """From the keeper's thread: shown now, recorded by the main thread later."""
@@ -676,7 +667,9 @@ class Orchestrator:
         if (line is None and plan.seconds is not None) or (line is not None and plan.due_in_log(line)):
             from cloudtrain.cloud.simulator import schedule_interruption
 
-            schedule_interruption(self.settings, ctx.instance_id, delay_s=plan.seconds or 0)
+            schedule_interruption(
+                self.settings, ctx.instance_id, delay_s=plan.seconds or 0, notice=plan.notice
+            )
             self.simulate[ctx.relaunches] = SimulatedInterruption()  # done: due for nothing more
 
     def _provision(self, ctx: RunContext) -> None:

@@ -3,21 +3,27 @@ run's checkpoint off the instance, and the dry-run's scheduled interruptions.
 
 The training process checkpoints itself (the agent's hook, into REMOTE_CHECKPOINT on
 the instance). ``CheckpointKeeper`` runs beside the log stream on its own SSH
-connection: every few seconds it reads the remote checkpoint's manifest and, when it
+connection: a round starts every ``KEEPER_POLL_S`` seconds (or as soon as the last one
+ended, when a copy takes longer); it reads the remote checkpoint's manifest and, when it
 changed, copies the checkpoint into ``<run folder>/checkpoint`` (complete or not at
 all: into a staging folder, swapped in only once its manifest's files are all there).
-It also reports the spot interruption notice the agent's watcher recorded. The
-orchestrator pushes that folder onto the replacement instance before training starts
-again there.
+The copy is of a hard-link snapshot of the latest save, taken on the instance as it
+starts (``pull(checkpoint=True)``), so a trainer that saves faster than a copy takes
+cannot prune it mid-copy: a save made one round's interval plus one copy's time before
+the instance is lost is home, with or without a notice. It also reports the spot
+interruption notice the agent's watcher recorded. The orchestrator pushes that folder
+onto the replacement instance before training starts again there.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +40,7 @@ KEEPER_POLL_S = 3.0
 NOTICE_POLL_S = 0.5
 FINAL_ROUND_S = 120.0
 LOST_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
-_AT_RE = re.compile(r"^(?:epoch:(?P<epoch>[1-9]\d*)|(?P<seconds>\d+)s)$")
+_AT_RE = re.compile(r"^(?:epoch:(?P<epoch>[1-9]\d*)|(?P<seconds>\d+)s)(?P<silent>:no-notice)?$")
 
 
 class InstanceLost(RemoteError):
@@ -49,25 +55,30 @@ class InstanceLost(RemoteError):
 @dataclass(frozen=True)
 class SimulatedInterruption:
     """``--simulate-interruption AT``: a spot notice at the start of an epoch, or seconds
-    after training starts on an instance (the first AT for the first instance, ...)."""
+    after training starts on an instance (the first AT for the first instance, ...).
+    ``AT:no-notice`` (``notice=False``): no notice at all, the instance is simply gone at
+    AT, as when AWS takes it with a notice the agent never saw, or the hardware fails."""
 
     epoch: int | None = None
     seconds: int | None = None
+    notice: bool = True
 
     @classmethod
     def parse(cls, text: str) -> SimulatedInterruption:
         found = _AT_RE.match(text.strip())
         if found is None:
             raise InputError(
-                f"--simulate-interruption {text!r}: expected epoch:N or Ns",
-                hint="For example --simulate-interruption epoch:3 or --simulate-interruption 90s.",
+                f"--simulate-interruption {text!r}: expected epoch:N or Ns, optionally with :no-notice",
+                hint="For example --simulate-interruption epoch:3, 90s or epoch:12:no-notice.",
             )
+        notice = not found["silent"]
         if found["epoch"]:
-            return cls(epoch=int(found["epoch"]))
-        return cls(seconds=int(found["seconds"]))
+            return cls(epoch=int(found["epoch"]), notice=notice)
+        return cls(seconds=int(found["seconds"]), notice=notice)
 
     def __str__(self) -> str:
-        return f"epoch:{self.epoch}" if self.epoch is not None else f"{self.seconds}s"
+        at = f"epoch:{self.epoch}" if self.epoch is not None else f"{self.seconds}s"
+        return at if self.notice else f"{at}:no-notice"
 
     def due_in_log(self, line: str) -> bool:
         """Is this training log line the start of the epoch to interrupt ("Epoch N/...")?"""
@@ -112,7 +123,8 @@ class CheckpointKeeper:
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="cloudtrain-checkpoints", daemon=True)
-        self.last_manifest: str | None = None
+        # The copy at home, as pushed onto this instance: no need to copy it back.
+        self.last_manifest: str | None = _manifest_text(run_dir / LOCAL_CHECKPOINT)
         self.notice: dict[str, Any] | None = None
         self._round = threading.Lock()  # one round at a time: the thread's, or final_round's
 
@@ -146,6 +158,7 @@ class CheckpointKeeper:
         session = Session(self._endpoint)  # its own connection: the log stream keeps the other
         try:
             while not self._stop.is_set():
+                started = time.monotonic()
                 try:
                     session.connect(deadline_s=20)  # not the 5 minutes a booting instance gets
                     self.check(session)
@@ -155,8 +168,10 @@ class CheckpointKeeper:
                 except Exception:  # never let one bad round end the keeping
                     log.exception("checkpoint keeper: this round failed")
                     session.close()
-                # After a notice every checkpoint counts: the instance has two minutes left.
-                self._stop.wait(NOTICE_POLL_S if self.notice else self.poll_s)
+                # Rounds start every poll_s, however long the copy took (a save waits at most
+                # that long for its round); after a notice every checkpoint counts.
+                period = NOTICE_POLL_S if self.notice else self.poll_s
+                self._stop.wait(max(0.0, started + period - time.monotonic()))
         finally:
             session.close()
 
@@ -166,6 +181,7 @@ class CheckpointKeeper:
             self._check(session)
 
     def _check(self, session: Session) -> None:
+        started = time.monotonic()
         probe = session.run(
             f"cat {REMOTE_CHECKPOINT}/manifest.json 2>/dev/null; echo; echo '--notice--'; "
             f"cat {self.notice_path} 2>/dev/null",
@@ -184,15 +200,61 @@ class CheckpointKeeper:
             staging = self.run_dir / (LOCAL_CHECKPOINT + ".incoming")
             shutil.rmtree(staging, ignore_errors=True)
             try:
-                self._pull(session, staging)  # -> staging/checkpoint/...
-                got = checkpoint_complete(staging / "checkpoint")
-                if got is None:
-                    return  # caught mid-write: the next round takes the finished one
-                swap_in(staging / "checkpoint", self.run_dir / LOCAL_CHECKPOINT)
+                self._pull(session, staging)  # -> staging/checkpoint/..., the latest save
+                arrived = staging / "checkpoint"
+                got = checkpoint_complete(arrived)
+                if got is None:  # the snapshot makes this rare: the next round tries again
+                    log.info("checkpoint keeper: the copy arrived incomplete: %s", _what_lacks(arrived))
+                    return
+                size = sum(p.stat().st_size for p in arrived.rglob("*") if p.is_file())
+                # The manifest that came home: newer than the probe's when a save came between.
+                copied = (arrived / "manifest.json").read_text().strip()
+                swap_in(arrived, self.run_dir / LOCAL_CHECKPOINT)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-            self.last_manifest = manifest
-            self._on_event("checkpoint", f"checkpoint of epoch {got.get('epoch')} copied home")
+            self.last_manifest = copied
+            took = time.monotonic() - started
+            self._on_event(
+                "checkpoint",
+                f"checkpoint of epoch {got.get('epoch')} copied home ({size / 1e6:.1f} MB in {took:.1f} s)",
+            )
+
+
+def _manifest_text(folder: Path) -> str | None:
+    try:
+        return (folder / "manifest.json").read_text().strip() or None
+    except (OSError, ValueError):
+        return None
+
+
+def _what_lacks(folder: Path) -> str:
+    """Why ``checkpoint_complete(folder)`` is None, for the log."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no readable manifest.json"
+    missing = sorted(name for name in files if not (folder / name).is_file())
+    if missing:
+        return f"{len(missing)} of the {len(files)} files its manifest lists are missing ({missing[0]}, ...)"
+    return "a file's size differs from its manifest's"
+
+
+def pull_checkpoint(session: Session, dest: Path, *, remote_python: str, remote_agent_path: str) -> None:
+    """The instance's checkpoint into ``dest/checkpoint``: its latest save alone, from a
+    hard-link snapshot the instance takes as the copy starts (see ``CheckpointKeeper``)."""
+    from cloudtrain.remote.pull import pull
+
+    pull(
+        session,
+        posixpath.dirname(REMOTE_CHECKPOINT),
+        [posixpath.basename(REMOTE_CHECKPOINT)],
+        dest,
+        remote_python=remote_python,
+        remote_agent_path=remote_agent_path,
+        into="",
+        checkpoint=True,
+    )
 
 
 def last_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -319,3 +320,80 @@ def test_the_checkpoint_folder_is_relocatable(tmp_path: Path) -> None:
     text = (tmp_path / "b" / "manifest.json").read_text()
     assert str(tmp_path) not in text
     assert json.loads(text)["fit"] == 0 and checkpoint.verify(str(tmp_path / "b")) is not None
+
+
+def test_a_snapshot_is_one_whole_save_that_newer_saves_cannot_prune(tmp_path: Path) -> None:
+    store = checkpoint.Store(str(tmp_path / "ckpt"))
+    assert checkpoint.snapshot(store.directory, str(tmp_path / "none")) is None  # nothing saved yet
+    names = ("weights.npz", "optimizer.npz", "extra.npz", "state.json")
+    for epoch in (1, 2):
+        store.save(0, epoch, {n: n.encode() * epoch for n in names}, {"epochs": 9}, {"flavour": "test"})
+    held = checkpoint.snapshot(store.directory, str(tmp_path / "held"))
+    assert held is not None and held["epoch"] == 2
+    for epoch in (3, 4, 5):  # these prune epoch 2's folder on the instance
+        store.save(0, epoch, {n: n.encode() * epoch for n in names}, {"epochs": 9}, {"flavour": "test"})
+    folder = held["fits"]["0"]["folder"]
+    assert not (tmp_path / "ckpt" / folder).exists()
+    assert checkpoint.verify(str(tmp_path / "held")) == held  # whole, at every file's sha256
+    assert sorted(p.name for p in (tmp_path / "held").iterdir()) == [folder, "manifest.json"]
+
+    # Where hard links cannot go (another filesystem), the files are copied.
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        other = Path(tempfile.mkdtemp(dir="/dev/shm"))
+        try:
+            copied = checkpoint.snapshot(store.directory, str(other / "held"))
+            assert copied is not None and copied["epoch"] == 5
+            assert checkpoint.verify(str(other / "held")) == copied
+        finally:
+            shutil.rmtree(other)
+
+    # A manifest naming a file outside a saved folder is refused, not followed.
+    manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
+    manifest["files"]["../outside"] = {"size": 1}
+    (tmp_path / "ckpt" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(checkpoint.Invalid, match="not a file of a saved folder"):
+        checkpoint.snapshot(store.directory, str(tmp_path / "bad"))
+
+
+def test_pack_sends_a_checkpoints_latest_save_and_sweeps_snapshots_of_dead_packs(tmp_path: Path) -> None:
+    from cloudtrain.agent import pack
+    from cloudtrain.agent.receive import StreamReceiver
+
+    root = tmp_path / "remote"
+    store = checkpoint.Store(str(root / "checkpoint"))
+    names = ("weights.npz", "optimizer.npz", "extra.npz", "state.json")
+    for epoch in (1, 2, 3):
+        store.save(0, epoch, {n: n.encode() * epoch for n in names}, {"epochs": 9}, {"flavour": "test"})
+    (root / "checkpoint" / ".tmp-fit0-epoch0004-x").mkdir()  # a save being written
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (root / f"{pack.SNAPSHOT_PREFIX}{dead.pid}" / "checkpoint").mkdir(parents=True)  # a killed pack's
+    read, write = os.pipe()
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cloudtrain.agent.pack",
+            "--root",
+            str(root),
+            "--checkpoint",
+            "--paths",
+            "checkpoint",
+        ],
+        stdout=write,
+    )
+    os.close(write)
+    receiver = StreamReceiver(str(tmp_path / "home"), only=["checkpoint"])
+    with os.fdopen(read, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 16), b""):
+            receiver.feed(chunk)
+    assert child.wait() == 0
+    receiver.finish()
+    receiver.close()
+    home = tmp_path / "home" / "checkpoint"
+    manifest = checkpoint.verify(str(home))
+    assert manifest is not None and manifest["epoch"] == 3
+    assert sorted(p.name for p in home.iterdir()) == [manifest["fits"]["0"]["folder"], "manifest.json"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "checkpoint"
+    ]  # no snapshot left, its own or the dead one's

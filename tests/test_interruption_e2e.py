@@ -24,9 +24,10 @@ from test_s3_data import s3_client
 
 from cloudtrain.api import run_job
 from cloudtrain.cloud.aws import AwsCloud
-from cloudtrain.cloud.simulator import ensure_simulator, schedule_interruption
+from cloudtrain.cloud.simulator import ensure_simulator, schedule_interruption, sim_dir
 from cloudtrain.progress import Reporter
 from cloudtrain.records import RunState
+from cloudtrain.recovery import KEEPER_POLL_S
 from cloudtrain.settings import Settings
 
 EPOCHS = 8
@@ -56,9 +57,9 @@ def quick_notices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLOUDTRAIN_IMDS_POLL_S", "0.5")  # the agent's IMDS polling (AWS: <= 5 s)
 
 
-def job(folder: Path, extra: str = "") -> Path:
+def job(folder: Path, extra: str = "", train: str = TRAIN) -> Path:
     folder.mkdir(parents=True)
-    (folder / "train.py").write_text(TRAIN)
+    (folder / "train.py").write_text(train)
     (folder / "job.yaml").write_text(
         "name: interrupted\nrun: python train.py\noutputs: [outputs/]\nseed: 3\nresources: {gpu: T4}\n"
         + extra
@@ -70,12 +71,13 @@ def epochs_started(log: str) -> list[int]:
     return [int(n) for n in re.findall(rf"^Epoch (\d+)/{EPOCHS}$", log, re.M)]
 
 
-def interrupted_run(tmp_path: Path, *ats: str) -> tuple[Path, dict[str, Any], str]:
+def interrupted_run(tmp_path: Path, *ats: str, train: str = TRAIN) -> tuple[Path, dict[str, Any], str]:
     """`run --dry-run` of the job with --simulate-interruption for each AT: (run folder,
     status record, stderr); the run must have succeeded."""
     out = tmp_path / "runs"
     simulate = [arg for at in ats for arg in ("--simulate-interruption", at)]
-    done = cloudtrain("run", str(job(tmp_path / "job")), "--dry-run", "--out", str(out), *simulate)
+    job_file = job(tmp_path / "job", train=train)
+    done = cloudtrain("run", str(job_file), "--dry-run", "--out", str(out), *simulate)
     assert done.returncode == 0, done.stderr
     run_dir = only_run(out)
     record = status(run_dir.name)
@@ -137,6 +139,90 @@ def test_two_spot_interruptions_are_survived_without_losing_finished_epochs(
         assert f"holding at epoch {epoch} (saved)" in log  # near the end it waits, saved
     assert (run_dir / "outputs" / "outputs" / "model.weights.h5").is_file()
     assert "relaunching (1/3)" in stderr and "relaunching (2/3)" in stderr
+
+
+FAST_EPOCHS = 80
+
+# Saves that come faster than a copy takes: 8 MB of weights and Adam state per save, as
+# fast as the epochs go (a tenth of a second or two each). Each epoch's start is stamped
+# (time.time()): epoch N's save is done by the time epoch N + 1 starts (the checkpoint is
+# the last callback of an epoch's end), which errs, by milliseconds, towards asking less.
+FAST_TRAIN = textwrap.dedent(f"""
+    import os, time
+    import numpy as np
+    import keras
+    x = np.random.rand(128, 256).astype("float32")
+    y = (x.sum(axis=1) > 128).astype("float32")
+    model = keras.Sequential([keras.Input(shape=(256,)), keras.layers.Dense(1024, activation="relu"),
+                              keras.layers.Dense(512, activation="relu"),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    stamps = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: print(f"began epoch {{epoch + 1}} at {{time.time():.3f}}", flush=True),
+    )
+    model.fit(x, y, epochs={FAST_EPOCHS}, batch_size=64, verbose=2, callbacks=[stamps])
+    os.makedirs("outputs", exist_ok=True)
+    model.save_weights("outputs/model.weights.h5")
+""")
+
+
+def sim_log_time(settings: Settings, pattern: str) -> float:
+    """When the simulator logged a line matching ``pattern`` (time.time(); its log's
+    timestamps are local time, to the millisecond)."""
+    text = (sim_dir(settings) / "sim.log").read_text()
+    found = re.search(rf"^(\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{{3}}) .*{pattern}", text, re.M)
+    assert found, f"no {pattern!r} in sim.log"
+    return time.mktime(time.strptime(found.group(1), "%Y-%m-%d %H:%M:%S")) + int(found.group(2)) / 1000
+
+
+def test_an_instance_lost_without_notice_resumes_from_a_save_one_keeper_round_old(
+    sim_image: Path, tmp_path: Path, settings: Settings
+) -> None:
+    # No notice ever shows in IMDS: the instance is simply gone as epoch 60 starts. The
+    # trainer saves faster than a copy takes; the keeper must have brought home a recent
+    # save all the same.
+    run_dir, record, stderr = interrupted_run(tmp_path, "epoch:60:no-notice", train=FAST_TRAIN)
+    kinds = [e["kind"] for e in record["events"]]
+    assert kinds.count("interrupted") == 1 and "notice" not in kinds
+    assert len(record["instances"]) == 2 and one_after_another(record["instances"])
+    assert live_instances(settings, run_dir.name) == []
+    log = (run_dir / "logs" / "train.log").read_text()
+    assert "interruption notice" not in log and "holding at epoch" not in log
+
+    # The save the keeper must have brought home: the last one done more than a round's
+    # interval (KEEPER_POLL_S, or a copy's time when copies take longer) plus a copy's
+    # time before the instance was lost.
+    lost_at = sim_log_time(settings, "taken away with no notice")
+    copy_s = max(
+        (
+            float(found.group(1))
+            for e in record["events"]
+            if (found := re.search(r"copied home \(.* in ([\d.]+) s\)", e["message"]))
+        ),
+        default=0.0,
+    )
+    began = {int(n): float(t) for n, t in re.findall(r"^began epoch (\d+) at ([\d.]+)$", log, re.M)
+             if float(t) < lost_at}  # fmt: skip
+    home_by = lost_at - max(KEEPER_POLL_S, copy_s) - copy_s
+    due = max((n - 1 for n, t in began.items() if t <= home_by), default=0)
+    assert due >= 5, f"the instance trained too little before it was lost to test anything: {sorted(began)}"
+    restores = restored_epochs(record)
+    assert len(restores) == 1, f"nothing came home before the loss, though epoch {due} was due"
+    restored = restores[0]
+    assert restored >= due, (
+        f"restored epoch {restored}; {due} was saved {lost_at - home_by:.1f} s before the loss"
+    )
+    assert f"restored epoch {restored} from" in log  # the replacement says so
+
+    # Nothing trained from scratch again: epochs 1..restored on the first instance (and
+    # those after it, up to the loss), restored + 1.. on the replacement.
+    started = [int(n) for n in re.findall(rf"^Epoch (\d+)/{FAST_EPOCHS}$", log, re.M)]
+    assert started.count(1) == 1
+    first, second = split_at_last_resume(started, restored)
+    assert first == list(range(1, len(first) + 1)) and len(first) >= restored
+    assert second == list(range(restored + 1, FAST_EPOCHS + 1))
+    assert (run_dir / "outputs" / "outputs" / "model.weights.h5").is_file()
+    assert "relaunching (1/3)" in stderr
 
 
 def wait_for(what: str, check: Any, timeout: float = 120.0) -> Any:

@@ -4,6 +4,8 @@ syntax, what counts as a complete checkpoint, and swapping one in."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_simhost import client_key, host, make_host  # noqa: F401  (fixtures)
 
 from cloudtrain.errors import InputError
 from cloudtrain.recovery import SimulatedInterruption, checkpoint_complete, last_checkpoint, swap_in
@@ -26,7 +29,19 @@ def test_interruption_syntax(text: str, epoch: int | None, seconds: int | None) 
     assert SimulatedInterruption.parse(str(parsed)) == parsed
 
 
-@pytest.mark.parametrize("text", ["epoch:0", "epoch:", "3", "90", "1m", "epoch:x", "-5s"])
+@pytest.mark.parametrize(
+    ("text", "epoch", "seconds"), [("epoch:12:no-notice", 12, None), ("0s:no-notice", None, 0)]
+)
+def test_an_interruption_without_notice(text: str, epoch: int | None, seconds: int | None) -> None:
+    parsed = SimulatedInterruption.parse(text)
+    assert (parsed.epoch, parsed.seconds, parsed.notice) == (epoch, seconds, False)
+    assert str(parsed) == text and SimulatedInterruption.parse(str(parsed)) == parsed
+    assert SimulatedInterruption.parse(text.removesuffix(":no-notice")).notice
+
+
+@pytest.mark.parametrize(
+    "text", ["epoch:0", "epoch:", "3", "90", "1m", "epoch:x", "-5s", "no-notice", "epoch:3:nonotice", "5s:"]
+)
 def test_bad_interruption_refused(text: str) -> None:
     with pytest.raises(InputError, match="expected epoch:N or Ns"):
         SimulatedInterruption.parse(text)
@@ -166,3 +181,85 @@ def test_what_logs_follow_shows_when_the_run_ends_while_it_waits(
     run = SimpleNamespace(detail={"relaunches": relaunches_now, "log_base": log_base_now})
     lost = SimpleNamespace(log_base=1000, relaunches=1)  # 300 bytes of it were shown
     assert _unshown(run, lost, 300) == expected
+
+
+# --- the keeper against a trainer that saves faster than a copy takes ----------------------
+
+# A stand-in trainer: the agent's real Store, a save of 4 files x 2 MB every 20 ms.
+FAST_SAVER = """
+import os, sys, time
+from cloudtrain.agent.checkpoint import Store
+store, blob = Store(sys.argv[1]), os.urandom(2 << 20)
+epoch = 0
+while True:
+    epoch += 1
+    names = ("weights.npz", "optimizer.npz", "extra.npz", "state.json")
+    payload = {n: epoch.to_bytes(8, "big") + blob for n in names}
+    store.save(0, epoch, payload, {"epochs": 10**9, "complete": False}, {"flavour": "test"})
+    time.sleep(0.02)
+"""
+
+
+def test_the_keeper_brings_home_whole_saves_from_a_trainer_saving_faster_than_a_copy(
+    host: Any, client_key: Any, tmp_path: Path
+) -> None:
+    from test_session import endpoint
+
+    from cloudtrain.agent import checkpoint
+    from cloudtrain.orchestrator import REMOTE_AGENT, agent_source
+    from cloudtrain.recovery import REMOTE_CHECKPOINT, CheckpointKeeper, pull_checkpoint
+    from cloudtrain.remote.session import Session
+    from cloudtrain.remote.sync import upload_tree
+
+    remote = host.home / REMOTE_CHECKPOINT
+    session = Session(endpoint(host, client_key, tmp_path)).connect()
+    upload_tree(session, agent_source(), f"{REMOTE_AGENT}/cloudtrain_agent")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    with open(tmp_path / "saver.log", "wb") as err:
+        saver = subprocess.Popen(
+            [sys.executable, "-c", FAST_SAVER, str(remote)], env=env, stdout=subprocess.DEVNULL, stderr=err
+        )
+    copies: list[tuple[int, int]] = []  # (epoch copied, epoch the trainer had saved when it landed)
+
+    def on_event(kind: str, message: str) -> None:
+        found = re.search(r"checkpoint of epoch (\d+) copied home", message)
+        if found:
+            latest = json.loads((remote / "manifest.json").read_text())["epoch"]
+            copies.append((int(found.group(1)), latest))
+
+    def pull(session: Session, dest: Path) -> None:
+        pull_checkpoint(
+            session, dest, remote_python=sys.executable, remote_agent_path=f"$HOME/{REMOTE_AGENT}"
+        )
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    keeper = CheckpointKeeper(
+        session, run_dir, pull, notice_path=".cloudtrain/run/notice.json", on_event=on_event, poll_s=1.0
+    )
+    try:
+        while not (remote / "manifest.json").exists():
+            assert saver.poll() is None, (tmp_path / "saver.log").read_text()
+            time.sleep(0.05)
+        started = time.monotonic()
+        with keeper:
+            while len(copies) < 3 and time.monotonic() - started < 10.0:  # a few keeper periods
+                time.sleep(0.05)
+    finally:
+        saver.kill()
+        saver.wait()
+        session.close()
+    assert saver.returncode == -9, (tmp_path / "saver.log").read_text()
+    assert len(copies) >= 3, f"{len(copies)} checkpoint(s) came home in 10 s, of a trainer saving every 20 ms"
+    # The premise: the trainer saved at least twice while a copy was under way, so the
+    # folders the copied manifest named were pruned on the instance before it landed.
+    assert max(latest - epoch for epoch, latest in copies) >= 2, copies
+    assert [epoch for epoch, _ in copies] == sorted({epoch for epoch, _ in copies})  # each a newer save
+    home = run_dir / "checkpoint"
+    manifest = checkpoint.verify(str(home))  # every file there, at its sha256
+    assert manifest is not None and manifest["epoch"] == copies[-1][0]
+    assert sorted(p.name for p in home.iterdir()) == sorted(
+        [manifest["fits"]["0"]["folder"], "manifest.json"]
+    )
+    # Nothing is left on the instance by the copies' snapshots.
+    assert not [p.name for p in (host.home / ".cloudtrain").iterdir() if p.name.startswith(".pack-snapshot")]

@@ -41,7 +41,9 @@ A save writes the folder under a temporary name (`.tmp-...`), fsyncs each file a
 folder, renames it, fsyncs DIR, then replaces manifest.json the same way; only then are
 folders that neither this manifest nor the one before names removed (a copier that read
 the previous manifest still finds its files). A trainer killed at any point leaves the
-previous manifest and its folders intact. manifest.json: `schema`, `created_at`,
+previous manifest and its folders intact. A copier that may take longer than a save (the
+controller's keeper) copies a `snapshot()` instead: hard links of the latest save's files,
+taken in a moment, which no later prune can take away. manifest.json: `schema`, `created_at`,
 `keras` {flavour, version, backend}, `fit` and `epoch` (the latest save), `fits` {"0":
 {epoch, epochs, complete, reason, folder, created_at, keras, weight_shapes}}, and `files`
 {relative path: {size, sha256}} for every file of every fit.
@@ -77,6 +79,7 @@ NOTICE_ENV = "CLOUDTRAIN_NOTICE_FILE"
 # (the save complete: a trainer killed between epochs).
 TEST_KILL_ENV = "CLOUDTRAIN_CHECKPOINT_TEST_KILL"
 NOTICE_POLL_S = 0.2
+SNAPSHOT_ATTEMPTS = 100
 MARGIN_ENV = "CLOUDTRAIN_NOTICE_MARGIN_S"  # seconds to copy the last checkpoint home
 DEFAULT_MARGIN_S = 30.0
 HOLD_PAST_DEADLINE_S = 60.0
@@ -159,6 +162,11 @@ def read_manifest(directory: str) -> dict[str, Any] | None:
         if names:
             raise Invalid(f"{directory} has no {MANIFEST} (an incomplete checkpoint)") from None
         return None
+    return parse_manifest(raw, path)
+
+
+def parse_manifest(raw: bytes, path: str) -> dict[str, Any]:
+    """A manifest's bytes as read from `path`, checked; raises Invalid."""
     try:
         manifest = json.loads(raw.decode("utf-8"))
     except ValueError as e:
@@ -204,6 +212,54 @@ def verify(directory: str) -> dict[str, Any] | None:
     for fit in manifest["fits"]:
         fit_entry(directory, manifest, int(fit))
     return manifest
+
+
+def snapshot(directory: str, into: str) -> dict[str, Any] | None:
+    """Hold the latest save of `directory` still for a copier: hard-link manifest.json's files
+    into `into` (made anew; best on the same filesystem), then write the manifest that named
+    them there. Returns that manifest, or None when `directory` has no checkpoint yet.
+
+    A saved folder never changes once named, so its links are the save itself, and they
+    stay whole however many newer saves prune the folder while the snapshot is copied (a
+    copy may take longer than a save). The links are made within a moment of reading the
+    manifest, while the trainer keeps its folders for one more save; a file gone before
+    it was linked means two saves came in that moment: start again from the manifest now
+    in place. Where a file cannot be hard-linked (another filesystem, or one without hard
+    links), it is copied instead: an open file outlives its pruning. Raises Invalid for a
+    manifest this code cannot read, or saves that never held still for a snapshot.
+    """
+    path = os.path.join(directory, MANIFEST)
+    for _ in range(SNAPSHOT_ATTEMPTS):
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        manifest = parse_manifest(raw, path)
+        shutil.rmtree(into, ignore_errors=True)
+        os.makedirs(into)
+        try:
+            for rel in sorted(manifest["files"]):
+                parts = rel.split("/")
+                if len(parts) != 2 or not parts[0].startswith("fit") or parts[1] in ("", ".", ".."):
+                    raise Invalid(f"{path} lists {rel!r}, not a file of a saved folder")
+                os.makedirs(os.path.join(into, parts[0]), exist_ok=True)
+                _link_or_copy(os.path.join(directory, rel), os.path.join(into, rel))
+        except FileNotFoundError:
+            continue  # pruned by a newer save: its manifest is in place already
+        with open(os.path.join(into, MANIFEST), "wb") as f:
+            f.write(raw)
+        return manifest
+    raise Invalid(f"{directory}: no save held still for {SNAPSHOT_ATTEMPTS} attempts to link it")
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except FileNotFoundError:
+        raise
+    except OSError:  # EXDEV, EPERM (no hard links there, or protected_hardlinks), EMLINK
+        shutil.copyfile(source, target)
 
 
 class Store:

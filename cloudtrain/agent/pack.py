@@ -10,6 +10,14 @@ point outside WORKDIR (a symlink to a file inside it is sent as that file's cont
 symlinks to folders, devices, pipes and sockets, and files past ``--max-bytes`` (the
 total size cap). The last record is ``end`` with the totals.
 
+``--checkpoint``: each path is a checkpoint folder (checkpoint.py's format), and what is
+sent is its latest save alone, whole: a hard-link snapshot (``checkpoint.snapshot``) taken
+at the start into ``ROOT/.pack-snapshot-<pid>/<path>`` and streamed under the same paths,
+then removed. However often the trainer saves and prunes meanwhile, the copy is one
+complete save (streaming the live folder, a copy slower than two saves found the folders
+its manifest named already pruned). A snapshot left by a pack that was killed goes at the
+next one's start.
+
 Standard library only, Python 3.7+.
 """
 
@@ -17,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import stat
 import sys
 from typing import Iterator
 
+from .checkpoint import Invalid, snapshot
 from .receive import (
     MAGIC,
     READ_SIZE,
@@ -33,6 +43,7 @@ from .receive import (
 
 DEFAULT_MAX_BYTES = 16 << 30
 FLUSH_AT = 1 << 18
+SNAPSHOT_PREFIX = ".pack-snapshot-"
 
 
 class Packer:
@@ -160,20 +171,70 @@ def _write(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+def take_snapshots(root: str, paths: list[str]) -> str:
+    """--checkpoint: a snapshot of each checkpoint folder's latest save, under the folder
+    returned (streamed as the root); a path with no checkpoint yet is left out (missing)."""
+    remove_stale_snapshots(root)
+    stage = os.path.join(root, f"{SNAPSHOT_PREFIX}{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    os.makedirs(stage)
+    for raw in paths:
+        path = check_relpath(raw.rstrip("/"))
+        snapshot(os.path.join(root, path), os.path.join(stage, path))
+    return stage
+
+
+def remove_stale_snapshots(root: str) -> None:
+    """Snapshots of packs that are gone (killed with their SSH session, say)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(SNAPSHOT_PREFIX) :]
+        if name.startswith(SNAPSHOT_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's process
+        return True
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cloudtrain_agent.pack", description=__doc__.split("\n")[0])
     parser.add_argument("--root", required=True, help="the workdir the paths are relative to")
     parser.add_argument("--paths", nargs="+", required=True, help="files or folders under the root")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="cap on the total size")
+    parser.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="the paths are checkpoint folders: send a snapshot of each one's latest save",
+    )
     args = parser.parse_args(argv)
     if not os.path.isdir(args.root):
         sys.stderr.write(f"cloudtrain pack: {args.root} is not a folder\n")
         return 1
-    packer = Packer(args.root, args.max_bytes)
+    root, stage = args.root, ""
     try:
+        if args.checkpoint:
+            try:
+                root = stage = take_snapshots(args.root, args.paths)
+            except (Invalid, PathRefused, OSError) as e:
+                sys.stderr.write(f"cloudtrain pack: no snapshot of the checkpoint: {e}\n")
+                return 1
+        packer = Packer(root, args.max_bytes)
         write_all(sys.stdout.fileno(), packer.stream(args.paths))
     except BrokenPipeError:
         return 1
+    finally:
+        if stage:
+            shutil.rmtree(stage, ignore_errors=True)
     return 0
 
 

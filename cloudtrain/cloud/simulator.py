@@ -19,7 +19,9 @@ background simulator process per CLOUDTRAIN_HOME and returns ``Settings`` whose
   asks this process (through a request file in ``sim/control/``) to put a spot
   interruption notice there, now or later, and to terminate the instance in the
   simulated AWS ``CLOUDTRAIN_SIM_NOTICE_S`` seconds (default 120, AWS's two minutes)
-  after the notice, the way the power-off hook does; or to recommend a rebalance;
+  after the notice, the way the power-off hook does; or to terminate it with no notice
+  at all (``notice=False``: a notice the agent never saw, a hardware failure); or to
+  recommend a rebalance;
 - the simulated IMDS serves no role credentials, so an instance launched with an
   instance profile gets, in its host's environment, what IMDS would hand it on AWS: the
   simulated role's credentials (``ASIASIMULATEDROLE`` / ``simulated-instance-role``,
@@ -369,6 +371,7 @@ def schedule_interruption(
     delay_s: float = 0.0,
     kind: str = "terminate",
     notice_s: float | None = None,
+    notice: bool = True,
     timeout: float = 15.0,
 ) -> dict[str, Any]:
     """Make this home's running simulator interrupt a simulated spot instance, as EC2 would.
@@ -377,7 +380,9 @@ def schedule_interruption(
     ``spot/instance-action`` with ``{"action": "terminate", "time": T}``, where T is the
     notice time plus ``notice_s`` (default ``$CLOUDTRAIN_SIM_NOTICE_S``, else 120 s); at
     T the simulator terminates the instance in the simulated AWS, which stops its host
-    and every process on it (the same path as the power-off hook). ``kind="rebalance"``:
+    and every process on it (the same path as the power-off hook). With ``notice=False``
+    IMDS never shows a notice: ``delay_s`` seconds from now the instance is simply
+    terminated (``notice_s`` does not apply). ``kind="rebalance"``:
     ``delay_s`` seconds from now ``events/recommendations/rebalance`` answers
     ``{"noticeTime": ...}``; nothing is terminated. A notice due while the instance is
     still pending appears once its host is up.
@@ -408,7 +413,8 @@ def schedule_interruption(
         "instance_id": instance_id,
         "kind": kind,
         "notice_at": time.time() + delay_s,
-        "notice_s": period,
+        "notice_s": period if notice else 0.0,
+        "notice": bool(notice),
     }
     tmp = folder / f"{name}.tmp"
     tmp.write_text(json.dumps(request))
@@ -439,8 +445,9 @@ class _Interruption:
 
     instance_id: str
     kind: str  # "terminate" | "rebalance"
-    notice_at: float
+    notice_at: float  # with notice=False: when it is terminated
     notice_s: float
+    notice: bool = True  # False: IMDS shows nothing, the instance is just gone at notice_at
     action_at: float | None = None  # set once the notice is served
 
 
@@ -597,15 +604,21 @@ class _World:
         state = found[1]._state.name
         if state not in ("pending", "running"):
             return {"ok": False, "error": f"instance {instance_id} is {state}"}
-        item = _Interruption(instance_id, kind, float(request["notice_at"]), float(request["notice_s"]))
-        self.interruptions.append(item)
-        log.info(
-            "%s: %s scheduled: notice at %s%s",
-            instance_id,
-            kind,
-            iso(_utc(item.notice_at)),
-            f", terminated {item.notice_s:g} s later" if kind == "terminate" else "",
+        notice = bool(request.get("notice", True)) or kind != "terminate"
+        item = _Interruption(
+            instance_id, kind, float(request["notice_at"]), float(request["notice_s"]), notice=notice
         )
+        self.interruptions.append(item)
+        if notice:
+            log.info(
+                "%s: %s scheduled: notice at %s%s",
+                instance_id,
+                kind,
+                iso(_utc(item.notice_at)),
+                f", terminated {item.notice_s:g} s later" if kind == "terminate" else "",
+            )
+        else:
+            log.info("%s: terminate scheduled at %s, with no notice", instance_id, iso(_utc(item.notice_at)))
         action_at = item.notice_at + item.notice_s if kind == "terminate" else None
         return {
             "ok": True,
@@ -636,11 +649,15 @@ class _World:
                         imds.recommend_rebalance(_utc(now))
                     log.info("%s: rebalance recommended", item.instance_id)
                     continue
-                item.action_at = now + item.notice_s
-                if imds is not None:
-                    imds.schedule_instance_action("terminate", _utc(item.action_at))
-                at = iso(_utc(item.action_at))
-                log.info("%s: spot interruption notice, terminate at %s", item.instance_id, at)
+                if not item.notice:  # gone, and nothing on the instance saw it coming
+                    item.action_at = now
+                    log.info("%s: taken away with no notice", item.instance_id)
+                else:
+                    item.action_at = now + item.notice_s
+                    if imds is not None:
+                        imds.schedule_instance_action("terminate", _utc(item.action_at))
+                    at = iso(_utc(item.action_at))
+                    log.info("%s: spot interruption notice, terminate at %s", item.instance_id, at)
             if now < item.action_at:
                 keep.append(item)
                 continue

@@ -8,6 +8,7 @@ paths asked for (whatever the instance sends): paths with ``..``, absolute paths
 not asked for and symlinked local parent folders are refused here, and pack
 leaves out symlinks pointing outside the workdir, devices, pipes and sockets. The
 total size is capped on both sides (``max_bytes``); a stream over the cap is cut.
+A checkpoint comes from a snapshot of its latest save on the instance (``checkpoint=True``).
 """
 
 from __future__ import annotations
@@ -61,9 +62,14 @@ def pull(
     remote_agent_path: str | None = None,
     transport: str = "auto",
     into: str = OUTPUTS,
+    checkpoint: bool = False,
 ) -> PullReport:
     """Copy ``paths`` (relative to ``remote_workdir``) into ``dest_dir/<into>`` (``outputs``);
     verified, atomic, capped.
+
+    ``checkpoint``: the paths are checkpoint folders, of which only the latest save comes,
+    whole, from a snapshot the instance takes at the start (``pack --checkpoint``), however
+    often the training saves meanwhile.
 
     ``transport``: "auto" (the OpenSSH client when installed, else the session),
     "openssh" or "paramiko". Raises RemoteError if a file arrived corrupted or the
@@ -88,7 +94,9 @@ def pull(
         raise RemoteError(f"cannot pull outputs into {dest}: {e}") from e
     command = agent_command(
         "pack",
-        f"--root {remote_path(remote_workdir)} --max-bytes {int(max_bytes)} --paths "
+        f"--root {remote_path(remote_workdir)} --max-bytes {int(max_bytes)}"
+        + (" --checkpoint" if checkpoint else "")
+        + " --paths "
         + " ".join(shlex.quote(p) for p in wanted),
         remote_python=remote_python,
         remote_agent_path=remote_agent_path,
