@@ -5,6 +5,10 @@ before anything is launched."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -193,3 +197,60 @@ def test_a_file_pruned_by_a_newer_save_is_no_error(s3: Any, tmp_path: Path) -> N
     save(store, 2)
     assert uploader.round() is True and events == ["uploaded"]
     assert restore(URL, str(tmp_path / "restored"))["epoch"] == 2
+
+
+# A trainer saving 40 small files every 20 ms: an upload (a request per file) takes many saves.
+MANY_FILE_SAVER = """
+import os, sys, time
+from cloudtrain.agent.checkpoint import Store
+store, blob = Store(sys.argv[1]), os.urandom(50_000)
+epoch = 0
+while True:
+    epoch += 1
+    payload = {f"part{i:02d}.npz": epoch.to_bytes(8, "big") + blob for i in range(40)}
+    store.save(0, epoch, payload, {"epochs": 10**9, "complete": False}, {"flavour": "test"})
+    time.sleep(0.02)
+"""
+
+
+def test_a_trainer_saving_faster_than_an_upload_still_gets_whole_checkpoints_to_s3(
+    s3: Any, tmp_path: Path
+) -> None:
+    """Each round uploads a hard-link snapshot of the latest save: newer saves pruning the
+    folder meanwhile cannot starve S3 (before, every upload found its files gone)."""
+    directory = tmp_path / "ckpt"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    saver = subprocess.Popen(
+        [sys.executable, "-c", MANY_FILE_SAVER, str(directory)], env=env, stderr=subprocess.PIPE
+    )
+    uploaded: list[int] = []
+    uploader = Uploader(
+        str(directory),
+        URL,
+        on_event=lambda kind, info: uploaded.append(info["epoch"]) if kind == "uploaded" else None,
+    )
+    try:
+        while not (directory / "manifest.json").exists():
+            assert saver.poll() is None, saver.stderr.read() if saver.stderr else ""
+            time.sleep(0.05)
+        started = time.monotonic()
+        while len(uploaded) < 3 and time.monotonic() - started < 15.0:
+            uploader.round()
+        newest = json.loads((directory / "manifest.json").read_text())["epoch"]
+    finally:
+        saver.kill()
+        saver.wait()
+    assert len(uploaded) >= 3, f"{len(uploaded)} upload(s) in 15 s of a trainer saving every 20 ms"
+    assert newest - uploaded[0] >= 2  # the premise: saves came (and pruned) while it uploaded
+    body = s3.get_object(Bucket=BUCKET, Key="team/job-20261128-120000-abcd/manifest.json")["Body"].read()
+    manifest = json.loads(body)
+    assert manifest["epoch"] == uploaded[-1]
+    sizes = {
+        k: o["Size"]
+        for k, o in (
+            (o["Key"][len("team/job-20261128-120000-abcd/") :], o)
+            for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="team/")["Contents"]
+        )
+    }
+    assert all(sizes.get(rel) == meta["size"] for rel, meta in manifest["files"].items())  # whole
+    assert not list(tmp_path.glob(".s3-snapshot-*"))  # nothing held on the instance's disk

@@ -9,8 +9,10 @@ A run's checkpoint folder (checkpoint.py's format) maps onto keys under the run'
 ``Uploader`` (a thread of the supervisor, while the job runs) puts each new checkpoint:
 the files S3 lacks, checked against the manifest's sizes, then the manifest; only then
 does it delete the folders neither this manifest nor the one before names (as the local
-store prunes). An upload cut short, by the instance going away or a save that pruned a
-file mid-upload, leaves S3's previous manifest and its files whole.
+store prunes). It uploads from a hard-link snapshot of the latest save
+(``checkpoint.snapshot``), so a trainer that saves faster than an upload takes cannot
+prune the save under it: every round puts a whole checkpoint. An upload cut short, by
+the instance going away, leaves S3's previous manifest and its files whole.
 
 ``restore(url, directory)`` (the ``checkpoint-s3`` command, before training starts on a
 new instance) brings S3's checkpoint into ``directory`` when it is further on than the one
@@ -29,7 +31,7 @@ import shutil
 import threading
 from typing import Any, Callable
 
-from .checkpoint import MANIFEST, Invalid, read_manifest, sha256_file
+from .checkpoint import MANIFEST, Invalid, read_manifest, sha256_file, snapshot
 from .errors import AgentError
 from .fetch_s3 import _client, _objects, parse_src
 
@@ -112,7 +114,7 @@ class Uploader:
         """Upload the checkpoint if it changed since the last upload; False after a failure."""
         try:
             self.upload()
-        except (FileNotFoundError, Invalid):  # a newer save pruned a file: the next round takes it
+        except Invalid:  # saves that never held still for a snapshot: the next round tries again
             return True
         except Exception as e:  # never let S3 end the run: the next round tries again
             message = f"{type(e).__name__}: {e}"
@@ -132,11 +134,19 @@ class Uploader:
             return None
         if raw == self.uploaded:
             return None
+        held = os.path.join(os.path.dirname(self.directory), f".s3-snapshot-{os.getpid()}")
         try:
-            manifest = read_manifest(self.directory)
-        except Invalid:
-            return None  # replaced mid-read: the next round reads the new one
-        if manifest is None:
+            manifest = snapshot(self.directory, held)  # the latest save, held still for the upload
+            if manifest is None:
+                return None
+            return self._upload(held, manifest)
+        finally:
+            shutil.rmtree(held, ignore_errors=True)
+
+    def _upload(self, held: str, manifest: dict[str, Any]) -> dict[str, Any] | None:
+        with open(os.path.join(held, MANIFEST), "rb") as f:
+            raw = f.read()
+        if raw == self.uploaded:
             return None
         client = self._client = self._client or _client(self.region)
         present = self._inventory(client)
@@ -145,8 +155,8 @@ class Uploader:
             size = int(meta.get("size", -1))
             if present.get(key) == size:
                 continue  # saved folders never change once named
-            local = os.path.join(self.directory, *rel.split("/"))
-            if os.path.getsize(local) != size:  # FileNotFoundError too: pruned by a newer save
+            local = os.path.join(held, *rel.split("/"))
+            if os.path.getsize(local) != size:
                 raise Invalid(f"{rel} is not the size its manifest says")
             client.upload_file(local, self.bucket, key)
             present[key] = size
