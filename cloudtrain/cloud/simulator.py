@@ -505,8 +505,15 @@ class _World:
                     self.stop_host(instance.id)
                 elif host is not None and host.poweroff_requested():
                     log.info("%s powered itself off", instance.id)
-                    backend.terminate_instances([instance.id])
-                    self.stop_host(instance.id)
+                    self.take_down(backend, instance)
+
+    def take_down(self, backend: Any, instance: Any) -> None:
+        """Terminate an instance as EC2 does: ``shutting-down`` at once (what describe_instances
+        tells a controller whose connection just broke), then its host and every process on it
+        stop, then ``terminated`` (once AWS says so, nothing answers)."""
+        instance._state.name, instance._state.code = "shutting-down", 32
+        self.stop_host(instance.id)
+        backend.terminate_instances([instance.id])
 
     def start_host(self, backend: Any, instance: Any) -> None:
         from cloudtrain.cloud.simhost import HostSpec, SimHost
@@ -663,8 +670,7 @@ class _World:
                 continue
             assert found is not None
             log.info("%s: spot interruption: terminating", item.instance_id)
-            self.stop_host(item.instance_id)  # first: once AWS says terminated, nothing answers
-            found[0].terminate_instances([item.instance_id])
+            self.take_down(*found)
         self.interruptions = keep
 
     def run(self) -> None:
