@@ -155,7 +155,10 @@ class CheckpointKeeper:
         self.stop()
 
     def _main(self) -> None:
-        session = Session(self._endpoint)  # its own connection: the log stream keeps the other
+        # Its own connection (the log stream keeps the other); a stopped keeper retries no connect.
+        session = Session(
+            self._endpoint, give_up=lambda: RemoteError("stopped") if self._stop.is_set() else None
+        )
         try:
             while not self._stop.is_set():
                 started = time.monotonic()
