@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -424,6 +428,105 @@ def test_stop_kills_escaped_and_foreground_processes(
     with pytest.raises((OSError, paramiko.SSHException)):
         connect(host, client_key.pkey)
     host.stop()  # idempotent
+
+
+def kill(*pids: int) -> None:
+    """SIGKILL what a failed test may leave behind (only the pids it started)."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name: [state, ppid, pgrp, session, ...]."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+# Escapes every way a process can: a double fork (its parent exits: it is orphaned), a new
+# session (setsid), a clean environment (env -i: no CLOUDTRAIN_SIM_INSTANCE), SIGTERM
+# ignored, and a child in a process group of its own (set -m) that ignores it too.
+ESCAPE = (
+    "( setsid env -i /bin/bash -c '"
+    'trap "" TERM; set -m; '
+    "sleep 600 & echo $! > group.pid; "
+    "echo $$ > escaped.pid; exec sleep 601"
+    "' </dev/null >/dev/null 2>&1 & )"
+)
+
+
+@pytest.mark.parametrize("grace", [0.0, 0.5])
+def test_stop_kills_every_process_of_the_host_however_it_escaped(
+    host: SimHost, client: paramiko.SSHClient, grace: float
+) -> None:
+    status, out, err = run(client, "echo $$; " + ESCAPE)
+    assert status == 0, err
+    command = int(out)  # the command's shell: its process group and session are the host's
+    files = [host.home / "escaped.pid", host.home / "group.pid"]
+    assert wait_until(lambda: all(f.exists() and f.read_text().strip() for f in files))
+    escaped, grouped = (int(f.read_text()) for f in files)
+    assert wait_until(lambda: Path(f"/proc/{escaped}/cmdline").read_bytes() == b"sleep\x00601\x00")
+    for pid in (escaped, grouped):
+        pgrp, session = (int(field) for field in proc_stat(pid)[2:4])
+        assert session == escaped != command and pgrp in (escaped, grouped)  # neither the host's
+        assert b"CLOUDTRAIN_SIM_INSTANCE" not in Path(f"/proc/{pid}/environ").read_bytes()
+        ignored = re.search(r"^SigIgn:\s*(\w+)$", Path(f"/proc/{pid}/status").read_text(), re.M)
+        assert ignored is not None and int(ignored[1], 16) & (1 << (signal.SIGTERM - 1))
+    assert int(proc_stat(grouped)[2]) == grouped  # a process group of its own
+    assert not alive(command)  # the command itself is gone: both are orphans
+
+    try:
+        start = time.monotonic()
+        host.stop(grace=grace)
+        assert time.monotonic() - start < grace + 5
+        assert not alive(escaped) and not alive(grouped), "an escaped process survived stop()"
+    finally:
+        kill(escaped, grouped)
+
+
+def test_processes_die_with_the_simulator_however_it_dies(tmp_path: Path, client_key: ClientKey) -> None:
+    """The simulator killed outright (no stop()): its hosts' processes go with it."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        import paramiko
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_simhost import ESCAPE, connect
+        from cloudtrain.cloud.simhost import HostSpec, SimHost
+        import io
+        pem = sys.stdin.read()
+        key = paramiko.Ed25519Key.from_private_key(io.StringIO(pem))
+        host = SimHost(HostSpec("i-{secrets.token_hex(8)}", Path({str(tmp_path / "sb")!r}), {client_key.public!r}))
+        host.start()
+        client = connect(host, key)
+        _, out, _ = client.exec_command(ESCAPE)
+        out.channel.recv_exit_status()
+        print("ready", flush=True)
+        time.sleep(600)
+    """)
+    simulator = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "simulator.err").open("w"),
+        text=True,
+    )
+    pids: list[int] = []
+    try:
+        assert simulator.stdin is not None and simulator.stdout is not None
+        simulator.stdin.write(client_key.pem)
+        simulator.stdin.close()
+        assert simulator.stdout.readline() == "ready\n", (tmp_path / "simulator.err").read_text()
+        files = [tmp_path / "sb" / "home" / "escaped.pid", tmp_path / "sb" / "home" / "group.pid"]
+        assert wait_until(lambda: all(f.exists() and f.read_text().strip() for f in files))
+        pids += [int(f.read_text()) for f in files]
+        assert all(alive(pid) for pid in pids)
+        simulator.kill()
+        simulator.wait()
+        assert wait_until(lambda: not any(alive(pid) for pid in pids)), "orphans outlived the simulator"
+    finally:
+        simulator.kill()
+        simulator.wait()
+        kill(*pids)
 
 
 def test_stop_before_start_and_twice(tmp_path: Path, client_key: ClientKey) -> None:

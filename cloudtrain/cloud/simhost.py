@@ -6,10 +6,15 @@ server on a loopback port, in its own thread and event loop, with fresh host key
 It accepts one user and one public key. Each exec request runs ``/bin/bash -c CMD`` as a
 local process in the instance's sandbox folder, in its own session, with a clean
 environment (never the simulator's own, which holds AWS keys): HOME and TMPDIR in the
-sandbox, PATH = the spec's prefix + the system folders, a marker variable
-``CLOUDTRAIN_SIM_INSTANCE=<id>`` and a power-off hook that only touches a file.
-``stop()`` kills every process the host started, including ones that escaped with
-``setsid`` or a double fork (found by the marker in ``/proc/<pid>/environ``).
+sandbox, PATH = the spec's prefix + the system folders, ``CLOUDTRAIN_SIM_INSTANCE=<id>``
+and a power-off hook that only touches a file.
+
+Every process of the host descends from one per-host init (``siminit``: a child
+subreaper that starts each command and reaps whatever is orphaned below it), so no
+process started on the instance leaves its subtree, whatever session, process group or
+environment it makes for itself. ``stop()`` kills that whole tree, as a terminated
+instance stops everything on it; if the simulator itself dies, the init sees its socket
+close and does the same.
 
 Like OpenSSH's sshd without a pty: a session's channel closes when the command has
 exited and its stdout/stderr are closed; a command killed by a signal reports
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import http.server
 import json
 import logging
@@ -36,6 +42,10 @@ import posixpath
 import secrets
 import shlex
 import signal
+import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Coroutine, Mapping, Sequence
@@ -47,6 +57,7 @@ from typing import Any, TypeVar
 
 import asyncssh
 
+from cloudtrain.cloud import siminit
 from cloudtrain.errors import CloudError
 
 log = logging.getLogger(__name__)
@@ -98,38 +109,6 @@ def _parse_authorized(text: str) -> frozenset[bytes]:
             "simulated host: no authorized key given", hint="Pass the key pair's public key line."
         )
     return frozenset(keys)
-
-
-def _uptime_ticks() -> int:
-    """Now, in the clock ticks since boot that /proc/<pid>/stat's starttime uses."""
-    try:
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0
-    return int(uptime * os.sysconf("SC_CLK_TCK"))
-
-
-def _processes() -> list[tuple[int, str, int, int, bytes]]:
-    """(pid, state, pgrp, starttime, environ) of every process this user can see."""
-    found = []
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return []
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-            with open(f"/proc/{name}/environ", "rb") as f:
-                environ = f.read()
-            rest = stat[stat.rindex(b")") + 2 :].split()
-            found.append((int(name), rest[0].decode(), int(rest[2]), int(rest[19]), environ))
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile, or not ours to read
-    return found
 
 
 async def _read_pipe(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
@@ -405,6 +384,183 @@ def _iso(at: datetime) -> str:
     return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class _HostInit:
+    """The host's side of its init (``siminit``): start it, have it run commands, learn their
+    exit statuses, kill its whole process tree. Its socket is read in the host's event loop."""
+
+    def __init__(self, instance_id: str, cwd: Path) -> None:
+        self.instance_id = instance_id
+        self.cwd = cwd
+        self.pid = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+        self._next_id = 0
+        self._starting: dict[str, asyncio.Future[int]] = {}  # request id -> its pid
+        self._exits: dict[int, asyncio.Future[int]] = {}  # pid -> its exit code (-N: signal N)
+        self._closing = False
+
+    def start(self, timeout: float = 30) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._process = subprocess.Popen(
+                # -I: nothing from the environment or the current folder; -S: no site (stdlib only)
+                [sys.executable, "-I", "-S", siminit.__file__, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                cwd=self.cwd,
+                env={},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # no terminal's signals; its end is the host's to decide
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._sock = ours
+        ours.settimeout(timeout)
+        try:
+            while b"\n" not in self._buffer:
+                data = ours.recv(4096)
+                if not data:
+                    break
+                self._buffer += data
+        except OSError as e:
+            self._buffer += f"error {e}\n".encode()
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        kind, _, rest = line.decode("utf-8", "replace").partition(" ")
+        if kind != "ready":
+            self.close(5)
+            raise CloudError(
+                f"simulated host {self.instance_id}: its init did not start: {rest or 'it exited'}",
+                hint="Dry-run needs Linux (3.4 or later, for PR_SET_CHILD_SUBREAPER).",
+            )
+        self.pid = int(rest)
+        ours.settimeout(None)  # blocking sends (a few kB: the init reads at once); reads never wait
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 10, 0))
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the init's reports in ``loop`` (call from its thread)."""
+        if self._sock is not None:
+            loop.add_reader(self._sock.fileno(), self._readable)
+            if self._buffer:
+                loop.call_soon(self._dispatch_buffer)
+
+    async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, fds: Sequence[int]) -> int:
+        """Start a command in a session of its own, ``fds`` its stdin, stdout and stderr; its pid."""
+        if self._sock is None or self._closing:
+            raise OSError(errno.ESHUTDOWN, "the instance's init is not running")
+        self._next_id += 1
+        request_id = str(self._next_id)
+        data = siminit.encode_request(self._next_id, argv, dict(env), str(cwd))
+        started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._starting[request_id] = started
+        try:
+            sent = socket.send_fds(self._sock, [data], list(fds))
+            if sent < len(data):
+                self._sock.sendall(data[sent:])
+        except BaseException:
+            self._starting.pop(request_id, None)
+            raise
+        return await started
+
+    async def wait(self, pid: int) -> int:
+        """The exit code of a command this init started (-N: killed by signal N)."""
+        done = self._exits[pid]
+        code = await asyncio.shield(done)  # a cancelled waiter leaves it for the next one
+        self._exits.pop(pid, None)
+        return code
+
+    def kill_all(self, grace: float) -> None:
+        """Kill every process below the init (SIGTERM and ``grace`` seconds first if > 0)."""
+        if self.pid and not siminit.kill_tree(self.pid, grace):
+            log.warning("%s: processes of the simulated host outlived SIGKILL", self.instance_id)
+
+    def close(self, timeout: float = 10) -> None:
+        """Shut the init down: it kills what is left, reaps it and exits (killed if it does not)."""
+        self._closing = True
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)  # the init sees EOF
+        process = self._process
+        if process is not None:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s: the simulated host's init did not exit: killing it", self.instance_id)
+                if self.pid:
+                    siminit.kill_tree(self.pid)
+                process.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(5)
+        if self._sock is not None:
+            self._sock.close()
+
+    # --- its reports, in the event loop ---------------------------------------------------
+
+    def _readable(self) -> None:
+        assert self._sock is not None
+        try:
+            data = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._gone()
+            return
+        self._buffer += data
+        self._dispatch_buffer()
+
+    def _dispatch_buffer(self) -> None:
+        while b"\n" in self._buffer:
+            line, _, self._buffer = self._buffer.partition(b"\n")
+            kind, _, rest = line.decode("utf-8", "replace").partition(" ")
+            try:
+                self._dispatch(kind, rest)
+            except (ValueError, KeyError):
+                log.warning("%s: the init said %r", self.instance_id, line[:200])
+
+    def _dispatch(self, kind: str, rest: str) -> None:
+        loop = asyncio.get_running_loop()
+        if kind == "started":
+            request_id, pid_text = rest.split()
+            pid = int(pid_text)
+            self._exits[pid] = loop.create_future()
+            started = self._starting.pop(request_id)
+            if started.done():  # its waiter went away: nobody will ask for the exit code
+                self._exits[pid].add_done_callback(lambda _: self._exits.pop(pid, None))
+            else:
+                started.set_result(pid)
+        elif kind == "failed":
+            request_id, code, message = (rest.split(" ", 2) + ["", ""])[:3]
+            started = self._starting.pop(request_id)
+            if not started.done():
+                started.set_exception(OSError(int(code or 0), message))
+        elif kind == "exit":
+            pid_text, code = rest.split()
+            done = self._exits[int(pid_text)]
+            if not done.done():
+                done.set_result(int(code))
+        else:
+            raise ValueError(kind)
+
+    def _gone(self) -> None:
+        """The init exited: no command starts any more, and no exit code will come."""
+        if not self._closing:
+            log.error("%s: the simulated host's init exited unexpectedly", self.instance_id)
+        for started in self._starting.values():
+            if not started.done():
+                started.set_exception(OSError(errno.ESHUTDOWN, "the instance's init exited"))
+        self._starting.clear()
+        for done in self._exits.values():
+            if not done.done():
+                done.set_result(-signal.SIGKILL)
+
+
 class SimHost:
     """A simulated instance's SSH host: start() it, connect to host:port, stop() it."""
 
@@ -419,7 +575,6 @@ class SimHost:
         self._authorized = _parse_authorized(spec.authorized_key)
         self._host_keys = [asyncssh.generate_private_key(alg) for alg, _, _ in _HOST_KEY_TYPES]
         self._booted = datetime.now(timezone.utc).replace(microsecond=0)
-        self._marker = f"{MARKER_ENV}={spec.instance_id}".encode()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._state = "new"  # new -> starting -> running -> stopping -> stopped
@@ -427,11 +582,9 @@ class SimHost:
         self._thread: threading.Thread | None = None
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._port = 0
-        self._start_ticks = 0
-        self._running: set[int] = set()  # process groups of commands still running
-        self._groups: set[int] = set()  # every process group this host started
+        self._init: _HostInit | None = None  # the ancestor of every process of the host
         self._connections: set[asyncssh.SSHServerConnection] = set()
-        self._background: set[asyncio.Future[None]] = set()  # reapers of commands left by their client
+        self._background: set[asyncio.Future[Any]] = set()  # exit codes of commands left by their client
         self.imds = SimImds(spec.instance_id)
 
     # --- public API --------------------------------------------------------------------
@@ -463,7 +616,7 @@ class SimHost:
         with contextlib.suppress(RuntimeError):  # not listening (never started, or stopped)
             env[IMDS_ENV] = self.imds.endpoint
         env.update(self.spec.env)
-        env[MARKER_ENV] = self.spec.instance_id  # stop() finds escaped processes by it
+        env[MARKER_ENV] = self.spec.instance_id
         return env
 
     def start(self) -> None:
@@ -476,7 +629,13 @@ class SimHost:
             logging.getLogger("asyncssh").setLevel(logging.WARNING)
         self._prepare_sandbox()
         self.imds.start()
-        self._start_ticks = _uptime_ticks() - os.sysconf("SC_CLK_TCK")  # a second of slack
+        init = _HostInit(self.spec.instance_id, self.sandbox)
+        try:
+            init.start()
+        except BaseException:
+            self.stop()
+            raise
+        self._init = init
         loop = asyncio.new_event_loop()
         thread = threading.Thread(
             target=self._serve, args=(loop,), name=f"simhost-{self.spec.instance_id}", daemon=True
@@ -484,6 +643,7 @@ class SimHost:
         self._loop, self._thread = loop, thread
         thread.start()
         try:
+            loop.call_soon_threadsafe(init.attach, loop)
             acceptor = asyncio.run_coroutine_threadsafe(self._listen(), loop).result(timeout=30)
         except BaseException:
             self.stop()
@@ -542,6 +702,8 @@ class SimHost:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(10)
         self._kill_all(0)  # anything forked while the connections closed
+        if self._init is not None:
+            self._init.close()
         with self._lock:
             self._state = "stopped"
         self._stopped.set()
@@ -678,16 +840,11 @@ class SimHost:
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        init = self._init
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=in_r,
-                stdout=out_w,
-                stderr=err_w,
-                cwd=self.home,
-                env=self.environment(),
-                start_new_session=True,
-            )
+            if init is None:
+                raise RuntimeError("the host has no init")
+            pid = await init.spawn(argv, self.environment(), self.home, (in_r, out_w, err_w))
         except BaseException:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)
@@ -695,10 +852,7 @@ class SimHost:
         finally:
             for fd in (in_r, out_w, err_w):
                 os.close(fd)
-        pgid = proc.pid
-        with self._lock:
-            self._running.add(pgid)
-            self._groups.add(pgid)
+        pgid = pid  # the init started it in a session of its own
         transports: list[asyncio.BaseTransport] = []
         tasks: list[asyncio.Future[Any]] = []
         reaped = False
@@ -710,7 +864,7 @@ class SimHost:
             transports += [out_t, err_t]
             feed = asyncio.ensure_future(self._pump_in(process, stdin, pgid))
             finished = asyncio.ensure_future(
-                asyncio.gather(proc.wait(), _pump_out(out, process.stdout), _pump_out(err, process.stderr))
+                asyncio.gather(init.wait(pid), _pump_out(out, process.stdout), _pump_out(err, process.stderr))
             )
             closed = asyncio.ensure_future(process.channel.wait_closed())
             tasks += [feed, finished, closed]
@@ -718,8 +872,7 @@ class SimHost:
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             if finished.done() and not closed.done():
                 reaped = True
-                finished.result()  # a failed pump: let _handle report it
-                code = proc.returncode
+                code = finished.result()[0]  # a failed pump raises: let _handle report it
                 if code is not None and code < 0:
                     try:
                         name = signal.Signals(-code).name.removeprefix("SIG")
@@ -734,29 +887,10 @@ class SimHost:
                 task.cancel()
             for transport in transports:
                 transport.close()
-            if reaped:
-                self._finished(pgid)
-            else:
-                reaper = asyncio.ensure_future(self._reap(proc, pgid))
+            if not reaped:  # its exit code is still to come: collect it
+                reaper = asyncio.ensure_future(init.wait(pid))
                 self._background.add(reaper)
                 reaper.add_done_callback(self._background.discard)
-
-    async def _reap(self, proc: asyncio.subprocess.Process, pgid: int) -> None:
-        try:
-            await proc.wait()
-        finally:
-            self._finished(pgid)
-
-    def _finished(self, pgid: int) -> None:
-        """The command's shell has exited; forget its group too once nothing is left in it."""
-        with self._lock:
-            self._running.discard(pgid)
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                self._groups.discard(pgid)  # so a later process reusing the id is never taken for ours
-            except PermissionError:
-                pass
 
     async def _pump_in(
         self, process: asyncssh.SSHServerProcess[bytes], stdin: asyncio.StreamWriter, pgid: int
@@ -798,37 +932,9 @@ class SimHost:
     # --- killing -------------------------------------------------------------------------
 
     def _kill_all(self, grace: float) -> None:
-        if grace > 0:
-            end = time.monotonic() + grace
-            while self._signal_all(signal.SIGTERM) and time.monotonic() < end:
-                time.sleep(0.05)
-        end = time.monotonic() + 5
-        while self._signal_all(signal.SIGKILL) and time.monotonic() < end:
-            time.sleep(0.02)
-
-    def _signal_all(self, sig: signal.Signals) -> int:
-        """Signal every live process of this host; return how many there were.
-
-        Its processes: those carrying the host's marker variable, and members of the
-        process groups it started (started after the host, so a reused id is never one).
-        """
-        with self._lock:
-            running = set(self._running)
-            groups = set(self._groups)
-        for pgid in running:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, sig)
-        count = 0
-        me = os.getpid()
-        for pid, state, pgrp, started, environ in _processes():
-            if pid == me or state in ("Z", "X", "x"):
-                continue
-            ours = self._marker in environ.split(b"\0") or (pgrp in groups and started >= self._start_ticks)
-            if ours:
-                count += 1
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
-        return count
+        """Kill every process of the host: the init's whole subtree, whatever it did to escape."""
+        if self._init is not None:
+            self._init.kill_all(grace)
 
 
 def _console_log(booted: datetime, fingerprints: list[str], keys: list[str]) -> str:
