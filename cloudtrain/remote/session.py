@@ -15,10 +15,12 @@ import hashlib
 import logging
 import re
 import select
+import socket
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,6 +178,10 @@ class Session:
                 transport = connection.client.get_transport()
                 assert transport is not None
                 transport.set_keepalive(self.keepalive_s)
+                # Short commands are many (status, tail, probes): without this, Nagle's delay
+                # meeting delayed ACKs held each for ~40 ms.
+                with suppress(OSError, AttributeError):
+                    transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._connection = connection
                 log.info("connected to %s (attempt %d)", self.endpoint.label, attempt)
                 return self
