@@ -72,7 +72,7 @@ def main() -> int:
         env = dict(os.environ, CLOUDTRAIN_HOME=str(Path(tmp) / "home"))
         env["CLOUDTRAIN_SIM_NOTICE_S"] = str(args.notice_s)
         env.pop("CLOUDTRAIN_IMDS_POLL_S", None)  # the agent polls every 5 s, as on AWS
-        cli = [sys.executable, "-m", "cloudtrain"]
+        cli = [str(Path(sys.executable).parent / "cloudtrain")]  # the console script, as a user runs it
         started = time.monotonic()
         done = subprocess.run(
             [

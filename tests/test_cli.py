@@ -43,9 +43,13 @@ def test_version() -> None:
     assert result.exit_code == 0 and "cloudtrain, version 0.1.0" in result.output
 
 
-def test_module_entry_point_help() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "cloudtrain", "--help"], capture_output=True, text=True, check=False
+def test_module_entry_point_help(tmp_path: Path) -> None:
+    done = subprocess.run(  # `python -m cloudtrain` works too, from a folder without a source tree
+        [sys.executable, "-m", "cloudtrain", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
     )
     assert done.returncode == 0
     for command in ("plan", "cost-report", "schema"):

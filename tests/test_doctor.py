@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from botocore.stub import Stubber
 from test_aws import RUN_ID, cloud, image_id, launch_request, tags  # noqa: F401
+from test_run_e2e import CLOUDTRAIN
 
 from cloudtrain.catalog import load_catalog
 from cloudtrain.cloud import simimage
@@ -48,7 +49,7 @@ CLOSED_PORT = "http://127.0.0.1:9"  # loopback, nothing listens: a call that is 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     """The real command in a child process (its environment: this test's, fake keys included)."""
     return subprocess.run(
-        [sys.executable, "-m", "cloudtrain", *args],
+        [CLOUDTRAIN, *args],
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,

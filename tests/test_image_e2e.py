@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_run_e2e import cloudtrain, only_run, py, sim_image, status, write_job  # noqa: F401  (fixture)
+from test_run_e2e import CLOUDTRAIN, cloudtrain, only_run, py, sim_image, status, write_job  # noqa: F401  (fixture)
 
 from cloudtrain import orchestrator
 from cloudtrain.api import build_image
@@ -117,7 +116,7 @@ def test_failed_recipe_leaves_no_builder(
 
 def test_ctrl_c_during_the_build_leaves_no_builder(sim_image: Path, settings: Settings) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "cloudtrain", "image", "build", "--dry-run", "--backends", "tensorflow"],
+        [CLOUDTRAIN, "image", "build", "--dry-run", "--backends", "tensorflow"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_run_e2e import CLOUDTRAIN
 from test_simhost import client_key, host, make_host  # noqa: F401  (fixtures)
 
 from cloudtrain.errors import InputError
@@ -95,9 +96,7 @@ def test_a_swap_cut_short_still_leaves_a_checkpoint_to_restore(tmp_path: Path) -
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cloudtrain", *args], capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([CLOUDTRAIN, *args], capture_output=True, text=True, timeout=120)
 
 
 def test_simulate_interruption_needs_dry_run_and_a_valid_at(tmp_path: Path) -> None:

@@ -28,6 +28,9 @@ from cloudtrain.cloud.simulator import ensure_simulator
 from cloudtrain.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+# The console script pip installed, as a user types it: `python -m cloudtrain` would import
+# whatever `cloudtrain/` the current folder holds (the source tree, at a checkout's root).
+CLOUDTRAIN = str(Path(sys.executable).parent / "cloudtrain")
 EXAMPLE = REPO / "jobs" / "digits-mlp" / "job.yaml"
 
 
@@ -39,7 +42,7 @@ def sim_image() -> Path:
 
 def cloudtrain(*args: str, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
-        [sys.executable, "-m", "cloudtrain", *args],
+        [CLOUDTRAIN, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -54,7 +57,7 @@ def cloudtrain(*args: str, timeout: float = 600, check: bool = False) -> subproc
 def logs_follower(run_id: str) -> subprocess.Popen[str]:
     """`cloudtrain logs RUN -f` in the background (``communicate()`` for its output)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "cloudtrain", "logs", run_id, "-f"],
+        [CLOUDTRAIN, "logs", run_id, "-f"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -379,7 +382,7 @@ def test_logs_follow_waits_for_a_run_that_has_not_started_training(
     )
     out = tmp_path / "runs"
     controller = subprocess.Popen(
-        [sys.executable, "-m", "cloudtrain", "run", str(job), "--dry-run", "--out", str(out)],
+        [CLOUDTRAIN, "run", str(job), "--dry-run", "--out", str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,

@@ -12,23 +12,18 @@ import base64
 import hashlib
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import yaml
-from test_run_e2e import live_instances, only_run, sim_image, status  # noqa: F401  (sim_image: a fixture)
+from test_run_e2e import CLOUDTRAIN, live_instances, only_run, sim_image, status  # noqa: F401  (sim_image: a fixture)
 
 from cloudtrain.settings import Settings
-
-# The console script pip installed, as a user types it (not `python -m cloudtrain`, which would
-# import from the current folder whatever it holds).
-CLOUDTRAIN = Path(sys.executable).parent / "cloudtrain"
 
 
 def cloudtrain(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(CLOUDTRAIN), *args],
+        [CLOUDTRAIN, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
