@@ -347,7 +347,7 @@ def test_a_read_only_home_is_named_with_exit_2(tmp_path: Path, monkeypatch: pyte
         result = cli("status")
         assert result.exit_code == 2 and "Read-only file system" in result.output, result.output
     finally:
-        subprocess.run(["umount", str(home)], check=False)
+        subprocess.run(["umount", "--lazy", str(home)], check=False)  # busy or not, never left mounted
 
 
 # --- teardown on a full disk ----------------------------------------------------------------
