@@ -249,6 +249,52 @@ def test_a_checkpoint_without_manifest_is_ignored_with_a_message(tf_image: Path,
     assert epochs_run(other) == ["1/2", "2/2"]
 
 
+# Every way a script reaches Keras; `K` is what it then builds with.
+REACH = {
+    "import keras": "import keras as K",
+    "from tensorflow import keras": "from tensorflow import keras as K",
+    "tf.keras": "import tensorflow as tf\nK = tf.keras",
+    "import tf_keras": "import tf_keras as K",
+}
+REACH_SCRIPT = """\
+{reach}
+import numpy as np
+
+rng = np.random.RandomState(0)
+x = rng.rand(64, 4).astype("float32")
+y = (x.sum(axis=1) > 2).astype("int32")
+model = K.Sequential([K.layers.Input(shape=(4,)), K.layers.Dense(8, activation="relu"),
+                      K.layers.Dense(2, activation="softmax")])
+model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+model.fit(x, y, epochs=3, batch_size=16, verbose=2)
+print("model:", type(model).__module__.split(".")[0])
+"""
+
+
+@pytest.mark.parametrize("keras", [2, 3])
+@pytest.mark.parametrize("reach", list(REACH))
+def test_fit_resumes_however_the_script_reaches_keras(
+    tf_image: Path, tmp_path: Path, reach: str, keras: int
+) -> None:
+    # `from tensorflow import keras` and `tf.keras` reach Keras through TensorFlow's lazy
+    # loader, after `import tensorflow` has probed for it with importlib.util.find_spec.
+    job = Job(tmp_path, tf_image, "tensorflow", keras=keras)
+    script = REACH_SCRIPT.format(reach=REACH[reach])
+    first = job.run(script, kill="saved:1")  # SIGKILL once epoch 1 is saved
+    assert ct_lines(first)[-2:] == [
+        "[cloudtrain] checkpoint: epoch 1 saved",
+        "[cloudtrain] checkpoint: test: killed during save 1 at saved",
+    ]
+    second = job.run(script)
+    assert ct_lines(second)[0].endswith("fit 0 continues at epoch 2")
+    assert epochs_run(first, second) == ["1/3", "2/3", "3/3"]
+    flavour = "tf_keras" if keras == 2 or reach == "import tf_keras" else "keras"
+    assert f"model: {flavour}\n" in second.stdout
+    manifest = checkpoint.verify(str(job.ckpt))
+    assert manifest is not None and manifest["epoch"] == 3
+    assert manifest["keras"]["flavour"] == {"tf_keras": "tf_keras", "keras": "keras3"}[flavour]
+
+
 # --- the format, without Keras ----------------------------------------------------------------
 
 SAVE = """\
