@@ -426,6 +426,63 @@ def test_backend_checkpoint_dir_wraps_fit_of_keras_when_imported(agent: Agent, t
     assert "--checkpoint-every must be 1 or more" in bad["error"]
 
 
+# TensorFlow, as far as the hooks are concerned: `import tensorflow` probes for Keras with
+# importlib.util.find_spec (module_util.get_parent_dir_for_name, to lay out `tf.keras`) and
+# throws the spec away; `tf.keras` imports tf_keras (TF_USE_LEGACY_KERAS=1) or keras only
+# when first used (its _KerasLazyLoader).
+FAKE_TENSORFLOW = """\
+import importlib, importlib.util, os, types
+for _name in ("keras", "tf_keras"):
+    importlib.util.find_spec(_name)
+class _KerasLazyLoader(types.ModuleType):
+    def __getattr__(self, item):
+        legacy = os.environ.get("TF_USE_LEGACY_KERAS") == "1"
+        return getattr(importlib.import_module("tf_keras" if legacy else "keras"), item)
+keras = _KerasLazyLoader("keras")
+"""
+FAKE_FIT = (
+    "class Model:\n"
+    "    def fit(self, x=None, y=None, epochs=1, callbacks=None, initial_epoch=0):\n"
+    "        return (epochs, initial_epoch, len(callbacks or []))\n"
+)
+
+
+@pytest.mark.parametrize("keras", ["2", "3"])
+@pytest.mark.parametrize(
+    "reach",
+    [
+        "import keras as k",
+        "from tensorflow import keras as k",
+        "import tensorflow as tf; k = tf.keras",
+        "import tf_keras as k",
+    ],
+)
+def test_fit_is_wrapped_however_the_script_reaches_keras(
+    agent: Agent, tmp_path: Path, keras: str, reach: str
+) -> None:
+    fakes = fake_modules(tmp_path / "fakes")
+    (fakes / "tensorflow" / "__init__.py").write_text(FAKE_TENSORFLOW)
+    (fakes / "keras" / "__init__.py").write_text(
+        "__version__ = '3.99.0'\nfrom . import backend, callbacks\n" + FAKE_FIT
+    )
+    (fakes / "tf_keras" / "__init__.py").write_text(
+        "__version__ = '2.99.0'\nfrom . import backend, callbacks\n" + FAKE_FIT
+    )
+    for package in ("keras", "tf_keras"):
+        (fakes / package / "callbacks.py").write_text("class Callback:\n    pass\n")
+    run, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    extra = ["--keras", keras, "--checkpoint-dir", str(ckpt), "--env", f"PYTHONPATH={fakes}"]
+    agent.backend("tensorflow", tmp_path / "job-home", run, "--gpu", "no", *extra)
+    probe = f"import sys\n{reach}\nprint(k.Model().fit(None, epochs=5), k.Model.__module__, k.__version__)\n"
+    done = subprocess.run(
+        [agent.python, "-c", probe], env=job_env(agent, run / "env.json"), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    flavour = "tf_keras 2.99.0" if keras == "2" or "tf_keras" in reach else "keras 3.99.0"
+    assert done.stdout.strip() == f"(5, 0, 1) {flavour}"  # one more callback: fit was wrapped
+    assert done.stderr == f"[cloudtrain] checkpoint: none yet in {ckpt}: fit 0 starts at epoch 1\n"
+
+
 # --- start, status, tail, stop ------------------------------------------------------------------
 
 

@@ -250,6 +250,113 @@ def test_a_checkpoint_without_manifest_is_ignored_with_a_message(tf_image: Path,
     assert epochs_run(other) == ["1/2", "2/2"]
 
 
+# Every way a script reaches Keras; `K` is what it then builds with.
+REACH = {
+    "import keras": "import keras as K",
+    "from tensorflow import keras": "from tensorflow import keras as K",
+    "tf.keras": "import tensorflow as tf\nK = tf.keras",
+    "import tf_keras": "import tf_keras as K",
+}
+REACH_SCRIPT = """\
+{reach}
+import numpy as np
+
+rng = np.random.RandomState(0)
+x = rng.rand(64, 4).astype("float32")
+y = (x.sum(axis=1) > 2).astype("int32")
+model = K.Sequential([K.layers.Input(shape=(4,)), K.layers.Dense(8, activation="relu"),
+                      K.layers.Dense(2, activation="softmax")])
+model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+for _ in range(2):  # two fits of the same model, as a loop of fit(epochs=N) does
+    history = model.fit(x, y, epochs=2, batch_size=16, verbose=2)
+    print("history:", history.history["loss"], flush=True)
+print("model:", type(model).__module__.split(".")[0])
+"""
+
+
+def histories(run: subprocess.CompletedProcess[str]) -> list[list[float]]:
+    return [
+        json.loads(line.split(":", 1)[1]) for line in run.stdout.splitlines() if line.startswith("history:")
+    ]
+
+
+@pytest.mark.parametrize("keras", [2, 3])
+@pytest.mark.parametrize("reach", list(REACH))
+def test_fit_resumes_however_the_script_reaches_keras(
+    tf_image: Path, tmp_path: Path, reach: str, keras: int
+) -> None:
+    # `from tensorflow import keras` and `tf.keras` reach Keras through TensorFlow's lazy
+    # loader, after `import tensorflow` has probed for it with importlib.util.find_spec.
+    job = Job(tmp_path, tf_image, "tensorflow", keras=keras)
+    script = REACH_SCRIPT.format(reach=REACH[reach])
+    first = job.run(script, kill="saved:3")  # SIGKILL once fit 1's epoch 1 is saved
+    assert ct_lines(first)[-2:] == [
+        "[cloudtrain] checkpoint: epoch 1 saved",
+        "[cloudtrain] checkpoint: test: killed during save 3 at saved",
+    ]
+    second = job.run(script)
+    lines = ct_lines(second)
+    # Fit 0 had finished: it trains nothing, its model gets fit 1's state, and it returns
+    # its History as the first run did; fit 1 continues at its epoch 2.
+    assert lines[0].endswith("fit 0 had finished; its model trained on in fit 1")
+    assert lines[1].endswith("fit 1 continues at epoch 2")
+    assert epochs_run(first, second) == ["1/2", "2/2", "1/2", "2/2"]
+    assert histories(second)[0] == histories(first)[0] and len(histories(second)[1]) == 2
+    flavour = "tf_keras" if keras == 2 or reach == "import tf_keras" else "keras"
+    assert f"model: {flavour}\n" in second.stdout
+    manifest = checkpoint.verify(str(job.ckpt))
+    assert manifest is not None and (manifest["fit"], manifest["epoch"]) == (1, 2)
+    assert manifest["keras"]["flavour"] == {"tf_keras": "tf_keras", "keras": "keras3"}[flavour]
+    # One saved state for the one model: fit 0's lives on in fit 1's.
+    assert manifest["fits"]["0"]["continued_by"] == 1 and "folder" not in manifest["fits"]["0"]
+    assert {rel.split("/")[0] for rel in manifest["files"]} == {manifest["fits"]["1"]["folder"]}
+
+
+# A keras-io style loop: one fit(epochs=1) per iteration, and code between the iterations.
+LOOP_SCRIPT = KERAS3_SCRIPT.replace(
+    "model.fit(x, y, epochs=epochs, batch_size=32, verbose=2)\n",
+    "for iteration in range(1, epochs + 1):\n"
+    "    print('Iteration', iteration, flush=True)\n"
+    "    loss = model.fit(x, y, epochs=1, batch_size=32, verbose=2).history['loss'][-1]\n"
+    "    print('loss', loss, 'sample', np.random.randint(1000), flush=True)\n",
+)
+
+
+def trained(run: subprocess.CompletedProcess[str]) -> int:
+    return len(re.findall(r"^8/8 - ", run.stdout, re.MULTILINE))
+
+
+def test_a_loop_of_one_epoch_fits_resumes_at_the_first_unfinished_iteration_bit_for_bit(
+    tf_image: Path, tmp_path: Path
+) -> None:
+    assert LOOP_SCRIPT != KERAS3_SCRIPT
+    plain = Job(tmp_path / "plain", tf_image, "tensorflow", seed=5)
+    whole = plain.run(LOOP_SCRIPT, "4", "whole.npy", "16")
+    job = Job(tmp_path / "job", tf_image, "tensorflow", seed=5)
+    first = job.run(LOOP_SCRIPT, "4", "never.npy", "16", kill="saved:2")  # after iteration 2
+    second = job.run(LOOP_SCRIPT, "4", "resumed.npy", "16")
+    # Iterations 1 and 2 are not trained again; 3 and 4 are (Keras prints no "Epoch 1/1"
+    # for epochs=1: count the epochs' progress lines, 8 batches each).
+    # The first run is killed in iteration 2's save, before Keras prints that epoch's line.
+    assert first.stdout.count("Iteration") == 2 and trained(second) == 2 and trained(whole) == 4
+    assert second.stdout.count("Iteration") == 4
+    assert ct_lines(second)[0].endswith("fit 0 had finished; its model trained on in fit 1")
+    assert ct_lines(second)[1].endswith(": fit 1 had finished")
+    assert ct_lines(second)[2].endswith("has none for fit 2: it starts at epoch 1")
+    # The resumed run's iterations 3 and 4 are those of the run never interrupted: the same
+    # losses and random samples between iterations, the same final weights, bit for bit.
+    losses = [line for line in whole.stdout.splitlines() if line.startswith("loss ")]
+    assert [line for line in second.stdout.splitlines() if line.startswith("loss ")][2:] == losses[2:]
+    assert (job.tmp / "resumed.npy").read_bytes() == (plain.tmp / "whole.npy").read_bytes()
+    # The replayed iterations return their History as it was (the script reads it).
+    assert [line.split()[1] for line in second.stdout.splitlines() if line.startswith("loss ")][:2] == [
+        line.split()[1] for line in losses[:2]
+    ]
+    manifest = checkpoint.verify(str(job.ckpt))
+    assert manifest is not None and sorted(manifest["fits"]) == ["0", "1", "2", "3"]
+    assert [manifest["fits"][f].get("continued_by") for f in "0123"] == [3, 3, 3, None]
+
+
 # --- the format, without Keras ----------------------------------------------------------------
 
 SAVE = """\
@@ -397,3 +504,34 @@ def test_pack_sends_a_checkpoints_latest_save_and_sweeps_snapshots_of_dead_packs
     assert sorted(p.name for p in root.iterdir()) == [
         "checkpoint"
     ]  # no snapshot left, its own or the dead one's
+
+
+def test_a_finished_fit_continued_by_a_later_fit_of_its_model_keeps_no_state_of_its_own(
+    tmp_path: Path,
+) -> None:
+    # A loop of fit(epochs=1) on one model: fit 3's save stands for fits 0..2, which keep
+    # their entries (epochs, history) but no folder: one saved state per model, not per fit.
+    store = checkpoint.Store(str(tmp_path))
+    payload = {n: n.encode() for n in ("weights.npz", "optimizer.npz", "extra.npz", "state.json")}
+    for fit in range(3):
+        entry = {"epochs": 1, "complete": True, "history": {"loss": [fit / 10]}}
+        store.save(fit, 1, payload, entry, {"flavour": "test"}, continues=tuple(range(fit)))
+    other = store.save(3, 1, payload, {"epochs": 1, "complete": True}, {"flavour": "test"})  # another model
+    last = store.save(
+        4, 1, payload, {"epochs": 2, "complete": False}, {"flavour": "test"}, continues=(0, 1, 2)
+    )
+    manifest = checkpoint.verify(str(tmp_path))
+    assert manifest is not None
+    fits = manifest["fits"]
+    assert [fits[f].get("continued_by") for f in "01234"] == [4, 4, 4, None, None]  # never a chain
+    assert "folder" not in fits["0"] and fits["2"]["history"] == {"loss": [0.2]}
+    assert {rel.split("/")[0] for rel in manifest["files"]} == {other, last}
+    assert checkpoint.continuation(str(tmp_path), manifest, 1, fits["1"]) == (4, dict(fits["4"]))
+    # Kept on disk: what this manifest and the one before name (a copier may be reading it).
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("fit2-")]) == 1
+
+    # A continuation that leads nowhere is refused, with the reason.
+    manifest["fits"]["1"]["continued_by"] = 9
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(checkpoint.Invalid, match="fit 1 continues in fit 9, which manifest.json lacks"):
+        checkpoint.verify(str(tmp_path))

@@ -370,3 +370,77 @@ def test_interruptions_during_sync_setup_and_pull_back_and_a_rebalance(
     assert restored_epochs(record) == [EPOCHS]
     assert "fit 0 had finished" in log
     assert (outcome.run_dir / "outputs" / "outputs" / "model.weights.h5").is_file()
+
+
+# The keras-io style of issue 12: `from tensorflow import keras` on `keras: 2` (tf-keras),
+# one fit(epochs=1) per iteration. Keras prints no "Epoch 1/1" for epochs=1, so the notice
+# is given as iteration 4 begins (the script's own line), not by --simulate-interruption.
+ITERATIONS = 8
+LOOP = textwrap.dedent(f"""
+    import os, time
+    import numpy as np
+    from tensorflow import keras
+    x = np.random.rand(256, 8).astype("float32")
+    y = (x.sum(axis=1) > 4).astype("float32")
+    model = keras.Sequential([keras.Input(shape=(8,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    for iteration in range(1, {ITERATIONS} + 1):
+        print("Iteration", iteration, flush=True)
+        mark = keras.callbacks.LambdaCallback(
+            on_epoch_begin=lambda epoch, logs: print("training iteration", iteration, flush=True),
+            on_epoch_end=lambda epoch, logs: time.sleep(1.5),
+        )
+        history = model.fit(x, y, epochs=1, batch_size=32, verbose=2, callbacks=[mark])
+        print("loss of iteration", iteration, history.history["loss"][-1], flush=True)
+    os.makedirs("outputs", exist_ok=True)
+    model.save_weights("outputs/model.h5")
+""")
+
+
+class NoticeAt(PhaseInterrupter):
+    """Gives each instance a spot notice as its phase begins (CLOUDTRAIN_SIM_NOTICE_S to go)."""
+
+    def _take_away(self, instance: str) -> None:
+        schedule_interruption(self.settings, instance)
+
+
+def test_a_keras_2_loop_of_one_epoch_fits_through_tf_keras_resumes_at_the_next_iteration(
+    sim_image: Path, tmp_path: Path, settings: Settings, quick_notices: None
+) -> None:
+    folder = tmp_path / "job"
+    folder.mkdir()
+    (folder / "train.py").write_text(LOOP)
+    (folder / "job.yaml").write_text(
+        "name: keras-io-loop\nrun: python train.py\noutputs: [outputs/]\nkeras: 2\nresources: {gpu: T4}\n"
+    )
+    reporter = NoticeAt(settings, [["Iteration 4"]])
+    outcome = run_job(
+        folder / "job.yaml", settings, dry_run=True, out_dir=tmp_path / "runs", reporter=reporter
+    )
+    assert outcome.exit_code == 0, reporter.warnings
+    assert reporter.done == ["Iteration 4"]
+    record = status(outcome.run_id)
+    assert record["state"] == "succeeded" and len(record["instances"]) == 2
+    assert one_after_another(record["instances"]) and live_instances(settings, outcome.run_id) == []
+    (restore,) = [e["message"] for e in record["events"] if e["kind"] == "restore"]
+    assert restore.startswith("restoring the checkpoint of epoch 1")  # each fit has one epoch
+
+    # Both instances' logs: the first trained iterations 1..B; after the notice it held
+    # before the next fit, saved, until taken. The replacement replayed the finished
+    # iterations untrained (each gave the script its loss back) and trained from R on.
+    log = (outcome.run_dir / "logs" / "train.log").read_text()
+    first, replacement = log.split("checkpoint: restored epoch 1 of fit ", 1)
+    before = [int(n) for n in re.findall(r"^training iteration (\d+)$", first, re.M)]
+    after = [int(n) for n in re.findall(r"^training iteration (\d+)$", replacement, re.M)]
+    assert after, replacement
+    resumed_at = after[0]
+    assert before == list(range(1, len(before) + 1)) and after == list(range(resumed_at, ITERATIONS + 1))
+    assert 4 <= resumed_at <= len(before) + 1  # at most the iteration in progress trained twice
+    assert "holding before fit" in first
+    assert replacement.startswith(f"{resumed_at - 2} from ")  # the state of the last finished fit
+    assert "fit 0 had finished; its model trained on in fit" in replacement
+    assert f"has none for fit {resumed_at - 1}: it starts at epoch 1" in replacement
+    losses = re.findall(r"^loss of iteration (\d+) ", replacement, re.M)
+    assert losses == [str(n) for n in range(1, ITERATIONS + 1)]  # a History for every iteration
+    assert (outcome.run_dir / "outputs" / "outputs" / "model.h5").is_file()

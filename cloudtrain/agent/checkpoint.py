@@ -3,15 +3,24 @@
 `backend --checkpoint-dir DIR` copies this file beside the run's sitecustomize.py (runsite.py)
 as `_cloudtrain_checkpoint.py`; with CLOUDTRAIN_CHECKPOINT_DIR set, the sitecustomize installs
 `import_hooks()`, which wrap `fit` of Keras 3 (`keras.Model`), tf_keras (`tf_keras.Model`,
-`import keras` in a `keras: 2` job) and Keras 2.3.1 (`keras.engine.training.Model`, also its
-`fit_generator`) right after each is first imported. The wrapped `fit`:
+`import keras` in a `keras: 2` job, `tf.keras` with TF_USE_LEGACY_KERAS=1) and Keras 2.3.1
+(`keras.engine.training.Model`, also its `fit_generator`) right after each is first imported
+(`tf.keras` of Keras 3 is `keras.Model` too). The wrapped `fit`:
 
 - numbers itself by call order in the process (first fit = 0, ...): a checkpoint belongs to
-  that fit of the script;
+  that fit of the script. A loop of `fit(epochs=1)` is one fit per iteration; once a later
+  fit of the same model object saves, the finished fits before it keep their manifest entry
+  (epochs, metrics) but no saved state of their own (`continued_by`): one state per model,
+  however many iterations;
 - before training, restores that fit's last complete checkpoint (model weights, optimizer
   state, the RNG states below, the epoch) when its weight shapes match the model's, and passes
   `initial_epoch` = the epochs already done: the user's `epochs` stays the total, so the
   resumed run ends with exactly the epochs asked for (a fit that had finished trains no more);
+  a finished fit whose model trained on in a later fit gives the model that later fit's state
+  (once for a run of such fits: the code between iterations sees trained weights), trains
+  nothing, and the later fit restores and continues: a resumed loop trains from its first
+  unfinished iteration. What `fit` returns (its History) holds the restored epochs' metrics
+  too, as if they had been trained in this process;
 - after every CLOUDTRAIN_CHECKPOINT_EVERY epochs (default 1), at the last epoch and when
   training stops early, writes a checkpoint;
 - at each batch end (at most every 0.2 s) looks for CLOUDTRAIN_NOTICE_FILE (os.stat), which
@@ -22,9 +31,10 @@ as `_cloudtrain_checkpoint.py`; with CLOUDTRAIN_CHECKPOINT_DIR set, the sitecust
   epoch would need the data order and the position within it; it would make the finished
   run differ from an uninterrupted one). From the notice on, every epoch is saved, and once
   a spot notice's termination time is less than CLOUDTRAIN_NOTICE_MARGIN_S (default 30 s)
-  away at an epoch end, training holds there, saved, until the instance is taken (or 60 s
-  past that time, when it carries on): an epoch finished in the last seconds could not
-  reach the controller, so none is started that could be lost.
+  away at an epoch end, or as a fit that would train begins (the next iteration of a loop),
+  training holds there, saved, until the instance is taken (or 60 s past that time, when it
+  carries on): an epoch finished in the last seconds could not reach the controller, so none
+  is started that could be lost. The notice is the process's: a loop's fits see it once.
 - prints `[cloudtrain] checkpoint: ...` lines on stderr (restored, saved, ignored, why).
 
 The format (CLOUDTRAIN_CHECKPOINT_DIR, self-contained and relocatable: paths are relative):
@@ -45,8 +55,10 @@ previous manifest and its folders intact. A copier that may take longer than a s
 controller's keeper) copies a `snapshot()` instead: hard links of the latest save's files,
 taken in a moment, which no later prune can take away. manifest.json: `schema`, `created_at`,
 `keras` {flavour, version, backend}, `fit` and `epoch` (the latest save), `fits` {"0":
-{epoch, epochs, complete, reason, folder, created_at, keras, weight_shapes}}, and `files`
-{relative path: {size, sha256}} for every file of every fit.
+{epoch, epochs, complete, reason, folder, created_at, keras, weight_shapes, history}} (a
+finished fit continued by a later one has `continued_by` (that fit) instead of `folder`;
+`history`: metric -> one value per epoch saved), and `files` {relative path: {size,
+sha256}} for every file of every folder named.
 
 Python 3.7+, standard library only at import time; numpy and Keras only inside `fit`.
 """
@@ -65,6 +77,7 @@ import shutil
 import signal
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -184,8 +197,14 @@ def fit_entry(directory: str, manifest: dict[str, Any], fit: int) -> dict[str, A
     entry = manifest["fits"].get(str(fit))
     if entry is None:
         return None
-    folder = entry.get("folder") if isinstance(entry, dict) else None
-    if not isinstance(folder, str) or not isinstance(entry.get("epoch"), int):
+    if not isinstance(entry, dict) or not isinstance(entry.get("epoch"), int):
+        raise Invalid(f"fit {fit}: malformed entry in {MANIFEST}")
+    if "folder" not in entry:  # a finished fit whose model trained on in a later fit
+        if not isinstance(entry.get("continued_by"), int) or not entry.get("complete"):
+            raise Invalid(f"fit {fit}: malformed entry in {MANIFEST}")
+        return dict(entry)
+    folder = entry["folder"]
+    if not isinstance(folder, str):
         raise Invalid(f"fit {fit}: malformed entry in {MANIFEST}")
     for name in ("weights.npz", "optimizer.npz", "extra.npz", "state.json"):
         rel = f"{folder}/{name}"
@@ -204,13 +223,33 @@ def fit_entry(directory: str, manifest: dict[str, Any], fit: int) -> dict[str, A
     return dict(entry)
 
 
+def continuation(
+    directory: str, manifest: dict[str, Any], fit: int, entry: dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
+    """The fit whose saved state `entry` (fit `fit`'s) stands for, and its checked entry:
+    `fit` itself, or the later fit its model trained on in (`continued_by`)."""
+    seen = {fit}
+    while "folder" not in entry:
+        later = int(entry["continued_by"])
+        if later in seen:
+            raise Invalid(f"fit {fit}: `continued_by` goes round in a circle in {MANIFEST}")
+        seen.add(later)
+        found = fit_entry(directory, manifest, later)
+        if found is None:
+            raise Invalid(f"fit {fit} continues in fit {later}, which {MANIFEST} lacks")
+        fit, entry = later, found
+    return fit, entry
+
+
 def verify(directory: str) -> dict[str, Any] | None:
     """Check a whole checkpoint folder (for the controller, before and after copying it)."""
     manifest = read_manifest(directory)
     if manifest is None:
         return None
     for fit in manifest["fits"]:
-        fit_entry(directory, manifest, int(fit))
+        entry = fit_entry(directory, manifest, int(fit))
+        if entry is not None:
+            continuation(directory, manifest, int(fit), entry)
     return manifest
 
 
@@ -271,8 +310,17 @@ class Store:
         self.previous_folders: set[str] = set()
 
     def save(
-        self, fit: int, epoch: int, payload: dict[str, bytes], entry: dict[str, Any], keras: dict[str, str]
+        self,
+        fit: int,
+        epoch: int,
+        payload: dict[str, bytes],
+        entry: dict[str, Any],
+        keras: dict[str, str],
+        continues: tuple[int, ...] = (),
     ) -> str:
+        """Save fit `fit`'s state at `epoch`. `continues`: earlier fits of the same model; those
+        that had finished keep their entry (epoch, history) but no folder of their own: this
+        save's state continues theirs (`continued_by`)."""
         self.saves += 1
         directory = self.directory
         os.makedirs(directory, exist_ok=True)
@@ -299,7 +347,13 @@ class Store:
         now = utc_now()
         fits = dict(manifest["fits"])
         fits[str(fit)] = dict(entry, folder=folder, epoch=epoch, created_at=now, keras=keras)
-        kept = {e["folder"] for e in fits.values()}
+        for earlier in continues:
+            old = fits.get(str(earlier))
+            if earlier != fit and isinstance(old, dict) and old.get("complete"):
+                fits[str(earlier)] = {k: v for k, v in old.items() if k != "folder"}
+                fits[str(earlier)]["continued_by"] = fit
+        _shorten_chains(fits)
+        kept = {e["folder"] for e in fits.values() if isinstance(e, dict) and "folder" in e}
         all_files = {rel: meta for rel, meta in manifest["files"].items() if rel.split("/", 1)[0] in kept}
         all_files.update(files)
         new = {
@@ -328,6 +382,22 @@ class Store:
             stale_tmp = name.startswith(".tmp-fit")
             if (stale_tmp or name.startswith("fit")) and name not in keep and os.path.isdir(full):
                 shutil.rmtree(full, ignore_errors=True)
+
+
+def _shorten_chains(fits: dict[str, Any]) -> None:
+    """Point each `continued_by` at the fit that holds the state (one step, never a chain)."""
+    for entry in fits.values():
+        if not isinstance(entry, dict) or not isinstance(entry.get("continued_by"), int):
+            continue
+        seen: set[int] = set()
+        later = entry["continued_by"]
+        while later not in seen:
+            seen.add(later)
+            nxt = fits.get(str(later))
+            if not isinstance(nxt, dict) or not isinstance(nxt.get("continued_by"), int):
+                break
+            later = nxt["continued_by"]
+        entry["continued_by"] = later
 
 
 # --- arrays (numpy, imported lazily) ----------------------------------------------------------
@@ -526,6 +596,17 @@ class _Snapshot:
         self.entry = entry
 
 
+class _Loaded:
+    """A saved state read from disk and checked against the model, not yet put into it."""
+
+    def __init__(self, folder: str, weights: list[Any], optimizer: list[Any], extra: list[Any], state: Any):
+        self.folder = folder
+        self.weights = weights
+        self.optimizer = optimizer
+        self.extra = extra
+        self.state = state
+
+
 class FitRun:
     """One call of `fit`: restores before it, saves during it."""
 
@@ -535,19 +616,22 @@ class FitRun:
         self.index = index
         self.epochs = epochs
         self.store = store
-        self.every = _every()
-        self.notice_file = os.environ.get(NOTICE_ENV, "")
-        self.notice_seen: tuple[int, int] | None = None
-        self.deadline: float | None = None  # when the instance is taken (time.time()), from a spot notice
+        self.every = 1 if _Notice.seen is not None else _every()
         self.next_notice_check = 0.0
         self.saved_epoch = -1
         self.snapshot: _Snapshot | None = None
-        self.failed = False
+        self.history: dict[str, list[float]] = {}  # as Keras's History: metric -> one value per epoch
+        self.restored_epochs = 0  # the epochs whose history came from the checkpoint
 
     # restore -----------------------------------------------------------------------------
 
     def restore(self) -> int | None:
-        """Restore this fit's checkpoint into the model; the epochs it had done, or None."""
+        """Restore this fit's checkpoint into the model; the epochs it had done, or None.
+
+        A fit that had finished, and whose model then trained on in a later fit (a loop of
+        `fit(epochs=1)`), has no state of its own: the model gets that later fit's state (once
+        for a run of such fits), trains nothing here, and resumes where the later fit left off.
+        """
         directory = self.store.directory
         try:
             manifest = read_manifest(directory)
@@ -558,25 +642,11 @@ class FitRun:
             if entry is None:
                 log(f"{directory} has none for fit {self.index}: it starts at epoch 1")
                 return None
-            folder = os.path.join(directory, entry["folder"])
-            weights = unpack_arrays(os.path.join(folder, "weights.npz"))
-            current = self.flavour.weights(self.model)
-            if not current:
-                raise Invalid(f"fit {self.index}'s model has no weights before fit (not built)")
-            if shapes(weights) != shapes(current):
-                raise Invalid(
-                    f"fit {self.index}'s model does not match the checkpoint's "
-                    f"(weight shapes {shapes(current)} here, {shapes(weights)} saved)"
-                )
-            self.flavour.prepare(self.model)
-            optimizer = unpack_arrays(os.path.join(folder, "optimizer.npz"))
-            extra = unpack_arrays(os.path.join(folder, "extra.npz"))
-            here_optimizer = self.flavour.optimizer_state(self.model)
-            here_extra = self.flavour.extra_state(self.model)
-            if shapes(optimizer) != shapes(here_optimizer):
-                raise Invalid(f"fit {self.index}'s optimizer state does not match the checkpoint's")
-            with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
-                state = json.load(f)
+            source, source_entry = continuation(directory, manifest, self.index, entry)
+            if source != self.index and _State.holds_state_of(self.model, source):
+                loaded = None  # a fit before this one put that state into this model already
+            else:
+                loaded = self._load(directory, source, source_entry)
         except Invalid as e:
             log(f"ignoring {directory}: {e}; fit {self.index} starts at epoch 1")
             return None
@@ -584,21 +654,78 @@ class FitRun:
             why = f"{type(e).__name__}: {e}"
             log(f"ignoring {directory}: cannot read it ({why}); fit {self.index} starts at epoch 1")
             return None
-        self.flavour.set_weights(self.model, weights)
-        self.flavour.set_optimizer_state(self.model, optimizer)
-        if shapes(extra) == shapes(here_extra):
-            self.flavour.set_extra_state(self.model, extra)
-        else:
-            log("the saved random-stream states do not match this model's: not restored")
-        _set_global_rng_state(state.get("rng", {}))
+        _State.forwarded = None
+        if loaded is not None:
+            self._apply(loaded)
+        if source != self.index:
+            _State.forwarded = (_ref(self.model), source)
+        history = entry.get("history")
+        if isinstance(history, dict) and all(isinstance(v, list) for v in history.values()):
+            self.history = {str(k): list(v) for k, v in history.items()}
+            self.restored_epochs = int(entry["epoch"])
         epoch = int(entry["epoch"])
         self.saved_epoch = epoch
-        if entry.get("complete"):
+        _State.last_saved = (self.index, epoch)
+        restored = f"restored epoch {source_entry['epoch']} from {loaded.folder}" if loaded else ""
+        if source != self.index:
             epoch = max(epoch, self.epochs)
-            log(f"restored epoch {entry['epoch']} from {folder}: fit {self.index} had finished")
+            if loaded:
+                restored = f"restored epoch {source_entry['epoch']} of fit {source} from {loaded.folder}: "
+            log(f"{restored}fit {self.index} had finished; its model trained on in fit {source}")
+        elif entry.get("complete"):
+            epoch = max(epoch, self.epochs)
+            log(f"{restored}: fit {self.index} had finished")
         else:
-            log(f"restored epoch {epoch} from {folder}: fit {self.index} continues at epoch {epoch + 1}")
+            log(f"{restored}: fit {self.index} continues at epoch {epoch + 1}")
         return epoch
+
+    def _load(self, directory: str, fit: int, entry: dict[str, Any]) -> _Loaded:
+        folder = os.path.join(directory, entry["folder"])
+        weights = unpack_arrays(os.path.join(folder, "weights.npz"))
+        current = self.flavour.weights(self.model)
+        if not current:
+            raise Invalid(f"fit {self.index}'s model has no weights before fit (not built)")
+        if shapes(weights) != shapes(current):
+            saved_by = f"fit {fit}'s checkpoint" if fit != self.index else "the checkpoint's"
+            raise Invalid(
+                f"fit {self.index}'s model does not match {saved_by} "
+                f"(weight shapes {shapes(current)} here, {shapes(weights)} saved)"
+            )
+        self.flavour.prepare(self.model)
+        optimizer = unpack_arrays(os.path.join(folder, "optimizer.npz"))
+        extra = unpack_arrays(os.path.join(folder, "extra.npz"))
+        if shapes(optimizer) != shapes(self.flavour.optimizer_state(self.model)):
+            raise Invalid(f"fit {self.index}'s optimizer state does not match the checkpoint's")
+        with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        return _Loaded(folder, weights, optimizer, extra, state)
+
+    def _apply(self, loaded: _Loaded) -> None:
+        self.flavour.set_weights(self.model, loaded.weights)
+        self.flavour.set_optimizer_state(self.model, loaded.optimizer)
+        if shapes(loaded.extra) == shapes(self.flavour.extra_state(self.model)):
+            self.flavour.set_extra_state(self.model, loaded.extra)
+        else:
+            log("the saved random-stream states do not match this model's: not restored")
+        _set_global_rng_state(loaded.state.get("rng", {}))
+
+    def merge_history(self, result: Any) -> None:
+        """Put the restored epochs' metrics in front of what `fit` returns (its History)."""
+        if not self.restored_epochs:
+            return
+        history = getattr(result, "history", None)
+        if not isinstance(history, dict):
+            return
+        trained = {k: list(v) for k, v in history.items()}
+        history.clear()
+        for name, values in self.history.items():  # the restored epochs, then those trained here
+            history[name] = values[: self.restored_epochs] + trained.pop(name, [])
+        history.update(trained)
+        epochs = getattr(result, "epoch", None)
+        if isinstance(epochs, list):
+            result.epoch = list(range(self.restored_epochs)) + [
+                e for e in epochs if e >= self.restored_epochs
+            ]
 
     # save --------------------------------------------------------------------------------
 
@@ -616,23 +743,27 @@ class FitRun:
             "complete": complete,
             "reason": reason,
             "weight_shapes": shapes(weights),
+            "history": {name: values[:epoch] for name, values in self.history.items()},
         }
         return _Snapshot(epoch, payload, entry)
 
     def _write(self, snapshot: _Snapshot, why: str = "") -> None:
         try:
             keras = self.flavour.describe()
-            self.store.save(self.index, snapshot.epoch, snapshot.payload, snapshot.entry, keras)
+            continues = _State.earlier_fits_of(self.model, self.index)
+            self.store.save(self.index, snapshot.epoch, snapshot.payload, snapshot.entry, keras, continues)
         except Exception as e:
             log(f"could not save epoch {snapshot.epoch} in {self.store.directory}: {type(e).__name__}: {e}")
             return
         self.saved_epoch = snapshot.epoch
+        _State.last_saved = (self.index, snapshot.epoch)
         self.snapshot = None
         log(f"epoch {snapshot.epoch} saved{why}")
         _test_kill("saved", self.store.saves)
 
-    def epoch_end(self, epoch: int) -> None:
+    def epoch_end(self, epoch: int, logs: Any = None) -> None:
         done = epoch + 1
+        self._record(done, logs)
         complete = done >= self.epochs or bool(getattr(self.model, "stop_training", False))
         try:
             if complete or done % self.every == 0:
@@ -643,56 +774,85 @@ class FitRun:
             log(f"could not capture epoch {done}: {type(e).__name__}: {e}")
         if not complete:
             self.batch_end(force=True)  # at every epoch end, whatever the batches' throttle says
-            self._hold_if_too_late()
+            if self.saved_epoch > 0:
+                _hold_if_too_late(f"holding at epoch {self.saved_epoch} (saved)")
 
-    def _hold_if_too_late(self) -> None:
-        """Near the termination time, wait (saved) rather than start an epoch that may be lost."""
-        if self.deadline is None or self.saved_epoch <= 0:
-            return
-        left = self.deadline - time.time()
-        if left > _margin():
-            return
-        log(
-            f"the instance is taken in {max(0.0, left):.0f} s: holding at epoch {self.saved_epoch} "
-            "(saved) so that no finished epoch is lost"
-        )
-        while time.time() < self.deadline + HOLD_PAST_DEADLINE_S:
-            time.sleep(0.5)
-        log("still here after the termination time: training carries on")
-        self.deadline = None
+    def _record(self, done: int, logs: Any) -> None:
+        """Keep epoch `done`'s metrics, as History does (numbers only; tensors become floats)."""
+        for values in self.history.values():
+            del values[done - 1 :]  # an epoch trained again after a restore replaces its values
+        for name, value in dict(logs or {}).items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                continue
+            self.history.setdefault(str(name), []).append(number)
+
+    def before_training(self) -> None:
+        """Near the termination time, wait (saved) rather than start a fit that may be lost:
+        the fit before it (a loop of `fit(epochs=1)`) saved at its end."""
+        self.batch_end(force=True)
+        if _State.last_saved is not None:
+            fit, epoch = _State.last_saved
+            _hold_if_too_late(f"holding before fit {self.index} (fit {fit}'s epoch {epoch} is saved)")
 
     def batch_end(self, force: bool = False) -> None:
-        if not self.notice_file:
+        notice_file = os.environ.get(NOTICE_ENV, "")
+        if not notice_file:
             return
         now = time.monotonic()
         if now < self.next_notice_check and not force:
             return
         self.next_notice_check = now + NOTICE_POLL_S
         try:
-            st = os.stat(self.notice_file)
+            st = os.stat(notice_file)
         except OSError:
             return
         seen = (st.st_mtime_ns, st.st_size)
-        if seen == self.notice_seen:
+        if seen == _Notice.seen:  # seen before, by this fit or an earlier one
             return
-        self.notice_seen = seen
-        self.on_notice()
+        _Notice.seen = seen
+        self.on_notice(notice_file)
 
-    def on_notice(self) -> None:
+    def on_notice(self, notice_file: str) -> None:
         what = "a notice"
-        with contextlib.suppress(Exception), open(self.notice_file, encoding="utf-8") as f:
+        with contextlib.suppress(Exception), open(notice_file, encoding="utf-8") as f:
             notice = json.load(f)
             what = "notice: {} {}".format(notice.get("kind", ""), notice.get("action", "")).strip()
             if notice.get("kind") == "spot-interruption" and notice.get("time"):
-                self.deadline = _epoch_seconds(str(notice["time"]))
+                _Notice.deadline = _epoch_seconds(str(notice["time"]))
         self.every = 1
         snapshot = self.snapshot
         if snapshot is not None and snapshot.epoch > self.saved_epoch:
             self._write(snapshot, f" at once ({what})")
         elif self.saved_epoch > 0:
             log(f"{what}: epoch {self.saved_epoch} is saved; from now on every epoch is")
+        elif _State.last_saved is not None:
+            fit, epoch = _State.last_saved
+            log(f"{what}: fit {fit}'s epoch {epoch} is saved; from now on every epoch is")
         else:
             log(f"{what}: no epoch finished yet, nothing to save; from now on every epoch is")
+
+
+class _Notice:
+    """The interruption notice, for the whole process (a loop of fits sees it once)."""
+
+    seen: tuple[int, int] | None = None  # the notice file's (mtime_ns, size) when last read
+    deadline: float | None = None  # when the instance is taken (time.time()), from a spot notice
+
+
+def _hold_if_too_late(holding: str) -> None:
+    """Near the termination time, wait (saved) rather than start an epoch that may be lost."""
+    if _Notice.deadline is None:
+        return
+    left = _Notice.deadline - time.time()
+    if left > _margin():
+        return
+    log(f"the instance is taken in {max(0.0, left):.0f} s: {holding} so that no finished epoch is lost")
+    while time.time() < _Notice.deadline + HOLD_PAST_DEADLINE_S:
+        time.sleep(0.5)
+    log("still here after the termination time: training carries on")
+    _Notice.deadline = None
 
 
 def _margin() -> float:
@@ -727,7 +887,7 @@ def make_callback(flavour: Flavour, run: FitRun) -> Any:
             self._supports_tf_logs = True  # logs stay tensors: no device sync per batch
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            run.epoch_end(epoch)
+            run.epoch_end(epoch, logs)
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             run.batch_end()
@@ -735,9 +895,27 @@ def make_callback(flavour: Flavour, run: FitRun) -> Any:
     return CloudtrainCheckpoint()
 
 
+def _ref(model: Any) -> Callable[[], Any]:
+    try:
+        return weakref.ref(model)
+    except TypeError:  # not weakly referenceable: never taken for another fit's model
+        return lambda: None
+
+
 class _State:
     fits = 0
     store: Store | None = None
+    models: list[tuple[int, Callable[[], Any]]] = []  # (fit, its model) for each fit so far
+    forwarded: tuple[Callable[[], Any], int] | None = None  # a model given a later fit's state
+    last_saved: tuple[int, int] | None = None  # (fit, epoch) last saved or restored
+
+    @classmethod
+    def earlier_fits_of(cls, model: Any, fit: int) -> tuple[int, ...]:
+        return tuple(i for i, ref in cls.models if i < fit and ref() is model)
+
+    @classmethod
+    def holds_state_of(cls, model: Any, fit: int) -> bool:
+        return cls.forwarded is not None and cls.forwarded[1] == fit and cls.forwarded[0]() is model
 
 
 def _store() -> Store:
@@ -763,18 +941,24 @@ def wrap_fit(cls: Any, flavour: Flavour, method: str = "fit") -> None:
             return original(self, *args, **kwargs)  # Keras says what is wrong
         index = _State.fits
         _State.fits += 1
+        _State.models.append((index, _ref(self)))
         arguments = bound.arguments
         epochs = arguments.get("epochs", signature.parameters["epochs"].default)
         initial = arguments.get("initial_epoch", signature.parameters["initial_epoch"].default) or 0
         run = FitRun(flavour, self, index, int(epochs), _store())
         done = run.restore()
         if done is not None and done > initial:
-            arguments["initial_epoch"] = done
+            arguments["initial_epoch"] = initial = done
+        if initial < run.epochs:
+            _State.forwarded = None  # this model trains: it no longer holds a saved state
+            run.before_training()
         callbacks = arguments.get("callbacks")
         callbacks = list(callbacks) if callbacks else []
         callbacks.append(make_callback(flavour, run))
         arguments["callbacks"] = callbacks
-        return original(*bound.args, **bound.kwargs)
+        result = original(*bound.args, **bound.kwargs)
+        run.merge_history(result)
+        return result
 
     fit.__name__ = getattr(original, "__name__", method)
     fit.__doc__ = getattr(original, "__doc__", None)

@@ -6,7 +6,8 @@ Every Python process of the run then installs, at start-up, what the run's varia
   and Keras 3 / tf_keras (`keras.utils.set_random_seed`) right after each is first imported.
 - CLOUDTRAIN_CHECKPOINT_DIR: checkpoint and resume. `Model.fit` of Keras 3, tf_keras and
   Keras 2.3.1 is wrapped right after each is first imported, by `_cloudtrain_checkpoint`
-  (checkpoint.py, copied beside this file).
+  (checkpoint.py, copied beside this file), however the script reaches it: `import keras`,
+  `import tf_keras`, or through TensorFlow's lazy `tf.keras` (`from tensorflow import keras`).
 
 Both go through one import hook (a meta-path finder that wraps the loader of a watched
 module), so nothing heavy is imported here and `pip install` in a job's setup stays fast.
@@ -25,6 +26,8 @@ if TYPE_CHECKING:  # no subscripted generics at run time: Python 3.7
     from collections.abc import Callable
 
     Hook = Callable[[Any], None]
+
+_HOOKED = "_cloudtrain_hooks_for"
 
 
 def _warn(what: str, err: BaseException) -> None:
@@ -67,16 +70,32 @@ def seed_hooks(seed: int) -> dict[str, list[Hook]]:
 
 
 class _PostImportFinder:
-    """A meta-path finder that wraps the loader of a watched module to run hooks once it is loaded."""
+    """A meta-path finder that wraps the loader of a watched module to run hooks once it is loaded.
+
+    A `find_spec` call is not an import: `importlib.util.find_spec(name)` probes for a module
+    and throws the spec away (TensorFlow does so for `keras` and `tf_keras` while it is being
+    imported, to lay out `tf.keras`), and the import that follows asks again and gets a fresh
+    loader. So every spec found for a watched module gets its loader wrapped, and a module's
+    hooks are dropped only once they have run, after the module was executed.
+    """
 
     def __init__(self, hooks: dict[str, list[Hook]]) -> None:
         self.pending = hooks
+        self.searching: set[str] = set()  # names this finder is asking the others about
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        hooks = self.pending.get(fullname)
-        if hooks is None:
+        if fullname not in self.pending or fullname in self.searching:
             return None
-        spec = None
+        self.searching.add(fullname)
+        try:
+            spec = self._find_elsewhere(fullname, path, target)
+        finally:
+            self.searching.discard(fullname)
+        if spec is not None and spec.loader is not None:
+            self._wrap(spec.loader, fullname)
+        return spec
+
+    def _find_elsewhere(self, fullname: str, path: Any, target: Any) -> Any:
         for finder in sys.meta_path:
             if finder is self:
                 continue
@@ -85,20 +104,21 @@ class _PostImportFinder:
                 continue
             spec = find(fullname, path, target)
             if spec is not None:
-                break
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        del self.pending[fullname]
-        self._wrap(spec.loader, fullname, hooks)
-        return spec
+                return spec
+        return None
 
-    def _wrap(self, loader: Any, name: str, hooks: list[Hook]) -> None:
-        original = loader.exec_module
+    def _wrap(self, loader: Any, name: str) -> None:
+        original = getattr(loader, "exec_module", None)
+        if original is None or getattr(original, _HOOKED, None) == name:
+            return  # no exec_module (the import calls load_module: not watched), or wrapped already
 
         def exec_module(module: Any) -> None:
             original(module)
-            run_hooks(name, module, hooks)
+            hooks = self.pending.pop(name, None)
+            if hooks is not None:  # the first time a module of this name is executed
+                run_hooks(name, module, hooks)
 
+        setattr(exec_module, _HOOKED, name)
         try:
             loader.exec_module = exec_module
         except (AttributeError, TypeError) as e:
