@@ -23,12 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import needs
 import pytest
 
 from cloudtrain.remote.session import Endpoint, Session
 from cloudtrain.remote.sync import upload_tree
 
-SSHD = Path("/usr/sbin/sshd")
+SSHD = Path(shutil.which("sshd") or "/usr/sbin/sshd")  # where .ci/run finds one too
 STARTUP_TIMEOUT_S = 10.0
 
 
@@ -210,7 +211,7 @@ def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]
     """A real sshd for this test module; skipped when OpenSSH's server is not installed."""
     reason = missing_reason()
     if reason:
-        pytest.skip(reason)
+        needs.unavailable(reason)
     server = start_sshd(tmp_path_factory.mktemp("sshd"))
     try:
         yield server

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import functools
 import json
 import os
 import py_compile
@@ -26,20 +25,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import needs
 import pytest
-
-from cloudtrain.cloud import simimage
 
 REPO = Path(__file__).resolve().parents[1]
 AGENT_SRC = REPO / "cloudtrain" / "agent"
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-INSTALL_37 = "Python 3.7 not found: install it (`pyenv install 3.7.16`) or set CLOUDTRAIN_PYTHON37"
-
-
-@functools.lru_cache(maxsize=1)
-def find_python37() -> str | None:
-    """A working Python 3.7 (the same search the simulated image's theano build uses)."""
-    return simimage.find_python37()
+AGENT_MODULES = {"cli.py", "supervisor.py", "checkpoint.py", "receive.py", "pack.py", "runsite.py"}
 
 
 class Agent:
@@ -119,9 +111,7 @@ def agent(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Agent]:
         env["PYTHONPATH"] = str(REPO)
         a = Agent(sys.executable, [sys.executable, "-m", "cloudtrain.agent"], REPO, tmp_path, env)
     else:
-        python37 = find_python37()
-        if python37 is None:
-            pytest.skip(INSTALL_37)
+        python37 = needs.python37()
         where = tmp_path / "uploaded"
         shutil.copytree(AGENT_SRC, where / "cloudtrain_agent", ignore=shutil.ignore_patterns("__pycache__"))
         a = Agent(python37, [python37, "-m", "cloudtrain_agent"], where, tmp_path, env)
@@ -896,7 +886,9 @@ IMAGE_PACKAGES = {
 
 
 def test_agent_imports_only_the_standard_library_and_itself() -> None:
-    for path in AGENT_SRC.glob("*.py"):
+    files = sorted(AGENT_SRC.glob("*.py"))
+    assert {p.name for p in files} >= AGENT_MODULES, AGENT_SRC  # the agent is where we look
+    for path in files:
         allowed = IMAGE_PACKAGES.get(path.name, set())
         tree = ast.parse(path.read_text())
         assert ast.get_docstring(tree), f"{path.name} needs a docstring saying its job"
@@ -915,10 +907,9 @@ def test_agent_imports_only_the_standard_library_and_itself() -> None:
 
 
 def test_agent_compiles_on_python37(tmp_path: Path) -> None:
-    python37 = find_python37()
-    if python37 is None:
-        pytest.skip(INSTALL_37)
+    python37 = needs.python37()
     files = sorted(str(p) for p in AGENT_SRC.glob("*.py"))
+    assert {Path(f).name for f in files} >= AGENT_MODULES, AGENT_SRC  # the agent is where we look
     code = (
         "import py_compile, sys\n"
         "for i, f in enumerate(sys.argv[2:]):\n"

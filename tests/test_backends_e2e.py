@@ -13,6 +13,7 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+import needs
 import pytest
 import yaml
 from test_run_e2e import cloudtrain, live_instances, only_run, sim_image, status  # noqa: F401  (fixture)
@@ -28,11 +29,7 @@ TF_JOB = REPO / "jobs" / "digits-mlp"
 @pytest.fixture(scope="session")
 def theano_image() -> Path:
     """The simulated image with its theano environment (built once per machine, cached)."""
-    if simimage.find_python37() is None:
-        reason = f"no Python 3.7 for the theano environment: {simimage.INSTALL_PYTHON37}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason} (CI must run the Theano tests)")
-        pytest.skip(reason)
+    needs.python37()  # the theano environment's Python
     return simimage.ensure_image(("tensorflow", "theano"))
 
 

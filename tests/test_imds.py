@@ -24,9 +24,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import needs
 import pytest
 
-from cloudtrain.cloud import simimage
 from cloudtrain.cloud.simhost import SimImds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,9 +172,7 @@ def python(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str, Pa
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
     if request.param == "current":
         return sys.executable, "cloudtrain.agent", REPO, dict(env, PYTHONPATH=str(REPO))
-    python37 = simimage.find_python37()
-    if python37 is None:
-        pytest.skip("Python 3.7 not found: install it (`pyenv install 3.7.16`) or set CLOUDTRAIN_PYTHON37")
+    python37 = needs.python37()
     where = tmp_path / "uploaded"
     shutil.copytree(AGENT_SRC, where / "cloudtrain_agent", ignore=shutil.ignore_patterns("__pycache__"))
     return python37, "cloudtrain_agent", where, env
