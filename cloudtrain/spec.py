@@ -363,6 +363,8 @@ class _Positions:
             for key, value in node.value:
                 sub = (*path, str(key.value))
                 key_line = key.start_mark.line + 1
+                if isinstance(key, yaml.ScalarNode):
+                    self._check_scalar(key, sub, key_line)
                 if sub in self.lines and key.tag != MERGE_TAG:  # YAML keeps the later one silently
                     self.problems.append(
                         f"{key_line}: {_dotted(sub)}: appears twice (first on line {self.lines[sub]}); "
@@ -372,11 +374,8 @@ class _Positions:
                 self.lines[sub] = key_line
                 self._walk(value, sub)
         elif isinstance(node, yaml.ScalarNode):
-            digits = sum(c.isdigit() for c in node.value) if node.tag == INT_TAG else 0
-            if "\0" in str(node.value):  # no path, command line or variable can carry one
-                self.problems.append(f"{line}: {_dotted(path)}: contains a NUL character (\\0)")
-            elif digits > MAX_DIGITS:  # (Python refuses to read one of over 4,300)
-                self.problems.append(f"{line}: {_dotted(path)}: a whole number of {digits} digits")
+            if self._check_scalar(node, path, line):
+                pass
             elif node.tag in (INT_TAG, FLOAT_TAG) and ":" in node.value and path[:1] != ("env",):
                 number = _construct(node)
                 self.problems.append(
@@ -386,6 +385,17 @@ class _Positions:
         elif isinstance(node, yaml.SequenceNode):
             for index, item in enumerate(node.value):
                 self._walk(item, (*path, index))
+
+    def _check_scalar(self, node: yaml.ScalarNode, path: tuple[str | int, ...], line: int) -> bool:
+        """A key's or value's text that no job can use; True when a problem was noted."""
+        digits = sum(c.isdigit() for c in node.value) if node.tag == INT_TAG else 0
+        if "\0" in str(node.value):  # no path, command line or variable can carry one
+            self.problems.append(f"{line}: {_dotted(path)}: contains a NUL character (\\0)")
+        elif digits > MAX_DIGITS:  # (Python refuses to read one of over 4,300)
+            self.problems.append(f"{line}: {_dotted(path)}: a whole number of {digits} digits")
+        else:
+            return False
+        return True
 
     def line(self, path: tuple[str | int, ...]) -> int:
         """The line of the longest known prefix of ``path``."""
@@ -398,6 +408,8 @@ class _Positions:
 def _dotted(loc: tuple[str | int, ...]) -> str:
     out = ""
     for part in loc:
+        if isinstance(part, str) and len(part) > 40:  # a key is named, not reprinted
+            part = part[:37] + "..."
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(document)"
 
@@ -544,6 +556,8 @@ def load_job(path: str | os.PathLike[str], catalog: Catalog | None = None) -> Jo
         raise SpecError(
             f"{job_path}:{e.line}: {e.problem}", hint="A job file is small: write it out."
         ) from None
+    except (ValueError, RecursionError) as e:  # a value PyYAML cannot turn into Python
+        raise SpecError(f"{job_path}: a value cannot be read: {e}", hint="Check the values' types.") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{job_path}:{mark.line + 1}" if mark is not None else str(job_path)
@@ -586,10 +600,13 @@ def _env_as_written(root: yaml.Node | None, document: dict[str, Any]) -> None:
         return
     for key, value in root.value:
         if key.value == "env" and isinstance(value, yaml.MappingNode):
-            for name, text in value.value:
+            written: dict[str, yaml.Node] = {}  # the pair that counts for each name: the last
+            for name, text in value.value:  # (constructing put merged pairs before explicit ones)
+                written[str(name.value)] = text
+            for name, text in written.items():
                 plain = isinstance(text, yaml.ScalarNode) and text.tag in (INT_TAG, FLOAT_TAG, BOOL_TAG)
-                if plain and name.value in env:
-                    env[name.value] = text.value
+                if plain and name in env:
+                    env[name] = text.value
 
 
 def _resolved(spec: JobSpec, base: Path, catalog: Catalog) -> JobSpec:

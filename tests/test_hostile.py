@@ -65,6 +65,11 @@ JOB_FILES = [
         id="huge-int",
     ),
     pytest.param(
+        "name: x\nrun: echo\nenv:\n  ? " + "1" * 5000 + "\n  : x\n",
+        "job.yaml:4: env.1111",
+        id="huge-int-key",
+    ),
+    pytest.param(
         "name: x\nrun: echo\nseed: 2001-02-30\n",
         "job.yaml:3: seed: Input should be a valid integer (got '2001-02-30')",
         id="impossible-date",
@@ -168,6 +173,12 @@ def test_the_cli_refuses_a_nul_in_run_with_exit_2_before_any_aws_call(tmp_path: 
         assert (
             "job.yaml:2: run: contains a NUL character" in result.output and "Traceback" not in result.output
         )
+
+
+def test_an_env_value_written_beside_a_merge_key_wins_as_written(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text('name: x\nrun: echo\nenv: {<<: {PY: 3.10, N: 010, KEEP: 1.50}, PY: "3.11", N: 007}\n')
+    assert load_job(job).env == {"PY": "3.11", "N": "007", "KEEP": "1.50"}
 
 
 def test_aliases_within_bounds_still_work(tmp_path: Path) -> None:

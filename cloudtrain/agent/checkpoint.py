@@ -645,6 +645,16 @@ class FitRun:
             source, source_entry = continuation(directory, manifest, self.index, entry)
             if source != self.index and _State.holds_state_of(self.model, source):
                 loaded = None  # a fit before this one put that state into this model already
+            elif source != self.index:
+                try:
+                    loaded = self._load(directory, source, source_entry)
+                except Invalid as e:  # recompiled or unfrozen since: finished all the same
+                    log(
+                        f"fit {self.index} had finished; fit {source}'s state does not fit its model "
+                        f"here ({e}): it trains nothing, and fit {source} restores itself"
+                    )
+                    self._replayed_history(entry)
+                    return max(int(entry["epoch"]), self.epochs)
             else:
                 loaded = self._load(directory, source, source_entry)
         except Invalid as e:
@@ -659,10 +669,7 @@ class FitRun:
             self._apply(loaded)
         if source != self.index:
             _State.forwarded = (_ref(self.model), source)
-        history = entry.get("history")
-        if isinstance(history, dict) and all(isinstance(v, list) for v in history.values()):
-            self.history = {str(k): list(v) for k, v in history.items()}
-            self.restored_epochs = int(entry["epoch"])
+        self._replayed_history(entry)
         epoch = int(entry["epoch"])
         self.saved_epoch = epoch
         _State.last_saved = (self.index, epoch)
@@ -678,6 +685,13 @@ class FitRun:
         else:
             log(f"{restored}: fit {self.index} continues at epoch {epoch + 1}")
         return epoch
+
+    def _replayed_history(self, entry: dict[str, Any]) -> None:
+        """The metrics of the epochs the checkpoint holds, for the History this fit returns."""
+        history = entry.get("history")
+        if isinstance(history, dict) and all(isinstance(v, list) for v in history.values()):
+            self.history = {str(k): list(v) for k, v in history.items()}
+            self.restored_epochs = int(entry["epoch"])
 
     def _load(self, directory: str, fit: int, entry: dict[str, Any]) -> _Loaded:
         folder = os.path.join(directory, entry["folder"])

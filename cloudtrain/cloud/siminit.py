@@ -307,6 +307,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -I -S siminit.py FD  (FD: the host's end of a Unix socket)", file=sys.stderr)
         return 2
     sock = socket.socket(fileno=int(argv[1]))
+    sock.set_inheritable(False)  # pass_fds made it inheritable: no command may read or forge its traffic
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()
