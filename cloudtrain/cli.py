@@ -114,6 +114,10 @@ class CloudtrainGroup(click.Group):
             sys.exit(int(e.exit_code))
         except (KeyboardInterrupt, click.exceptions.Abort):
             _interrupted()
+        except BrokenPipeError:  # `cloudtrain logs RUN | head`: the reader has what it wanted
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            sys.exit(int(ExitCode.SIGPIPE))
         except Exception as e:
             if _debugging(ctx):
                 err.print_exception()
@@ -144,7 +148,8 @@ def main(ctx: click.Context, profile: str | None, debug: bool) -> None:
     \b
     Exit codes: 0 success, 1 the training command failed, 2 invalid input or an
     impossible plan, 3 cloud or remote failure, 4 budget reached, 70 a bug in
-    cloudtrain (the traceback goes to a file it names), 130 SIGINT, 143 SIGTERM.
+    cloudtrain (the traceback goes to a file it names), 130 SIGINT, 141 stdout
+    closed early (| head), 143 SIGTERM.
     Add --dry-run to a command to use the local simulated AWS (no account needed).
     """
     ctx.obj = Context(profile, debug)

@@ -20,6 +20,7 @@ class ExitCode(IntEnum):
     BUDGET = 4
     BUG = 70  # anything unforeseen (EX_SOFTWARE): never 1, which means the training failed
     SIGINT = 130
+    SIGPIPE = 141  # stdout closed before all was written (`| head`), as a shell tool dies of SIGPIPE
     SIGTERM = 143
 
 

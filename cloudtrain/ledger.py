@@ -357,6 +357,12 @@ class Ledger:
     def unusable(self, error: BaseException) -> LedgerError:
         """What is wrong with the ledger file, and what to do: it is never reset by cloudtrain."""
         text = str(error) or type(error).__name__
+        if "locked" in text or "busy" in text:
+            return LedgerError(
+                f"the ledger {self.path} is busy: {text}",
+                hint="Another cloudtrain holds it (a long write, or a process stopped mid-write): "
+                "run the command again; nothing is wrong with the file.",
+            )
         if isinstance(error, OSError) or any(
             word in text for word in ("readonly", "read-only", "unable to open", "disk I/O", "full")
         ):
@@ -376,7 +382,9 @@ class Ledger:
         """Decoding what the file holds: a damaged file or row becomes a LedgerError."""
         try:
             yield
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.OperationalError, sqlite3.DatabaseError) as e:
+            if type(e) not in (sqlite3.DatabaseError, sqlite3.OperationalError):
+                raise
             raise self.unusable(e) from e
         except (ValueError, TypeError, KeyError, IndexError) as e:
             raise LedgerError(
@@ -407,7 +415,9 @@ class Ledger:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-        if isinstance(exc, sqlite3.DatabaseError):  # only this file raises these
+        # Only this file raises these; a constraint or a misused API (IntegrityError,
+        # ProgrammingError) is cloudtrain's bug, not the file's.
+        if exc is not None and type(exc) in (sqlite3.DatabaseError, sqlite3.OperationalError):
             raise self.unusable(exc) from exc
 
     # --- opening ------------------------------------------------------------------

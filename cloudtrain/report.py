@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from cloudtrain.errors import InputError
+from cloudtrain.errors import InputError, LedgerError
 from cloudtrain.ledger import EBS_SECONDS_PER_MONTH, MIN_BILLED_SECONDS, Ledger
 from cloudtrain.records import iso, parse_iso, utcnow
 
@@ -330,11 +330,18 @@ class _Query:
                 cost += extra.cost
                 od += extra.od
                 ebs += extra.ebs
+            try:
+                started_at = parse_iso(started)
+            except (TypeError, ValueError) as e:  # a row changed outside cloudtrain
+                raise LedgerError(
+                    f"the ledger holds a damaged row (run {run_id}): {e}",
+                    hint="A row was changed outside cloudtrain: restore a backup, or fix it with sqlite3.",
+                ) from e
             append(
                 CostRow(
                     run_id,
                     name,
-                    parse_iso(started),
+                    started_at,
                     state,
                     tuple(types.split("+")) if types else (),
                     instances,
@@ -402,7 +409,7 @@ def cost_report(
     _check(group_by, limit)
     generated_at = now or utcnow()
     query = _Query(ledger.connection, since, until, generated_at)
-    with ledger.reading(), _snapshot(query.conn):
+    with _snapshot(query.conn):
         live = query.live()
         days = query.days(live, types=group_by == "day")
         totals = _totals(days)

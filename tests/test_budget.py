@@ -115,7 +115,7 @@ def test_each_error_maps_to_its_exit_code_at_the_cli(
     monkeypatch.setattr("cloudtrain.api.run_status", fail)
     result = cli("status")
     assert result.exit_code == code, result.output
-    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 70, 130, 143]
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 70, 130, 141, 143]
 
 
 def test_a_cost_budget_stops_a_long_run_with_exit_4(

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from sshd import session, sshd_server  # noqa: F401  (fixtures)
 from test_aws import RUN_ID, cloud, image_id, launch_request, tags  # noqa: F401  (fixtures)
 from test_cli import cli, no_aws  # noqa: F401  (no_aws: a fixture)
+from test_run_e2e import CLOUDTRAIN
 
 from cloudtrain import orchestrator
 from cloudtrain.agent.receive import MAGIC, StreamError, StreamReceiver
@@ -584,3 +585,27 @@ def test_the_receiver_only_ever_raises_stream_errors(
     finally:
         receiver.close()
     assert all(dest in p.resolve().parents for p in dest.rglob("*"))
+
+
+def test_a_ledger_another_process_holds_is_busy_not_damaged(settings: Settings) -> None:
+    path = _ledger_with_runs(settings.home, runs=2)
+    with closing(sqlite3.connect(path, isolation_level=None)) as holder:
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(LedgerError, match="is busy") as busy:
+            Ledger(path, timeout=0.2)
+        holder.execute("ROLLBACK")
+    assert "damaged" not in busy.value.message and "mv " not in (busy.value.hint or "")
+
+
+def test_output_cut_short_by_its_reader_is_no_bug(settings: Settings, tmp_path: Path) -> None:
+    """`cloudtrain schema | true`: the reader is gone before cloudtrain writes; exit 141 as a
+    shell tool dies of SIGPIPE, not 70 and a crash file."""
+    done = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {CLOUDTRAIN} schema | true"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == ExitCode.SIGPIPE == 141, done.stderr
+    assert done.stderr == "" and not list((settings.home / "logs").glob("crash-*"))
