@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from cloudtrain.catalog import Catalog, load_catalog
-from cloudtrain.errors import CloudtrainError, InputError
+from cloudtrain.errors import CloudtrainError, InputError, LedgerError
 from cloudtrain.planner import Plan, candidate_types, plan
 from cloudtrain.progress import Reporter
 from cloudtrain.records import RunState, utcnow
@@ -161,7 +161,12 @@ def run_job(
 
 
 def settings_for_run(run: RunRow, settings: Settings) -> Settings:
-    """The settings that reach a run's cloud: the simulator for a dry-run run."""
+    """The settings that reach a run's cloud: the owner its resources are tagged with (as the
+    ledger recorded it at launch: a host renamed since must not lose them), and the simulator
+    for a dry-run run."""
+    owner = run.detail.get("owner")
+    if isinstance(owner, str) and owner:
+        settings = settings.with_(owner=owner)
     if not run.simulated:
         return settings
     from cloudtrain.cloud.simulator import ensure_simulator
@@ -335,6 +340,8 @@ def down_runs(refs: list[str], settings: Settings, *, all_active: bool = False) 
                     detail.get("key_name"),
                     detail.get("instance_profile"),
                 )
+            except LedgerError:
+                raise  # the cloud part is done or said; what failed is the record of it
             except CloudtrainError as e:
                 left = [e.message]
             if left:
@@ -413,6 +420,9 @@ def follow_logs(
     note = on_wait or (lambda _: None)
     with Ledger.open(settings) as ledger:
         run = _until_training(ledger, ledger.resolve_run(ref), follow, note)
+        if not run.run_dir:  # an image build: its output went to the terminal that ran it
+            note(f"{run.id} keeps no log here: it has no run folder")
+            return
         local = run_folder(run) / "logs" / "train.log"
         live = follow and not run.state.finished  # -f streams the instance's own copy
         if not local.exists() and run.detail.get("training_started") and not live:

@@ -398,6 +398,7 @@ class Orchestrator:
             key_name=key.name,
             key_path=str(key.path),
             image=image.id,
+            owner=self.settings.owner,  # what its tags say, whatever the host is called later
         )
         buckets = s3_buckets([d.src for d in self.spec.data if d.is_s3])
         writable = [checkpoint_url] if checkpoint_url else []

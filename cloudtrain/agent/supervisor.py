@@ -293,8 +293,12 @@ class _Supervisor:
     def _copy_masked(self, stream: IO[bytes]) -> None:
         """The phase's output into train.log, each secret value masked (one `*` per byte).
 
-        Ends at EOF: when every process holding the pipe has closed it; a process the
-        phase left behind that keeps it open is cut off COPY_DRAIN_S after the phase ends."""
+        Ends at EOF, when every process holding the pipe has closed it. The phase's end is
+        marked once its own process has exited and this copy has finished, or COPY_DRAIN_S
+        later when a process the phase left behind holds the pipe: what that process prints
+        afterwards still lands in the log, after the mark, while the supervisor lives. The
+        job's output depends on the supervisor then: were it killed, the job's next write
+        fails (SIGPIPE), as the run does anyway without the supervisor's exit code."""
         redactor = LogRedactor(self.job.secrets)
         fd = stream.fileno()
         try:
