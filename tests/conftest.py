@@ -3,12 +3,18 @@ private CLOUDTRAIN_HOME, and no profile or config file from the developer's mach
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cloudtrain.settings import Settings
+
+# A suite started in the background (`cmd &` without job control) inherits SIGINT ignored, and
+# so would every process it starts: the Ctrl-C tests would then fail, or test nothing.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

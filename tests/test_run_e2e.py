@@ -204,9 +204,7 @@ def run_until(
     shows ``marker``; return (code, stdout, stderr). ``debug``: `--debug` (INFO logs on stderr)."""
     process = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "cloudtrain",
+            CLOUDTRAIN,
             *(["--debug"] if debug else []),
             "run",
             str(job),
