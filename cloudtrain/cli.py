@@ -435,7 +435,10 @@ class ConsoleReporter(Reporter):
 
 
 def _print_done(outcome: RunOutcome) -> None:
-    where = escape(str(outcome.run_dir))
+    folder = Path(outcome.run_dir)
+    with contextlib.suppress(ValueError, OSError):  # under the current folder: as the user would type it
+        folder = folder.resolve().relative_to(Path.cwd().resolve())
+    where = escape(str(folder))
     err.print(f"[bold green]done[/] {outcome.run_id}: results in {where}", highlight=False)
 
 
