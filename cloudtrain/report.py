@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from cloudtrain.errors import InputError, LedgerError
+from cloudtrain.errors import InputError
 from cloudtrain.ledger import EBS_SECONDS_PER_MONTH, MIN_BILLED_SECONDS, Ledger
 from cloudtrain.records import iso, parse_iso, utcnow
 
@@ -258,10 +258,9 @@ class _Group:
 class _Query:
     """The parameters of one report: the matched runs and the time ``now``."""
 
-    def __init__(
-        self, conn: sqlite3.Connection, since: datetime | None, until: datetime | None, now: datetime
-    ) -> None:
-        self.conn = conn
+    def __init__(self, ledger: Ledger, since: datetime | None, until: datetime | None, now: datetime) -> None:
+        self.ledger = ledger
+        self.conn = ledger.connection
         self.where = _where(_terms("m.created_at", since, until))  # over runs AS m
         self.instance_terms = _terms("i.run_created_at", since, until)  # over instances AS i
         self.params: dict[str, object] = {"now": iso(now)}
@@ -330,13 +329,8 @@ class _Query:
                 cost += extra.cost
                 od += extra.od
                 ebs += extra.ebs
-            try:
+            with self.ledger.reading(f" (run {run_id})"):  # a row changed outside cloudtrain
                 started_at = parse_iso(started)
-            except (TypeError, ValueError) as e:  # a row changed outside cloudtrain
-                raise LedgerError(
-                    f"the ledger holds a damaged row (run {run_id}): {e}",
-                    hint="A row was changed outside cloudtrain: restore a backup, or fix it with sqlite3.",
-                ) from e
             append(
                 CostRow(
                     run_id,
@@ -408,7 +402,7 @@ def cost_report(
     """
     _check(group_by, limit)
     generated_at = now or utcnow()
-    query = _Query(ledger.connection, since, until, generated_at)
+    query = _Query(ledger, since, until, generated_at)
     with _snapshot(query.conn):
         live = query.live()
         days = query.days(live, types=group_by == "day")
@@ -702,7 +696,7 @@ def export(
         return to_csv(report) if fmt == "csv" else _dumps(to_json(report)) + "\n"
 
     generated_at = now or utcnow()
-    query = _Query(ledger.connection, since, until, generated_at)
+    query = _Query(ledger, since, until, generated_at)
     if fmt == "csv":
         sql = _EXPORT_RUNS.format(line=_CSV_LINE, separator="char(10)", where=query.where)
     else:

@@ -308,7 +308,7 @@ T0 = datetime(2026, 3, 1, 10, tzinfo=timezone.utc)
         (
             _edit(f"UPDATE runs SET created_at = 'yesterday' WHERE id = '{RUN}'"),
             ["cost-report"],
-            "holds a damaged row: Invalid isoformat string: 'yesterday'",
+            f"holds a damaged row (run {RUN}): Invalid isoformat string: 'yesterday'",
         ),
         (
             _edit("UPDATE instances SET price_per_hour = 'cheap' WHERE id = 'i-00000000000000003'"),
