@@ -18,6 +18,19 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 
 
 @pytest.fixture(autouse=True)
+def signal_handlers_restored() -> Iterator[None]:
+    """The CLI run in this process ignores SIGINT on its way out after a Ctrl-C (so that a
+    second one cannot turn exit 130 into a death by the signal) and sets a SIGTERM handler:
+    right for a process about to exit, but no test may leave that to the next, whose
+    Ctrl-C would then do nothing (nor in the processes it starts)."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
+
+
+@pytest.fixture(autouse=True)
 def fake_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """Fake credentials and an isolated home for every test."""
     for var in (
