@@ -14,22 +14,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from cloudtrain.catalog import Catalog, load_catalog
 from cloudtrain.errors import CloudtrainError, InputError, LedgerError
-from cloudtrain.planner import Plan, candidate_types, plan
 from cloudtrain.progress import Reporter
 from cloudtrain.records import RunState, utcnow
 from cloudtrain.settings import DEFAULT_REGION, Settings
-from cloudtrain.spec import JobSpec, json_schema, load_job
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the rest is imported where it is used: `status`, `logs` and `cost-report` load none of it
+    from cloudtrain.catalog import Catalog
     from cloudtrain.cloud.aws import ImageInfo
     from cloudtrain.gc import GcResult, Survey
     from cloudtrain.imagebuild import BuildResult
     from cloudtrain.ledger import Ledger, RunRow
+    from cloudtrain.planner import Plan
     from cloudtrain.recovery import SimulatedInterruption
+    from cloudtrain.spec import JobSpec
 
 
 @contextmanager
@@ -56,6 +54,7 @@ def job_region(spec: JobSpec, settings: Settings) -> str:
 
 def _plan(spec: JobSpec, catalog: Catalog, active: Settings, now: datetime) -> Plan:
     from cloudtrain.cloud.aws import AwsCloud
+    from cloudtrain.planner import candidate_types, plan
 
     region = job_region(spec, active)
     types = [t.name for t in candidate_types(spec, catalog) if t.on_demand_price(region) is not None]
@@ -75,6 +74,9 @@ def plan_job(
     now: datetime | None = None,
 ) -> Plan:
     """Validate the job (before any AWS call), fetch spot prices, choose an offer."""
+    from cloudtrain.catalog import load_catalog
+    from cloudtrain.spec import load_job
+
     catalog = load_catalog()
     spec = load_job(job_path, catalog)
     with cloud_settings(settings, dry_run) as active:
@@ -114,8 +116,11 @@ def run_job(
     simulate: Sequence[SimulatedInterruption] = (),
 ) -> RunOutcome:
     """Plan, launch, train, pull back and tear down; raise on failure (TrainingFailed: exit 1)."""
+    from cloudtrain.catalog import load_catalog
     from cloudtrain.ledger import Ledger
     from cloudtrain.orchestrator import Orchestrator
+    from cloudtrain.planner import candidate_types
+    from cloudtrain.spec import load_job
 
     catalog = load_catalog()
     spec = load_job(job_path, catalog)
@@ -186,9 +191,13 @@ def _resumed(
 
     The job's secrets come from this environment, as for `run`: they mask the log that
     comes home (and go to a relaunched instance). ``need_secrets``: all must be set."""
+    import yaml
+
+    from cloudtrain.catalog import load_catalog
     from cloudtrain.cloud.aws import AwsCloud
     from cloudtrain.orchestrator import REMOTE_USER, Orchestrator, RunContext
     from cloudtrain.remote.session import Endpoint, Session
+    from cloudtrain.spec import JobSpec
 
     detail = run.detail
     if not run.run_dir or "ssh" not in detail:
@@ -309,7 +318,8 @@ def down_runs(refs: list[str], settings: Settings, *, all_active: bool = False) 
     from cloudtrain.cloud.aws import AwsCloud
     from cloudtrain.errors import CloudError
     from cloudtrain.ledger import Ledger
-    from cloudtrain.orchestrator import teardown, write_run_json
+    from cloudtrain.orchestrator import teardown
+    from cloudtrain.runrecord import write_run_json
 
     stopped, problems = [], []
     with Ledger.open(settings) as ledger:
@@ -368,6 +378,7 @@ def survey_garbage(
 ) -> Survey:
     """What ``gc`` would remove: this owner's resources of finished or expired runs, in
     the default region (or every catalog region) of AWS, or of the simulated cloud."""
+    from cloudtrain.catalog import load_catalog
     from cloudtrain.gc import default_region, survey
     from cloudtrain.ledger import Ledger
 
@@ -390,7 +401,7 @@ def remove_garbage(settings: Settings, found: Survey, *, reporter: Reporter | No
 def run_status(settings: Settings, ref: str | None = None, *, limit: int = 20) -> list[dict[str, Any]]:
     """One run's record, or the most recent runs' (as ``status --json`` prints them)."""
     from cloudtrain.ledger import Ledger
-    from cloudtrain.orchestrator import run_record
+    from cloudtrain.runrecord import run_record
 
     with Ledger.open(settings) as ledger:
         runs = [ledger.resolve_run(ref)] if ref else ledger.list_runs(limit=limit)
@@ -634,6 +645,7 @@ def copy_image(
 ) -> ImageInfo:
     """Copy one of this account's images into region ``to`` (same name, version and tags);
     with ``wait``, until the copy is available. Returns the copy."""
+    from cloudtrain.catalog import load_catalog
     from cloudtrain.cloud.aws import TAG_EXPIRES, AwsCloud
 
     with cloud_settings(settings, dry_run) as active:
@@ -654,4 +666,7 @@ def copy_image(
 
 
 def job_schema() -> dict[str, Any]:
+    """The job file's JSON Schema (``cloudtrain schema``)."""
+    from cloudtrain.spec import json_schema
+
     return json_schema()

@@ -329,7 +329,7 @@ def _settle_runs(
     ledger: Ledger, runs: _Runs, removals: list[Removal], cloud: Callable[[str], AwsCloud]
 ) -> None:
     """Tell the ledger what each run lost; forget private keys nothing can use any more."""
-    from cloudtrain.orchestrator import write_run_json
+    from cloudtrain.runrecord import write_run_json
 
     by_run: dict[str, list[Removal]] = {}
     for removal in removals:

@@ -68,6 +68,7 @@ from cloudtrain.recovery import (
 )
 from cloudtrain.remote.session import Endpoint, HostKeyMismatch, Session, parse_console_fingerprints
 from cloudtrain.remote.sync import SyncReport
+from cloudtrain.runrecord import write_run_json
 from cloudtrain.settings import Settings
 from cloudtrain.spec import JobSpec
 
@@ -1227,61 +1228,6 @@ def _record_teardown(
             "recorded of the run"
             + (f", and `cloudtrain down {run_id}` removes the rest." if problems else "."),
         )
-
-
-def write_run_json(ledger: Ledger, run_id: str, run_dir: Path) -> dict[str, Any]:
-    record = run_record(ledger, run_id)
-    tmp = run_dir / "run.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(run_dir / "run.json")
-    return record
-
-
-def run_record(ledger: Ledger, run_id: str, now: Any = None) -> dict[str, Any]:
-    """The run as ``status --json`` and run.json show it (``"schema": 1``)."""
-    from cloudtrain.report import cost_report
-
-    run = ledger.get_run(run_id)
-    if run is None:
-        raise InputError(f"no run {run_id}")
-    instances = ledger.instances(run_id)
-    cost = None
-    for row in cost_report(ledger, since=run.created_at, until=run.created_at + timedelta(seconds=1)).rows:
-        if row.key == run_id:
-            cost = round(row.total_usd, 4)
-    return {
-        "schema": 1,
-        "id": run.id,
-        "name": run.name,
-        "state": run.state.value,
-        "backend": run.backend,
-        "simulated": run.simulated,
-        "region": run.region,
-        "created_at": iso(run.created_at),
-        "started_at": iso(run.started_at) if run.started_at else None,
-        "ended_at": iso(run.ended_at) if run.ended_at else None,
-        "exit_code": run.exit_code,
-        "cost_usd": cost,
-        "run_dir": run.run_dir,
-        "job_path": run.job_path,
-        "backend_report": run.detail.get("backend_report"),
-        "kept_until": run.detail.get("kept_until"),
-        "instances": [
-            {
-                "id": i.id,
-                "type": i.instance_type,
-                "zone": i.zone,
-                "lifecycle": i.lifecycle.value,
-                "price_per_hour": i.price_per_hour,
-                "on_demand_per_hour": i.on_demand_per_hour,
-                "launched_at": iso(i.launched_at),
-                "running_at": iso(i.running_at) if i.running_at else None,
-                "ended_at": iso(i.terminated_at) if i.terminated_at else None,
-            }
-            for i in instances
-        ],
-        "events": [{"at": iso(e.at), "kind": e.kind, "message": e.message} for e in ledger.events(run_id)],
-    }
 
 
 def agent_report(session: Session, backend: str, args: str) -> dict[str, Any]:

@@ -326,3 +326,55 @@ def test_a_stage_line_says_its_state_once(state: RunState, message: str, line: t
     from cloudtrain.cli import stage_line
 
     assert stage_line(state, message) == line
+
+
+# --- the reading commands start fast ----------------------------------------------------
+
+HEAVY = ("boto3", "botocore", "paramiko", "fabric", "invoke", "moto", "asyncssh", "cloudtrain.orchestrator")
+MODULES_AFTER = f"""
+import json, sys
+from cloudtrain.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+print(json.dumps({{"code": code, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["--help"],
+        ["status"],
+        ["status", "--json"],
+        ["status", "job0"],
+        ["cost-report"],
+        ["cost-report", "--format", "csv"],
+        ["cost-report", "--group-by", "day", "--json"],
+        ["logs", "job0"],
+    ],
+    ids=" ".join,
+)
+def test_reading_commands_load_no_cloud_or_ssh_library(
+    settings: Settings, tmp_path: Path, command: list[str]
+) -> None:
+    """What reads the ledger starts in a fraction of a second: boto3, paramiko and the
+    orchestrator stay unloaded (benchmarks/cli_startup.py times it)."""
+    seed(settings)
+    with Ledger.open(settings) as ledger:
+        run = ledger.list_runs(limit=10)[-1]  # job0
+        run_dir = tmp_path / "runs" / run.id
+        (run_dir / "logs").mkdir(parents=True)
+        (run_dir / "logs" / "train.log").write_text("Epoch 1/1\ntest loss 0.1\n")
+        ledger.update_run(run.id, run_dir=str(run_dir), detail={"training_started": True})
+    done = subprocess.run(
+        [sys.executable, "-c", MODULES_AFTER, *command],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    report = json.loads(done.stderr.strip().splitlines()[-1])
+    assert report == {"code": 0, "heavy": []}, done.stdout + done.stderr
+    assert done.stdout.strip()

@@ -25,7 +25,7 @@ from fabric import Config, Connection
 from sshd import session, sshd_server  # noqa: F401  (fixtures)
 from test_aws import RUN_ID, _Body, cloud, image_id, inject, launch_request, tags  # noqa: F401
 
-from cloudtrain import orchestrator
+from cloudtrain import orchestrator, runrecord
 from cloudtrain.agent import receive as agent_receive
 from cloudtrain.agent.receive import StreamReceiver
 from cloudtrain.agent.redact import LogRedactor
@@ -536,7 +536,7 @@ def test_the_ledger_writes_secrets_as_stars(settings: Settings) -> None:
         ledger.redact(["s3cr3t-value", "ab"])  # too short to redact without blotting ids
         ledger.add_event(RUN_ID, "error", "remote command failed: TOKEN=s3cr3t-value; ab")
         assert ledger.events(RUN_ID)[-1].message == f"remote command failed: TOKEN={REDACTED}; ab"
-        record = json.dumps(orchestrator.run_record(ledger, RUN_ID))  # what `status --json` shows
+        record = json.dumps(runrecord.run_record(ledger, RUN_ID))  # what `status --json` shows
     assert "s3cr3t-value" not in record
     assert b"s3cr3t-value" not in Path(settings.ledger_path).read_bytes()
 

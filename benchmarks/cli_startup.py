@@ -1,0 +1,107 @@
+"""Benchmark: how long the commands that only read the ledger take, over a bare start.
+
+    python benchmarks/cli_startup.py [--repeat 15]
+
+Times, as a user runs them (the installed `cloudtrain` console script, in a fresh
+process each time), `--help`, `status`, `status --json`, `status RUN`, `cost-report`
+and `logs RUN` on a home whose ledger holds 200 finished runs, against the baseline of
+the same Python importing only click and rich's table (what any such CLI pays).
+Commands and the baseline are interleaved; each figure is the median of REPEAT runs.
+The goal: each command at most 0.10 s over the baseline. The last line:
+`cli_startup: worst <command> +<s> s over the baseline (<s> s); goal +0.10 s: met|missed`;
+the exit code is 1 when missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from cloudtrain.ledger import InstanceRow, Ledger, RunRow
+from cloudtrain.records import Lifecycle, RunState
+
+GOAL_S = 0.10
+BASELINE = [sys.executable, "-c", "import click, rich.table"]
+
+
+def seed(home: Path, runs: int) -> str:
+    """A ledger of finished runs, the last with a run folder and a log; its id."""
+    start = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    with Ledger(home / "ledger.sqlite") as ledger:
+        for i in range(runs):
+            created = start + timedelta(hours=i)
+            run_id = f"bench-{created:%Y%m%d-%H%M%S}-{i:04x}"
+            row = RunRow(id=run_id, name="bench", state=RunState.SUCCEEDED, created_at=created)
+            ledger.create_run(row)
+            ledger.record_instance(
+                InstanceRow(
+                    id=f"i-{i:017x}",
+                    run_id=run_id,
+                    instance_type="g4dn.xlarge",
+                    zone="us-east-1a",
+                    lifecycle=Lifecycle.SPOT,
+                    price_per_hour=0.16,
+                    on_demand_per_hour=0.53,
+                    launched_at=created,
+                    running_at=created,
+                    terminated_at=created + timedelta(minutes=40),
+                )
+            )
+        run_dir = home / "runs" / run_id
+        (run_dir / "logs").mkdir(parents=True)
+        (run_dir / "logs" / "train.log").write_text("Epoch 1/20\n" * 20 + "test loss 0.0142\n")
+        ledger.update_run(run_id, run_dir=str(run_dir), detail={"training_started": True})
+    return run_id
+
+
+def timed(command: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=15, help="runs of each command (median)")
+    args = parser.parse_args()
+    cloudtrain = str(Path(sys.executable).parent / "cloudtrain")
+    with tempfile.TemporaryDirectory(prefix="ct-startup-") as tmp:
+        env = dict(os.environ, CLOUDTRAIN_HOME=tmp)
+        run_id = seed(Path(tmp), 200)
+        commands = {
+            "--help": ["--help"],
+            "status": ["status"],
+            "status --json": ["status", "--json"],
+            "status RUN": ["status", run_id],
+            "cost-report": ["cost-report"],
+            "logs RUN": ["logs", run_id],
+        }
+        times: dict[str, list[float]] = {name: [] for name in ["baseline", *commands]}
+        for _ in range(args.repeat):
+            times["baseline"].append(timed(BASELINE, env))
+            for name, argv in commands.items():
+                times[name].append(timed([cloudtrain, *argv], env))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    base = median["baseline"]
+    print(f"{'baseline (import click, rich.table)':<36} {base:.3f} s")
+    for name in commands:
+        print(f"cloudtrain {name:<25} {median[name]:.3f} s  +{median[name] - base:.3f} s")
+    worst = max(commands, key=lambda name: median[name])
+    over = median[worst] - base
+    met = over <= GOAL_S
+    print(
+        f"cli_startup: worst {worst} +{over:.3f} s over the baseline ({base:.3f} s); "
+        f"goal +{GOAL_S:.2f} s: {'met' if met else 'missed'} (medians of {args.repeat})"
+    )
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
