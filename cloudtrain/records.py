@@ -1,4 +1,4 @@
-"""Frozen records that cross layer boundaries: run ids and states, prices, instances.
+"""Frozen records that cross layer boundaries: run ids and states, spot prices, times.
 
 A leaf module: the cloud layer produces these, the planner, orchestrator and ledger
 consume them. Times are timezone-aware UTC datetimes; money is USD floats.
@@ -68,21 +68,3 @@ class SpotPrice:
     zone: str
     price: float
     timestamp: datetime
-
-
-@dataclass(frozen=True)
-class Instance:
-    """A launched instance, as the cloud layer reports it."""
-
-    id: str
-    run_id: str
-    instance_type: str
-    zone: str
-    lifecycle: Lifecycle
-    price_per_hour: float
-    on_demand_per_hour: float
-    launched_at: datetime
-    public_ip: str | None = None
-    private_key_path: str | None = None
-    disk_gb: int = 0
-    simulated: bool = False
