@@ -45,11 +45,9 @@ def job_region(spec: JobSpec, settings: Settings) -> str:
     """The job's region, else the profile's, else us-east-1."""
     if spec.resources.region:
         return spec.resources.region
-    if settings.simulated:
-        return settings.region or DEFAULT_REGION
-    from cloudtrain.cloud.aws import profile_region
+    from cloudtrain.cloud.aws import default_region
 
-    return profile_region(settings) or DEFAULT_REGION
+    return default_region(settings)
 
 
 def _plan(spec: JobSpec, catalog: Catalog, active: Settings, now: datetime) -> Plan:
@@ -379,7 +377,8 @@ def survey_garbage(
     """What ``gc`` would remove: this owner's resources of finished or expired runs, in
     the default region (or every catalog region) of AWS, or of the simulated cloud."""
     from cloudtrain.catalog import load_catalog
-    from cloudtrain.gc import default_region, survey
+    from cloudtrain.cloud.aws import default_region
+    from cloudtrain.gc import survey
     from cloudtrain.ledger import Ledger
 
     with cloud_settings(settings, dry_run) as active, Ledger.open(active) as ledger:
@@ -560,15 +559,6 @@ def _tail_instance(
 # --- cloudtrain image: build, list, copy, remove -------------------------------------------
 
 
-def default_region(settings: Settings) -> str:
-    """The region a command without --region works in: the profile's, else us-east-1."""
-    if settings.simulated:
-        return settings.region or DEFAULT_REGION
-    from cloudtrain.cloud.aws import profile_region
-
-    return profile_region(settings) or DEFAULT_REGION
-
-
 def build_image(
     settings: Settings,
     *,
@@ -582,6 +572,7 @@ def build_image(
     """Build the cloudtrain image in a region (``imagebuild.build``). With ``dry_run`` the
     simulated image is built (or reused) in the cache first, as ``run --dry-run`` does, and the
     builder, a simulated host, runs the recipe over it."""
+    from cloudtrain.cloud.aws import default_region
     from cloudtrain.cloud.simimage import ENVS
     from cloudtrain.imagebuild import DEFAULT_BUILDER_TYPE, build, builder_price
     from cloudtrain.ledger import Ledger
@@ -615,7 +606,7 @@ def build_image(
 
 def list_images(settings: Settings, *, region: str | None = None, dry_run: bool = False) -> list[ImageInfo]:
     """This account's cloudtrain images in a region, newest first."""
-    from cloudtrain.cloud.aws import AwsCloud
+    from cloudtrain.cloud.aws import AwsCloud, default_region
 
     with cloud_settings(settings, dry_run) as active:
         return AwsCloud(active, region or default_region(active)).cloudtrain_images()
@@ -625,7 +616,7 @@ def remove_image(
     settings: Settings, image: str, *, region: str | None = None, dry_run: bool = False
 ) -> ImageInfo:
     """Deregister one of this account's images (id or name) and delete its snapshots."""
-    from cloudtrain.cloud.aws import AwsCloud
+    from cloudtrain.cloud.aws import AwsCloud, default_region
 
     with cloud_settings(settings, dry_run) as active:
         cloud = AwsCloud(active, region or default_region(active))
@@ -646,7 +637,7 @@ def copy_image(
     """Copy one of this account's images into region ``to`` (same name, version and tags);
     with ``wait``, until the copy is available. Returns the copy."""
     from cloudtrain.catalog import load_catalog
-    from cloudtrain.cloud.aws import TAG_EXPIRES, AwsCloud
+    from cloudtrain.cloud.aws import TAG_EXPIRES, AwsCloud, default_region
 
     with cloud_settings(settings, dry_run) as active:
         source_region = region or default_region(active)

@@ -864,7 +864,8 @@ def image_build_command(
 @pass_context
 def image_list_command(ctx: Context, region: str | None, dry_run: bool, as_json: bool) -> None:
     """This account's cloudtrain images in a region, newest first; → marks the one runs use."""
-    from cloudtrain.api import default_region, list_images
+    from cloudtrain.api import list_images
+    from cloudtrain.cloud.aws import default_region
     from cloudtrain.cloud.simimage import recipe_version
 
     images = list_images(ctx.settings, region=region, dry_run=dry_run)

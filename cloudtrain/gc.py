@@ -33,12 +33,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cloudtrain.cloud.aws import TAG_EXPIRES, AwsCloud, TaggedResource, profile_region
+from cloudtrain.cloud.aws import TAG_EXPIRES, AwsCloud, TaggedResource
 from cloudtrain.errors import CloudtrainError
 from cloudtrain.ledger import Ledger, RunRow
 from cloudtrain.progress import Reporter
 from cloudtrain.records import RunState, iso, parse_iso, utcnow
-from cloudtrain.settings import DEFAULT_REGION, Settings
+from cloudtrain.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +129,6 @@ class GcResult:
             "kept": len(self.survey.kept),
             "resources": resources,
         }
-
-
-def default_region(settings: Settings) -> str:
-    """The region ``gc`` looks at without --all-regions: where a job without one runs."""
-    if settings.region:
-        return settings.region
-    if not settings.simulated:
-        return profile_region(settings) or DEFAULT_REGION
-    return DEFAULT_REGION
 
 
 def _time(text: object) -> datetime | None:

@@ -23,6 +23,7 @@ from cloudtrain.cloud.aws import (
     AwsCloud,
     KeyPair,
     LaunchRequest,
+    default_region,
     run_tags,
 )
 from cloudtrain.cloud.simulator import simulated_aws
@@ -327,3 +328,23 @@ def test_key_pair_record_is_frozen() -> None:
     pair = KeyPair("n", Path("/x"))
     with pytest.raises(AttributeError):
         pair.name = "m"  # type: ignore[misc]
+
+
+def test_one_region_order_for_every_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """AWS_REGION, then AWS_DEFAULT_REGION, then the profile's, then us-east-1 (the AWS
+    CLI's order); a dry-run never reads the profile."""
+    config = tmp_path / "aws-config"
+    config.write_text("[default]\nregion = ap-south-1\n[profile work]\nregion = eu-west-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    assert default_region(Settings.from_env()) == "ap-south-1"
+    assert default_region(Settings.from_env(profile="work")) == "eu-west-1"
+    assert default_region(Settings.from_env(profile="work").with_(simulated=True)) == "us-east-1"
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "ca-central-1")
+    assert default_region(Settings.from_env(profile="work")) == "ca-central-1"
+    monkeypatch.setenv("AWS_REGION", "us-west-2")
+    assert default_region(Settings.from_env(profile="work")) == "us-west-2"
+    config.write_text("[profile work]\n")
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    assert default_region(Settings.from_env(profile="work")) == "us-east-1"

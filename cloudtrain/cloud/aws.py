@@ -50,7 +50,7 @@ from cloudtrain.errors import (
     QuotaError,
 )
 from cloudtrain.records import SpotPrice, iso, utcnow
-from cloudtrain.settings import Settings
+from cloudtrain.settings import DEFAULT_REGION, Settings
 
 log = logging.getLogger(__name__)
 
@@ -1407,6 +1407,16 @@ def credentials_source(settings: Settings) -> str | None:
             f"AWS profile problem: {e}", hint="Check --profile / AWS_PROFILE against ~/.aws/config."
         ) from e
     return None if credentials is None else str(getattr(credentials, "method", None) or "unknown")
+
+
+def default_region(settings: Settings) -> str:
+    """The region of a command or job that names none, in the AWS CLI's order: AWS_REGION or
+    AWS_DEFAULT_REGION, else the profile's, else us-east-1. The only such resolver."""
+    if settings.region:
+        return settings.region
+    if settings.simulated:
+        return DEFAULT_REGION
+    return profile_region(settings) or DEFAULT_REGION
 
 
 def profile_region(settings: Settings) -> str | None:
