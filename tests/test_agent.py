@@ -906,6 +906,37 @@ def test_agent_imports_only_the_standard_library_and_itself() -> None:
                 )
 
 
+def agent_import_graph() -> dict[str, set[str]]:
+    """Each agent module -> the agent modules it imports, at module level or in a function."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(AGENT_SRC.glob("*.py")):
+        found = graph.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    found.add(node.module.split(".")[0])
+                else:
+                    found.update(alias.name for alias in node.names)
+    return graph
+
+
+def test_the_agent_has_no_import_cycle() -> None:
+    graph = agent_import_graph()
+    assert {"cli", "fetch_s3", "s3_checkpoint", "supervisor"} <= graph.keys() and graph["cli"], graph
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"an import cycle: {' -> '.join((*path, module))}"
+        if module in done:
+            return
+        for imported in sorted(graph.get(module, ())):
+            visit(imported, (*path, module))
+        done.add(module)
+
+    for module in graph:
+        visit(module, ())
+
+
 def test_agent_compiles_on_python37(tmp_path: Path) -> None:
     python37 = needs.python37()
     files = sorted(str(p) for p in AGENT_SRC.glob("*.py"))

@@ -1,7 +1,6 @@
 """Fetch an S3 prefix into a folder (runs on the instance, with the job environment's Python).
 
     python3 -m cloudtrain_agent fetch-s3 --src s3://bucket/prefix/ --dst work/data/set
-    python3 -m cloudtrain_agent.fetch_s3 --src ... --dst ...      (the same)
 
 Credentials come from boto3's default chain: on AWS, the instance profile cloudtrain
 made for the run (through the instance metadata service); in a dry-run, the simulated
@@ -67,7 +66,8 @@ def check_relative(rel: str, key: str) -> str:
     return posixpath.normpath(rel)
 
 
-def _client(region: str | None) -> Any:
+def s3_client(region: str | None) -> Any:
+    """An S3 client with the instance's credentials (also what s3_checkpoint uses)."""
     try:
         import boto3  # type: ignore[import-untyped,unused-ignore]
         from botocore.config import Config  # type: ignore[import-untyped,unused-ignore]
@@ -86,7 +86,8 @@ def _client(region: str | None) -> Any:
     return session.client("s3", endpoint_url=endpoint, config=Config(**options))
 
 
-def _objects(client: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+def list_objects(client: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+    """Every object under ``prefix``, page by page."""
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         yield from page.get("Contents", [])
 
@@ -154,7 +155,7 @@ def _client_error(error: Exception, src: str) -> AgentError:
 def fetch(src: str, dst: str, region: str | None = None) -> dict[str, Any]:
     """Fetch every object under ``src`` into ``dst``; return ``{files, bytes, skipped}``."""
     bucket, prefix = parse_src(src)
-    client = _client(region)
+    client = s3_client(region)
     manifest_path = _manifest_path(dst)
     known = _read_manifest(manifest_path, src)
     fetched: dict[str, Any] = {}
@@ -164,7 +165,7 @@ def fetch(src: str, dst: str, region: str | None = None) -> dict[str, Any]:
     os.makedirs(os.path.dirname(os.path.normpath(dst)) or ".", exist_ok=True)
     try:
         seen = 0
-        for item in _objects(client, bucket, prefix):
+        for item in list_objects(client, bucket, prefix):
             key = item["Key"]
             rel = relative_key(key, prefix)
             if rel is None or key.endswith("/"):  # not under the prefix, or a folder marker
@@ -194,9 +195,3 @@ def fetch(src: str, dst: str, region: str | None = None) -> dict[str, Any]:
         )
     _write_manifest(manifest_path, src, fetched)
     return {"files": files, "bytes": total, "skipped": skipped}
-
-
-if __name__ == "__main__":
-    from .cli import main
-
-    sys.exit(main(["fetch-s3"] + sys.argv[1:]))

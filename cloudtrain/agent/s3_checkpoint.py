@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from .checkpoint import MANIFEST, Invalid, read_manifest, sha256_file, snapshot
 from .errors import AgentError
-from .fetch_s3 import _client, _objects, parse_src
+from .fetch_s3 import list_objects, parse_src, s3_client
 
 URL_ENV = "CLOUDTRAIN_CHECKPOINT_S3"
 REGION_ENV = "CLOUDTRAIN_CHECKPOINT_S3_REGION"
@@ -148,7 +148,7 @@ class Uploader:
             raw = f.read()
         if raw == self.uploaded:
             return None
-        client = self._client = self._client or _client(self.region)
+        client = self._client = self._client or s3_client(self.region)
         present = self._inventory(client)
         for rel, meta in sorted(manifest["files"].items()):
             key = _key(self.prefix, rel)
@@ -185,7 +185,7 @@ class Uploader:
         """What S3 holds under the run's prefix (listed once; kept up to date after)."""
         if self._present is None:
             found = {}
-            for item in _objects(client, self.bucket, self.prefix):
+            for item in list_objects(client, self.bucket, self.prefix):
                 found[item["Key"]] = int(item.get("Size", 0))
             self._present = found
             if _key(self.prefix, MANIFEST) in found:  # a relaunch: the last instance's manifest
@@ -200,7 +200,7 @@ class Uploader:
 def put_files(url: str, files: dict[str, str], region: str | None = None) -> int:
     """Put local files under ``url`` (``{relative key: local path}``); returns how many."""
     bucket, prefix = parse_src(url.rstrip("/") + "/")
-    client = _client(region)
+    client = s3_client(region)
     for rel, path in sorted(files.items()):
         client.upload_file(path, bucket, _key(prefix, rel))
     return len(files)
@@ -216,7 +216,7 @@ def restore(url: str, directory: str, region: str | None = None) -> dict[str, An
         local = read_manifest(directory)
     except Invalid:
         local = None
-    client = _client(region)
+    client = s3_client(region)
     errors = _errors()
     try:
         try:
