@@ -316,8 +316,8 @@ def down_runs(refs: list[str], settings: Settings, *, all_active: bool = False) 
     from cloudtrain.cloud.aws import AwsCloud
     from cloudtrain.errors import CloudError
     from cloudtrain.ledger import Ledger
-    from cloudtrain.orchestrator import teardown
     from cloudtrain.runrecord import write_run_json
+    from cloudtrain.teardown import teardown
 
     stopped, problems = [], []
     with Ledger.open(settings) as ledger:

@@ -42,8 +42,6 @@ from cloudtrain.orchestrator import (
     _describe_backend,
     agent_source,
     run_recipe,
-    shielded_from_signals,
-    teardown,
     verify_backend,
     wait_for_fingerprints,
 )
@@ -52,6 +50,7 @@ from cloudtrain.records import Lifecycle, RunState, iso, new_run_id, utcnow
 from cloudtrain.remote.session import Endpoint, Session
 from cloudtrain.remote.sync import upload_tree
 from cloudtrain.settings import Settings
+from cloudtrain.teardown import shielded_from_signals, teardown
 
 BUILD_NAME = "image-build"  # the build's run name: its own line in cost-report
 DEFAULT_BUILDER_TYPE = "g4dn.xlarge"  # the cheapest GPU type: the build checks the GPU is seen

@@ -19,9 +19,9 @@ from cloudtrain.cloud.aws import AwsCloud, LaunchRequest, run_tags
 from cloudtrain.errors import CloudError, ExitCode
 from cloudtrain.gc import verdict
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
-from cloudtrain.orchestrator import teardown
 from cloudtrain.records import Lifecycle, RunState, iso, utcnow
 from cloudtrain.settings import Settings
+from cloudtrain.teardown import teardown
 
 OWNER = "tester@testhost"  # conftest's CLOUDTRAIN_OWNER
 TEAMMATE = "teammate@elsewhere"

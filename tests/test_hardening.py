@@ -25,7 +25,7 @@ from fabric import Config, Connection
 from sshd import session, sshd_server  # noqa: F401  (fixtures)
 from test_aws import RUN_ID, _Body, cloud, image_id, inject, launch_request, tags  # noqa: F401
 
-from cloudtrain import orchestrator, runrecord
+from cloudtrain import runrecord, teardown
 from cloudtrain.agent import receive as agent_receive
 from cloudtrain.agent.receive import StreamReceiver
 from cloudtrain.agent.redact import LogRedactor
@@ -228,7 +228,7 @@ def test_each_kind_of_resource_created_is_deleted_at_teardown() -> None:
     kept = {m for m in made if m in NOT_THE_RUNS}
     made -= kept
     assert made <= set(UNDONE_BY), f"no teardown known for {sorted(made - set(UNDONE_BY))}"
-    source = inspect.getsource(orchestrator.teardown)
+    source = inspect.getsource(teardown.teardown)
     for call in sorted({UNDONE_BY[m] for m in made}):
         assert f"cloud.{call}" in source, f"teardown never calls {call}"
     for call in sorted({NOT_THE_RUNS[m] for m in kept} - {None}):
@@ -272,7 +272,7 @@ def test_teardown_leaves_nothing_of_the_run(settings: Settings) -> None:
         }
         assert cloud.owned_resources("someone-else", RUN_ID) == []  # a run id alone is no filter
         instance_id, request, profile = made[RUN_ID]
-        problems = orchestrator.teardown(
+        problems = teardown.teardown(
             cloud, ledger, RUN_ID, instance_id, request.security_group_id, request.key.name, profile
         )
         assert problems == []
@@ -371,9 +371,7 @@ def test_a_signal_during_run_instances_waits_for_the_instance_id(
         assert {s: signal.getsignal(s) for s in handlers} == handlers
         # the id came back: teardown terminates it though a filter lists nothing yet
         (found,) = cloud.find_run_instances(RUN_ID)
-        problems = orchestrator.teardown(
-            cloud, ledger, RUN_ID, None, request.security_group_id, request.key.name
-        )
+        problems = teardown.teardown(cloud, ledger, RUN_ID, None, request.security_group_id, request.key.name)
         assert problems == []
         assert cloud.describe(found.id).state == "terminated"
 
@@ -396,9 +394,7 @@ def test_a_second_ctrl_c_stops_waiting_and_says_what_may_be_left(
         assert f"client token {request.client_token}" in said and f"cloudtrain down {RUN_ID}" in said
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         # teardown finds it by the run's tag (no id came back)
-        problems = orchestrator.teardown(
-            cloud, ledger, RUN_ID, None, request.security_group_id, request.key.name
-        )
+        problems = teardown.teardown(cloud, ledger, RUN_ID, None, request.security_group_id, request.key.name)
         assert problems == [] and cloud.find_run_instances(RUN_ID) == []
 
 
@@ -622,7 +618,7 @@ def test_a_second_ctrl_c_during_teardown_says_what_is_left_and_how_to_remove_it(
     import os
     import signal as signals
 
-    from cloudtrain.orchestrator import shielded_from_signals
+    from cloudtrain.teardown import shielded_from_signals
 
     finished = False
     with caplog.at_level("WARNING"), shielded_from_signals(lambda: "instance i-1 (`cloudtrain down r-1`)"):

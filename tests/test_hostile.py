@@ -24,7 +24,7 @@ from test_aws import RUN_ID, cloud, image_id, launch_request, tags  # noqa: F401
 from test_cli import cli, no_aws  # noqa: F401  (no_aws: a fixture)
 from test_run_e2e import CLOUDTRAIN
 
-from cloudtrain import orchestrator
+from cloudtrain import teardown
 from cloudtrain.agent.receive import MAGIC, StreamError, StreamReceiver
 from cloudtrain.cloud.aws import AwsCloud
 from cloudtrain.cloud.simulator import ensure_simulator, simulator_status
@@ -379,9 +379,7 @@ def test_teardown_on_a_full_disk_removes_everything_then_says_what_it_could_not_
 
         monkeypatch.setattr(Ledger, "_write", disk_full)  # every ledger write from now on
         with pytest.raises(LedgerError) as failed:
-            orchestrator.teardown(
-                cloud, ledger, RUN_ID, instance, request.security_group_id, request.key.name
-            )
+            teardown.teardown(cloud, ledger, RUN_ID, instance, request.security_group_id, request.key.name)
     assert f"teardown of {RUN_ID} ran (nothing is left in the cloud)" in failed.value.message
     assert "database or disk is full" in failed.value.message
     assert cloud.describe(instance).state == "terminated"

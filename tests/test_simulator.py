@@ -126,7 +126,7 @@ def test_poweroff_hook_terminates_the_instance(settings: Settings) -> None:
 def test_teardown_finds_an_instance_whose_id_never_came_back(settings: Settings) -> None:
     """A launch interrupted after EC2 made the instance: teardown finds it by the run's tag."""
     from cloudtrain.ledger import Ledger
-    from cloudtrain.orchestrator import teardown
+    from cloudtrain.teardown import teardown
 
     with simulated_aws(settings) as sim:
         cloud = AwsCloud(sim, "us-east-1")
