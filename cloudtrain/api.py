@@ -42,7 +42,7 @@ def cloud_settings(settings: Settings, dry_run: bool) -> Iterator[Settings]:
 
 
 def job_region(spec: JobSpec, settings: Settings) -> str:
-    """The job's region, else the profile's, else us-east-1."""
+    """The job's region, else the default one (``cloud.aws.default_region``)."""
     if spec.resources.region:
         return spec.resources.region
     from cloudtrain.cloud.aws import default_region
