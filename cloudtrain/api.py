@@ -191,9 +191,10 @@ def _resumed(
     comes home (and go to a relaunched instance). ``need_secrets``: all must be set."""
     import yaml
 
+    from cloudtrain.bringup import REMOTE_USER
     from cloudtrain.catalog import load_catalog
     from cloudtrain.cloud.aws import AwsCloud
-    from cloudtrain.orchestrator import REMOTE_USER, Orchestrator, RunContext
+    from cloudtrain.orchestrator import Orchestrator, RunContext
     from cloudtrain.remote.session import Endpoint, Session
     from cloudtrain.spec import JobSpec
 
@@ -521,8 +522,8 @@ def _tail_instance(
     training has ended, (False, ...) if AWS took the instance away. A drop on a live
     instance reconnects."""
     from cloudtrain.agent.redact import LogRedactor
+    from cloudtrain.bringup import REMOTE_RUN_DIR, agent_command
     from cloudtrain.errors import RemoteError
-    from cloudtrain.orchestrator import REMOTE_RUN_DIR, agent_command
 
     def counted(data: bytes) -> None:
         nonlocal offset

@@ -3,7 +3,7 @@
 A builder instance (on-demand, tagged like a run) boots from a base image; the ``ami/``
 recipe (provision.sh) runs on it over the same pinned SSH session as a run, its output
 streamed; each job environment is configured and verified with the run's own backend
-verification (``orchestrator.verify_backend``: on a GPU builder each backend must see
+verification (``bringup.verify_backend``: on a GPU builder each backend must see
 the GPU); then create_image, wait until it is available, tag it with the recipe's
 version, and terminate the builder, whatever happened (a failure, Ctrl-C, SIGTERM).
 The build is a run named ``image-build`` in the ledger, with its instance, so
@@ -22,6 +22,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from cloudtrain.bringup import (
+    REMOTE_AGENT,
+    REMOTE_USER,
+    agent_source,
+    describe_backend,
+    run_recipe,
+    verify_backend,
+    wait_for_fingerprints,
+)
 from cloudtrain.catalog import load_catalog
 from cloudtrain.cloud.aws import (
     IMAGE_NAME_PREFIX,
@@ -36,15 +45,6 @@ from cloudtrain.cloud.aws import (
 from cloudtrain.cloud.simimage import ENVS, recipe_version
 from cloudtrain.errors import CloudError, CloudtrainError, ExitCode, InputError, RemoteError
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
-from cloudtrain.orchestrator import (
-    REMOTE_AGENT,
-    REMOTE_USER,
-    _describe_backend,
-    agent_source,
-    run_recipe,
-    verify_backend,
-    wait_for_fingerprints,
-)
 from cloudtrain.progress import Reporter
 from cloudtrain.records import Lifecycle, RunState, iso, new_run_id, utcnow
 from cloudtrain.remote.session import Endpoint, Session
@@ -200,7 +200,7 @@ def build(
             reports: dict[str, Any] = {}
             for env in envs:
                 reports[env] = verify_backend(session, env, f"{REMOTE_BUILD_DIR}/{env}")
-                reporter.info(f"{env}: {_describe_backend(reports[env])}")
+                reporter.info(f"{env}: {describe_backend(reports[env])}")
             ledger.update_run(run_id, detail={"backend_reports": reports})
             # what the build left in the login user's home stays off the image: the agent, the
             # recipe, the verification's keras.json, and the build key pair's authorized key

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
+from cloudtrain.bringup import provision_command
 from cloudtrain.cloud.aws import TAG_IMAGE_VERSION, AwsCloud
 from cloudtrain.cloud.simimage import recipe_version
 from cloudtrain.cloud.simulator import simulated_aws
 from cloudtrain.errors import InputError
-from cloudtrain.orchestrator import provision_command
 from cloudtrain.progress import Reporter
 from cloudtrain.records import utcnow
 from cloudtrain.settings import Settings

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from test_run_e2e import CLOUDTRAIN, cloudtrain, only_run, py, sim_image, status, write_job  # noqa: F401  (fixture)
 
-from cloudtrain import orchestrator
+from cloudtrain import bringup
 from cloudtrain.api import build_image
 from cloudtrain.cloud.aws import TAG_RUN_ID, AwsCloud
 from cloudtrain.cloud.simimage import recipe_version
@@ -100,7 +100,7 @@ def test_failed_recipe_leaves_no_builder(
     sim_image: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(
-        orchestrator,
+        bringup,
         "provision_command",
         lambda envs: "echo '[provision] tensorflow: installing'; echo boom; exit 7",
     )

@@ -205,7 +205,7 @@ def test_the_keeper_brings_home_whole_saves_from_a_trainer_saving_faster_than_a_
     from test_session import endpoint
 
     from cloudtrain.agent import checkpoint
-    from cloudtrain.orchestrator import REMOTE_AGENT, agent_source
+    from cloudtrain.bringup import REMOTE_AGENT, agent_source
     from cloudtrain.recovery import REMOTE_CHECKPOINT, CheckpointKeeper, pull_checkpoint
     from cloudtrain.remote.session import Session
     from cloudtrain.remote.sync import upload_tree

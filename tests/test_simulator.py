@@ -8,10 +8,10 @@ from datetime import timedelta
 
 import pytest
 
+from cloudtrain.bringup import wait_for_fingerprints
 from cloudtrain.cloud.aws import TAG_SSH, AwsCloud, LaunchRequest, run_tags
 from cloudtrain.cloud.simulator import ensure_simulator, simulated_aws, simulator_status, stop_simulator
 from cloudtrain.errors import CloudError, RemoteError
-from cloudtrain.orchestrator import wait_for_fingerprints
 from cloudtrain.records import parse_iso, utcnow
 from cloudtrain.remote.session import Endpoint, HostKeyMismatch, Session
 from cloudtrain.settings import Settings
