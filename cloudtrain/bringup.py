@@ -32,10 +32,12 @@ def remote_python(backend: str) -> str:
 
 
 def agent_command(backend: str, args: str) -> str:
+    """The shell command that runs the uploaded agent with ``args`` in the job environment."""
     return f"PYTHONPATH=$HOME/{REMOTE_AGENT} {remote_python(backend)} -m cloudtrain_agent {args}"
 
 
 def agent_source() -> Path:
+    """The agent package's folder here, as uploaded to the instance."""
     return Path(str(files("cloudtrain.agent")))
 
 
