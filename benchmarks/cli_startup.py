@@ -4,8 +4,9 @@
 
 Times, as a user runs them (the installed `cloudtrain` console script, in a fresh
 process each time), `--help`, `status`, `status --json`, `status RUN`, `cost-report`
-and `logs RUN` on a home whose ledger holds 200 finished runs, against the baseline of
-the same Python importing only click and rich's table (what any such CLI pays).
+and `logs RUN` on a home whose ledger holds 200 runs (ledger_bench's mix, 20 still
+running), against the baseline of the same Python importing only click and rich's table
+(what any such CLI pays).
 Commands and the baseline are interleaved, after one round untimed (as after `pip install`,
 the bytecode is then on disk); each figure is the median of REPEAT runs.
 The goal: each command at most 0.10 s over the baseline. The last line:
@@ -22,44 +23,27 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from cloudtrain.ledger import InstanceRow, Ledger, RunRow
-from cloudtrain.records import Lifecycle, RunState
+from ledger_bench import fill  # beside this script
+
+from cloudtrain.ledger import Ledger
 
 GOAL_S = 0.10
 BASELINE = [sys.executable, "-c", "import click, rich.table"]
 
 
 def seed(home: Path, runs: int) -> str:
-    """A ledger of finished runs, the last with a run folder and a log; its id."""
-    start = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    """ledger_bench's ledger of ``runs`` runs; the newest finished one gets a run folder and
+    a log; its id."""
     with Ledger(home / "ledger.sqlite") as ledger:
-        for i in range(runs):
-            created = start + timedelta(hours=i)
-            run_id = f"bench-{created:%Y%m%d-%H%M%S}-{i:04x}"
-            row = RunRow(id=run_id, name="bench", state=RunState.SUCCEEDED, created_at=created)
-            ledger.create_run(row)
-            ledger.record_instance(
-                InstanceRow(
-                    id=f"i-{i:017x}",
-                    run_id=run_id,
-                    instance_type="g4dn.xlarge",
-                    zone="us-east-1a",
-                    lifecycle=Lifecycle.SPOT,
-                    price_per_hour=0.16,
-                    on_demand_per_hour=0.53,
-                    launched_at=created,
-                    running_at=created,
-                    terminated_at=created + timedelta(minutes=40),
-                )
-            )
-        run_dir = home / "runs" / run_id
+        fill(ledger, runs)
+        run = next(r for r in ledger.list_runs(limit=runs) if r.state.finished)
+        run_dir = home / "runs" / run.id
         (run_dir / "logs").mkdir(parents=True)
         (run_dir / "logs" / "train.log").write_text("Epoch 1/20\n" * 20 + "test loss 0.0142\n")
-        ledger.update_run(run_id, run_dir=str(run_dir), detail={"training_started": True})
-    return run_id
+        ledger.update_run(run.id, run_dir=str(run_dir), detail={"training_started": True})
+    return run.id
 
 
 def timed(command: list[str], env: dict[str, str]) -> float:
