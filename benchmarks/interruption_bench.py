@@ -59,8 +59,8 @@ model.fit(x, y, epochs=int(os.environ["EPOCHS"]), batch_size=32, verbose=2, call
 """
 
 
-def at(event: dict[str, str]) -> datetime:
-    return datetime.fromisoformat(event["at"].replace("Z", "+00:00"))
+def when(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 SIDES = {"cloudtrain": "python train.py", "from scratch": "env -u CLOUDTRAIN_CHECKPOINT_DIR python train.py"}
@@ -101,11 +101,10 @@ def one_run(args: argparse.Namespace, run: str, tmp: Path) -> dict[str, float]:
     resumed = next(e for e in events[recovering:] if e["kind"] == "running")
     log = (Path(record["run_dir"]) / "logs" / "train.log").read_text()
     started_epochs = re.findall(rf"^Epoch (\d+)/{args.epochs}$", log, re.M)
-    finished = datetime.fromisoformat(record["ended_at"].replace("Z", "+00:00"))
     return {
-        "resumed": (at(resumed) - at(notice)).total_seconds(),
+        "resumed": (when(resumed["at"]) - when(notice["at"])).total_seconds(),
         "redone": len(started_epochs) - args.epochs,
-        "done": (finished - at(notice)).total_seconds(),
+        "done": (when(record["ended_at"]) - when(notice["at"])).total_seconds(),
         "wall": wall,
         "instances": len(record["instances"]),
     }
