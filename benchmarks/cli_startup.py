@@ -42,7 +42,7 @@ def seed(home: Path, runs: int) -> str:
         run_dir = home / "runs" / run.id
         (run_dir / "logs").mkdir(parents=True)
         (run_dir / "logs" / "train.log").write_text("Epoch 1/20\n" * 20 + "test loss 0.0142\n")
-        ledger.update_run(run.id, run_dir=str(run_dir), detail={"training_started": True})
+        ledger.update_run(run.id, run_dir=str(run_dir), handle={"training_started": True})
     return run.id
 
 

@@ -106,7 +106,7 @@ def fill(ledger: Ledger, n_runs: int, seed: int = 7) -> int:
                 iso(ended) if ended else None,
                 f"/home/me/.cloudtrain/runs/{run_id}",
                 None if still_running else (0 if state is RunState.SUCCEEDED else 1),
-                json.dumps({"spot": True, "attempt": n_instances}),
+                json.dumps({"relaunches": n_instances - 1, "instance_type": "g4dn.xlarge"}),
             )
         )
     conn = ledger.connection
@@ -114,7 +114,7 @@ def fill(ledger: Ledger, n_runs: int, seed: int = 7) -> int:
     try:
         conn.executemany(
             "INSERT INTO runs (id, name, job_path, backend, state, simulated, region,"
-            " created_at, started_at, ended_at, run_dir, exit_code, detail)"
+            " created_at, started_at, ended_at, run_dir, exit_code, handle)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             runs,
         )

@@ -167,8 +167,8 @@ def settings_for_run(run: RunRow, settings: Settings) -> Settings:
     """The settings that reach a run's cloud: the owner its resources are tagged with (as the
     ledger recorded it at launch: a host renamed since must not lose them), and the simulator
     for a dry-run run."""
-    owner = run.detail.get("owner")
-    if isinstance(owner, str) and owner:
+    owner = run.handle.owner
+    if owner:
         settings = settings.with_(owner=owner)
     if not run.simulated:
         return settings
@@ -191,15 +191,14 @@ def _resumed(
     comes home (and go to a relaunched instance). ``need_secrets``: all must be set."""
     import yaml
 
-    from cloudtrain.bringup import REMOTE_USER
     from cloudtrain.catalog import load_catalog
     from cloudtrain.cloud.aws import AwsCloud
     from cloudtrain.orchestrator import Orchestrator, RunContext
     from cloudtrain.remote.session import Endpoint, Session
     from cloudtrain.spec import JobSpec
 
-    detail = run.detail
-    if not run.run_dir or "ssh" not in detail:
+    handle = run.handle
+    if not run.run_dir or handle.ssh is None or handle.key_path is None:
         raise InputError(f"run {run.id} never reached its instance", hint="Nothing to attach to or pull.")
     run_dir = run_folder(run)
     try:
@@ -216,32 +215,26 @@ def _resumed(
     else:
         secrets = {name: os.environ[name] for name in spec.secrets if name in os.environ}
     active = settings_for_run(run, settings)
-    ssh = detail["ssh"]
-    endpoint = Endpoint(
-        ssh["host"],
-        int(ssh["port"]),
-        ssh.get("user", REMOTE_USER),
-        Path(detail["key_path"]),
-        frozenset(ssh["fingerprints"]),
-    )
+    ssh = handle.ssh
+    endpoint = Endpoint(ssh.host, ssh.port, ssh.user, Path(handle.key_path), frozenset(ssh.fingerprints))
     log_file = run_dir / "logs" / "train.log"
-    log_base = int(detail.get("log_base") or 0)  # the local log's bytes from earlier instances
+    log_base = handle.log_base  # the local log's bytes from earlier instances
     ctx = RunContext(
         run_id=run.id,
         run_dir=run_dir,
         cloud=AwsCloud(active, run.region or DEFAULT_REGION),
-        instance_id=detail.get("instance_id"),
-        security_group_id=detail.get("security_group_id"),
-        key_name=detail.get("key_name"),
-        key_path=Path(detail["key_path"]),
+        instance_id=handle.instance_id,
+        security_group_id=handle.security_group_id,
+        key_name=handle.key_name,
+        key_path=Path(handle.key_path),
         session=Session(endpoint),
         fingerprints=endpoint.fingerprints,
         log_base=log_base,
         log_offset=max(0, (log_file.stat().st_size if log_file.exists() else 0) - log_base),
         training_started=True,
-        detail=dict(detail),
-        instance_profile=detail.get("instance_profile"),
-        relaunches=int(detail.get("relaunches") or 0),
+        handle=handle,
+        instance_profile=handle.instance_profile,
+        relaunches=handle.relaunches,
     )
     orchestrator = Orchestrator(
         spec,
@@ -327,15 +320,15 @@ def down_runs(refs: list[str], settings: Settings, *, all_active: bool = False) 
             runs = [
                 r
                 for r in ledger.list_runs()
-                if not r.state.finished or r.detail.get("kept_until") or r.id in left_behind
+                if not r.state.finished or r.handle.kept_until or r.id in left_behind
             ]
         else:
             runs = [ledger.resolve_run(r) for r in refs]
         for run in runs:
-            if run.state.finished and not run.detail.get("kept_until") and run.id not in left_behind:
+            if run.state.finished and not run.handle.kept_until and run.id not in left_behind:
                 continue
-            detail = run.detail
-            instance_id = detail.get("instance_id")
+            handle = run.handle
+            instance_id = handle.instance_id
             if instance_id and any(i.id == instance_id and i.terminated_at for i in ledger.instances(run.id)):
                 instance_id = None
             try:
@@ -345,9 +338,9 @@ def down_runs(refs: list[str], settings: Settings, *, all_active: bool = False) 
                     ledger,
                     run.id,
                     instance_id,
-                    detail.get("security_group_id"),
-                    detail.get("key_name"),
-                    detail.get("instance_profile"),
+                    handle.security_group_id,
+                    handle.key_name,
+                    handle.instance_profile,
                 )
             except LedgerError:
                 raise  # the cloud part is done or said; what failed is the record of it
@@ -358,7 +351,7 @@ def down_runs(refs: list[str], settings: Settings, *, all_active: bool = False) 
                 continue
             state = run.state if run.state.finished else RunState.CANCELLED
             ledger.update_run(
-                run.id, state=state, ended_at=run.ended_at or utcnow(), detail={"kept_until": None}
+                run.id, state=state, ended_at=run.ended_at or utcnow(), handle={"kept_until": None}
             )
             ledger.add_event(run.id, "down", "stopped by `cloudtrain down`")
             if run.run_dir and Path(run.run_dir).is_dir():
@@ -436,7 +429,7 @@ def follow_logs(
             return
         local = run_folder(run) / "logs" / "train.log"
         live = follow and not run.state.finished  # -f streams the instance's own copy
-        if not local.exists() and run.detail.get("training_started") and not live:
+        if not local.exists() and run.handle.training_started and not live:
             raise InputError(
                 f"run {run.id}'s log {local} is missing (deleted or moved)",
                 hint="The log came home only there."
@@ -476,15 +469,15 @@ def _unshown(run: Any, ctx: Any, offset: int) -> int:
     bytes): the local log holds the earlier instances' bytes (``ctx.log_base``), what the
     controller got of the lost one, then the later instances' (from the run's ``log_base``)."""
     shown: int = ctx.log_base + offset
-    if int(run.detail.get("relaunches") or 0) == ctx.relaunches:  # it was not relaunched
+    if run.handle.relaunches == ctx.relaunches:  # it was not relaunched
         return shown
-    return min(shown, int(run.detail.get("log_base") or 0))
+    return min(shown, int(run.handle.log_base))
 
 
 def _until_training(ledger: Any, run: Any, follow: bool, note: Callable[[str], Any]) -> Any:
     """The run once it trains or has ended (at once without ``follow``)."""
     state = None
-    while follow and not run.state.finished and not run.detail.get("training_started"):
+    while follow and not run.state.finished and not run.handle.training_started:
         if run.state != state:
             state = run.state
             note(f"waiting for {run.id} to start training (now {state.value})")
@@ -501,11 +494,11 @@ def _until_relaunched(ledger: Any, run_id: str, lost: str | None) -> Any:
     seen, since = None, time.monotonic()
     while True:
         run = ledger.get_run(run_id)
-        moved = run.detail.get("instance_id") != lost and run.detail.get("training_started")
+        moved = run.handle.instance_id != lost and run.handle.training_started
         if run.state.finished or moved:
             return run
-        if (run.state, run.detail) != seen:
-            seen, since = (run.state, run.detail), time.monotonic()
+        if (run.state, run.handle) != seen:
+            seen, since = (run.state, run.handle), time.monotonic()
         elif time.monotonic() - since > LOGS_RELAUNCH_WAIT_S:
             raise CloudError(
                 f"{run_id} has not gone on since {lost} was taken away "
@@ -521,40 +514,25 @@ def _tail_instance(
     """Stream the instance's log from ``offset`` to its end: (True, offset reached) once the
     training has ended, (False, ...) if AWS took the instance away. A drop on a live
     instance reconnects."""
-    from cloudtrain.agent.redact import LogRedactor
-    from cloudtrain.bringup import REMOTE_RUN_DIR, agent_command
-    from cloudtrain.errors import RemoteError
+    from cloudtrain.recovery import InstanceLost
+    from cloudtrain.remote.agent import LogFollower, RemoteAgent
 
-    def counted(data: bytes) -> None:
-        nonlocal offset
-        data = redactor.feed(data)  # secrets show as ***; a part held back is not counted yet
-        offset += len(data)
-        sink(data)
-
-    ctx.session.give_up = lambda: orchestrator._lost(ctx)  # no 5-minute connect to a gone host
-    for drop in range(LOGS_RECONNECTS + 1):
-        redactor = LogRedactor(orchestrator.secrets.values())  # the next tail resends what it held
-        try:
-            ctx.session.connect()
-            code = ctx.session.stream(
-                agent_command(
-                    orchestrator.spec.backend, f"tail --run-dir {REMOTE_RUN_DIR} --offset {offset} --follow"
-                ),
-                counted,
-            )
-            if code != 0:  # e.g. the supervisor went with its host, which is stopping
-                raise RemoteError(f"the log stream from {ctx.instance_id} ended with exit code {code}")
-            sink(redactor.flush())
-            return True, offset
-        except RemoteError:
-            if orchestrator._lost(ctx) is not None:
-                return False, offset
-            if drop == LOGS_RECONNECTS:
-                raise
-            time.sleep(min(2 ** (drop + 1), 15))
-        finally:
-            ctx.session.close()
-    raise AssertionError("unreachable")
+    ctx.session.give_up = lambda: orchestrator.instance_lost(ctx)  # no 5-minute connect to a gone host
+    follower = LogFollower(
+        RemoteAgent(ctx.session, orchestrator.spec.backend),
+        offset,
+        sink,
+        secrets=orchestrator.secrets.values(),
+        lost=lambda: orchestrator.instance_lost(ctx),
+        reconnects=LOGS_RECONNECTS,
+    )
+    try:
+        follower.follow()
+        return True, follower.offset
+    except InstanceLost:
+        return False, follower.offset
+    finally:
+        ctx.session.close()
 
 
 # --- cloudtrain image: build, list, copy, remove -------------------------------------------

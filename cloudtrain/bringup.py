@@ -1,44 +1,26 @@
-"""Bringing an instance up, shared by `run` and `image build`: the instance's layout, the
-agent's command line and reports, the host key fingerprints from the console, the image
-recipe, and the backend's configuration and check."""
+"""Bringing an instance up, shared by `run` and `image build`: the host key fingerprints
+from the console, the image recipe, and the backend's configuration and check (through
+the agent, remote/agent.py)."""
 
 from __future__ import annotations
 
-import json
 import shlex
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import suppress
-from importlib.resources import files
-from pathlib import Path
 from typing import Any
 
 from cloudtrain.cloud.aws import AwsCloud
 from cloudtrain.errors import RemoteError
 from cloudtrain.progress import Reporter
+from cloudtrain.remote.agent import AgentConfig, RemoteAgent, Shell
 from cloudtrain.remote.session import Session, parse_console_fingerprints
 
 REMOTE_USER = "ubuntu"
-REMOTE_AGENT = ".cloudtrain/agent"  # relative to the remote HOME: the agent package's parent
-REMOTE_RUN_DIR = ".cloudtrain/run"  # env.json, train.log, state.json, exit_code
-REMOTE_WORKDIR = "work"  # the synced workdir
 REMOTE_RECIPE = ".cloudtrain/ami"  # ami/, for provision.sh (image build; resources.image: base)
 FINGERPRINT_TIMEOUT_S = 600.0
-
-
-def remote_python(backend: str) -> str:
-    """The job environment's interpreter on the instance (the image's layout)."""
-    return f'"${{CLOUDTRAIN_ROOT:-/opt/cloudtrain}}/envs/{backend}/bin/python"'
-
-
-def agent_command(backend: str, args: str) -> str:
-    """The shell command that runs the uploaded agent with ``args`` in the job environment."""
-    return f"PYTHONPATH=$HOME/{REMOTE_AGENT} {remote_python(backend)} -m cloudtrain_agent {args}"
-
-
-def agent_source() -> Path:
-    """The agent package's folder here, as uploaded to the instance."""
-    return Path(str(files("cloudtrain.agent")))
+# A simulated instance has no GPU: it says so in its environment.
+GPU = Shell('$([ -n "$CLOUDTRAIN_SIMULATED" ] && echo no || echo auto)')
+EXPECT_GPU = Shell('$([ -z "$CLOUDTRAIN_SIMULATED" ] && echo --expect-gpu)')
 
 
 def provision_command(envs: Sequence[str]) -> str:
@@ -94,36 +76,19 @@ def run_recipe(session: Session, envs: Sequence[str], reporter: Reporter, instan
         )
 
 
-def verify_backend(
-    session: Session, backend: str, run_dir: str, backend_args: str = "", keras: str = ""
-) -> dict[str, Any]:
-    """Configure ``backend`` on the instance (the agent's ``backend``: keras.json, .theanorc,
-    ``run_dir``/env.json), then verify it (``verify``: import Keras in the job environment;
-    on a GPU instance, each backend must see the GPU). Returns the agent's report; a backend
-    that does not work raises RemoteError. The agent must be uploaded already.
+def verify_backend(agent: RemoteAgent, config: AgentConfig | None = None) -> dict[str, Any]:
+    """Configure the agent's backend on the instance (keras.json, .theanorc, the run folder's
+    env.json), then verify it (import Keras in the job environment; on a GPU instance, each
+    backend must see the GPU). Returns the agent's report; a backend that does not work
+    raises RemoteError. The agent must be installed already.
 
-    ``run`` passes the job's options in ``backend_args`` (seed, keras, checkpoints, env);
-    ``image build`` verifies each environment of the image it builds with none."""
-    path = f"PATH=${{CLOUDTRAIN_ROOT:-/opt/cloudtrain}}/envs/{backend}/bin:$PATH"
-    gpu = '$([ -n "$CLOUDTRAIN_SIMULATED" ] && echo no || echo auto)'
-    session.run(
-        f"mkdir -p {run_dir} && "
-        + agent_command(
-            backend,
-            f"backend --backend {backend} --home $HOME --run-dir {run_dir} "
-            f'--gpu {gpu} --env "{path}"{backend_args.rstrip()}',
-        )
-    )
-    expect_gpu = '$([ -z "$CLOUDTRAIN_SIMULATED" ] && echo --expect-gpu)'
-    report = agent_report(
-        session,
-        backend,
-        f"verify --backend {backend} --python {remote_python(backend)} "
-        f"--env-file {run_dir}/env.json{keras} {expect_gpu}",
-    )
+    ``run`` passes the job's options in ``config``; ``image build`` verifies each
+    environment of the image it builds with none."""
+    agent.configure(config, gpu=GPU)
+    report = agent.verify(config.keras if config else None, expect_gpu=EXPECT_GPU)
     if "error" in report:
         raise RemoteError(
-            f"the {backend} backend does not work on the instance: {report['error']}",
+            f"the {agent.backend} backend does not work on the instance: {report['error']}",
             hint=str(report.get("hint") or "See the image's job environment."),
         )
     return report
@@ -146,26 +111,6 @@ def wait_for_fingerprints(
             )
         time.sleep(delay)
         delay = min(delay * 2, poll)
-
-
-def agent_report(session: Session, backend: str, args: str) -> dict[str, Any]:
-    """Run an agent command that prints one JSON object; its report, with ``error`` set
-    when the command failed (the agent's own message, else its output)."""
-    result = session.run(agent_command(backend, args), check=False)
-    report = json_report(result.text)
-    if result.exit_code != 0 and "error" not in report:
-        report["error"] = result.text.strip()[-500:] or f"exit code {result.exit_code}"
-    return report
-
-
-def json_report(text: str) -> dict[str, Any]:
-    """The last JSON object the agent printed, else ``{"error": <the output's tail>}``."""
-    for line in reversed(text.strip().splitlines()):
-        with suppress(ValueError):
-            data = json.loads(line)
-            if isinstance(data, dict):
-                return data
-    return {"error": text.strip()[-500:] or "no output"}
 
 
 def describe_backend(report: Mapping[str, Any]) -> str:

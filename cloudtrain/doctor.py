@@ -423,7 +423,7 @@ def _ended_runs(settings: Settings) -> set[str]:
     from cloudtrain.ledger import Ledger
 
     with Ledger.open(settings) as ledger:
-        return {r.id for r in ledger.list_runs() if r.state.finished and not r.detail.get("kept_until")}
+        return {r.id for r in ledger.list_runs() if r.state.finished and not r.handle.kept_until}
 
 
 # --- the simulated image (dry-run) --------------------------------------------------------

@@ -144,7 +144,7 @@ def verdict(tags: Mapping[str, str], run: RunRow | None, now: datetime) -> tuple
     """Whether a resource with ``tags`` is garbage, and why (or why it stays).
 
     ``run``: its run as this ledger knows it, None when the ledger does not."""
-    kept_until = _time(run.detail.get("kept_until")) if run is not None else None
+    kept_until = _time(run.handle.kept_until) if run is not None else None
     if kept_until is not None and kept_until > now:
         return False, f"kept until {iso(kept_until)}"
     if run is not None and run.state.finished:
@@ -340,8 +340,8 @@ def _settle_runs(
         ledger.add_event(run_id, "gc", f"removed by `cloudtrain gc`: {names}")
         if not run.state.finished:
             _end_run(ledger, run, mine, cloud)
-        elif run.detail.get("kept_until"):
-            ledger.update_run(run_id, detail={"kept_until": None})
+        elif run.handle.kept_until:
+            ledger.update_run(run_id, handle={"kept_until": None})
         if run.run_dir and Path(run.run_dir).is_dir():
             write_run_json(ledger, run_id, Path(run.run_dir))
 
@@ -362,6 +362,6 @@ def _end_run(ledger: Ledger, run: RunRow, mine: list[Removal], cloud: Callable[[
         ids = ", ".join(i.id for i in live)
         ledger.add_event(run.id, "teardown-incomplete", f"instances still there: {ids}")
         return
-    ledger.update_run(run.id, state=RunState.CANCELLED, ended_at=utcnow(), detail={"kept_until": None})
+    ledger.update_run(run.id, state=RunState.CANCELLED, ended_at=utcnow(), handle={"kept_until": None})
     message = "run cancelled: it expired, and `cloudtrain gc` removed what it left"
     ledger.add_event(run.id, RunState.CANCELLED.value, message)

@@ -23,9 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 from cloudtrain.bringup import (
-    REMOTE_AGENT,
     REMOTE_USER,
-    agent_source,
     describe_backend,
     run_recipe,
     verify_backend,
@@ -46,9 +44,9 @@ from cloudtrain.cloud.simimage import ENVS, recipe_version
 from cloudtrain.errors import CloudError, CloudtrainError, ExitCode, InputError, RemoteError
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
 from cloudtrain.progress import Reporter
-from cloudtrain.records import Lifecycle, RunState, iso, new_run_id, utcnow
+from cloudtrain.records import Lifecycle, RunHandle, RunState, iso, new_run_id, utcnow
+from cloudtrain.remote.agent import RemoteAgent
 from cloudtrain.remote.session import Endpoint, Session
-from cloudtrain.remote.sync import upload_tree
 from cloudtrain.settings import Settings
 from cloudtrain.teardown import shielded_from_signals, teardown
 
@@ -124,7 +122,7 @@ def build(
             backend=",".join(envs),
             simulated=settings.simulated,
             region=region,
-            detail={"image_version": version, "instance_type": instance_type},
+            handle=RunHandle(image_version=version, instance_type=instance_type),
         )
     )
     cloud = AwsCloud(settings, region)
@@ -147,7 +145,7 @@ def build(
         key = cloud.ensure_key_pair(run_id, tags)
         acquired["key_name"] = key.name
         acquired["security_group_id"] = cloud.create_security_group(run_id, caller_cidr(settings), tags)
-        ledger.update_run(run_id, detail={**acquired, "key_path": str(key.path), "base_image": base_image.id})
+        ledger.update_run(run_id, handle={**acquired, "key_path": str(key.path), "base_image": base_image.id})
         instance_id = cloud.launch(
             LaunchRequest(
                 run_id=run_id,
@@ -178,7 +176,7 @@ def build(
                 ebs_per_gb_month=catalog.ebs_price(region),
             )
         )
-        ledger.update_run(run_id, detail={"instance_id": instance_id})
+        ledger.update_run(run_id, handle={"instance_id": instance_id})
         launched = cloud.wait_running(instance_id)
         ledger.instance_running(instance_id, utcnow())
         ledger.update_run(run_id, started_at=utcnow())
@@ -195,13 +193,13 @@ def build(
             )
         endpoint = Endpoint(launched.ssh_host, launched.ssh_port, REMOTE_USER, key.path, fingerprints)
         with Session(endpoint).connect() as session:
-            upload_tree(session, agent_source(), f"{REMOTE_AGENT}/cloudtrain_agent")
+            RemoteAgent(session, envs[0]).install()
             run_recipe(session, envs, reporter, instance_id)
             reports: dict[str, Any] = {}
             for env in envs:
-                reports[env] = verify_backend(session, env, f"{REMOTE_BUILD_DIR}/{env}")
+                reports[env] = verify_backend(RemoteAgent(session, env, f"{REMOTE_BUILD_DIR}/{env}"))
                 reporter.info(f"{env}: {describe_backend(reports[env])}")
-            ledger.update_run(run_id, detail={"backend_reports": reports})
+            ledger.update_run(run_id, handle={"backend_reports": reports})
             # what the build left in the login user's home stays off the image: the agent, the
             # recipe, the verification's keras.json, and the build key pair's authorized key
             session.run(
@@ -216,7 +214,7 @@ def build(
             instance_id, name, f"cloudtrain image, recipe version {version} ({', '.join(envs)})", image_tags
         )
         acquired["image_id"] = image_id
-        ledger.update_run(run_id, detail={"image_id": image_id, "image_name": name})
+        ledger.update_run(run_id, handle={"image_id": image_id, "image_name": name})
         cloud.wait_image_available(image_id)
         acquired.pop("image_id")  # done: it stays
         ledger.add_event(run_id, "image-available", f"{image_id} ({name}) is available in {region}")

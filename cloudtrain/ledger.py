@@ -50,14 +50,14 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from cloudtrain.errors import InputError, LedgerError
-from cloudtrain.records import Lifecycle, RunState, iso, parse_iso, utcnow
+from cloudtrain.records import Lifecycle, RunHandle, RunState, iso, parse_iso, utcnow
 from cloudtrain.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class RunRow:
     ended_at: datetime | None = None
     run_dir: str | None = None
     exit_code: int | None = None
-    detail: Mapping[str, Any] = field(default_factory=dict)
+    handle: RunHandle = field(default_factory=RunHandle)
 
 
 @dataclass(frozen=True)
@@ -311,9 +311,28 @@ def _migrate_v1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _migrate_v2(conn: sqlite3.Connection) -> None:
+    """A run's handle (records.RunHandle) in one column, ``handle``: v1's ``detail`` object,
+    rewritten in the handle's form. A key no cloudtrain wrote (an edit by hand) is dropped,
+    with a warning: it would mean nothing to the handle."""
+    conn.execute("ALTER TABLE runs RENAME COLUMN detail TO handle")
+    known = {f.name for f in fields(RunHandle)}
+    for run_id, text in conn.execute("SELECT id, handle FROM runs").fetchall():
+        try:
+            stored = json.loads(text or "{}")
+            handle = RunHandle.from_json({k: v for k, v in stored.items() if k in known})
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            log.warning("ledger: run %s: its detail is not a run handle (%s); kept empty", run_id, e)
+            handle, stored = RunHandle(), {}
+        dropped = sorted(set(stored) - known)
+        if dropped:
+            log.warning("ledger: run %s: dropped detail keys no cloudtrain writes: %s", run_id, dropped)
+        conn.execute("UPDATE runs SET handle = ? WHERE id = ?", (_dump_handle(handle), run_id))
+
+
 # Ordered: MIGRATIONS[n] takes a version-n file to version n + 1. Append, never edit a
-# released one (v1 is not released yet).
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1]
+# released one.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1, _migrate_v2]
 
 
 def schema_version() -> int:
@@ -489,7 +508,7 @@ class Ledger:
             try:
                 conn.execute(
                     "INSERT INTO runs (id, name, job_path, backend, state, simulated, region,"
-                    " created_at, started_at, ended_at, run_dir, exit_code, detail)"
+                    " created_at, started_at, ended_at, run_dir, exit_code, handle)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         run.id,
@@ -504,7 +523,7 @@ class Ledger:
                         _iso_or_none(run.ended_at),
                         run.run_dir,
                         run.exit_code,
-                        _dump_detail(run.detail),
+                        _dump_handle(run.handle),
                     ),
                 )
             except sqlite3.IntegrityError as e:
@@ -519,12 +538,12 @@ class Ledger:
         ended_at: datetime | None = None,
         exit_code: int | None = None,
         run_dir: str | None = None,
-        detail: Mapping[str, Any] | None = None,
+        handle: Mapping[str, Any] | None = None,
     ) -> None:
-        """Change the given fields (None: leave as is); ``detail`` is merged into the
-        stored object key by key. An unknown run raises ``KeyError``."""
+        """Change the given fields (None: leave as is); ``handle`` names the fields of the
+        run's handle to change (``RunHandle.changed``). An unknown run raises ``KeyError``."""
         with self._write() as conn:
-            row = conn.execute("SELECT detail FROM runs WHERE id = ?", (run_id,)).fetchone()
+            row = conn.execute("SELECT handle FROM runs WHERE id = ?", (run_id,)).fetchone()
             if row is None:
                 raise KeyError(run_id)
             changes: dict[str, object] = {}
@@ -538,10 +557,10 @@ class Ledger:
                 changes["exit_code"] = exit_code
             if run_dir is not None:
                 changes["run_dir"] = run_dir
-            if detail:
-                merged = dict(_load_detail(row[0]))
-                merged.update(detail)
-                changes["detail"] = _dump_detail(merged)
+            if handle:
+                with self.reading(f" (run {run_id})"):
+                    stored = _load_handle(row[0])
+                changes["handle"] = _dump_handle(stored.changed(**handle))
             if changes:
                 assignments = ", ".join(f"{column} = ?" for column in changes)
                 conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*changes.values(), run_id))
@@ -693,7 +712,7 @@ class Ledger:
     def redact(self, secrets: Iterable[str]) -> None:
         """From now on, write each of ``secrets`` (a run's ``secrets:`` values) as ``***``
         wherever free text reaches the ledger: event messages, which carry error messages
-        and remote output. (Run details hold ids, addresses and reports made before any
+        and remote output. (Run handles hold ids, addresses and reports made before any
         secret reaches the instance; they are left as they are, so no id is ever blotted.)"""
         self._secrets = secret_values((*self._secrets, *secrets))
 
@@ -723,7 +742,7 @@ class Ledger:
 
 _RUN_COLUMNS = (
     "id, name, state, created_at, job_path, backend, simulated, region,"
-    " started_at, ended_at, run_dir, exit_code, detail"
+    " started_at, ended_at, run_dir, exit_code, handle"
 )
 
 
@@ -741,7 +760,7 @@ def _run_row(r: tuple[Any, ...]) -> RunRow:
         ended_at=_parse_or_none(r[9]),
         run_dir=r[10],
         exit_code=r[11],
-        detail=_load_detail(r[12]),
+        handle=_load_handle(r[12]),
     )
 
 
@@ -767,12 +786,13 @@ def _parse_or_none(text: str | None) -> datetime | None:
     return parse_iso(text) if text else None
 
 
-def _dump_detail(detail: Mapping[str, Any]) -> str:
-    return json.dumps(dict(detail), sort_keys=True, separators=(",", ":"))
+def _dump_handle(handle: RunHandle) -> str:
+    return json.dumps(handle.to_json(), sort_keys=True, separators=(",", ":"))
 
 
-def _load_detail(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    value = json.loads(text)
-    return value if isinstance(value, dict) else {}
+def _load_handle(text: str | None) -> RunHandle:
+    """The stored handle; a damaged one raises ValueError or TypeError (Ledger.reading)."""
+    value = json.loads(text or "{}")
+    if not isinstance(value, dict):
+        raise ValueError(f"its handle is not an object: {text[:80] if text else text!r}")
+    return RunHandle.from_json(value)

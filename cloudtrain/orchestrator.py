@@ -11,9 +11,7 @@ differs, and the instance tells the agent whether a GPU is expected.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
-import shlex
 import sys
 import threading
 import time
@@ -29,16 +27,8 @@ import yaml
 from cloudtrain import budget
 from cloudtrain.agent.redact import LogRedactor
 from cloudtrain.bringup import (
-    REMOTE_AGENT,
-    REMOTE_RUN_DIR,
     REMOTE_USER,
-    REMOTE_WORKDIR,
-    agent_command,
-    agent_report,
-    agent_source,
     describe_backend,
-    json_report,
-    remote_python,
     run_recipe,
     verify_backend,
     wait_for_fingerprints,
@@ -66,15 +56,23 @@ from cloudtrain.errors import (
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
 from cloudtrain.planner import BASE_IMAGE, Offer, Plan
 from cloudtrain.progress import Reporter
-from cloudtrain.records import Lifecycle, RunState, iso, new_run_id, utcnow
+from cloudtrain.records import Lifecycle, RunHandle, RunState, iso, new_run_id, utcnow
 from cloudtrain.recovery import (
     LOST_STATES,
-    REMOTE_CHECKPOINT,
     CheckpointKeeper,
     InstanceLost,
     SimulatedInterruption,
     last_checkpoint,
     pull_checkpoint,
+)
+from cloudtrain.remote.agent import (
+    REMOTE_CHECKPOINT,
+    REMOTE_RUN_DIR,
+    REMOTE_WORKDIR,
+    AgentCli,
+    AgentConfig,
+    LogFollower,
+    RemoteAgent,
 )
 from cloudtrain.remote.session import Endpoint, HostKeyMismatch, Session
 from cloudtrain.remote.sync import SyncReport
@@ -88,7 +86,6 @@ log = logging.getLogger(__name__)
 DEFAULT_DEADLINE_HOURS = 24.0  # without budget.max_hours: the instance ends itself after this
 MAX_LAUNCH_OFFERS = 5  # offers tried when AWS has no capacity, before giving up
 STREAM_RECONNECTS = 5
-FOLLOW_ROUND_S = 15  # the log is followed this long at a time: the budget is checked in between
 BUDGET_SHOW_S = 300.0  # the cost so far is shown this often while the log streams
 MAX_RELAUNCHES = 3  # spot interruptions survived per run, before giving up
 
@@ -111,17 +108,13 @@ class RunContext:
     log_offset: int = 0  # bytes of this instance's log streamed so far
     log_base: int = 0  # bytes of the local log from earlier instances (after relaunches)
     training_started: bool = False
-    detail: dict[str, Any] = field(default_factory=dict)
+    handle: RunHandle = field(default_factory=RunHandle)  # as the ledger has it
     # for relaunches: what the first launch prepared, and what went before
     image: Image | None = None
     key: KeyPair | None = None
     tags: dict[str, str] = field(default_factory=dict)
     relaunches: int = 0
     lost: list[tuple[str, str | None]] = field(default_factory=list)  # (type, zone) taken away
-
-
-def _q(text: str) -> str:
-    return shlex.quote(text)
 
 
 class Orchestrator:
@@ -167,9 +160,10 @@ class Orchestrator:
         self.ledger.add_event(ctx.run_id, state.value, message)
         self.reporter.stage(state, message)
 
-    def _detail(self, ctx: RunContext, **values: Any) -> None:
-        ctx.detail.update(values)
-        self.ledger.update_run(ctx.run_id, detail=values)
+    def _record(self, ctx: RunContext, **changes: Any) -> None:
+        """Change fields of the run's handle, here and in the ledger."""
+        ctx.handle = ctx.handle.changed(**changes)
+        self.ledger.update_run(ctx.run_id, handle=changes)
 
     # --- the lifecycle -----------------------------------------------------------------
 
@@ -191,7 +185,7 @@ class Orchestrator:
                 simulated=self.settings.simulated,
                 region=self.region,
                 run_dir=str(run_dir),
-                detail={"plan": self.plan.to_json()},
+                handle=RunHandle(plan=self.plan.to_json()),
             )
         )
         ctx = RunContext(run_id=run_id, run_dir=run_dir, cloud=AwsCloud(self.settings, self.region))
@@ -225,7 +219,7 @@ class Orchestrator:
                     )
                     return 0
             else:
-                lost = self._lost(ctx)
+                lost = self.instance_lost(ctx)
                 if lost is not None:  # taken away while nobody followed it (a detached run)
                     self._recover(ctx, lost)
                     self._bring_up(ctx)
@@ -269,9 +263,7 @@ class Orchestrator:
             if ctx.session is not None:
                 ctx.session.close()
             if not keep:
-                profile = ctx.instance_profile or ctx.detail.get(
-                    "instance_profile"
-                )  # attach: from the ledger
+                profile = ctx.instance_profile or ctx.handle.instance_profile  # attach: from the ledger
                 problems = teardown(
                     ctx.cloud,
                     self.ledger,
@@ -317,11 +309,7 @@ class Orchestrator:
             deadline = utcnow() + timedelta(hours=DEFAULT_DEADLINE_HOURS)
         assert ctx.session is not None and ctx.instance_id is not None
         try:
-            ctx.session.run(
-                agent_command(
-                    self.spec.backend, f"collected --run-dir {REMOTE_RUN_DIR} --keep-until {iso(deadline)}"
-                )
-            )
+            self._agent(ctx).collected(keep_until=iso(deadline))
         except RemoteError as e:  # teardown must go on: the watchdog still ends it, only sooner
             deadline = min(deadline, utcnow() + timedelta(seconds=self.spec.watchdog.collect_grace_s))
             self.reporter.warn(f"could not tell the instance it is kept ({e.message})")
@@ -329,7 +317,7 @@ class Orchestrator:
             ctx.cloud.set_run_expiry(ctx.run_id, deadline + timedelta(minutes=30), ctx.instance_profile)
         except CloudtrainError as e:  # the instance still powers itself off at the deadline
             self.reporter.warn(f"could not move the expiry tag ({e.message}): `gc` may end it early")
-        self._detail(ctx, kept_until=iso(deadline))
+        self._record(ctx, kept_until=iso(deadline))
         self.reporter.warn(
             f"--keep: {ctx.instance_id} keeps running (and billing) until `cloudtrain down {ctx.run_id}` "
             f"or {iso(deadline)}, when it powers itself off"
@@ -362,7 +350,7 @@ class Orchestrator:
         ctx.key_name, ctx.key_path = key.name, key.path
         ctx.image = image = self._choose_image(ctx)
         ctx.security_group_id = ctx.cloud.create_security_group(ctx.run_id, caller_cidr(self.settings), tags)
-        self._detail(
+        self._record(
             ctx,
             security_group_id=ctx.security_group_id,
             key_name=key.name,
@@ -374,7 +362,7 @@ class Orchestrator:
         writable = [checkpoint_url] if checkpoint_url else []
         if buckets or writable:  # the instance reaches S3 with its own role, never the user's keys
             ctx.instance_profile = ctx.cloud.ensure_instance_profile(ctx.run_id, buckets, tags, writable)
-            self._detail(ctx, instance_profile=ctx.instance_profile)
+            self._record(ctx, instance_profile=ctx.instance_profile)
             reads = f"reads {', '.join(f's3://{b}' for b in buckets)}" if buckets else ""
             writes = f"keeps checkpoints in {checkpoint_url}" if writable else ""
             self.reporter.info(
@@ -469,7 +457,7 @@ class Orchestrator:
                 ebs_per_gb_month=self.plan.ebs_per_gb_month,
             )
         )
-        self._detail(ctx, instance_id=ctx.instance_id)
+        self._record(ctx, instance_id=ctx.instance_id)
         ctx.launched = ctx.cloud.wait_running(ctx.instance_id)
         self.ledger.instance_running(ctx.instance_id, utcnow())
         if ctx.relaunches == 0:
@@ -516,7 +504,7 @@ class Orchestrator:
                 self._recover(ctx, e)
                 self._bring_up(ctx)
 
-    def _lost(self, ctx: RunContext) -> InstanceLost | None:
+    def instance_lost(self, ctx: RunContext) -> InstanceLost | None:
         """The instance, if AWS has taken it away (a failed describe is not proof of that)."""
         if ctx.instance_id is None:
             return None
@@ -529,7 +517,7 @@ class Orchestrator:
     def _recover(self, ctx: RunContext, error: RemoteError) -> None:
         """After a remote failure: re-raise it unless the instance was lost; else confirm the
         old one is gone (one instance per run at a time) and launch the next offer."""
-        lost = error if isinstance(error, InstanceLost) else self._lost(ctx)
+        lost = error if isinstance(error, InstanceLost) else self.instance_lost(ctx)
         if lost is None or not self._ready_to_relaunch(ctx):
             raise error
         assert ctx.instance_id is not None and self.plan is not None
@@ -552,7 +540,7 @@ class Orchestrator:
         ctx.log_base += ctx.log_offset
         ctx.log_offset = 0
         ctx.training_started = False
-        self._detail(ctx, log_base=ctx.log_base, relaunches=ctx.relaunches, training_started=False)
+        self._record(ctx, log_base=ctx.log_base, relaunches=ctx.relaunches, training_started=False)
         offers = [
             o
             for o in launch_offers(self.plan, MAX_LAUNCH_OFFERS + len(ctx.lost))
@@ -577,7 +565,7 @@ class Orchestrator:
                 return False
             self.plan = self.replan()
         if ctx.image is None:
-            ctx.image = ctx.cloud.resolve_image(ctx.detail.get("image") or self.spec.resources.image)
+            ctx.image = ctx.cloud.resolve_image(ctx.handle.image or self.spec.resources.image)
         if ctx.key is None and ctx.key_name and ctx.key_path:
             ctx.key = KeyPair(ctx.key_name, ctx.key_path)
         if not ctx.tags:
@@ -602,11 +590,7 @@ class Orchestrator:
             epoch, source = found[1].get("epoch"), "the copy at home"
         url = self.spec.checkpoint.s3_url(ctx.run_id)
         if url:
-            report = agent_report(
-                ctx.session,
-                self.spec.backend,
-                f"checkpoint-s3 --url {_q(url)} --dir $HOME/{REMOTE_CHECKPOINT} --region {_q(self.region)}",
-            )
+            report = self._agent(ctx).restore_checkpoint(url, self.region)
             if "error" in report:
                 self.reporter.warn(f"the checkpoint in {url} was not restored: {report['error']}")
             elif report.get("source") == "s3":
@@ -617,8 +601,8 @@ class Orchestrator:
             self.reporter.info(message)
 
     def _pull_checkpoint(self, session: Session, dest: Path) -> None:
-        python, agent = remote_python(self.spec.backend), f"$HOME/{REMOTE_AGENT}"
-        pull_checkpoint(session, dest, remote_python=python, remote_agent_path=agent)
+        cli = AgentCli.for_backend(self.spec.backend)
+        pull_checkpoint(session, dest, remote_python=cli.python, remote_agent_path=cli.path)
 
     def _keeper_event(self, kind: str, message: str) -> None:
         """From the keeper's thread: shown now, recorded by the main thread later."""
@@ -660,7 +644,7 @@ class Orchestrator:
         endpoint = Endpoint(
             ctx.launched.ssh_host, ctx.launched.ssh_port, REMOTE_USER, ctx.key_path, ctx.fingerprints
         )
-        self._detail(
+        self._record(
             ctx,
             ssh={
                 "host": endpoint.host,
@@ -670,33 +654,19 @@ class Orchestrator:
             },
         )
         try:
-            ctx.session = Session(endpoint, give_up=lambda: self._lost(ctx)).connect()
+            ctx.session = Session(endpoint, give_up=lambda: self.instance_lost(ctx)).connect()
         except HostKeyMismatch:
             self.ledger.add_event(ctx.run_id, "host-key-mismatch", "refused the instance's host key")
             raise
-        from cloudtrain.remote.sync import upload_tree
-
-        upload_tree(ctx.session, agent_source(), f"{REMOTE_AGENT}/cloudtrain_agent")
+        agent = self._agent(ctx)
+        agent.install()
         backend = self.spec.backend
         if self.spec.resources.image == BASE_IMAGE:
             self.reporter.info(f"installing the {backend} environment (resources.image: base)")
             run_recipe(ctx.session, [backend], self.reporter, ctx.instance_id)
-        env_args = " ".join(f"--env {_q(f'{k}={v}')}" for k, v in self.spec.env.items())
-        seed = f" --seed {self.spec.seed}" if self.spec.seed is not None else ""
-        keras = f" --keras {self.spec.keras}" if self.spec.keras else ""
-        every = self.spec.checkpoint.every_epochs
-        checkpoint = f" --checkpoint-dir $HOME/{REMOTE_CHECKPOINT} --checkpoint-every {every}"
-        checkpoint_url = self.spec.checkpoint.s3_url(ctx.run_id)
-        if checkpoint_url:
-            checkpoint += f" --checkpoint-s3 {_q(checkpoint_url)} --region {_q(self.region)}"
-        cache = ""
-        if backend == "theano":  # the run's compile folder starts as a copy of the image's warm one
-            cache = ' --compile-cache "${CLOUDTRAIN_ROOT:-/opt/cloudtrain}/theano-cache"'
         ctx.session.run(f"mkdir -p {REMOTE_WORKDIR}")
-        report = verify_backend(
-            ctx.session, backend, REMOTE_RUN_DIR, f"{seed}{keras}{cache}{checkpoint} {env_args}", keras
-        )
-        self._detail(ctx, backend_report=report)
+        report = verify_backend(agent, AgentConfig.from_spec(self.spec, ctx.run_id, self.region))
+        self._record(ctx, backend_report=report)
         self.reporter.info(describe_backend(report))
 
     def _sync(self, ctx: RunContext) -> None:
@@ -704,6 +674,7 @@ class Orchestrator:
         from cloudtrain.remote.sync import sync_workdir
 
         self._state(ctx, RunState.SYNCING, "syncing the workdir and data")
+        cli = AgentCli.for_backend(self.spec.backend)
         report = sync_workdir(
             ctx.session,
             self.spec.workdir,
@@ -711,8 +682,8 @@ class Orchestrator:
             data_sources=self.spec.data,
             exclude=[self.out_dir, self.settings.home],
             cache_dir=self.settings.home / "cache",
-            remote_python=remote_python(self.spec.backend),
-            remote_agent_path=f"$HOME/{REMOTE_AGENT}",
+            remote_python=cli.python,
+            remote_agent_path=cli.path,
         )
         for warning in report.warnings:
             self.reporter.warn(warning)
@@ -727,11 +698,7 @@ class Orchestrator:
             if not source.is_s3:
                 continue
             dst = f"{REMOTE_WORKDIR}/{source.dst.strip('/')}"
-            report = agent_report(
-                ctx.session,
-                self.spec.backend,
-                f"fetch-s3 --src {_q(source.src)} --dst {_q(dst)} --region {_q(self.region)}",
-            )
+            report = self._agent(ctx).fetch_s3(source.src, dst, self.region)
             if "error" in report:
                 raise RemoteError(
                     f"fetching {source.src} on the instance failed: {report['error']}",
@@ -748,34 +715,21 @@ class Orchestrator:
         if missing:  # checked before launch too; this guards the API
             raise InputError(f"secrets not set locally: {', '.join(missing)}")
         self._state(ctx, RunState.RUNNING, f"running: {self.spec.run}")
-        setup = f" --setup {_q(self.spec.setup)}" if self.spec.setup else ""
-        ctx.session.run(
-            agent_command(
-                self.spec.backend,
-                f"start --run-dir {REMOTE_RUN_DIR} --workdir {REMOTE_WORKDIR} "
-                f"--run {_q(self.spec.run)}{setup} --env-file {REMOTE_RUN_DIR}/env.json",
-            ),
-            stdin=json.dumps(self.secrets).encode(),
-        )
+        self._agent(ctx).start(self.spec.run, self.spec.setup, self.secrets)
         ctx.training_started = True
-        self._detail(ctx, training_started=True)  # `logs -f` from elsewhere waits for this
+        self._record(ctx, training_started=True)  # `logs -f` from elsewhere waits for this
         self._start_watchdog(ctx)
         self._interrupt_if_due(ctx, None)
 
     def _start_watchdog(self, ctx: RunContext) -> None:
         """The instance's own guard (agent/watchdog.py): it powers off at the deadline, or when
         nobody collects the ended run within the grace; the controller need not stay up."""
-        assert ctx.session is not None
-        outputs = "".join(f" --output {_q(path)}" for path in self.spec.outputs)
-        url = self.spec.checkpoint.s3_url(ctx.run_id)
-        s3 = f" --s3 {_q(url)} --region {_q(self.region)}" if url else ""
-        ctx.session.run(
-            agent_command(
-                self.spec.backend,
-                f"watchdog --run-dir {REMOTE_RUN_DIR} --workdir {REMOTE_WORKDIR} "
-                f"--deadline {iso(self._deadline(ctx))} --grace {self.spec.watchdog.collect_grace_s}"
-                f"{outputs}{s3}",
-            )
+        self._agent(ctx).watchdog(
+            iso(self._deadline(ctx)),
+            self.spec.watchdog.collect_grace_s,
+            self.spec.outputs,
+            self.spec.checkpoint.s3_url(ctx.run_id),
+            self.region,
         )
 
     def follow(self, ctx: RunContext) -> int:
@@ -803,11 +757,8 @@ class Orchestrator:
             if limits.max_cost_usd is not None or limits.max_hours is not None:
                 shown -= BUDGET_SHOW_S  # with a budget, the spending is shown from the start
 
-            redactor = LogRedactor(self.secrets.values())
-
-            def sink(data: bytes) -> None:
+            def sink(data: bytes) -> None:  # secrets masked already
                 nonlocal partial, budget_checked
-                data = redactor.feed(data)  # the part of a secret held back is not counted yet
                 logfile.write(data)
                 logfile.flush()
                 ctx.log_offset += len(data)
@@ -820,53 +771,37 @@ class Orchestrator:
                     for line in lines:
                         self._interrupt_if_due(ctx, line.decode("utf-8", "replace"))
 
-            drops = 0
+            def between_rounds() -> None:
+                nonlocal shown
+                self._check_budget(ctx, keeper)
+                if time.monotonic() - shown >= BUDGET_SHOW_S:
+                    shown = time.monotonic()
+                    self.reporter.info(self._spending(ctx))
+
+            def dropped(error: RemoteError) -> None:
+                self.reporter.warn(f"lost the connection to {ctx.instance_id} ({error.reason}); reconnecting")
+                log.info("the log stream failed: %s (%s)", error.message, error.debug)
+
+            follower = LogFollower(
+                self._agent(ctx),
+                ctx.log_offset,
+                sink,
+                secrets=self.secrets.values(),
+                lost=lambda: self.instance_lost(ctx),
+                reconnects=STREAM_RECONNECTS,
+                on_drop=dropped,
+            )
             try:
-                while True:
-                    self._check_budget(ctx, keeper)
-                    if time.monotonic() - shown >= BUDGET_SHOW_S:
-                        shown = time.monotonic()
-                        self.reporter.info(self._spending(ctx))
-                    redactor = LogRedactor(self.secrets.values())  # the next tail resends what it held
-                    try:
-                        ctx.session.stream(
-                            agent_command(
-                                self.spec.backend,
-                                f"tail --run-dir {REMOTE_RUN_DIR} --offset {ctx.log_offset} --follow "
-                                f"--for {FOLLOW_ROUND_S}",
-                            ),
-                            sink,
-                        )
-                        status = json_report(
-                            ctx.session.run(
-                                agent_command(self.spec.backend, f"status --run-dir {REMOTE_RUN_DIR}")
-                            ).text
-                        )
-                    except RemoteError as e:
-                        lost = self._lost(ctx)
-                        if lost is not None:
-                            raise lost from e
-                        drops += 1
-                        if drops > STREAM_RECONNECTS:
-                            raise
-                        self.reporter.warn(
-                            f"lost the connection to {ctx.instance_id} ({e.reason}); reconnecting"
-                        )
-                        log.info("the log stream failed: %s (%s)", e.message, e.debug)
-                        time.sleep(min(2**drops, 15))
-                        with suppress(RemoteError):
-                            ctx.session.reconnect()
-                        continue
-                    if status.get("exit_code") is not None:
-                        keeper.final_round(ctx.session)  # the training's last checkpoint comes home
-                        return int(status["exit_code"])
-                    if not status.get("running"):
-                        raise RemoteError(
-                            "the training supervisor on the instance is gone without an exit code",
-                            hint=f"See {REMOTE_RUN_DIR}/supervisor.log on the instance (`--keep` keeps it).",
-                        )
+                code = follower.follow(between=between_rounds)
+                keeper.final_round(ctx.session)  # the training's last checkpoint comes home
+                return code
             finally:
                 self._flush_keeper_events(ctx)
+
+    def _agent(self, ctx: RunContext) -> RemoteAgent:
+        """The agent on the run's instance, over its session."""
+        assert ctx.session is not None
+        return RemoteAgent(ctx.session, self.spec.backend)
 
     def _spending(self, ctx: RunContext) -> str:
         run = self.ledger.get_run(ctx.run_id)
@@ -901,13 +836,14 @@ class Orchestrator:
         from cloudtrain.remote.pull import pull
 
         if self.spec.outputs:
+            cli = AgentCli.for_backend(self.spec.backend)
             report = pull(
                 ctx.session,
                 REMOTE_WORKDIR,
                 self.spec.outputs,
                 ctx.run_dir,
-                remote_python=remote_python(self.spec.backend),
-                remote_agent_path=f"$HOME/{REMOTE_AGENT}",
+                remote_python=cli.python,
+                remote_agent_path=cli.path,
             )
             for skipped in report.skipped:
                 self.reporter.warn(f"not pulled: {skipped}")
@@ -916,15 +852,10 @@ class Orchestrator:
         with open(logs / "train.log", "ab") as logfile:
             logfile.truncate(ctx.log_base + ctx.log_offset)
             redactor = LogRedactor(self.secrets.values())
-            ctx.session.stream(
-                agent_command(
-                    self.spec.backend, f"tail --run-dir {REMOTE_RUN_DIR} --offset {ctx.log_offset}"
-                ),
-                lambda data: logfile.write(redactor.feed(data)),
-            )
+            self._agent(ctx).tail(ctx.log_offset, lambda data: logfile.write(redactor.feed(data)))
             logfile.write(redactor.flush())
         # The watchdog's grace starts again from here (see agent/watchdog.py).
-        ctx.session.run(agent_command(self.spec.backend, f"collected --run-dir {REMOTE_RUN_DIR}"))
+        self._agent(ctx).collected()
 
     def _salvage(self, ctx: RunContext) -> None:
         """After an interruption or error: pull back what there is, on a fresh connection

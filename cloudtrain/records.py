@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from enum import Enum
+from typing import Any
 
 RUN_ID_RE = re.compile(r"^(?P<name>[a-z0-9][a-z0-9-]*)-(?P<stamp>\d{8}-\d{6})-(?P<tag>[0-9a-f]{4})$")
 
@@ -68,3 +70,65 @@ class SpotPrice:
     zone: str
     price: float
     timestamp: datetime
+
+
+@dataclass(frozen=True)
+class SshAddress:
+    """Where a run's instance answers SSH, and the host key fingerprints pinned for it."""
+
+    host: str
+    port: int
+    user: str
+    fingerprints: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """What a run holds in the cloud and where it stands there: everything ``attach``,
+    ``logs -f``, ``down``, ``gc`` and a relaunch need, kept in the ledger as one column.
+
+    A field is None (or its default) until the run gets that far. ``image build`` runs
+    fill the fields after ``kept_until``."""
+
+    plan: Mapping[str, Any] | None = None  # Plan.to_json(): the offers a relaunch goes down
+    owner: str | None = None  # what its resources' tags say
+    image: str | None = None  # the image id its instances boot
+    security_group_id: str | None = None
+    key_name: str | None = None
+    key_path: str | None = None  # the private key, on this machine
+    instance_profile: str | None = None  # the run's own, for S3
+    instance_id: str | None = None  # the instance it is on now
+    ssh: SshAddress | None = None
+    backend_report: Mapping[str, Any] | None = None  # the agent's verify report
+    training_started: bool = False  # on the instance it is on now
+    log_base: int = 0  # the local log's bytes from earlier instances
+    relaunches: int = 0
+    kept_until: str | None = None  # --keep: the instance powers itself off then (ISO UTC)
+    image_version: str | None = None
+    instance_type: str | None = None
+    base_image: str | None = None
+    backend_reports: Mapping[str, Any] | None = None
+    image_id: str | None = None
+    image_name: str | None = None
+
+    def changed(self, **changes: Any) -> RunHandle:
+        """A copy with ``changes`` (field names, JSON values: an ``ssh`` dict is read)."""
+        if isinstance(changes.get("ssh"), Mapping):
+            ssh = changes["ssh"]
+            changes["ssh"] = SshAddress(
+                str(ssh["host"]), int(ssh["port"]), str(ssh["user"]), tuple(ssh["fingerprints"])
+            )
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields that are set, as JSON values (what the ledger stores)."""
+        return {
+            f.name: asdict(value) if isinstance(value, SshAddress) else value
+            for f in fields(self)
+            if (value := getattr(self, f.name)) != f.default
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunHandle:
+        """The handle stored as ``to_json`` made it; an unknown field raises TypeError."""
+        return cls().changed(**data)

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from cloudtrain.errors import InputError, RemoteError
+from cloudtrain.remote.agent import REMOTE_CHECKPOINT
 from cloudtrain.remote.session import Session
 
 log = logging.getLogger(__name__)
 
-REMOTE_CHECKPOINT = ".cloudtrain/checkpoint"  # relative to the remote HOME
 LOCAL_CHECKPOINT = "checkpoint"  # in the run folder
 KEEPER_POLL_S = 3.0
 NOTICE_POLL_S = 0.5
@@ -243,7 +243,9 @@ def _what_lacks(folder: Path) -> str:
     return "a file's size differs from its manifest's"
 
 
-def pull_checkpoint(session: Session, dest: Path, *, remote_python: str, remote_agent_path: str) -> None:
+def pull_checkpoint(
+    session: Session, dest: Path, *, remote_python: str, remote_agent_path: str | None
+) -> None:
     """The instance's checkpoint into ``dest/checkpoint``: its latest save alone, from a
     hard-link snapshot the instance takes as the copy starts (see ``CheckpointKeeper``)."""
     from cloudtrain.remote.pull import pull

@@ -49,8 +49,8 @@ def run_record(ledger: Ledger, run_id: str) -> dict[str, Any]:
         "cost_usd": cost,
         "run_dir": run.run_dir,
         "job_path": run.job_path,
-        "backend_report": run.detail.get("backend_report"),
-        "kept_until": run.detail.get("kept_until"),
+        "backend_report": run.handle.backend_report,
+        "kept_until": run.handle.kept_until,
         "instances": [
             {
                 "id": i.id,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from cloudtrain.cli import main
 from cloudtrain.errors import ExitCode
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
 from cloudtrain.prices import simulated_spot
-from cloudtrain.records import Lifecycle, RunState
+from cloudtrain.records import Lifecycle, RunHandle, RunState, SshAddress
 from cloudtrain.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -367,7 +370,7 @@ def test_reading_commands_load_no_cloud_or_ssh_library(
         run_dir = tmp_path / "runs" / run.id
         (run_dir / "logs").mkdir(parents=True)
         (run_dir / "logs" / "train.log").write_text("Epoch 1/1\ntest loss 0.1\n")
-        ledger.update_run(run.id, run_dir=str(run_dir), detail={"training_started": True})
+        ledger.update_run(run.id, run_dir=str(run_dir), handle={"training_started": True})
     done = subprocess.run(
         [sys.executable, "-c", MODULES_AFTER, *command],
         capture_output=True,
@@ -378,3 +381,33 @@ def test_reading_commands_load_no_cloud_or_ssh_library(
     report = json.loads(done.stderr.strip().splitlines()[-1])
     assert report == {"code": 0, "heavy": []}, done.stdout + done.stderr
     assert done.stdout.strip()
+
+
+LEDGER_V1 = REPO / "tests" / "data" / "ledger-v1"  # written by cloudtrain 00fb72b (see make.py there)
+
+
+def test_a_ledger_of_the_previous_schema_migrates_and_status_json_is_unchanged(settings: Settings) -> None:
+    """status --json, as the version that wrote the ledger printed it, after the migration
+    of each run's detail into its handle (schema 1 -> 2)."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(LEDGER_V1 / "ledger.sqlite", settings.ledger_path)
+    expected = json.loads((LEDGER_V1 / "status.json").read_text())
+    with closing(sqlite3.connect(LEDGER_V1 / "ledger.sqlite")) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        details = {run_id: json.loads(text) for run_id, text in conn.execute("SELECT id, detail FROM runs")}
+
+    listed = cli("status", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert json.loads(listed.output) == expected["status"]
+    for run_id, record in expected["runs"].items():
+        shown = cli("status", run_id, "--json")
+        assert json.loads(shown.output) == record
+    with Ledger.open(settings) as ledger:
+        assert ledger.connection.execute("PRAGMA user_version").fetchone()[0] == 2
+        handles = {run.id: run.handle for run in ledger.list_runs()}
+    # every key of every run's detail is a field of its handle now, with its value
+    assert handles == {run_id: RunHandle.from_json(detail) for run_id, detail in details.items()}
+    assert handles["broken-20261130-110000-e5f6"] == RunHandle(instance_id="i-0000000000000004")
+    assert handles["mnist-cnn-20261130-090000-a1b2"].ssh == SshAddress(
+        "203.0.113.7", 22, "ubuntu", ("SHA256:abc", "SHA256:def")
+    )

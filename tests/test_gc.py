@@ -19,7 +19,7 @@ from cloudtrain.cloud.aws import AwsCloud, LaunchRequest, run_tags
 from cloudtrain.errors import CloudError, ExitCode
 from cloudtrain.gc import verdict
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
-from cloudtrain.records import Lifecycle, RunState, iso, utcnow
+from cloudtrain.records import Lifecycle, RunHandle, RunState, iso, utcnow
 from cloudtrain.settings import Settings
 from cloudtrain.teardown import teardown
 
@@ -117,7 +117,7 @@ def leave(
 
 
 def record(
-    settings: Settings, left: Left, state: RunState, *, simulated: bool = False, **detail: Any
+    settings: Settings, left: Left, state: RunState, *, simulated: bool = False, **handle: Any
 ) -> None:
     """The ledger's view of the run: its row and its instance (not terminated)."""
     with Ledger.open(settings) as ledger:
@@ -129,7 +129,7 @@ def record(
                 utcnow() - timedelta(hours=1),
                 simulated=simulated,
                 region=left.region,
-                detail={"instance_id": left.instance, "security_group_id": left.group, **detail},
+                handle=RunHandle(instance_id=left.instance, security_group_id=left.group, **handle),
             )
         )
         ledger.record_instance(
@@ -224,8 +224,8 @@ def statuses(data: dict[str, Any]) -> dict[tuple[str, str], str]:
 # --- the rules ----------------------------------------------------------------------------
 
 
-def _run(state: RunState, **detail: Any) -> RunRow:
-    return RunRow("r-20261128-120000-abcd", "r", state, utcnow(), detail=detail)
+def _run(state: RunState, **handle: Any) -> RunRow:
+    return RunRow("r-20261128-120000-abcd", "r", state, utcnow(), handle=RunHandle(**handle))
 
 
 @pytest.mark.parametrize(

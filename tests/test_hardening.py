@@ -602,13 +602,13 @@ def test_a_ctrl_c_in_a_ledger_write_leaves_the_ledger_usable_for_teardown(settin
         real = ledger._conn
         ledger._conn = InterruptedOnce(real)  # type: ignore[assignment]
         with pytest.raises(KeyboardInterrupt):
-            ledger.update_run(RUN_ID, detail={"security_group_id": "sg-1"})
+            ledger.update_run(RUN_ID, handle={"security_group_id": "sg-1"})
         ledger._conn = real
         assert not real.in_transaction
         ledger.add_event(RUN_ID, "terminated", "i-1 terminated (confirmed)")
         ledger.update_run(RUN_ID, state=RunState.CANCELLED)
         run = ledger.get_run(RUN_ID)
-        assert run is not None and run.state is RunState.CANCELLED and "security_group_id" not in run.detail
+        assert run is not None and run.state is RunState.CANCELLED and run.handle.security_group_id is None
         assert [e.kind for e in ledger.events(RUN_ID)] == ["terminated"]
 
 

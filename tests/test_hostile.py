@@ -29,7 +29,7 @@ from cloudtrain.agent.receive import MAGIC, StreamError, StreamReceiver
 from cloudtrain.cloud.aws import AwsCloud
 from cloudtrain.cloud.simulator import ensure_simulator, simulator_status
 from cloudtrain.errors import ExitCode, LedgerError, RemoteError, SpecError
-from cloudtrain.ledger import InstanceRow, Ledger, RunRow
+from cloudtrain.ledger import InstanceRow, Ledger, RunRow, schema_version
 from cloudtrain.records import Lifecycle, RunState, utcnow
 from cloudtrain.remote.pull import pull
 from cloudtrain.remote.session import Session
@@ -274,7 +274,7 @@ def _zero_pages(path: Path) -> None:
 def _no_tables(path: Path) -> None:
     path.unlink()
     with closing(sqlite3.connect(path)) as conn:
-        conn.execute("PRAGMA user_version = 1")  # what this cloudtrain writes, with nothing in it
+        conn.execute(f"PRAGMA user_version = {schema_version()}")  # what this cloudtrain writes, empty
 
 
 def _edit(sql: str) -> Callable[[Path], None]:
@@ -301,7 +301,7 @@ T0 = datetime(2026, 3, 1, 10, tzinfo=timezone.utc)
             f"holds a damaged row (run {RUN}): 'weird' is not a valid RunState",
         ),
         (
-            _edit(f"UPDATE runs SET detail = '{{bad' WHERE id = '{RUN}'"),
+            _edit(f"UPDATE runs SET handle = '{{bad' WHERE id = '{RUN}'"),
             ["status", RUN],
             f"holds a damaged row (run {RUN}): Expecting property name",
         ),
@@ -321,7 +321,7 @@ T0 = datetime(2026, 3, 1, 10, tzinfo=timezone.utc)
         "no-tables-status",
         "no-tables-report",
         "bad-state",
-        "bad-detail",
+        "bad-handle",
         "bad-time",
         "bad-price",
     ],

@@ -7,16 +7,17 @@ import multiprocessing
 import sqlite3
 import stat
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cloudtrain import ledger as ledger_mod
 from cloudtrain.errors import InputError
 from cloudtrain.ledger import EventRow, InstanceRow, Ledger, RunRow
-from cloudtrain.records import Lifecycle, RunState
+from cloudtrain.records import Lifecycle, RunHandle, RunState, SshAddress
 from cloudtrain.settings import Settings
 
 T0 = datetime(2026, 3, 1, 10, 0, 0, tzinfo=timezone.utc)
@@ -42,11 +43,11 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
 # --- schema ----------------------------------------------------------------------------
 
 
-def test_fresh_file_is_migrated_to_v1_in_wal_mode(tmp_path: Path) -> None:
+def test_fresh_file_is_migrated_to_the_latest_schema_in_wal_mode(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
     with Ledger(path) as led:
         conn = led.connection
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == ledger_mod.schema_version() == 2
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -68,20 +69,24 @@ def test_reopening_does_not_migrate_again_and_keeps_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    real_v1 = ledger_mod.MIGRATIONS[0]
 
-    def counting_v1(conn: sqlite3.Connection) -> None:
-        calls.append(1)
-        real_v1(conn)
+    def counting(version: int, migrate: Callable[[sqlite3.Connection], None]) -> Any:
+        def counted(conn: sqlite3.Connection) -> None:
+            calls.append(version)
+            migrate(conn)
 
-    monkeypatch.setattr(ledger_mod, "MIGRATIONS", [counting_v1])
+        return counted
+
+    monkeypatch.setattr(
+        ledger_mod, "MIGRATIONS", [counting(n + 1, m) for n, m in enumerate(ledger_mod.MIGRATIONS)]
+    )
     path = tmp_path / "ledger.sqlite"
     with Ledger(path) as led:
         led.create_run(run_row("keep-20260301-100000-aaaa"))
     with Ledger(path) as led:
         assert led.get_run("keep-20260301-100000-aaaa") is not None
-        assert led.connection.execute("PRAGMA user_version").fetchone()[0] == 1
-    assert calls == [1]
+        assert led.connection.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert calls == [1, 2]
 
 
 def test_migrations_apply_in_order_and_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,7 +161,12 @@ def test_run_round_trips_every_field(ledger: Ledger) -> None:
         ended_at=T0 + timedelta(hours=2),
         run_dir="/home/me/.cloudtrain/runs/mnist-20260301-100000-abcd",
         exit_code=0,
-        detail={"plan": {"type": "g4dn.xlarge", "spot": True}, "attempts": 2},
+        handle=RunHandle(
+            plan={"type": "g4dn.xlarge", "spot": True},
+            relaunches=2,
+            ssh=SshAddress("127.0.0.1", 2222, "ubuntu", ("SHA256:abc",)),
+            training_started=True,
+        ),
     )
     ledger.create_run(run)
     back = ledger.get_run(run.id)
@@ -171,7 +181,7 @@ def test_run_defaults_round_trip(ledger: Ledger) -> None:
     ledger.create_run(run)
     back = ledger.get_run(run.id)
     assert back == run
-    assert back is not None and back.detail == {} and back.simulated is False
+    assert back is not None and back.handle == RunHandle() and back.simulated is False
 
 
 def test_times_are_stored_as_iso_utc_text(ledger: Ledger) -> None:
@@ -187,18 +197,18 @@ def test_create_run_twice_is_refused(ledger: Ledger) -> None:
         ledger.create_run(run_row("dup-20260301-100000-0000"))
 
 
-def test_update_run_changes_fields_and_merges_detail(ledger: Ledger) -> None:
+def test_update_run_changes_fields_and_the_handles_named_fields(ledger: Ledger) -> None:
     run_id = "upd-20260301-100000-0000"
-    ledger.create_run(run_row(run_id, detail={"a": 1, "nested": {"x": 1}}))
+    ledger.create_run(run_row(run_id, handle=RunHandle(instance_id="i-1", backend_report={"x": 1})))
     ledger.update_run(run_id, state=RunState.RUNNING, started_at=T0 + timedelta(minutes=2))
-    ledger.update_run(run_id, detail={"b": 2, "nested": {"y": 2}})
+    ledger.update_run(run_id, handle={"log_base": 2, "backend_report": {"y": 2}})
     ledger.update_run(
         run_id,
         state=RunState.FAILED,
         ended_at=T0 + timedelta(hours=1),
         exit_code=3,
         run_dir="/runs/upd",
-        detail={"a": 10},
+        handle={"instance_id": "i-10"},
     )
     back = ledger.get_run(run_id)
     assert back is not None
@@ -207,8 +217,10 @@ def test_update_run_changes_fields_and_merges_detail(ledger: Ledger) -> None:
     assert back.ended_at == T0 + timedelta(hours=1)
     assert back.exit_code == 3
     assert back.run_dir == "/runs/upd"
-    # merged key by key: a replaced, b kept, nested replaced as a whole value
-    assert back.detail == {"a": 10, "b": 2, "nested": {"y": 2}}
+    # field by field: instance_id replaced, log_base kept, the report replaced as a whole value
+    assert back.handle == RunHandle(instance_id="i-10", log_base=2, backend_report={"y": 2})
+    with pytest.raises(TypeError, match="attempts"):  # a field the handle lacks
+        ledger.update_run(run_id, handle={"attempts": 3})
 
 
 def test_update_unknown_run_is_a_key_error(ledger: Ledger) -> None:
@@ -403,11 +415,11 @@ def test_event_time_defaults_to_now(ledger: Ledger) -> None:
 def test_failed_write_rolls_back_and_the_ledger_stays_usable(ledger: Ledger) -> None:
     ledger.create_run(run_row("tx-20260301-100000-0000"))
     with pytest.raises(TypeError):
-        ledger.update_run("tx-20260301-100000-0000", detail={"bad": object()})
+        ledger.update_run("tx-20260301-100000-0000", handle={"bad": object()})
     assert not ledger.connection.in_transaction
     ledger.update_run("tx-20260301-100000-0000", state=RunState.RUNNING)
     back = ledger.get_run("tx-20260301-100000-0000")
-    assert back is not None and back.state is RunState.RUNNING and back.detail == {}
+    assert back is not None and back.state is RunState.RUNNING and back.handle == RunHandle()
 
 
 # --- the cost summary the triggers keep -----------------------------------------------
@@ -509,7 +521,9 @@ def test_run_summary_follows_its_instances(ledger: Ledger) -> None:
     )
     # other run fields change without touching the summary
     before = summary(ledger, r1)
-    ledger.update_run(r1, state=RunState.SUCCEEDED, ended_at=T0 + timedelta(hours=4), detail={"a": 1})
+    ledger.update_run(
+        r1, state=RunState.SUCCEEDED, ended_at=T0 + timedelta(hours=4), handle={"relaunches": 1}
+    )
     assert summary(ledger, r1) == before
 
 
@@ -572,7 +586,7 @@ def _writer(path: str, worker: int, barrier: object, results: object) -> None:
                         launched_at=T0,
                     )
                 )
-                led.update_run(run_id, state=RunState.SUCCEEDED, detail={"worker": worker})
+                led.update_run(run_id, state=RunState.SUCCEEDED, handle={"relaunches": worker})
                 led.list_runs(limit=5)  # readers interleave with the writers
         results.put((worker, "ok"))  # type: ignore[attr-defined]
     except BaseException:
@@ -606,7 +620,7 @@ def test_concurrent_writers_from_several_processes(tmp_path: Path) -> None:
                 assert [e.message for e in led.events(run_id)] == ["step 0", "step 1", "step 2"]
                 assert [i.id for i in led.instances(run_id)] == [f"i-{w}-{k}"]
                 got = led.get_run(run_id)
-                assert got is not None and got.detail == {"worker": w}
-        assert led.connection.execute("PRAGMA user_version").fetchone()[0] == 1
+                assert got is not None and got.handle == RunHandle(relaunches=w)
+        assert led.connection.execute("PRAGMA user_version").fetchone()[0] == ledger_mod.schema_version()
         n_events = led.connection.execute("SELECT COUNT(*) FROM events").fetchone()[0]
         assert n_events == WORKERS * RUNS_PER_WORKER * EVENTS_PER_RUN

@@ -111,11 +111,11 @@ def test_simulate_interruption_needs_dry_run_and_a_valid_at(tmp_path: Path) -> N
 # --- `logs -f` across a relaunch (the ledger's side) ------------------------------------
 
 
-def _following(settings: Any, **detail: Any) -> tuple[Any, str]:
+def _following(settings: Any) -> tuple[Any, str]:
     from datetime import datetime, timezone
 
     from cloudtrain.ledger import Ledger, RunRow
-    from cloudtrain.records import RunState
+    from cloudtrain.records import RunHandle, RunState
 
     ledger = Ledger.open(settings)
     run_id = "job-20261128-100000-abcd"
@@ -125,7 +125,7 @@ def _following(settings: Any, **detail: Any) -> tuple[Any, str]:
             name="job",
             state=RunState.RUNNING,
             created_at=datetime(2026, 11, 28, 10, tzinfo=timezone.utc),
-            detail={"instance_id": "i-1", "training_started": True, **detail},
+            handle=RunHandle(instance_id="i-1", training_started=True),
         )
     )
     return ledger, run_id
@@ -151,14 +151,14 @@ def test_logs_follow_waits_for_the_relaunch_and_gives_up_when_nothing_changes(
 
         with Ledger.open(settings) as controller:  # another process's view, as in real life
             for step in ({"relaunches": 1, "training_started": False}, {"instance_id": "i-2"}):
-                controller.update_run(run_id, detail=step)  # as the controller's _recover does
+                controller.update_run(run_id, handle=step)  # as the controller's _recover does
                 time.sleep(1.0)  # 2 s in all, more than the wait: each change restarts it
-            controller.update_run(run_id, detail={"training_started": True})
+            controller.update_run(run_id, handle={"training_started": True})
 
     monkeypatch.setattr(api, "LOGS_RELAUNCH_WAIT_S", 1.5)
     threading.Timer(0.2, relaunch).start()
     run = api._until_relaunched(ledger, run_id, "i-1")
-    assert run.detail["instance_id"] == "i-2" and run.detail["training_started"]
+    assert run.handle.instance_id == "i-2" and run.handle.training_started
 
 
 @pytest.mark.parametrize(
@@ -176,8 +176,9 @@ def test_what_logs_follow_shows_when_the_run_ends_while_it_waits(
     from types import SimpleNamespace
 
     from cloudtrain.api import _unshown
+    from cloudtrain.records import RunHandle
 
-    run = SimpleNamespace(detail={"relaunches": relaunches_now, "log_base": log_base_now})
+    run = SimpleNamespace(handle=RunHandle(relaunches=relaunches_now, log_base=log_base_now))
     lost = SimpleNamespace(log_base=1000, relaunches=1)  # 300 bytes of it were shown
     assert _unshown(run, lost, 300) == expected
 
@@ -205,14 +206,13 @@ def test_the_keeper_brings_home_whole_saves_from_a_trainer_saving_faster_than_a_
     from test_session import endpoint
 
     from cloudtrain.agent import checkpoint
-    from cloudtrain.bringup import REMOTE_AGENT, agent_source
-    from cloudtrain.recovery import REMOTE_CHECKPOINT, CheckpointKeeper, pull_checkpoint
+    from cloudtrain.recovery import CheckpointKeeper, pull_checkpoint
+    from cloudtrain.remote.agent import REMOTE_AGENT, REMOTE_CHECKPOINT, RemoteAgent
     from cloudtrain.remote.session import Session
-    from cloudtrain.remote.sync import upload_tree
 
     remote = host.home / REMOTE_CHECKPOINT
     session = Session(endpoint(host, client_key, tmp_path)).connect()
-    upload_tree(session, agent_source(), f"{REMOTE_AGENT}/cloudtrain_agent")
+    RemoteAgent(session, "tensorflow").install()
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     with open(tmp_path / "saver.log", "wb") as err:
         saver = subprocess.Popen(

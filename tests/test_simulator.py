@@ -143,18 +143,16 @@ def test_down_retries_a_teardown_that_left_something_behind(settings: Settings) 
     """The hint of an incomplete teardown is `cloudtrain down RUN`: it must retry it, once."""
     from cloudtrain.api import down_runs
     from cloudtrain.ledger import Ledger, RunRow
-    from cloudtrain.records import RunState
+    from cloudtrain.records import RunHandle, RunState
 
     cloud = AwsCloud(ensure_simulator(settings), "us-east-1")
     instance_id, request = launch(cloud)
-    detail = {
-        "instance_id": instance_id,
-        "security_group_id": request.security_group_id,
-        "key_name": request.key.name,
-    }
+    handle = RunHandle(
+        instance_id=instance_id, security_group_id=request.security_group_id, key_name=request.key.name
+    )
     with Ledger.open(settings) as ledger:
         row = RunRow(
-            RUN_ID, "sim-test", RunState.FAILED, utcnow(), simulated=True, region="us-east-1", detail=detail
+            RUN_ID, "sim-test", RunState.FAILED, utcnow(), simulated=True, region="us-east-1", handle=handle
         )
         ledger.create_run(row)
         ledger.add_event(RUN_ID, "teardown-incomplete", f"instance {instance_id}: RequestLimitExceeded")

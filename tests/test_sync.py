@@ -21,8 +21,9 @@ from sshd import AGENT_SOURCE, SshServer, agent, session, sshd_server  # noqa: F
 from cloudtrain.agent import receive as agent_receive
 from cloudtrain.errors import RemoteError
 from cloudtrain.remote import sync
+from cloudtrain.remote.agent import AgentCli
 from cloudtrain.remote.session import Session
-from cloudtrain.remote.sync import SyncReport, agent_command, collect, push, remote_path
+from cloudtrain.remote.sync import SyncReport, collect, push
 from cloudtrain.spec import DataSource
 
 
@@ -300,9 +301,7 @@ def stream(*records: bytes, end: bool = True, files: int | None = None) -> bytes
 
 
 def receive(session: Session, agent: str, dest: Path, data: bytes) -> tuple[int, dict[str, object], str]:
-    command = agent_command(
-        "receive", f"--dest {remote_path(str(dest))}", remote_python=sys.executable, remote_agent_path=agent
-    )
+    command = AgentCli(sys.executable, agent).receive(str(dest))
     result = session.send_stream(command, [data])
     return result.exit_code, json.loads(result.stdout), result.stderr.decode()
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shlex
 import subprocess
 import tempfile
 import time
@@ -26,8 +25,9 @@ from pathlib import Path
 
 from cloudtrain.agent.receive import PathRefused, StreamError, StreamReceiver, check_relpath
 from cloudtrain.errors import RemoteError
+from cloudtrain.remote.agent import AgentCli
 from cloudtrain.remote.session import Session
-from cloudtrain.remote.sync import ConnectFailed, OpenSSH, agent_command, read_stream, remote_path
+from cloudtrain.remote.sync import ConnectFailed, OpenSSH, read_stream
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,8 @@ def pull(
         )
     except (PathRefused, OSError) as e:
         raise RemoteError(f"cannot pull outputs into {dest}: {e}") from e
-    command = agent_command(
-        "pack",
-        f"--root {remote_path(remote_workdir)} --max-bytes {int(max_bytes)}"
-        + (" --checkpoint" if checkpoint else "")
-        + " --paths "
-        + " ".join(shlex.quote(p) for p in wanted),
-        remote_python=remote_python,
-        remote_agent_path=remote_agent_path,
+    command = AgentCli(remote_python, remote_agent_path).pack(
+        remote_workdir, wanted, max_bytes=max_bytes, checkpoint=checkpoint
     )
     where = f"{session.endpoint.label}:{remote_workdir}"
     used = "paramiko"

@@ -30,7 +30,6 @@ import io
 import json
 import logging
 import os
-import shlex
 import shutil
 import stat
 import subprocess
@@ -61,6 +60,7 @@ from cloudtrain.agent.receive import (
     sha256_file,
 )
 from cloudtrain.errors import RemoteError
+from cloudtrain.remote.agent import AgentCli, remote_path
 from cloudtrain.remote.session import Session
 from cloudtrain.spec import DataSource
 
@@ -523,25 +523,6 @@ class _Sender:
 # --- transports -------------------------------------------------------------------------
 
 
-def remote_path(path: str) -> str:
-    """A remote path for the shell: quoted, with a leading ``~/`` or ``$HOME/`` still expanded."""
-    for lead in ("~/", "$HOME/"):
-        if path.startswith(lead):
-            rest = path[len(lead) :]
-            return '"$HOME"/' + shlex.quote(rest) if rest else '"$HOME"'
-    return shlex.quote(path)
-
-
-def agent_command(module: str, args: str, *, remote_python: str, remote_agent_path: str | None) -> str:
-    """``[PYTHONPATH=...] PYTHON -S -m cloudtrain_agent.MODULE ARGS``; python and path are shell words.
-
-    ``-S``: the agent is standard library only, and skipping ``site`` saves a tenth of
-    its start-up.
-    """
-    env = f"PYTHONPATH={remote_agent_path} " if remote_agent_path else ""
-    return f"{env}{remote_python} -S -m cloudtrain_agent.{module} {args}"
-
-
 class OpenSSH:
     """The OpenSSH client pointed at a session's endpoint, trusting only its verified host key."""
 
@@ -696,12 +677,7 @@ def remote_manifest(
     session: Session, remote_dir: str, *, remote_python: str = "python3", remote_agent_path: str | None = None
 ) -> dict[str, list[Any]]:
     """The instance's manifest of the synced set in ``remote_dir`` (empty if none yet)."""
-    command = agent_command(
-        "receive",
-        f"--dest {remote_path(remote_dir)} --print-manifest",
-        remote_python=remote_python,
-        remote_agent_path=remote_agent_path,
-    )
+    command = AgentCli(remote_python, remote_agent_path).receive(remote_dir, print_manifest=True)
     # stream(), not run(): run() polls for the exit status; stderr joins stdout for the error text
     output = bytearray()
     code = session.stream(command + " 2>&1", output.extend)
@@ -887,12 +863,8 @@ def _push(
         session.connect()
     where = f"{session.endpoint.label}:{remote_dir}"
     last = _LastPush(cache_dir, session, remote_dir)
-    command = agent_command(
-        "receive",
-        f"--dest {remote_path(remote_dir)}" + (" --fsync" if fsync else ""),
-        remote_python=remote_python,
-        remote_agent_path=remote_agent_path,
-    )
+    agent = AgentCli(remote_python, remote_agent_path)
+    command = agent.receive(remote_dir, fsync=fsync)
     openssh_ok = transport == "openssh" or (transport == "auto" and OpenSSH.available())
     first = last.files is None and (size_hint is None or size_hint >= openssh_min_bytes)
     ssh: OpenSSH | None = None
@@ -900,7 +872,8 @@ def _push(
     fetch: _ManifestFetch | None = None
     if openssh_ok and (transport == "openssh" or first):
         ssh = OpenSSH(session)
-        receiver = _OpenSSHReceiver(ssh, command + " --handshake")  # connects while we walk and hash
+        # connects while we walk and hash
+        receiver = _OpenSSHReceiver(ssh, agent.receive(remote_dir, fsync=fsync, handshake=True))
     else:
         fetch = _ManifestFetch(session, remote_dir, remote_python, remote_agent_path)
     try:
