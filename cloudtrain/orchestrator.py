@@ -61,9 +61,12 @@ from cloudtrain.recovery import (
     LOST_STATES,
     CheckpointKeeper,
     InstanceLost,
+    Phase,
+    PhaseSteps,
     SimulatedInterruption,
     last_checkpoint,
     pull_checkpoint,
+    run_phases,
 )
 from cloudtrain.remote.agent import (
     REMOTE_CHECKPOINT,
@@ -204,26 +207,35 @@ class Orchestrator:
         outcome: RunState = RunState.FAILED
         exit_code: int | None = None
         handed_off = False  # --detach: the instance goes on without us
+        steps = PhaseSteps(
+            bring_up=lambda: self._bring_up(ctx),
+            train=lambda: self.follow(ctx),
+            pull=lambda: self._pull_phase(ctx),
+            relaunch=lambda error: self._recover(ctx, error),
+        )
         try:
+            first = Phase.BRING_UP
             if launch:
                 self._launch(ctx)
-                self._bring_up(ctx)
-                if self.detach:
-                    handed_off = True
-                    grace = self.spec.watchdog.collect_grace_s
-                    self.reporter.info(
-                        f"detached: training goes on; `cloudtrain attach {ctx.run_id}` to follow it, "
-                        f"`cloudtrain down {ctx.run_id}` to stop it; the instance powers itself off "
-                        f"{grace} s after the run ends unless something collects it, and at "
-                        f"{iso(self._deadline(ctx))} regardless"
-                    )
-                    return 0
             else:
                 lost = self.instance_lost(ctx)
-                if lost is not None:  # taken away while nobody followed it (a detached run)
+                if lost is None:
+                    first = Phase.TRAIN
+                else:  # taken away while nobody followed it (a detached run)
                     self._recover(ctx, lost)
-                    self._bring_up(ctx)
-            exit_code = self._train_and_pull(ctx)
+            if self.detach:
+                run_phases(steps, first, until=Phase.TRAIN)
+                handed_off = True
+                grace = self.spec.watchdog.collect_grace_s
+                self.reporter.info(
+                    f"detached: training goes on; `cloudtrain attach {ctx.run_id}` to follow it, "
+                    f"`cloudtrain down {ctx.run_id}` to stop it; the instance powers itself off "
+                    f"{grace} s after the run ends unless something collects it, and at "
+                    f"{iso(self._deadline(ctx))} regardless"
+                )
+                return 0
+            exit_code = run_phases(steps, first)
+            assert exit_code is not None
             outcome = RunState.SUCCEEDED if exit_code == 0 else RunState.FAILED
             if exit_code != 0:
                 raise TrainingFailed(
@@ -467,42 +479,15 @@ class Orchestrator:
     # --- surviving interruptions --------------------------------------------------------
 
     def _bring_up(self, ctx: RunContext) -> None:
-        """Provision, sync, restore the checkpoint, start training; relaunch if the instance is lost."""
-        while True:
-            try:
-                self._provision(ctx)
-                self._sync(ctx)
-                self._push_checkpoint(ctx)
-                self._start_training(ctx)
-                return
-            except RemoteError as e:
-                self._recover(ctx, e)
+        """Provision, sync, restore the checkpoint, start training (Phase.BRING_UP)."""
+        self._provision(ctx)
+        self._sync(ctx)
+        self._push_checkpoint(ctx)
+        self._start_training(ctx)
 
-    def _train(self, ctx: RunContext) -> int:
-        """Follow the training to its exit code, on as many instances as interruptions take."""
-        while True:
-            try:
-                return self.follow(ctx)
-            except RemoteError as e:
-                self._recover(ctx, e)
-                self._bring_up(ctx)
-
-    def _train_and_pull(self, ctx: RunContext) -> int:
-        """Train, then pull back; an instance taken away during the pull is relaunched
-        like one taken during training: the last checkpoint is the finished training, so
-        the command runs again without training (its fits restore as done) and writes the
-        outputs anew. Returns the training command's exit code."""
-        while True:
-            exit_code = self._train(ctx)
-            self._state(ctx, RunState.PULLING, "pulling back outputs and logs")
-            try:
-                self.pull(ctx)
-                return exit_code
-            except RemoteError as e:
-                if exit_code != 0:  # a failed command is not run again: its log says why
-                    raise
-                self._recover(ctx, e)
-                self._bring_up(ctx)
+    def _pull_phase(self, ctx: RunContext) -> None:
+        self._state(ctx, RunState.PULLING, "pulling back outputs and logs")
+        self.pull(ctx)
 
     def instance_lost(self, ctx: RunContext) -> InstanceLost | None:
         """The instance, if AWS has taken it away (a failed describe is not proof of that)."""

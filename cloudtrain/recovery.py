@@ -1,5 +1,6 @@
-"""Surviving spot interruptions, controller side: noticing a lost instance, keeping the
-run's checkpoint off the instance, and the dry-run's scheduled interruptions.
+"""Surviving spot interruptions, controller side: the run's phases on an instance and the
+one loop that starts them over on a new one (``run_phases``), noticing a lost instance,
+keeping the run's checkpoint off the instance, and the dry-run's scheduled interruptions.
 
 The training process checkpoints itself (the agent's hook, into REMOTE_CHECKPOINT on
 the instance). ``CheckpointKeeper`` runs beside the log stream on its own SSH
@@ -26,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,58 @@ class InstanceLost(RemoteError):
         super().__init__(f"{instance_id} is {state}: the instance was taken away")
         self.instance_id = instance_id
         self.state = state
+
+
+class Phase(str, Enum):
+    """Where a run stands on its instance; an instance lost in any of them sends it back
+    to BRING_UP on a new one (``run_phases``)."""
+
+    BRING_UP = "bring-up"  # provision, sync, restore the checkpoint, start the training
+    TRAIN = "train"  # follow the training to its exit code
+    PULL = "pull"  # outputs and the log's last bytes home
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class PhaseSteps:
+    """What each phase does (the orchestrator's stages; a test's fakes). ``relaunch`` gets
+    the RemoteError a phase raised: it raises it again unless the instance was lost and a
+    new one could be launched, which it then has launched."""
+
+    bring_up: Callable[[], None]
+    train: Callable[[], int]  # the training command's exit code
+    pull: Callable[[], None]
+    relaunch: Callable[[RemoteError], None]
+
+
+def run_phases(steps: PhaseSteps, first: Phase = Phase.BRING_UP, until: Phase = Phase.DONE) -> int | None:
+    """Go through the phases from ``first`` to ``until`` (``DONE``: the training's exit code;
+    ``--detach`` stops at ``TRAIN``), as many times over as instances are lost.
+
+    The one loop of recovery: a RemoteError in any phase goes to ``steps.relaunch``,
+    which re-raises it or relaunches, and the run starts again at BRING_UP on the new
+    instance, from the last checkpoint. An instance lost during the pull is relaunched
+    like one lost in training: the last checkpoint is the finished training, so the
+    command runs again without training (its fits restore as done) and writes the
+    outputs anew; but a failed command is never run again (its log says why)."""
+    phase, exit_code = first, None
+    while phase is not until:
+        try:
+            if phase is Phase.BRING_UP:
+                steps.bring_up()
+                phase = Phase.TRAIN
+            elif phase is Phase.TRAIN:
+                exit_code = steps.train()
+                phase = Phase.PULL
+            else:
+                steps.pull()
+                phase = Phase.DONE
+        except RemoteError as e:
+            if phase is Phase.PULL and exit_code != 0:
+                raise
+            steps.relaunch(e)
+            phase = Phase.BRING_UP
+    return exit_code
 
 
 @dataclass(frozen=True)

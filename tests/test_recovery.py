@@ -262,3 +262,251 @@ def test_the_keeper_brings_home_whole_saves_from_a_trainer_saving_faster_than_a_
     )
     # Nothing is left on the instance by the copies' snapshots.
     assert not [p.name for p in (host.home / ".cloudtrain").iterdir() if p.name.startswith(".pack-snapshot")]
+
+
+# --- the one loop of recovery, against scripted phases -----------------------------------
+
+
+class Script:
+    """PhaseSteps whose phases fail as told: ``fail[phase]`` lists the errors of its next
+    calls (None: that call works). ``relaunch`` relaunches on an InstanceLost (up to
+    ``max_relaunches``) and raises anything else again, as the orchestrator's does."""
+
+    def __init__(self, fail: dict[str, list[Any]], exit_codes: list[int], max_relaunches: int = 3) -> None:
+        self.fail = fail
+        self.exit_codes = exit_codes
+        self.max_relaunches = max_relaunches
+        self.calls: list[str] = []
+        self.relaunches = 0
+
+    def _step(self, name: str) -> None:
+        self.calls.append(name)
+        errors = self.fail.get(name) or [None]
+        error = errors.pop(0) if len(errors) > 1 or errors[0] is not None else None
+        if error is not None:
+            raise error
+
+    def steps(self) -> Any:
+        from cloudtrain.recovery import PhaseSteps
+
+        def train() -> int:
+            self._step("train")
+            return self.exit_codes.pop(0)
+
+        def relaunch(error: Any) -> None:
+            from cloudtrain.errors import CloudError
+            from cloudtrain.recovery import InstanceLost
+
+            self.calls.append("relaunch")
+            if not isinstance(error, InstanceLost):
+                raise error
+            self.relaunches += 1
+            if self.relaunches > self.max_relaunches:
+                raise CloudError("interrupted too often") from error
+
+        return PhaseSteps(
+            bring_up=lambda: self._step("bring_up"),
+            train=train,
+            pull=lambda: self._step("pull"),
+            relaunch=relaunch,
+        )
+
+
+def _lost(n: int = 1) -> Any:
+    from cloudtrain.recovery import InstanceLost
+
+    return InstanceLost(f"i-{n}", "terminated")
+
+
+def test_phases_without_a_loss_run_once_in_order() -> None:
+    from cloudtrain.recovery import run_phases
+
+    script = Script({}, [0])
+    assert run_phases(script.steps()) == 0
+    assert script.calls == ["bring_up", "train", "pull"]
+
+
+@pytest.mark.parametrize(
+    ("lost_in", "calls"),
+    [
+        ("bring_up", ["bring_up", "relaunch", "bring_up", "train", "pull"]),
+        ("train", ["bring_up", "train", "relaunch", "bring_up", "train", "pull"]),
+        # the finished training's checkpoint is restored: the command runs again and pulls anew
+        ("pull", ["bring_up", "train", "pull", "relaunch", "bring_up", "train", "pull"]),
+    ],
+)
+def test_an_instance_lost_in_any_phase_starts_over_at_bring_up(lost_in: str, calls: list[str]) -> None:
+    from cloudtrain.recovery import run_phases
+
+    script = Script({lost_in: [_lost(), None]}, [0, 0])
+    assert run_phases(script.steps()) == 0
+    assert script.calls == calls and script.relaunches == 1
+
+
+def test_a_failed_command_is_never_run_again_when_its_pull_fails() -> None:
+    from cloudtrain.recovery import run_phases
+
+    script = Script({"pull": [_lost(), None]}, [3])
+    with pytest.raises(type(_lost())):
+        run_phases(script.steps())
+    assert script.calls == ["bring_up", "train", "pull"]  # no relaunch asked for
+
+
+def test_an_error_on_a_live_instance_ends_the_loop_as_it_is() -> None:
+    from cloudtrain.errors import RemoteError
+    from cloudtrain.recovery import run_phases
+
+    refused = RemoteError("the recipe failed")
+    script = Script({"bring_up": [refused, None]}, [0])
+    with pytest.raises(RemoteError) as caught:
+        run_phases(script.steps())
+    assert caught.value is refused and script.calls == ["bring_up", "relaunch"]
+
+
+def test_the_loop_gives_up_when_relaunch_does() -> None:
+    from cloudtrain.errors import CloudError
+    from cloudtrain.recovery import run_phases
+
+    script = Script({"train": [_lost(1), _lost(2), _lost(3), None]}, [0] * 4, max_relaunches=2)
+    with pytest.raises(CloudError, match="too often"):
+        run_phases(script.steps())
+    assert script.calls.count("bring_up") == 3 and script.relaunches == 3
+
+
+def test_detach_stops_once_training_has_started_and_attach_starts_at_train() -> None:
+    from cloudtrain.recovery import Phase, run_phases
+
+    script = Script({"bring_up": [_lost(), None]}, [0])
+    assert run_phases(script.steps(), until=Phase.TRAIN) is None
+    assert script.calls == ["bring_up", "relaunch", "bring_up"]
+    attached = Script({"train": [_lost(), None]}, [7])
+    assert run_phases(attached.steps(), Phase.TRAIN) == 7
+    assert attached.calls == ["train", "relaunch", "bring_up", "train", "pull"]
+
+
+# --- relaunch decisions, against a fake cloud --------------------------------------------
+
+
+class FakeCloud:
+    """The cloud at the orchestrator's boundary: instances by id, each in a state AWS
+    could report; a launch hands out the next id, running at once."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, str] = {}
+        self.types: dict[str, tuple[str, str]] = {}
+        self.launches: list[tuple[str, str | None, str]] = []  # (type, zone, client token)
+        self.terminated: list[str] = []
+
+    def describe(self, instance_id: str) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(state=self.states[instance_id])
+
+    def terminate(self, instance_id: str) -> Any:
+        from cloudtrain.records import utcnow
+
+        self.states[instance_id] = "terminated"
+        self.terminated.append(instance_id)
+        return utcnow()
+
+    def launch(self, request: Any) -> str:
+        instance_id = f"i-{len(self.states) + 1}"
+        self.states[instance_id] = "pending"
+        self.types[instance_id] = (request.instance_type, request.zone)
+        self.launches.append((request.instance_type, request.zone, request.client_token))
+        return instance_id
+
+    def wait_running(self, instance_id: str) -> Any:
+        from cloudtrain.cloud.aws import LaunchedInstance
+        from cloudtrain.records import utcnow
+
+        self.states[instance_id] = "running"
+        kind, zone = self.types[instance_id]
+        return LaunchedInstance(instance_id, kind, zone, "spot", "203.0.113.9", utcnow(), "running")
+
+
+@pytest.fixture
+def relaunching(settings: Any, tmp_path: Path) -> Any:
+    """An orchestrator whose run trains on i-1 (g4dn.xlarge in us-east-1a) of a fake cloud."""
+    from test_launch import planned
+
+    from cloudtrain.cloud.aws import KeyPair
+    from cloudtrain.ledger import Ledger
+    from cloudtrain.orchestrator import Orchestrator
+    from cloudtrain.progress import Reporter
+
+    the_plan = planned(tmp_path, "  gpu: T4\n")
+    ledger = Ledger.open(settings)
+    orchestrator = Orchestrator(
+        the_plan.job,
+        settings,
+        ledger,
+        region="us-east-1",
+        out_dir=tmp_path / "runs",
+        plan=the_plan,
+        reporter=Reporter(),
+    )
+    ctx = orchestrator.start()
+    cloud = FakeCloud()
+    ctx.cloud = cloud
+    ctx.image, ctx.key = object(), KeyPair("k", tmp_path / "k.pem")
+    ctx.security_group_id = "sg-1"
+    orchestrator._launch_instance(ctx, [the_plan.choice], token=ctx.run_id)
+    ctx.log_offset = 500  # bytes of its log came home
+    yield orchestrator, ctx, cloud
+    ledger.close()
+
+
+def test_a_lost_instance_is_replaced_on_an_offer_not_lost_and_the_ledger_says_so(relaunching: Any) -> None:
+    from cloudtrain.errors import RemoteError
+    from cloudtrain.records import RunState
+
+    orchestrator, ctx, cloud = relaunching
+    ((first_type, first_zone, _),) = cloud.launches
+    cloud.states["i-1"] = "terminated"  # AWS took it
+    orchestrator._recover(ctx, RemoteError("the connection dropped"))
+    assert cloud.terminated == ["i-1"]  # confirmed gone before the next one
+    assert ctx.instance_id == "i-2" and cloud.launches[1][2] == f"{ctx.run_id}-r1-1"
+    assert cloud.launches[1][:2] != (first_type, first_zone)
+    run = orchestrator.ledger.get_run(ctx.run_id)
+    assert run.state is RunState.RECOVERING
+    assert (run.handle.instance_id, run.handle.relaunches, run.handle.log_base) == ("i-2", 1, 500)
+    assert run.handle.training_started is False and ctx.log_offset == 0
+    assert [i.terminated_at is not None for i in orchestrator.ledger.instances(ctx.run_id)] == [True, False]
+
+
+def test_an_error_on_a_live_instance_is_raised_and_nothing_launched(relaunching: Any) -> None:
+    from cloudtrain.errors import RemoteError
+
+    orchestrator, ctx, cloud = relaunching
+    error = RemoteError("the recipe failed")
+    with pytest.raises(RemoteError) as caught:
+        orchestrator._recover(ctx, error)
+    assert caught.value is error and len(cloud.launches) == 1 and cloud.terminated == []
+
+
+def test_relaunches_stop_after_the_limit_with_the_lost_instance_ended(relaunching: Any) -> None:
+    from cloudtrain.errors import CloudError
+    from cloudtrain.orchestrator import MAX_RELAUNCHES
+    from cloudtrain.recovery import InstanceLost
+
+    orchestrator, ctx, cloud = relaunching
+    for _ in range(MAX_RELAUNCHES):
+        cloud.states[ctx.instance_id] = "stopped"
+        orchestrator._recover(ctx, InstanceLost(ctx.instance_id, "stopped"))
+    last = ctx.instance_id
+    cloud.states[last] = "terminated"
+    with pytest.raises(CloudError, match=f"giving up after {MAX_RELAUNCHES} relaunches"):
+        orchestrator._recover(ctx, InstanceLost(last, "terminated"))
+    assert cloud.terminated[-1] == last and len(cloud.launches) == MAX_RELAUNCHES + 1
+
+
+def test_a_resumed_run_with_no_way_to_plan_does_not_relaunch(relaunching: Any) -> None:
+    from cloudtrain.recovery import InstanceLost
+
+    orchestrator, ctx, cloud = relaunching
+    orchestrator.plan = orchestrator.replan = None  # attach without a catalog to plan from
+    cloud.states["i-1"] = "terminated"
+    with pytest.raises(InstanceLost):
+        orchestrator._recover(ctx, InstanceLost("i-1", "terminated"))
+    assert len(cloud.launches) == 1
