@@ -22,11 +22,11 @@ from cloudtrain.settings import DEFAULT_REGION, Settings
 if TYPE_CHECKING:  # the rest is imported where it is used: `status`, `logs` and `cost-report` load none of it
     from cloudtrain.catalog import Catalog
     from cloudtrain.cloud.aws import ImageInfo
+    from cloudtrain.cloud.siminterrupt import SimulatedInterruption
     from cloudtrain.gc import GcResult, Survey
     from cloudtrain.imagebuild import BuildResult
     from cloudtrain.ledger import Ledger, RunRow
     from cloudtrain.planner import Plan
-    from cloudtrain.recovery import SimulatedInterruption
     from cloudtrain.spec import JobSpec
 
 
@@ -128,6 +128,7 @@ def run_job(
     candidate_types(spec, catalog)  # a GPU the backend cannot use is refused before anything starts
     if dry_run:
         from cloudtrain.cloud.simimage import ensure_image
+        from cloudtrain.cloud.siminterrupt import InterruptionSchedule
         from cloudtrain.cloud.simulator import ensure_simulator
 
         image = ensure_image((spec.backend,), progress=lambda line: reporter.info(f"simulated image: {line}"))
@@ -150,7 +151,7 @@ def run_job(
             reporter=reporter,
             keep=keep,
             detach=detach,
-            simulate=simulate,
+            watcher=InterruptionSchedule(active, simulate) if dry_run and simulate else None,
         )
         ctx = orchestrator.start()
         try:

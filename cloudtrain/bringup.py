@@ -12,22 +12,20 @@ from typing import Any
 from cloudtrain.cloud.aws import AwsCloud
 from cloudtrain.errors import RemoteError
 from cloudtrain.progress import Reporter
-from cloudtrain.remote.agent import AgentConfig, RemoteAgent, Shell
+from cloudtrain.remote.agent import AgentConfig, RemoteAgent
 from cloudtrain.remote.session import Session, parse_console_fingerprints
 
 REMOTE_USER = "ubuntu"
 REMOTE_RECIPE = ".cloudtrain/ami"  # ami/, for provision.sh (image build; resources.image: base)
 FINGERPRINT_TIMEOUT_S = 600.0
-# A simulated instance has no GPU: it says so in its environment.
-GPU = Shell('$([ -n "$CLOUDTRAIN_SIMULATED" ] && echo no || echo auto)')
-EXPECT_GPU = Shell('$([ -z "$CLOUDTRAIN_SIMULATED" ] && echo --expect-gpu)')
 
 
-def provision_command(envs: Sequence[str]) -> str:
+def provision_command(envs: Sequence[str], *, gpu: bool = True) -> str:
     """The recipe on the builder: into /opt/cloudtrain (made with sudo, owned by the login user)
-    with the GPU flavor; a simulated builder names its image prefix and is CPU-only."""
+    with the GPU flavor, or the CPU one without ``gpu``; a simulated builder names its image
+    prefix."""
     prefix = '"${CLOUDTRAIN_IMAGE_PREFIX:-/opt/cloudtrain}"'
-    flavor = '$([ -n "$CLOUDTRAIN_SIMULATED" ] && echo cpu || echo gpu)'
+    flavor = "gpu" if gpu else "cpu"
     return (
         f"prefix={prefix} && "
         '{ [ -w "$prefix" ] || mkdir -p "$prefix" 2>/dev/null || '
@@ -58,7 +56,9 @@ class RecipeOutput:
                 self.reporter.log(raw + b"\n")
 
 
-def run_recipe(session: Session, envs: Sequence[str], reporter: Reporter, instance_id: str) -> None:
+def run_recipe(
+    session: Session, envs: Sequence[str], reporter: Reporter, instance_id: str, *, gpu: bool = True
+) -> None:
     """Upload ami/ and run its provision.sh for ``envs`` on the instance, output streamed
     (``image build``; a run on ``resources.image: base``). A failure raises RemoteError."""
     from cloudtrain.cloud.simimage import recipe_dir
@@ -66,7 +66,7 @@ def run_recipe(session: Session, envs: Sequence[str], reporter: Reporter, instan
 
     upload_tree(session, recipe_dir(), REMOTE_RECIPE)
     lines = RecipeOutput(reporter)
-    code = session.stream(provision_command(envs), lines)
+    code = session.stream(provision_command(envs, gpu=gpu), lines)
     if lines.buffer:
         lines(b"\n")
     if code != 0:
@@ -76,16 +76,19 @@ def run_recipe(session: Session, envs: Sequence[str], reporter: Reporter, instan
         )
 
 
-def verify_backend(agent: RemoteAgent, config: AgentConfig | None = None) -> dict[str, Any]:
+def verify_backend(
+    agent: RemoteAgent, config: AgentConfig | None = None, *, gpu: bool = True
+) -> dict[str, Any]:
     """Configure the agent's backend on the instance (keras.json, .theanorc, the run folder's
     env.json), then verify it (import Keras in the job environment; on a GPU instance, each
     backend must see the GPU). Returns the agent's report; a backend that does not work
     raises RemoteError. The agent must be installed already.
 
     ``run`` passes the job's options in ``config``; ``image build`` verifies each
-    environment of the image it builds with none."""
-    agent.configure(config, gpu=GPU)
-    report = agent.verify(config.keras if config else None, expect_gpu=EXPECT_GPU)
+    environment of the image it builds with none. ``gpu``: whether the instance has one
+    (``Settings.instance_gpus``)."""
+    agent.configure(config, gpu="auto" if gpu else "no")
+    report = agent.verify(config.keras if config else None, expect_gpu=gpu)
     if "error" in report:
         raise RemoteError(
             f"the {agent.backend} backend does not work on the instance: {report['error']}",

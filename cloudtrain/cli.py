@@ -500,7 +500,7 @@ def run_command(
     terminates the instance whatever happens. Exit code 1 if training fails.
     """
     from cloudtrain.api import run_job, run_status
-    from cloudtrain.recovery import SimulatedInterruption
+    from cloudtrain.cloud.siminterrupt import SimulatedInterruption
 
     simulate = [SimulatedInterruption.parse(at) for at in interruptions]
     if simulate and not dry_run:

@@ -187,17 +187,19 @@ def build(
         launched = cloud.describe(instance_id)
         if not launched.ssh_host:
             raise RemoteError(f"{instance_id} has no public IP address")
-        if settings.simulated and not ipaddress.ip_address(launched.ssh_host).is_loopback:
+        if settings.loopback_hosts and not ipaddress.ip_address(launched.ssh_host).is_loopback:
             raise RemoteError(
                 f"refusing to dial {launched.ssh_host} in a dry-run: simulated hosts are loopback"
             )
         endpoint = Endpoint(launched.ssh_host, launched.ssh_port, REMOTE_USER, key.path, fingerprints)
         with Session(endpoint).connect() as session:
             RemoteAgent(session, envs[0]).install()
-            run_recipe(session, envs, reporter, instance_id)
+            gpu = settings.instance_gpus
+            run_recipe(session, envs, reporter, instance_id, gpu=gpu)
             reports: dict[str, Any] = {}
             for env in envs:
-                reports[env] = verify_backend(RemoteAgent(session, env, f"{REMOTE_BUILD_DIR}/{env}"))
+                agent = RemoteAgent(session, env, f"{REMOTE_BUILD_DIR}/{env}")
+                reports[env] = verify_backend(agent, gpu=gpu)
                 reporter.info(f"{env}: {describe_backend(reports[env])}")
             ledger.update_run(run_id, handle={"backend_reports": reports})
             # what the build left in the login user's home stays off the image: the agent, the

@@ -15,12 +15,12 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -63,7 +63,6 @@ from cloudtrain.recovery import (
     InstanceLost,
     Phase,
     PhaseSteps,
-    SimulatedInterruption,
     last_checkpoint,
     pull_checkpoint,
     run_phases,
@@ -91,6 +90,16 @@ MAX_LAUNCH_OFFERS = 5  # offers tried when AWS has no capacity, before giving up
 STREAM_RECONNECTS = 5
 BUDGET_SHOW_S = 300.0  # the cost so far is shown this often while the log streams
 MAX_RELAUNCHES = 3  # spot interruptions survived per run, before giving up
+
+
+class TrainingWatcher(Protocol):
+    """Told of the training as it goes (``run --dry-run``'s scheduled interruptions)."""
+
+    def training_started(self, instance_id: str, instance_number: int) -> None:
+        """Training started on the run's ``instance_number``-th instance (0: the first)."""
+
+    def log_line(self, instance_id: str, instance_number: int, line: str) -> None:
+        """The training on that instance printed ``line``."""
 
 
 @dataclass
@@ -137,7 +146,7 @@ class Orchestrator:
         reporter: Reporter | None = None,
         keep: bool = False,
         detach: bool = False,
-        simulate: Sequence[SimulatedInterruption] = (),
+        watcher: TrainingWatcher | None = None,
         replan: Callable[[], Plan] | None = None,
     ) -> None:
         self.plan = plan  # None when resuming a run (attach, pull) ...
@@ -153,7 +162,7 @@ class Orchestrator:
         self.reporter = reporter or Reporter()
         self.keep = keep
         self.detach = detach
-        self.simulate = list(simulate)  # dry-run: the n-th applies to the n-th instance
+        self.watcher = watcher
         self._keeper_events: list[tuple[str, str, datetime]] = []  # from the keeper's thread
 
     # --- bookkeeping -------------------------------------------------------------------
@@ -599,19 +608,6 @@ class Orchestrator:
             kind, message, when = self._keeper_events.pop(0)
             self.ledger.add_event(ctx.run_id, kind, message, at=when)
 
-    def _interrupt_if_due(self, ctx: RunContext, line: str | None) -> None:
-        """Dry-run: have the simulator interrupt this instance as --simulate-interruption says."""
-        if not self.simulate or ctx.relaunches >= len(self.simulate) or ctx.instance_id is None:
-            return
-        plan = self.simulate[ctx.relaunches]
-        if (line is None and plan.seconds is not None) or (line is not None and plan.due_in_log(line)):
-            from cloudtrain.cloud.simulator import schedule_interruption
-
-            schedule_interruption(
-                self.settings, ctx.instance_id, delay_s=plan.seconds or 0, notice=plan.notice
-            )
-            self.simulate[ctx.relaunches] = SimulatedInterruption()  # done: due for nothing more
-
     def _provision(self, ctx: RunContext) -> None:
         assert ctx.launched is not None and ctx.instance_id and ctx.key_path
         self._state(ctx, RunState.PROVISIONING, "verifying the host key, configuring the backend")
@@ -622,7 +618,7 @@ class Orchestrator:
                 f"{ctx.instance_id} has no public IP address",
                 hint="Launch into a subnet that assigns public IPs (the default VPC does).",
             )
-        if self.settings.simulated and not ipaddress.ip_address(ctx.launched.ssh_host).is_loopback:
+        if self.settings.loopback_hosts and not ipaddress.ip_address(ctx.launched.ssh_host).is_loopback:
             raise RemoteError(
                 f"refusing to dial {ctx.launched.ssh_host} in a dry-run: simulated hosts are loopback"
             )
@@ -648,9 +644,12 @@ class Orchestrator:
         backend = self.spec.backend
         if self.spec.resources.image == BASE_IMAGE:
             self.reporter.info(f"installing the {backend} environment (resources.image: base)")
-            run_recipe(ctx.session, [backend], self.reporter, ctx.instance_id)
+            run_recipe(
+                ctx.session, [backend], self.reporter, ctx.instance_id, gpu=self.settings.instance_gpus
+            )
         ctx.session.run(f"mkdir -p {REMOTE_WORKDIR}")
-        report = verify_backend(agent, AgentConfig.from_spec(self.spec, ctx.run_id, self.region))
+        config = AgentConfig.from_spec(self.spec, ctx.run_id, self.region)
+        report = verify_backend(agent, config, gpu=self.settings.instance_gpus)
         self._record(ctx, backend_report=report)
         self.reporter.info(describe_backend(report))
 
@@ -704,7 +703,9 @@ class Orchestrator:
         ctx.training_started = True
         self._record(ctx, training_started=True)  # `logs -f` from elsewhere waits for this
         self._start_watchdog(ctx)
-        self._interrupt_if_due(ctx, None)
+        if self.watcher is not None:
+            assert ctx.instance_id is not None
+            self.watcher.training_started(ctx.instance_id, ctx.relaunches)
 
     def _start_watchdog(self, ctx: RunContext) -> None:
         """The instance's own guard (agent/watchdog.py): it powers off at the deadline, or when
@@ -751,10 +752,13 @@ class Orchestrator:
                 if time.monotonic() - budget_checked > 2.0:
                     budget_checked = time.monotonic()
                     self._check_budget(ctx, keeper)
-                if self.simulate:
+                if self.watcher is not None:
+                    assert ctx.instance_id is not None
                     *lines, partial = (partial + data).split(b"\n")
                     for line in lines:
-                        self._interrupt_if_due(ctx, line.decode("utf-8", "replace"))
+                        self.watcher.log_line(
+                            ctx.instance_id, ctx.relaunches, line.decode("utf-8", "replace")
+                        )
 
             def between_rounds() -> None:
                 nonlocal shown

@@ -1,6 +1,6 @@
 """Surviving spot interruptions, controller side: the run's phases on an instance and the
 one loop that starts them over on a new one (``run_phases``), noticing a lost instance,
-keeping the run's checkpoint off the instance, and the dry-run's scheduled interruptions.
+keeping the run's checkpoint off the instance.
 
 The training process checkpoints itself (the agent's hook, into REMOTE_CHECKPOINT on
 the instance). ``CheckpointKeeper`` runs beside the log stream on its own SSH
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-import re
 import shutil
 import threading
 import time
@@ -31,7 +30,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from cloudtrain.errors import InputError, RemoteError
+from cloudtrain.errors import RemoteError
 from cloudtrain.remote.agent import REMOTE_CHECKPOINT
 from cloudtrain.remote.session import Session
 
@@ -42,7 +41,6 @@ KEEPER_POLL_S = 3.0
 NOTICE_POLL_S = 0.5
 FINAL_ROUND_S = 120.0
 LOST_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
-_AT_RE = re.compile(r"^(?:epoch:(?P<epoch>[1-9]\d*)|(?P<seconds>\d+)s)(?P<silent>:no-notice)?$")
 
 
 class InstanceLost(RemoteError):
@@ -104,39 +102,6 @@ def run_phases(steps: PhaseSteps, first: Phase = Phase.BRING_UP, until: Phase = 
             steps.relaunch(e)
             phase = Phase.BRING_UP
     return exit_code
-
-
-@dataclass(frozen=True)
-class SimulatedInterruption:
-    """``--simulate-interruption AT``: a spot notice at the start of an epoch, or seconds
-    after training starts on an instance (the first AT for the first instance, ...).
-    ``AT:no-notice`` (``notice=False``): no notice at all, the instance is simply gone at
-    AT, as when AWS takes it with a notice the agent never saw, or the hardware fails."""
-
-    epoch: int | None = None
-    seconds: int | None = None
-    notice: bool = True
-
-    @classmethod
-    def parse(cls, text: str) -> SimulatedInterruption:
-        found = _AT_RE.match(text.strip())
-        if found is None:
-            raise InputError(
-                f"--simulate-interruption {text!r}: expected epoch:N or Ns, optionally with :no-notice",
-                hint="For example --simulate-interruption epoch:3, 90s or epoch:12:no-notice.",
-            )
-        notice = not found["silent"]
-        if found["epoch"]:
-            return cls(epoch=int(found["epoch"]), notice=notice)
-        return cls(seconds=int(found["seconds"]), notice=notice)
-
-    def __str__(self) -> str:
-        at = f"epoch:{self.epoch}" if self.epoch is not None else f"{self.seconds}s"
-        return at if self.notice else f"{at}:no-notice"
-
-    def due_in_log(self, line: str) -> bool:
-        """Is this training log line the start of the epoch to interrupt ("Epoch N/...")?"""
-        return self.epoch is not None and line.lstrip().startswith(f"Epoch {self.epoch}/")
 
 
 def checkpoint_complete(folder: Path) -> dict[str, Any] | None:

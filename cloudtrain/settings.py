@@ -26,7 +26,10 @@ class Settings:
     endpoint_url: str | None = None  # set in dry-run: the simulated AWS
     ssh_cidr: str | None = None  # the caller's public address for ingress; looked up if unset
     owner: str = "unknown"
-    simulated: bool = False
+    simulated: bool = False  # the cloud is the dry-run's: labels its runs and output
+    # What the instances are like; the simulator's settings say theirs (no GPU, loopback).
+    instance_gpus: bool = True  # a backend must see a GPU there
+    loopback_hosts: bool = False  # an instance's SSH address off loopback is refused
     # After Ctrl-C, SIGTERM or an error: how long pulling back what there is may take
     # before teardown goes ahead without it.
     salvage_pull_s: float = DEFAULT_SALVAGE_PULL_S

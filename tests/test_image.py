@@ -116,6 +116,8 @@ def test_the_build_command_passes_shellcheck() -> None:
         text=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    assert '--flavor "gpu"' in provision_command(["theano"])
+    assert '--flavor "cpu"' in provision_command(["theano"], gpu=False)  # the simulated builder's
 
 
 def test_plan_states_provisioning_at_boot_for_image_base(tmp_path: Path) -> None:

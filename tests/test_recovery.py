@@ -16,8 +16,9 @@ import pytest
 from test_run_e2e import CLOUDTRAIN
 from test_simhost import client_key, host, make_host  # noqa: F401  (fixtures)
 
+from cloudtrain.cloud.siminterrupt import SimulatedInterruption
 from cloudtrain.errors import InputError
-from cloudtrain.recovery import SimulatedInterruption, checkpoint_complete, last_checkpoint, swap_in
+from cloudtrain.recovery import checkpoint_complete, last_checkpoint, swap_in
 
 
 @pytest.mark.parametrize(

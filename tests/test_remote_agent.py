@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from cloudtrain.agent.cli import build_parser
-from cloudtrain.bringup import EXPECT_GPU, GPU
 from cloudtrain.errors import RemoteError
 from cloudtrain.recovery import InstanceLost
 from cloudtrain.remote.agent import AgentCli, AgentConfig, LogFollower, RemoteAgent
@@ -26,7 +25,7 @@ AGENT_MODULE = PACKAGE / "remote" / "agent.py"
 
 class LocalShell:
     """A Session's run and stream, each command run by bash here with HOME at ``home``, as
-    the instance's shell would run it (a simulated instance: CLOUDTRAIN_SIMULATED set)."""
+    the instance's shell would run it."""
 
     def __init__(self, home: Path) -> None:
         self.home = home
@@ -35,7 +34,7 @@ class LocalShell:
     def run(
         self, command: str, *, stdin: bytes | None = None, check: bool = True, timeout: float | None = None
     ) -> Result:
-        env = {**os.environ, "HOME": str(self.home), "CLOUDTRAIN_SIMULATED": "1"}
+        env = {**os.environ, "HOME": str(self.home)}
         done = subprocess.run(
             ["bash", "-c", command],
             input=stdin or b"",
@@ -86,8 +85,8 @@ def test_each_command_line_reaches_the_agents_parser_as_meant(echoing: tuple[Rem
         checkpoint_s3="s3://bucket/ckpt/run-1/",
         region="eu-west-1",
     )
-    agent.configure(config, gpu=GPU)
-    agent.verify(2, expect_gpu=EXPECT_GPU)
+    agent.configure(config, gpu="no")
+    agent.verify(2, expect_gpu=True)
     agent.start(awkward, "pip install -r 'requirements file.txt'", {"TOKEN": "s3cr3t"})
     agent.status()
     agent.tail(120, lambda data: None, follow=True, for_s=15)
@@ -101,7 +100,7 @@ def test_each_command_line_reaches_the_agents_parser_as_meant(echoing: tuple[Rem
     home = str(agent.session.home)  # type: ignore[attr-defined]
 
     assert backend.command == "backend" and backend.backend == "theano" and backend.home == home
-    assert backend.gpu == "no"  # a simulated instance says so; a real one leaves it to the agent
+    assert backend.gpu == "no"
     assert (backend.seed, backend.keras, backend.checkpoint_every) == (7, 2, 3)
     assert backend.checkpoint_dir == f"{home}/.cloudtrain/checkpoint"
     assert (backend.checkpoint_s3, backend.region) == ("s3://bucket/ckpt/run-1/", "eu-west-1")
@@ -111,7 +110,7 @@ def test_each_command_line_reaches_the_agents_parser_as_meant(echoing: tuple[Rem
     assert job_env == [("GREETING", "hello world"), ("Q", "it's $HOME")]
     assert (agent.session.home / ".cloudtrain" / "run").is_dir()  # type: ignore[attr-defined]
 
-    assert (verify.backend, verify.keras, verify.expect_gpu) == ("theano", 2, False)
+    assert (verify.backend, verify.keras, verify.expect_gpu) == ("theano", 2, True)
     assert verify.env_file == ".cloudtrain/run/env.json"
     assert start.run == awkward and start.setup == "pip install -r 'requirements file.txt'"
     assert start.workdir == "work" and start.run_dir == ".cloudtrain/run"
@@ -134,7 +133,7 @@ def test_an_image_build_configures_a_backend_without_job_options(
 ) -> None:
     agent, parsed = echoing
     agent.run_dir = ".cloudtrain/build/theano"
-    agent.configure(None, gpu=GPU)
+    agent.configure(None)
     (backend,) = parsed
     assert backend.run_dir == ".cloudtrain/build/theano"
     assert (backend.seed, backend.keras, backend.checkpoint_dir, backend.compile_cache) == (
@@ -143,7 +142,7 @@ def test_an_image_build_configures_a_backend_without_job_options(
         None,
         None,
     )
-    assert [key for key, _ in backend.env] == ["PATH"]
+    assert [key for key, _ in backend.env] == ["PATH"] and backend.gpu == "auto"
 
 
 def _string_constants(tree: ast.AST) -> list[tuple[int, str]]:

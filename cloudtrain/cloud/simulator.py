@@ -208,7 +208,14 @@ def simulated_aws(settings: Settings) -> Iterator[Settings]:
 
 
 def _simulated_settings(settings: Settings, endpoint: str) -> Settings:
-    return settings.with_(endpoint_url=endpoint, simulated=True, ssh_cidr="127.0.0.1/32", profile=None)
+    return settings.with_(
+        endpoint_url=endpoint,
+        simulated=True,
+        ssh_cidr="127.0.0.1/32",
+        profile=None,
+        instance_gpus=False,  # the simulated hosts train on the CPU
+        loopback_hosts=True,  # a dry-run sends nothing off loopback
+    )
 
 
 # --- the background process -------------------------------------------------------------
@@ -525,7 +532,7 @@ class _World:
             return
         sandbox = self.home / "sim" / "instances" / instance.id
         layer = make_layer(Path(self.image), sandbox) if self.image else []
-        env = {"CLOUDTRAIN_ROOT": str(sandbox), "CLOUDTRAIN_SIMULATED": "1"}
+        env = {"CLOUDTRAIN_ROOT": str(sandbox)}
         if self.image:  # where `image build` provisions on a simulated builder: the simulated image
             env["CLOUDTRAIN_IMAGE_PREFIX"] = self.image
         if os.environ.get(POLL_ENV):  # tests: the agent's watcher polls IMDS faster than every 5 s

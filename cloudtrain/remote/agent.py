@@ -39,7 +39,7 @@ IMAGE_ROOT = "${CLOUDTRAIN_ROOT:-/opt/cloudtrain}"  # the image's prefix, expand
 
 
 # ("name", value): None or False leave it out, True is a flag, a list is one option's
-# values (argparse's nargs); the name "" puts a Shell word in as it is.
+# values (argparse's nargs).
 Option = tuple[str, Any]
 
 
@@ -106,9 +106,7 @@ class AgentCli:
         for name, value in options:
             if value is None or value is False:
                 continue
-            if not name:
-                words.append(_word(value))
-            elif value is True:
+            if value is True:
                 words.append(f"--{name}")
             elif isinstance(value, list):  # one option, several values (argparse's nargs)
                 words += [f"--{name}", *map(_word, value)]
@@ -186,7 +184,7 @@ class RemoteAgent:
 
         upload_tree(self.session, agent_source(), f"{REMOTE_AGENT}/cloudtrain_agent")
 
-    def configure(self, config: AgentConfig | None = None, *, gpu: Shell) -> None:
+    def configure(self, config: AgentConfig | None = None, *, gpu: str = "auto") -> None:
         """The backend's keras.json, .theanorc and the run's env.json (no job options without
         ``config``: ``image build``). ``gpu`` is auto, yes or no, as the instance says."""
         path = Shell(f'"PATH={IMAGE_ROOT}/envs/{self.backend}/bin:$PATH"')
@@ -214,7 +212,7 @@ class RemoteAgent:
         )
         self.session.run(f"mkdir -p {shlex.quote(self.run_dir)} && {command}")
 
-    def verify(self, keras: int | None = None, *, expect_gpu: Shell) -> dict[str, Any]:
+    def verify(self, keras: int | None = None, *, expect_gpu: bool = False) -> dict[str, Any]:
         """Import Keras in the job environment with the run's env.json and check the backend."""
         return self.report(
             "verify",
@@ -222,7 +220,7 @@ class RemoteAgent:
             ("python", self.cli.python),
             ("env-file", f"{self.run_dir}/env.json"),
             ("keras", keras),
-            ("", expect_gpu),  # a shell expression: --expect-gpu or nothing
+            ("expect-gpu", expect_gpu),
         )
 
     def start(self, run: str, setup: str | None, secrets: Mapping[str, str]) -> None:
