@@ -26,7 +26,7 @@ from sshd import session, sshd_server  # noqa: F401  (fixtures)
 from test_aws import RUN_ID, _Body, cloud, image_id, inject, launch_request, tags  # noqa: F401
 
 from cloudtrain import runrecord, teardown
-from cloudtrain.agent import receive as agent_receive
+from cloudtrain.agent import wire
 from cloudtrain.agent.receive import StreamReceiver
 from cloudtrain.agent.redact import LogRedactor
 from cloudtrain.cloud import aws
@@ -473,11 +473,11 @@ def test_aws_credentials_are_never_synced(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def hostile_stream(files: dict[str, bytes]) -> bytes:
-    stream = agent_receive.MAGIC
+    stream = wire.MAGIC
     for path, body in files.items():
-        stream += agent_receive.put_header(path, len(body), 0o644, 0) + body
+        stream += wire.put_header(path, len(body), 0o644, 0) + body
         stream += hashlib.sha256(body).hexdigest().encode() + b"\n"
-    return stream + agent_receive.end_header(files=len(files), bytes=sum(map(len, files.values())))
+    return stream + wire.end_header(files=len(files), bytes=sum(map(len, files.values())))
 
 
 def test_the_receiver_takes_only_the_paths_asked_for(tmp_path: Path) -> None:

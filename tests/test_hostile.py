@@ -25,7 +25,8 @@ from test_cli import cli, no_aws  # noqa: F401  (no_aws: a fixture)
 from test_run_e2e import CLOUDTRAIN
 
 from cloudtrain import teardown
-from cloudtrain.agent.receive import MAGIC, StreamError, StreamReceiver
+from cloudtrain.agent.receive import StreamReceiver
+from cloudtrain.agent.wire import MAGIC, StreamError
 from cloudtrain.cloud.aws import AwsCloud
 from cloudtrain.cloud.simulator import ensure_simulator, simulator_status
 from cloudtrain.errors import ExitCode, LedgerError, RemoteError, SpecError

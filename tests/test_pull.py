@@ -12,7 +12,9 @@ import pytest
 from sshd import AGENT_SOURCE, SshServer, agent, session, sshd_server  # noqa: F401  (fixtures)
 
 from cloudtrain.agent import receive as agent_receive
-from cloudtrain.agent.receive import StreamError, StreamReceiver
+from cloudtrain.agent import wire
+from cloudtrain.agent.receive import StreamReceiver
+from cloudtrain.agent.wire import StreamError
 from cloudtrain.errors import RemoteError
 from cloudtrain.remote.pull import PullReport, pull
 from cloudtrain.remote.session import Session
@@ -148,18 +150,18 @@ def test_the_receiver_cuts_a_stream_over_its_cap_and_rejects_lies(tmp_path: Path
     """What a hostile instance could send: more than the cap, a file under a false hash."""
     body = os.urandom(2000)
     digest = hashlib.sha256(body).hexdigest().encode()
-    over = agent_receive.MAGIC + agent_receive.put_header("big.bin", 2000, 0o644, 0) + body + digest + b"\n"
+    over = wire.MAGIC + wire.put_header("big.bin", 2000, 0o644, 0) + body + digest + b"\n"
     receiver = StreamReceiver(str(tmp_path / "dest"), max_bytes=1000)
     with pytest.raises(StreamError, match="over the size cap"):
         receiver.feed(over)
     receiver.close()
     assert list((tmp_path / "dest").iterdir()) == []
 
-    lie = agent_receive.MAGIC + agent_receive.put_header("x.bin", 2000, 0o644, 0) + body + b"f" * 64 + b"\n"
+    lie = wire.MAGIC + wire.put_header("x.bin", 2000, 0o644, 0) + body + b"f" * 64 + b"\n"
     receiver = StreamReceiver(str(tmp_path / "dest"))
     for i in range(0, len(lie), 7):  # any chunking
         receiver.feed(lie[i : i + 7])
-    receiver.feed(agent_receive.end_header(files=1, bytes=2000))
+    receiver.feed(wire.end_header(files=1, bytes=2000))
     receiver.finish()
     receiver.close()
     assert receiver.errors == [("x.bin", agent_receive.MISMATCH)]

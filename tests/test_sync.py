@@ -19,6 +19,7 @@ import pytest
 from sshd import AGENT_SOURCE, SshServer, agent, session, sshd_server  # noqa: F401  (fixtures)
 
 from cloudtrain.agent import receive as agent_receive
+from cloudtrain.agent import wire
 from cloudtrain.errors import RemoteError
 from cloudtrain.remote import sync
 from cloudtrain.remote.agent import AgentCli
@@ -284,19 +285,14 @@ def test_openssh_transport_pins_the_host_key(
 
 def put(path: str, data: bytes, digest: str | None = None, mode: int = 0o644) -> bytes:
     digest = digest or hashlib.sha256(data).hexdigest()
-    return (
-        agent_receive.put_header(path, len(data), mode, 1_700_000_000_000_000_000)
-        + data
-        + digest.encode()
-        + b"\n"
-    )
+    return wire.put_header(path, len(data), mode, 1_700_000_000_000_000_000) + data + digest.encode() + b"\n"
 
 
 def stream(*records: bytes, end: bool = True, files: int | None = None) -> bytes:
-    body = agent_receive.MAGIC + b"".join(records)
+    body = wire.MAGIC + b"".join(records)
     if end:
         puts = sum(1 for r in records if r.startswith(b'{"op":"put"'))
-        body += agent_receive.end_header(files=puts if files is None else files)
+        body += wire.end_header(files=puts if files is None else files)
     return body
 
 
@@ -352,8 +348,8 @@ def test_the_receiver_refuses_paths_outside_dest(session: Session, agent: str, t
         put("link/through-symlink.txt", b"x"),
         put(".cloudtrain/manifest.json", b"{}"),
         put("fine/ok.txt", b"ok"),
-        agent_receive.delete_header("link/victim.txt"),
-        agent_receive.delete_header("../outside/victim.txt"),
+        wire.delete_header("link/victim.txt"),
+        wire.delete_header("../outside/victim.txt"),
     )
     code, summary, stderr = receive(session, agent, dest, data)
     assert code == 1
@@ -393,7 +389,7 @@ def test_whole_records_and_split_ones_are_received_alike(
         put("n\u00e9v with space.txt", "\u00fcn\u00efcode".encode()),  # escaped in JSON: the general path
         put('quote"d.txt', b"q"),
         put("empty.txt", b""),
-        agent_receive.put_header("no-mtime.txt", 2, 0o600, -1)
+        wire.put_header("no-mtime.txt", 2, 0o600, -1)
         + b"nm"
         + hashlib.sha256(b"nm").hexdigest().encode()
         + b"\n",
@@ -403,7 +399,7 @@ def test_whole_records_and_split_ones_are_received_alike(
         put(".cloudtrain/manifest.json", b"{}"),
         put("link/through.txt", b"x"),
         put("bad.txt", b"flipped", digest="0" * 64),
-        agent_receive.put_header("gone.txt", 4, 0o644, 7) + bytes(4) + agent_receive.ABANDONED,
+        wire.put_header("gone.txt", 4, 0o644, 7) + bytes(4) + wire.ABANDONED,
         put("after.txt", b"still fine"),
     ]
     data = stream(*records)
@@ -451,7 +447,7 @@ def test_whole_records_and_split_ones_are_received_alike(
 
 def test_a_size_cap_holds_on_the_fast_path(tmp_path: Path) -> None:
     receiver = agent_receive.StreamReceiver(str(tmp_path / "dest"), max_bytes=10)
-    with pytest.raises(agent_receive.StreamError, match="size cap"):
+    with pytest.raises(wire.StreamError, match="size cap"):
         receiver.feed(stream(put("a.txt", b"123456"), put("b.txt", b"123456")))
     assert not (tmp_path / "dest" / "b.txt").exists()
 

@@ -31,15 +31,7 @@ import sys
 from typing import Iterator
 
 from .checkpoint import Invalid, snapshot
-from .receive import (
-    MAGIC,
-    READ_SIZE,
-    FileReader,
-    PathRefused,
-    check_relpath,
-    end_header,
-    skip_header,
-)
+from .wire import MAGIC, READ_SIZE, FileReader, PathRefused, check_relpath, end_header, skip_header
 
 DEFAULT_MAX_BYTES = 16 << 30
 FLUSH_AT = 1 << 18

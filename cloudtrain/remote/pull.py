@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloudtrain.agent.receive import PathRefused, StreamError, StreamReceiver, check_relpath
+from cloudtrain.agent.receive import StreamReceiver
+from cloudtrain.agent.wire import PathRefused, StreamError, check_relpath
 from cloudtrain.errors import RemoteError
 from cloudtrain.remote.agent import AgentCli
 from cloudtrain.remote.session import Session

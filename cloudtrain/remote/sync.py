@@ -44,7 +44,8 @@ from typing import IO, Any, NamedTuple, cast
 
 import pathspec
 
-from cloudtrain.agent.receive import (
+from cloudtrain.agent.receive import sha256_file
+from cloudtrain.agent.wire import (
     MAGIC,
     MANIFEST_DIR,
     READ_SIZE,
@@ -57,7 +58,6 @@ from cloudtrain.agent.receive import (
     delete_header,
     end_header,
     put_header,
-    sha256_file,
 )
 from cloudtrain.errors import RemoteError
 from cloudtrain.remote.agent import AgentCli, remote_path
