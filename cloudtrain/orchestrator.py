@@ -54,7 +54,7 @@ from cloudtrain.errors import (
     TrainingFailed,
 )
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
-from cloudtrain.planner import BASE_IMAGE, Offer, Plan
+from cloudtrain.planner import BASE_IMAGE, Offer, Plan, launch_offers
 from cloudtrain.progress import Reporter
 from cloudtrain.records import Lifecycle, RunHandle, RunState, iso, new_run_id, utcnow
 from cloudtrain.recovery import (
@@ -876,41 +876,6 @@ class Orchestrator:
         """The resolved spec (secrets are names only, never values)."""
         data = self.spec.model_dump(mode="json")
         (ctx.run_dir / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-
-
-def launch_offers(plan: Plan, limit: int) -> list[Offer]:
-    """What to try launching, in order, when capacity runs out: the plan's choice, then the
-    next affordable offers of its lifecycle (other zones, then other types), at most
-    ``limit``; with ``resources.fallback: on-demand``, the cheapest on-demand type last
-    (unless it costs more than ``max_price``)."""
-    res = plan.job.resources
-    choice = plan.choice
-    chosen: list[Offer] = [choice]
-    seen = {(choice.instance.name, choice.zone, choice.lifecycle)}
-    for offer in plan.offers:
-        key = (offer.instance.name, offer.zone, offer.lifecycle)
-        affordable = res.max_price is None or offer.price_per_hour <= res.max_price
-        if key not in seen and offer.lifecycle is choice.lifecycle and affordable:
-            chosen.append(offer)
-            seen.add(key)
-    chosen = chosen[: limit - 1 if res.fallback == "on-demand" else limit]
-    if res.fallback != "on-demand" or choice.lifecycle is not Lifecycle.SPOT:
-        return chosen
-    cheapest = min(plan.offers, key=lambda o: (o.on_demand_per_hour, o.instance.name))
-    if res.max_price is None or cheapest.on_demand_per_hour <= res.max_price:
-        chosen.append(
-            Offer(
-                cheapest.instance,
-                plan.region,
-                None,
-                Lifecycle.ON_DEMAND,
-                cheapest.on_demand_per_hour,
-                cheapest.on_demand_per_hour,
-                "on-demand",
-                "fallback: no spot capacity",
-            )
-        )
-    return chosen
 
 
 def _describe_sync(report: SyncReport) -> str:

@@ -15,8 +15,8 @@ from test_run_e2e import live_instances, only_run, py, sim_image, status, write_
 import cloudtrain.cloud.aws as aws
 from cloudtrain.catalog import load_catalog
 from cloudtrain.errors import CapacityError, PriceError, QuotaError
-from cloudtrain.orchestrator import MAX_LAUNCH_OFFERS, launch_offers
-from cloudtrain.planner import plan
+from cloudtrain.orchestrator import MAX_LAUNCH_OFFERS
+from cloudtrain.planner import launch_offers, plan
 from cloudtrain.records import Lifecycle, SpotPrice
 from cloudtrain.settings import Settings
 from cloudtrain.spec import load_job
