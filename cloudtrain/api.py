@@ -219,23 +219,14 @@ def _resumed(
     ssh = handle.ssh
     endpoint = Endpoint(ssh.host, ssh.port, ssh.user, Path(handle.key_path), frozenset(ssh.fingerprints))
     log_file = run_dir / "logs" / "train.log"
-    log_base = handle.log_base  # the local log's bytes from earlier instances
+    here = log_file.stat().st_size if log_file.exists() else 0  # with the earlier instances' bytes
     ctx = RunContext(
         run_id=run.id,
         run_dir=run_dir,
         cloud=AwsCloud(active, run.region or DEFAULT_REGION),
-        instance_id=handle.instance_id,
-        security_group_id=handle.security_group_id,
-        key_name=handle.key_name,
-        key_path=Path(handle.key_path),
+        handle=handle.changed(training_started=True),  # it trains there, or has trained
         session=Session(endpoint),
-        fingerprints=endpoint.fingerprints,
-        log_base=log_base,
-        log_offset=max(0, (log_file.stat().st_size if log_file.exists() else 0) - log_base),
-        training_started=True,
-        handle=handle,
-        instance_profile=handle.instance_profile,
-        relaunches=handle.relaunches,
+        log_offset=max(0, here - handle.log_base),
     )
     orchestrator = Orchestrator(
         spec,
@@ -329,20 +320,12 @@ def down_runs(refs: list[str], settings: Settings, *, all_active: bool = False) 
             if run.state.finished and not run.handle.kept_until and run.id not in left_behind:
                 continue
             handle = run.handle
-            instance_id = handle.instance_id
-            if instance_id and any(i.id == instance_id and i.terminated_at for i in ledger.instances(run.id)):
-                instance_id = None
+            ended = {i.id for i in ledger.instances(run.id) if i.terminated_at}
+            if handle.instance_id in ended:
+                handle = handle.changed(instance_id=None)
             try:
                 cloud = AwsCloud(settings_for_run(run, settings), run.region or DEFAULT_REGION)
-                left = teardown(
-                    cloud,
-                    ledger,
-                    run.id,
-                    instance_id,
-                    handle.security_group_id,
-                    handle.key_name,
-                    handle.instance_profile,
-                )
+                left = teardown(cloud, ledger, run.id, handle)
             except LedgerError:
                 raise  # the cloud part is done or said; what failed is the record of it
             except CloudtrainError as e:

@@ -256,14 +256,12 @@ def _finish(
                 ledger.add_event(run_id, "image-deleted", f"{acquired['image_id']}: its build did not finish")
             except CloudtrainError as e:
                 problems.append(f"image {acquired['image_id']}: {e.message}")
-        problems += teardown(
-            cloud,
-            ledger,
-            run_id,
-            acquired.get("instance_id"),
-            acquired.get("security_group_id"),
-            acquired.get("key_name"),
+        held = RunHandle(
+            instance_id=acquired.get("instance_id"),
+            security_group_id=acquired.get("security_group_id"),
+            key_name=acquired.get("key_name"),
         )
+        problems += teardown(cloud, ledger, run_id, held)
         ledger.update_run(run_id, state=outcome, ended_at=utcnow(), exit_code=exit_code)
         ledger.add_event(run_id, outcome.value, f"image build {outcome.value} at {iso(utcnow())}")
         reporter.stage(outcome, f"image build {outcome.value}")

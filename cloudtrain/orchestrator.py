@@ -109,24 +109,49 @@ class RunContext:
     run_id: str
     run_dir: Path
     cloud: AwsCloud
-    instance_id: str | None = None
-    security_group_id: str | None = None
-    key_name: str | None = None
-    key_path: Path | None = None
-    instance_profile: str | None = None  # the run's own, for S3 data sources
+    # The run's state in the cloud (instance, group, key, profile, relaunches, offsets):
+    # changed only through Orchestrator._record, here first, then in the ledger.
+    handle: RunHandle = field(default_factory=RunHandle)
     session: Session | None = None
     launched: LaunchedInstance | None = None
-    fingerprints: frozenset[str] = frozenset()
     log_offset: int = 0  # bytes of this instance's log streamed so far
-    log_base: int = 0  # bytes of the local log from earlier instances (after relaunches)
-    training_started: bool = False
-    handle: RunHandle = field(default_factory=RunHandle)  # as the ledger has it
     # for relaunches: what the first launch prepared, and what went before
     image: Image | None = None
     key: KeyPair | None = None
     tags: dict[str, str] = field(default_factory=dict)
-    relaunches: int = 0
     lost: list[tuple[str, str | None]] = field(default_factory=list)  # (type, zone) taken away
+
+    @property
+    def instance_id(self) -> str | None:
+        return self.handle.instance_id
+
+    @property
+    def security_group_id(self) -> str | None:
+        return self.handle.security_group_id
+
+    @property
+    def key_name(self) -> str | None:
+        return self.handle.key_name
+
+    @property
+    def key_path(self) -> Path | None:
+        return Path(self.handle.key_path) if self.handle.key_path else None
+
+    @property
+    def instance_profile(self) -> str | None:  # the run's own, for S3
+        return self.handle.instance_profile
+
+    @property
+    def relaunches(self) -> int:
+        return self.handle.relaunches
+
+    @property
+    def log_base(self) -> int:  # bytes of the local log from earlier instances
+        return self.handle.log_base
+
+    @property
+    def training_started(self) -> bool:
+        return self.handle.training_started
 
 
 class Orchestrator:
@@ -284,16 +309,7 @@ class Orchestrator:
             if ctx.session is not None:
                 ctx.session.close()
             if not keep:
-                profile = ctx.instance_profile or ctx.handle.instance_profile  # attach: from the ledger
-                problems = teardown(
-                    ctx.cloud,
-                    self.ledger,
-                    ctx.run_id,
-                    ctx.instance_id,
-                    ctx.security_group_id,
-                    ctx.key_name,
-                    profile,
-                )
+                problems = teardown(ctx.cloud, self.ledger, ctx.run_id, ctx.handle)
             self._state(ctx, outcome, f"run {outcome.value}", ended_at=utcnow(), exit_code=exit_code)
             write_run_json(self.ledger, ctx.run_id, ctx.run_dir)
         if problems:
@@ -368,22 +384,19 @@ class Orchestrator:
             ctx.run_id, self.settings.owner, utcnow() + timedelta(hours=hours, minutes=30)
         )
         ctx.key = key = ctx.cloud.ensure_key_pair(ctx.run_id, tags)
-        ctx.key_name, ctx.key_path = key.name, key.path
+        self._record(ctx, key_name=key.name, key_path=str(key.path))
         ctx.image = image = self._choose_image(ctx)
-        ctx.security_group_id = ctx.cloud.create_security_group(ctx.run_id, caller_cidr(self.settings), tags)
         self._record(
             ctx,
-            security_group_id=ctx.security_group_id,
-            key_name=key.name,
-            key_path=str(key.path),
+            security_group_id=ctx.cloud.create_security_group(ctx.run_id, caller_cidr(self.settings), tags),
             image=image.id,
             owner=self.settings.owner,  # what its tags say, whatever the host is called later
         )
         buckets = s3_buckets([d.src for d in self.spec.data if d.is_s3])
         writable = [checkpoint_url] if checkpoint_url else []
         if buckets or writable:  # the instance reaches S3 with its own role, never the user's keys
-            ctx.instance_profile = ctx.cloud.ensure_instance_profile(ctx.run_id, buckets, tags, writable)
-            self._record(ctx, instance_profile=ctx.instance_profile)
+            profile = ctx.cloud.ensure_instance_profile(ctx.run_id, buckets, tags, writable)
+            self._record(ctx, instance_profile=profile)
             reads = f"reads {', '.join(f's3://{b}' for b in buckets)}" if buckets else ""
             writes = f"keeps checkpoints in {checkpoint_url}" if writable else ""
             self.reporter.info(
@@ -449,7 +462,7 @@ class Orchestrator:
             )
             where = f"{offer.instance.name} ({offer.lifecycle.value}) in {offer.zone or self.region}"
             try:
-                ctx.instance_id = ctx.cloud.launch(request)
+                self._record(ctx, instance_id=ctx.cloud.launch(request))
                 break
             except CapacityError as e:  # not worth waiting for: the next zone or type
                 self.ledger.add_event(ctx.run_id, "no-capacity", f"{where}: {e.message}")
@@ -478,7 +491,6 @@ class Orchestrator:
                 ebs_per_gb_month=self.plan.ebs_per_gb_month,
             )
         )
-        self._record(ctx, instance_id=ctx.instance_id)
         ctx.launched = ctx.cloud.wait_running(ctx.instance_id)
         self.ledger.instance_running(ctx.instance_id, utcnow())
         if ctx.relaunches == 0:
@@ -525,16 +537,16 @@ class Orchestrator:
             ctx.session.close()
             ctx.session = None
         self.ledger.instance_terminated(lost.instance_id, ctx.cloud.terminate(lost.instance_id))
-        ctx.relaunches += 1
-        if ctx.relaunches > MAX_RELAUNCHES:
+        relaunches = ctx.relaunches + 1
+        if relaunches > MAX_RELAUNCHES:
             raise CloudError(
-                f"interrupted {ctx.relaunches} times; giving up after {MAX_RELAUNCHES} relaunches",
+                f"interrupted {relaunches} times; giving up after {MAX_RELAUNCHES} relaunches",
                 hint="Spot capacity is scarce for this GPU now: try other zones or GPUs, or spot: false.",
             ) from error
-        ctx.log_base += ctx.log_offset
+        self._record(
+            ctx, relaunches=relaunches, log_base=ctx.log_base + ctx.log_offset, training_started=False
+        )
         ctx.log_offset = 0
-        ctx.training_started = False
-        self._record(ctx, log_base=ctx.log_base, relaunches=ctx.relaunches, training_started=False)
         offers = [
             o
             for o in launch_offers(self.plan, MAX_LAUNCH_OFFERS + len(ctx.lost))
@@ -611,7 +623,7 @@ class Orchestrator:
     def _provision(self, ctx: RunContext) -> None:
         assert ctx.launched is not None and ctx.instance_id and ctx.key_path
         self._state(ctx, RunState.PROVISIONING, "verifying the host key, configuring the backend")
-        ctx.fingerprints = wait_for_fingerprints(ctx.cloud, ctx.instance_id)
+        fingerprints = wait_for_fingerprints(ctx.cloud, ctx.instance_id)
         ctx.launched = ctx.cloud.describe(ctx.instance_id)  # the address, now that it has booted
         if not ctx.launched.ssh_host:
             raise RemoteError(
@@ -623,7 +635,7 @@ class Orchestrator:
                 f"refusing to dial {ctx.launched.ssh_host} in a dry-run: simulated hosts are loopback"
             )
         endpoint = Endpoint(
-            ctx.launched.ssh_host, ctx.launched.ssh_port, REMOTE_USER, ctx.key_path, ctx.fingerprints
+            ctx.launched.ssh_host, ctx.launched.ssh_port, REMOTE_USER, ctx.key_path, fingerprints
         )
         self._record(
             ctx,
@@ -631,7 +643,7 @@ class Orchestrator:
                 "host": endpoint.host,
                 "port": endpoint.port,
                 "user": endpoint.user,
-                "fingerprints": sorted(ctx.fingerprints),
+                "fingerprints": sorted(fingerprints),
             },
         )
         try:
@@ -700,7 +712,6 @@ class Orchestrator:
             raise InputError(f"secrets not set locally: {', '.join(missing)}")
         self._state(ctx, RunState.RUNNING, f"running: {self.spec.run}")
         self._agent(ctx).start(self.spec.run, self.spec.setup, self.secrets)
-        ctx.training_started = True
         self._record(ctx, training_started=True)  # `logs -f` from elsewhere waits for this
         self._start_watchdog(ctx)
         if self.watcher is not None:

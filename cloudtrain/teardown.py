@@ -19,6 +19,7 @@ from datetime import datetime
 from cloudtrain.cloud.aws import AwsCloud
 from cloudtrain.errors import CloudtrainError, LedgerError
 from cloudtrain.ledger import Ledger
+from cloudtrain.records import RunHandle
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,12 @@ def teardown(
     cloud: AwsCloud,
     ledger: Ledger,
     run_id: str,
-    instance_id: str | None,
-    security_group_id: str | None,
-    key_name: str | None,
-    instance_profile: str | None = None,
+    handle: RunHandle,
 ) -> list[str]:
-    """Terminate (confirmed) the run's instance and any other the run's tag finds (a launch
-    whose id never came back), then delete the security group, the key pair and the
-    instance profile, and, when all that worked, the local private key. Every step is
-    attempted; returns what could not be removed.
+    """Terminate (confirmed) the run's instance (``handle.instance_id``) and any other the
+    run's tag finds (a launch whose id never came back), then delete the handle's security
+    group, key pair and instance profile, and, when all that worked, the local private key.
+    Every step is attempted; returns what could not be removed.
 
     The cloud comes first: nothing is written to the ledger until every removal was tried
     (a full disk must not leave a group and a key pair behind). What cannot be recorded
@@ -66,6 +64,8 @@ def teardown(
     problems: list[str] = []
     terminated: list[tuple[str, datetime]] = []
     events: list[tuple[str, str]] = []  # (kind, message), recorded once the cloud is clean
+    instance_id, security_group_id = handle.instance_id, handle.security_group_id
+    key_name, instance_profile = handle.key_name, handle.instance_profile
     instances = [instance_id] if instance_id else []
     try:
         instances += [i.id for i in cloud.find_run_instances(run_id) if i.id not in instances]

@@ -532,7 +532,7 @@ def test_two_owners_with_one_run_id_never_touch_each_others_resources(aws: None,
     assert cloud.owned_resources(OWNER, theirs.run_id) == []
     with Ledger.open(settings) as ledger:
         ledger.create_run(RunRow(theirs.run_id, "same", RunState.FAILED, utcnow()))
-        assert teardown(cloud, ledger, theirs.run_id, None, None, None) == []  # this owner's: none
+        assert teardown(cloud, ledger, theirs.run_id, RunHandle()) == []  # this owner's: none
     assert instance_state(settings, theirs) == "running"
     assert (
         group_exists(settings, theirs) and key_exists(settings, theirs) and profile_exists(settings, theirs)

@@ -34,7 +34,7 @@ from cloudtrain.cloud.aws import AwsCloud, LaunchRequest, caller_cidr, run_tags,
 from cloudtrain.cloud.simulator import simulated_aws
 from cloudtrain.errors import InputError, RemoteError
 from cloudtrain.ledger import REDACTED, Ledger, RunRow, redact
-from cloudtrain.records import RunState, utcnow
+from cloudtrain.records import RunHandle, RunState, utcnow
 from cloudtrain.remote.pull import pull
 from cloudtrain.remote.session import Endpoint, PinnedHostKeys, Session
 from cloudtrain.remote.sync import collect
@@ -220,6 +220,11 @@ MAKING = re.compile(
 )
 
 
+def held(request: Any) -> RunHandle:
+    """What a launch request made that teardown removes: its security group and key pair."""
+    return RunHandle(security_group_id=request.security_group_id, key_name=request.key.name)
+
+
 def test_each_kind_of_resource_created_is_deleted_at_teardown() -> None:
     """A new create_* call in the controller fails this until teardown undoes it."""
     controller = [*sorted((REPO / "cloudtrain").glob("*.py")), REPO / "cloudtrain" / "cloud" / "aws.py"]
@@ -272,9 +277,8 @@ def test_teardown_leaves_nothing_of_the_run(settings: Settings) -> None:
         }
         assert cloud.owned_resources("someone-else", RUN_ID) == []  # a run id alone is no filter
         instance_id, request, profile = made[RUN_ID]
-        problems = teardown.teardown(
-            cloud, ledger, RUN_ID, instance_id, request.security_group_id, request.key.name, profile
-        )
+        what = held(request).changed(instance_id=instance_id, instance_profile=profile)
+        problems = teardown.teardown(cloud, ledger, RUN_ID, what)
         assert problems == []
         assert cloud.owned_resources(settings.owner, RUN_ID) == []
         assert [p.id for p in cloud.owned_instance_profiles(settings.owner)] == [f"cloudtrain-{other}"]
@@ -371,7 +375,7 @@ def test_a_signal_during_run_instances_waits_for_the_instance_id(
         assert {s: signal.getsignal(s) for s in handlers} == handlers
         # the id came back: teardown terminates it though a filter lists nothing yet
         (found,) = cloud.find_run_instances(RUN_ID)
-        problems = teardown.teardown(cloud, ledger, RUN_ID, None, request.security_group_id, request.key.name)
+        problems = teardown.teardown(cloud, ledger, RUN_ID, held(request))
         assert problems == []
         assert cloud.describe(found.id).state == "terminated"
 
@@ -394,7 +398,7 @@ def test_a_second_ctrl_c_stops_waiting_and_says_what_may_be_left(
         assert f"client token {request.client_token}" in said and f"cloudtrain down {RUN_ID}" in said
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         # teardown finds it by the run's tag (no id came back)
-        problems = teardown.teardown(cloud, ledger, RUN_ID, None, request.security_group_id, request.key.name)
+        problems = teardown.teardown(cloud, ledger, RUN_ID, held(request))
         assert problems == [] and cloud.find_run_instances(RUN_ID) == []
 
 

@@ -31,7 +31,7 @@ from cloudtrain.cloud.aws import AwsCloud
 from cloudtrain.cloud.simulator import ensure_simulator, simulator_status
 from cloudtrain.errors import ExitCode, LedgerError, RemoteError, SpecError
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow, schema_version
-from cloudtrain.records import Lifecycle, RunState, utcnow
+from cloudtrain.records import Lifecycle, RunHandle, RunState, utcnow
 from cloudtrain.remote.pull import pull
 from cloudtrain.remote.session import Session
 from cloudtrain.remote.sync import collect, push, remote_manifest
@@ -380,7 +380,16 @@ def test_teardown_on_a_full_disk_removes_everything_then_says_what_it_could_not_
 
         monkeypatch.setattr(Ledger, "_write", disk_full)  # every ledger write from now on
         with pytest.raises(LedgerError) as failed:
-            teardown.teardown(cloud, ledger, RUN_ID, instance, request.security_group_id, request.key.name)
+            teardown.teardown(
+                cloud,
+                ledger,
+                RUN_ID,
+                RunHandle(
+                    instance_id=instance,
+                    security_group_id=request.security_group_id,
+                    key_name=request.key.name,
+                ),
+            )
     assert f"teardown of {RUN_ID} ran (nothing is left in the cloud)" in failed.value.message
     assert "database or disk is full" in failed.value.message
     assert cloud.describe(instance).state == "terminated"

@@ -451,7 +451,7 @@ def relaunching(settings: Any, tmp_path: Path) -> Any:
     cloud = FakeCloud()
     ctx.cloud = cloud
     ctx.image, ctx.key = object(), KeyPair("k", tmp_path / "k.pem")
-    ctx.security_group_id = "sg-1"
+    ctx.handle = ctx.handle.changed(security_group_id="sg-1")
     orchestrator._launch_instance(ctx, [the_plan.choice], token=ctx.run_id)
     ctx.log_offset = 500  # bytes of its log came home
     yield orchestrator, ctx, cloud

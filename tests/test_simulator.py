@@ -12,7 +12,7 @@ from cloudtrain.bringup import wait_for_fingerprints
 from cloudtrain.cloud.aws import TAG_SSH, AwsCloud, LaunchRequest, run_tags
 from cloudtrain.cloud.simulator import ensure_simulator, simulated_aws, simulator_status, stop_simulator
 from cloudtrain.errors import CloudError, RemoteError
-from cloudtrain.records import parse_iso, utcnow
+from cloudtrain.records import RunHandle, parse_iso, utcnow
 from cloudtrain.remote.session import Endpoint, HostKeyMismatch, Session
 from cloudtrain.settings import Settings
 
@@ -133,7 +133,12 @@ def test_teardown_finds_an_instance_whose_id_never_came_back(settings: Settings)
         cloud.ec2.register_image(Name="cloudtrain-gpu-test")
         instance_id, request = launch(cloud)
         with Ledger.open(settings) as ledger:
-            problems = teardown(cloud, ledger, RUN_ID, None, request.security_group_id, request.key.name)
+            problems = teardown(
+                cloud,
+                ledger,
+                RUN_ID,
+                RunHandle(security_group_id=request.security_group_id, key_name=request.key.name),
+            )
         assert problems == []
         assert cloud.describe(instance_id).state == "terminated"
         assert cloud.find_run_instances(RUN_ID) == []
@@ -143,7 +148,7 @@ def test_down_retries_a_teardown_that_left_something_behind(settings: Settings) 
     """The hint of an incomplete teardown is `cloudtrain down RUN`: it must retry it, once."""
     from cloudtrain.api import down_runs
     from cloudtrain.ledger import Ledger, RunRow
-    from cloudtrain.records import RunHandle, RunState
+    from cloudtrain.records import RunState
 
     cloud = AwsCloud(ensure_simulator(settings), "us-east-1")
     instance_id, request = launch(cloud)
