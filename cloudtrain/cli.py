@@ -26,6 +26,7 @@ from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from cloudtrain import __version__
 from cloudtrain.errors import CloudtrainError, ExitCode, InputError
@@ -313,16 +314,15 @@ def render_cost_report(report: CostReport, console: Console) -> None:
         table.add_column("instance types", overflow="fold")
     if report.group_by == "run":
         table.add_column("state", overflow="fold")
-    for header in ("hours", "cost", "on-demand", "saving", "EBS", "total"):
-        table.add_column(header, justify="right", no_wrap=True)
+    rows = []
     for row in report.rows:
-        cells = [row.key + (" (sim)" if row.simulated and report.group_by == "run" else "")]
+        texts = [row.key + (" (sim)" if row.simulated and report.group_by == "run" else "")]
         if report.group_by != "instance-type":
-            cells.append(", ".join(row.instance_types) or "-")
+            texts.append(", ".join(row.instance_types) or "-")
         if report.group_by == "run":
-            cells.append(row.state or "")
+            texts.append(row.state or "")
         saving = f"{row.saving_pct:.0f}%" if row.saving_pct is not None else "-"
-        cells += [
+        numbers = [
             f"{row.hours:,.2f}",
             _money(row.cost_usd),
             _money(row.on_demand_usd),
@@ -330,7 +330,14 @@ def render_cost_report(report: CostReport, console: Console) -> None:
             _money(row.ebs_usd),
             _money(row.total_usd),
         ]
-        table.add_row(*cells, style="dim" if row.simulated else None)
+        rows.append((texts, numbers, row.simulated))
+    # The numbers' widths are known here, so rich measures only the text columns: measuring
+    # every cell took a third of the time the 50-row table takes to draw.
+    for k, header in enumerate(("hours", "cost", "on-demand", "saving", "EBS", "total")):
+        width = max([len(header), *(len(numbers[k]) for _, numbers, _ in rows)])
+        table.add_column(header, justify="right", no_wrap=True, width=width)
+    for texts, numbers, simulated in rows:  # Text, not markup: nothing in them is rich markup
+        table.add_row(*map(Text, texts + numbers), style="dim" if simulated else None)
     console.print(table)
     if report.matched > len(report.rows):
         console.print(
@@ -997,7 +1004,6 @@ _DOCTOR_STATUS = {
 
 
 def render_doctor(report: DoctorReport, console: Console) -> None:
-    from rich.text import Text
 
     where = "the simulated AWS (dry-run)" if report.simulated else "AWS"
     table = Table(
