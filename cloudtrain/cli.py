@@ -42,10 +42,12 @@ if TYPE_CHECKING:
     from cloudtrain.report import CostReport, CostTotals
 
 
-out = Console(soft_wrap=True)
+# emoji=False: a ":name:" in a log line, a path or a message stays as it is (and rich's
+# table of emoji codes, 0.02 s to load, is never loaded).
+out = Console(soft_wrap=True, emoji=False)
 if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
-    out = Console(soft_wrap=True, width=120)
-err = Console(stderr=True, soft_wrap=True)
+    out = Console(soft_wrap=True, width=120, emoji=False)
+err = Console(stderr=True, soft_wrap=True, emoji=False)
 
 
 class Context:
