@@ -113,12 +113,7 @@ class RunHandle:
 
     def changed(self, **changes: Any) -> RunHandle:
         """A copy with ``changes`` (field names, JSON values: an ``ssh`` dict is read)."""
-        if isinstance(changes.get("ssh"), Mapping):
-            ssh = changes["ssh"]
-            changes["ssh"] = SshAddress(
-                str(ssh["host"]), int(ssh["port"]), str(ssh["user"]), tuple(ssh["fingerprints"])
-            )
-        return replace(self, **changes)
+        return replace(self, **_read_ssh(changes))
 
     def to_json(self) -> dict[str, Any]:
         """The fields that are set, as JSON values (what the ledger stores)."""
@@ -131,4 +126,13 @@ class RunHandle:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RunHandle:
         """The handle stored as ``to_json`` made it; an unknown field raises TypeError."""
-        return cls().changed(**data)
+        return cls(**_read_ssh(data))
+
+
+def _read_ssh(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with an ``ssh`` given as JSON (a dict) made an SshAddress."""
+    ssh = values.get("ssh")
+    if not isinstance(ssh, Mapping):
+        return dict(values)
+    address = SshAddress(str(ssh["host"]), int(ssh["port"]), str(ssh["user"]), tuple(ssh["fingerprints"]))
+    return {**values, "ssh": address}
