@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
@@ -79,6 +78,8 @@ def _crash_report(error: BaseException, home: Path | None) -> Path | None:
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     name = f"crash-{stamp}-{os.getpid()}.log"
+    import tempfile
+
     for folder in ([home / "logs"] if home else []) + [Path(tempfile.gettempdir())]:
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ consume them. Times are timezone-aware UTC datetimes; money is USD floats.
 from __future__ import annotations
 
 import re
-import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
@@ -58,6 +57,8 @@ def parse_iso(text: str) -> datetime:
 
 def new_run_id(name: str, now: datetime | None = None) -> str:
     """``<name>-<yyyymmdd-hhmmss>-<4 hex>``, the stamp in UTC."""
+    import secrets  # here: its hmac and hashlib are not worth loading for every command
+
     stamp = (now or utcnow()).astimezone(timezone.utc).strftime("%Y%m%d-%H%M%S")
     return f"{name}-{stamp}-{secrets.token_hex(2)}"
 

@@ -6,9 +6,7 @@ A leaf: every other layer receives a ``Settings`` value instead of reading
 
 from __future__ import annotations
 
-import getpass
 import os
-import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -69,9 +67,12 @@ def _seconds(text: str | None, default: float) -> float:
 
 
 def default_owner() -> str:
-    """The ``cloudtrain:owner`` tag value: who launched it, from where."""
+    """The ``cloudtrain:owner`` tag value: who launched it, from where (the host name as
+    ``socket.gethostname`` gives it, without loading socket for every command)."""
+    import getpass
+
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = "unknown"
-    return f"{user}@{socket.gethostname()}"
+    return f"{user}@{os.uname().nodename}"
