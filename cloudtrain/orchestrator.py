@@ -1,11 +1,12 @@
 """The run lifecycle: launch, provision, sync, train, pull back, tear down.
 
 Each stage takes what the previous one produced and moves the run to its next state
-in the ledger; the orchestrator only sequences them and owns cleanup: whatever
+in the ledger; the orchestrator sequences them (the phases on an instance go through
+``recovery.run_phases``, which relaunches after a loss) and owns cleanup: whatever
 happens (a failure, SIGINT, SIGTERM), the ``finally`` pulls back what it can and
 terminates the instance (confirmed), then deletes the security group and key pair.
-The same code runs for AWS and for ``--dry-run``: only the settings' endpoint
-differs, and the instance tells the agent whether a GPU is expected.
+The same code runs for AWS and for ``--dry-run``: only the settings differ (the
+endpoint, and what the simulator says its instances are: no GPU, on loopback).
 """
 
 from __future__ import annotations
