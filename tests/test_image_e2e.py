@@ -102,7 +102,7 @@ def test_failed_recipe_leaves_no_builder(
     monkeypatch.setattr(
         bringup,
         "provision_command",
-        lambda envs: "echo '[provision] tensorflow: installing'; echo boom; exit 7",
+        lambda envs, gpu: "echo '[provision] tensorflow: installing'; echo boom; exit 7",
     )
     with pytest.raises(RemoteError, match=r"(?s)the image recipe failed .* \(exit code 7\):\n.*boom"):
         build_image(settings, dry_run=True, envs=("tensorflow",))
