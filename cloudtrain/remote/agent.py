@@ -231,7 +231,7 @@ class RemoteAgent:
                 ("run-dir", self.run_dir),
                 ("workdir", REMOTE_WORKDIR),
                 ("run", run),
-                ("setup", setup),
+                ("setup", setup or None),  # an empty one is none
                 ("env-file", f"{self.run_dir}/env.json"),
             ),
             stdin=json.dumps(dict(secrets)).encode(),
