@@ -186,7 +186,7 @@ class RemoteAgent:
 
     def configure(self, config: AgentConfig | None = None, *, gpu: str = "auto") -> None:
         """The backend's keras.json, .theanorc and the run's env.json (no job options without
-        ``config``: ``image build``). ``gpu`` is auto, yes or no, as the instance says."""
+        ``config``: ``image build``). ``gpu``: auto, yes or no (no where the instances have none)."""
         path = Shell(f'"PATH={IMAGE_ROOT}/envs/{self.backend}/bin:$PATH"')
         job: list[Option] = []
         if config is not None:
