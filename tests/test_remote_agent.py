@@ -254,3 +254,18 @@ def test_the_follower_gives_up_after_its_reconnects(monkeypatch: pytest.MonkeyPa
     with pytest.raises(RemoteError, match="drop 2"):
         follower.follow(round_s=0.01)
     assert heard == ["drop 0", "drop 1"] and agent.reconnects == 2
+
+
+def test_a_supervisor_gone_with_its_instance_is_the_instance_lost() -> None:
+    """A spot instance shutting down kills the supervisor before SSH goes: the follower
+    says the instance was lost (run relaunches, logs -f waits), not that training broke."""
+    agent = ScriptedAgent(b"epoch 1\n", [8])
+    agent.status = lambda: {"running": False, "exit_code": None}  # type: ignore[method-assign]
+    lost = InstanceLost("i-0123", "shutting-down")
+    follower = LogFollower(agent, 0, lambda data: None, secrets=[], lost=lambda: lost, reconnects=3)  # type: ignore[arg-type]
+    with pytest.raises(InstanceLost):
+        follower.follow(round_s=0.01)
+    alive = LogFollower(agent, 0, lambda data: None, secrets=[], lost=lambda: None, reconnects=3)  # type: ignore[arg-type]
+    agent.rounds[:] = [8]
+    with pytest.raises(RemoteError, match="supervisor on the instance is gone"):
+        alive.follow(round_s=0.01)

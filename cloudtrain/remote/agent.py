@@ -363,6 +363,9 @@ class LogFollower:
                     self._last_bytes()
                 return int(status["exit_code"])
             if not status.get("running"):
+                lost = self.lost()  # an instance being taken away takes its supervisor first
+                if lost is not None:
+                    raise lost
                 raise RemoteError(
                     "the training supervisor on the instance is gone without an exit code",
                     hint=f"See {REMOTE_RUN_DIR}/supervisor.log on the instance (`--keep` keeps it).",
