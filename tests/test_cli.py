@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -14,13 +17,18 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from cloudtrain.catalog import load_catalog
-from cloudtrain.cli import main
+from cloudtrain.cli import NUMBER_HEADERS, _money, main, render_cost_report
 from cloudtrain.errors import ExitCode
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
 from cloudtrain.prices import simulated_spot
 from cloudtrain.records import Lifecycle, RunHandle, RunState, SshAddress
+from cloudtrain.report import CostReport, cost_report
 from cloudtrain.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,7 +204,7 @@ def test_sigterm_exits_143() -> None:
         "sys.argv = ['cloudtrain', 'schema']\n"
         "import cloudtrain.api\n"
         "cloudtrain.api.job_schema = lambda: os.kill(os.getpid(), signal.SIGTERM)\n"
-        "from cloudtrain.cli import main\n"
+        "from cloudtrain.cli import NUMBER_HEADERS, _money, main, render_cost_report\n"
         "main()\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
@@ -276,6 +284,60 @@ def test_cost_report_never_cuts_a_run_id(settings: Settings) -> None:
     assert column.startswith(f"{run_id} (sim)")
 
 
+def six_column_table(report: CostReport, console: Console) -> None:
+    """The cost table as rich drew it with one column per number, before the numbers became
+    one column (the reference the table must still read as)."""
+    key_header = {"run": "run", "day": "day", "instance-type": "instance type"}[report.group_by]
+    table = Table(
+        title=f"Costs by {key_header}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    table.add_column(key_header, overflow="fold")
+    if report.group_by != "instance-type":
+        table.add_column("instance types", overflow="fold")
+    if report.group_by == "run":
+        table.add_column("state", overflow="fold")
+    for header in NUMBER_HEADERS:
+        table.add_column(header, justify="right", no_wrap=True)
+    for row in report.rows:
+        texts = [row.key + (" (sim)" if row.simulated and report.group_by == "run" else "")]
+        if report.group_by != "instance-type":
+            texts.append(", ".join(row.instance_types) or "-")
+        if report.group_by == "run":
+            texts.append(row.state or "")
+        saving = f"{row.saving_pct:.0f}%" if row.saving_pct is not None else "-"
+        numbers = [f"{row.hours:,.2f}", _money(row.cost_usd), _money(row.on_demand_usd), saving]
+        numbers += [_money(row.ebs_usd), _money(row.total_usd)]
+        table.add_row(*map(Text, texts + numbers), style="dim" if row.simulated else None)
+    console.print(table)
+
+
+def drawn(draw: Callable[[CostReport, Console], None], report: CostReport, width: int) -> str:
+    console = Console(file=io.StringIO(), width=width, force_terminal=True, emoji=False)
+    draw(report, console)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", console.file.getvalue())  # styles aside
+    return text.split("\nShowing the")[0].split("\nReal spend")[0].rstrip("\n")
+
+
+@pytest.mark.parametrize("group_by", ["run", "day", "instance-type"])
+def test_cost_report_numbers_read_as_six_columns(settings: Settings, group_by: str) -> None:
+    seed(settings)
+    created = datetime(2026, 11, 24, 10, 0, tzinfo=timezone.utc)
+    with Ledger.open(settings) as ledger:  # a long id, folded when narrow
+        ledger.create_run(
+            RunRow(
+                id=f"{'long-name-' * 4}{created:%Y%m%d}", name="x", state=RunState.FAILED, created_at=created
+            )
+        )
+        report = cost_report(ledger, group_by=group_by, limit=50)
+    # The numbers take 51 columns here; below about 56 rich cuts them (…) either way.
+    for width in range(60, 161):
+        assert drawn(render_cost_report, report, width) == drawn(six_column_table, report, width), width
+
+
 def test_cost_report_limit_keeps_totals(settings: Settings) -> None:
     seed(settings)
     result = cli("cost-report", "--limit", "1")
@@ -339,7 +401,7 @@ HEAVY = (
 )
 MODULES_AFTER = f"""
 import json, sys
-from cloudtrain.cli import main
+from cloudtrain.cli import NUMBER_HEADERS, _money, main, render_cost_report
 try:
     main(sys.argv[1:])
 except SystemExit as e:
