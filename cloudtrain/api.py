@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the rest is imported where it is used: `status`, `logs` and
     from cloudtrain.gc import GcResult, Survey
     from cloudtrain.imagebuild import BuildResult
     from cloudtrain.ledger import Ledger, RunRow
+    from cloudtrain.orchestrator import Orchestrator, RunContext
     from cloudtrain.planner import Plan
     from cloudtrain.spec import JobSpec
 
@@ -185,7 +186,7 @@ def _resumed(
     reporter: Reporter | None,
     *,
     need_secrets: bool = False,
-) -> tuple[Any, Any]:
+) -> tuple[Orchestrator, RunContext]:
     """An orchestrator and context for a run that is already on an instance.
 
     The job's secrets come from this environment, as for `run`: they mask the log that
@@ -287,10 +288,12 @@ def pull_run(ref: str, settings: Settings, *, reporter: Reporter | None = None) 
                 hint=f"What was pulled back is in {run.run_dir}.",
             )
         orchestrator, ctx = _resumed(run, settings, ledger, reporter, need_secrets=True)
+        session = ctx.session
+        assert session is not None
         try:
             orchestrator.pull(ctx)
         finally:
-            ctx.session.close()
+            session.close()
         return Path(ctx.run_dir)
 
 

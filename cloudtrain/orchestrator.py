@@ -174,6 +174,7 @@ class Orchestrator:
         detach: bool = False,
         watcher: TrainingWatcher | None = None,
         replan: Callable[[], Plan] | None = None,
+        remote_agent: Callable[[Session, str], RemoteAgent] = RemoteAgent,
     ) -> None:
         self.plan = plan  # None when resuming a run (attach, pull) ...
         self.replan = replan  # ... until a relaunch needs one: the offers as they are now
@@ -190,6 +191,7 @@ class Orchestrator:
         self.detach = detach
         self.watcher = watcher
         self._keeper_events: list[tuple[str, str, datetime]] = []  # from the keeper's thread
+        self._remote_agent = remote_agent  # the boundary to the instance (tests hand a fake)
 
     # --- bookkeeping -------------------------------------------------------------------
 
@@ -802,7 +804,7 @@ class Orchestrator:
     def _agent(self, ctx: RunContext) -> RemoteAgent:
         """The agent on the run's instance, over its session."""
         assert ctx.session is not None
-        return RemoteAgent(ctx.session, self.spec.backend)
+        return self._remote_agent(ctx.session, self.spec.backend)
 
     def _spending(self, ctx: RunContext) -> str:
         run = self.ledger.get_run(ctx.run_id)

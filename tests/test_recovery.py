@@ -511,3 +511,213 @@ def test_a_resumed_run_with_no_way_to_plan_does_not_relaunch(relaunching: Any) -
     with pytest.raises(InstanceLost):
         orchestrator._recover(ctx, InstanceLost("i-1", "terminated"))
     assert len(cloud.launches) == 1
+
+
+# --- budget, salvage and --keep, against a fake agent and the fake cloud -----------------
+
+
+class FakeAgent:
+    """The agent on the instance, at the orchestrator's boundary: the log it hands back, and
+    what it was told; a step given an exception raises it."""
+
+    def __init__(self, log: bytes = b"", *, tail_error: Exception | None = None) -> None:
+        self.log = log
+        self.tail_error = tail_error
+        self.collected_with: list[str | None] = []
+        self.collect_error: Exception | None = None
+
+    def tail(self, offset: int, sink: Any, *, follow: bool = False, for_s: float | None = None) -> int:
+        if self.tail_error is not None:
+            raise self.tail_error
+        sink(self.log[offset:])
+        return 0
+
+    def collected(self, keep_until: str | None = None) -> None:
+        if self.collect_error is not None:
+            raise self.collect_error
+        self.collected_with.append(keep_until)
+
+
+class FakeSession:
+    """A connection to the instance; ``stuck`` makes reconnecting hang until released."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.stuck = threading.Event()
+        self.release = threading.Event()
+        self.closed = False
+
+    def reconnect(self, *, deadline_s: float = 120.0) -> FakeSession:
+        if self.stuck.is_set():
+            self.release.wait(10)
+        return self
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeKeeper:
+    """The checkpoint keeper: counts its last rounds; ``error`` makes them fail."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.final_rounds = 0
+        self.error = error
+
+    def final_round(self, session: Any) -> None:
+        self.final_rounds += 1
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+def on_instance(relaunching: Any) -> Any:
+    """The relaunching run, trained on i-1 with a session and a fake agent there."""
+    orchestrator, ctx, cloud = relaunching
+    agent = FakeAgent()
+    orchestrator._remote_agent = lambda session, backend: agent
+    ctx.session = FakeSession()
+    ctx.handle = ctx.handle.changed(training_started=True)
+    ctx.log_offset = 0
+    yield orchestrator, ctx, cloud, agent
+
+
+def events(orchestrator: Any, ctx: Any, kind: str) -> list[str]:
+    return [e.message for e in orchestrator.ledger.events(ctx.run_id) if e.kind == kind]
+
+
+@pytest.mark.parametrize("keeper_error", [None, "the copy failed"])
+def test_a_cost_budget_reached_brings_the_checkpoint_home_then_stops(
+    on_instance: Any, keeper_error: str | None
+) -> None:
+    from cloudtrain.errors import BudgetError, RemoteError
+    from cloudtrain.spec import Budget
+
+    orchestrator, ctx, _, _ = on_instance
+    orchestrator.spec = orchestrator.spec.model_copy(update={"budget": Budget(max_cost_usd=0.001)})
+    keeper = FakeKeeper(RemoteError(keeper_error) if keeper_error else None)
+    with pytest.raises(BudgetError, match=r"0\.001") as caught:  # a minute at $0.20/h is $0.0033
+        orchestrator._check_budget(ctx, keeper)
+    assert keeper.final_rounds == 1  # tried, even when it fails: the run still stops
+    assert "job.yaml" in (caught.value.hint or "") and caught.value.exit_code == 4
+    assert events(orchestrator, ctx, "budget") == [caught.value.message]
+
+
+@pytest.mark.parametrize("limits", [{}, {"max_cost_usd": 5.0, "max_hours": 1.0}])
+def test_within_budget_the_run_goes_on(on_instance: Any, limits: dict[str, float]) -> None:
+    from cloudtrain.spec import Budget
+
+    orchestrator, ctx, _, _ = on_instance
+    orchestrator.spec = orchestrator.spec.model_copy(update={"budget": Budget(**limits)})
+    keeper = FakeKeeper()
+    orchestrator._check_budget(ctx, keeper)
+    assert keeper.final_rounds == 0 and events(orchestrator, ctx, "budget") == []
+
+
+def test_salvage_pulls_the_log_home_masked_and_restarts_the_watchdogs_grace(on_instance: Any) -> None:
+    orchestrator, ctx, _, agent = on_instance
+    orchestrator.secrets = {"TOKEN": "hunter2"}
+    agent.log = b"Epoch 1/3\nloss 0.1 token hunter2\n"
+    orchestrator._salvage(ctx)
+    assert (ctx.run_dir / "logs" / "train.log").read_bytes() == b"Epoch 1/3\nloss 0.1 token *******\n"
+    assert agent.collected_with == [None]
+    assert events(orchestrator, ctx, "salvage-failed") + events(orchestrator, ctx, "salvage-timeout") == []
+
+
+def test_a_failed_salvage_is_named_never_raised(on_instance: Any) -> None:
+    from cloudtrain.errors import RemoteError
+
+    orchestrator, ctx, _, agent = on_instance
+    agent.tail_error = RemoteError("the connection dropped")
+    orchestrator._salvage(ctx)  # nothing raised over the error that brought the run here
+    assert events(orchestrator, ctx, "salvage-failed") == ["pulling back failed: the connection dropped"]
+
+
+def test_a_stuck_salvage_is_given_up_after_salvage_pull_s(on_instance: Any) -> None:
+    from dataclasses import replace
+
+    orchestrator, ctx, _, agent = on_instance
+    orchestrator.settings = replace(orchestrator.settings, salvage_pull_s=0.2)
+    ctx.session.stuck.set()
+    started = time.monotonic()
+    orchestrator._salvage(ctx)
+    ctx.session.release.set()
+    assert time.monotonic() - started < 2  # teardown is not held up
+    assert events(orchestrator, ctx, "salvage-timeout") == ["pulling back took over 0 s: gave up on it"]
+
+
+def test_nothing_is_salvaged_before_training_started(on_instance: Any) -> None:
+    orchestrator, ctx, _, agent = on_instance
+    ctx.handle = ctx.handle.changed(training_started=False)
+    agent.tail_error = AssertionError("nothing to pull before training")
+    orchestrator._salvage(ctx)
+    assert not (ctx.run_dir / "logs" / "train.log").exists() and agent.collected_with == []
+
+
+class EndingCloud(FakeCloud):
+    """The fake cloud with what --keep and teardown ask of it."""
+
+    def __init__(self, fake: FakeCloud, settings: Any) -> None:
+        super().__init__()
+        self.states, self.types, self.settings = fake.states, fake.types, settings
+        self.expiries: list[tuple[str, Any]] = []
+        self.expiry_error: Exception | None = None
+        self.deleted: list[str] = []
+
+    def set_run_expiry(self, run_id: str, when: Any, instance_profile: str | None = None) -> None:
+        if self.expiry_error is not None:
+            raise self.expiry_error
+        self.expiries.append((run_id, when))
+
+    def find_run_instances(self, run_id: str) -> list[Any]:
+        return []
+
+    def owned_resources(self, owner: str, run_id: str) -> list[Any]:
+        return []
+
+    def delete_security_group(self, name: str) -> None:
+        self.deleted.append(name)
+
+    delete_key_pair = delete_instance_profile = delete_security_group
+
+    def forget_private_key(self, run_id: str) -> None:
+        self.deleted.append("private key")
+
+
+@pytest.mark.parametrize("told", [True, False])
+def test_keep_leaves_the_instance_until_a_deadline_it_and_its_tags_know(on_instance: Any, told: bool) -> None:
+    from datetime import timedelta
+
+    from cloudtrain.errors import CloudError, RemoteError
+    from cloudtrain.records import RunState, parse_iso, utcnow
+
+    orchestrator, ctx, fake, agent = on_instance
+    ctx.cloud = cloud = EndingCloud(fake, orchestrator.settings)
+    cloud.expiry_error = CloudError("tagging refused")  # only a warning: gc may end it early
+    if not told:  # the instance never heard: it ends itself after the grace, so the deadline says so
+        agent.collect_error = RemoteError("the connection dropped")
+    orchestrator.keep = True
+    orchestrator.finish(ctx, RunState.SUCCEEDED, 0)
+    run = orchestrator.ledger.get_run(ctx.run_id)
+    assert run.state is RunState.SUCCEEDED and cloud.terminated == [] and ctx.session.closed
+    kept_until = parse_iso(run.handle.kept_until)
+    assert cloud.deleted == []  # the group and key pair stay with the instance
+    if told:
+        assert agent.collected_with == [run.handle.kept_until]
+        assert abs(kept_until - (utcnow() + timedelta(hours=24))) < timedelta(minutes=1)
+    else:
+        grace = timedelta(seconds=orchestrator.spec.watchdog.collect_grace_s)
+        assert abs(kept_until - (utcnow() + grace)) < timedelta(minutes=1)
+
+
+def test_keep_is_ignored_before_training_started_and_the_instance_ends(on_instance: Any) -> None:
+    from cloudtrain.records import RunState
+
+    orchestrator, ctx, fake, agent = on_instance
+    ctx.cloud = cloud = EndingCloud(fake, orchestrator.settings)
+    ctx.handle = ctx.handle.changed(training_started=False)
+    orchestrator.keep = True
+    orchestrator.finish(ctx, RunState.FAILED, None)
+    assert cloud.terminated == ["i-1"] and agent.collected_with == [] and cloud.expiries == []
+    assert cloud.deleted == ["sg-1", "private key"]
+    assert orchestrator.ledger.get_run(ctx.run_id).handle.kept_until is None
