@@ -1,19 +1,21 @@
-"""Bringing an instance up, shared by `run` and `image build`: the host key fingerprints
-from the console, the image recipe, and the backend's configuration and check (through
-the agent, remote/agent.py)."""
+"""Bringing an instance up, shared by `run` and `image build`: its SSH endpoint (the host
+key fingerprints from the console, its address), the image recipe, and the backend's
+configuration and check (through the agent, remote/agent.py)."""
 
 from __future__ import annotations
 
+import ipaddress
 import shlex
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from cloudtrain.cloud.aws import AwsCloud
+from cloudtrain.cloud.aws import AwsCloud, LaunchedInstance
 from cloudtrain.errors import RemoteError
 from cloudtrain.progress import Reporter
 from cloudtrain.remote.agent import AgentConfig, RemoteAgent
-from cloudtrain.remote.session import Session, parse_console_fingerprints
+from cloudtrain.remote.session import Endpoint, Session, parse_console_fingerprints
 
 REMOTE_USER = "ubuntu"
 REMOTE_RECIPE = ".cloudtrain/ami"  # ami/, for provision.sh (image build; resources.image: base)
@@ -114,6 +116,24 @@ def wait_for_fingerprints(
             )
         time.sleep(delay)
         delay = min(delay * 2, poll)
+
+
+def ssh_endpoint(
+    cloud: AwsCloud, instance_id: str, key_path: Path, *, loopback_only: bool
+) -> tuple[LaunchedInstance, Endpoint]:
+    """The booted instance, and where to reach it: its public address and its host keys as its
+    console printed them (pinned). ``loopback_only`` (a dry-run's simulated hosts): any other
+    address is refused, so a dry-run never dials out."""
+    fingerprints = wait_for_fingerprints(cloud, instance_id)
+    launched = cloud.describe(instance_id)  # the address, now that it has booted
+    if not launched.ssh_host:
+        raise RemoteError(
+            f"{instance_id} has no public IP address",
+            hint="Launch into a subnet that assigns public IPs (the default VPC does).",
+        )
+    if loopback_only and not ipaddress.ip_address(launched.ssh_host).is_loopback:
+        raise RemoteError(f"refusing to dial {launched.ssh_host} in a dry-run: simulated hosts are loopback")
+    return launched, Endpoint(launched.ssh_host, launched.ssh_port, REMOTE_USER, key_path, fingerprints)
 
 
 def describe_backend(report: Mapping[str, Any]) -> str:

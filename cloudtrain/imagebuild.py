@@ -15,7 +15,6 @@ The same code runs for ``--dry-run``: the builder is a simulated host whose
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,11 +22,10 @@ from datetime import timedelta
 from typing import Any
 
 from cloudtrain.bringup import (
-    REMOTE_USER,
     describe_backend,
     run_recipe,
+    ssh_endpoint,
     verify_backend,
-    wait_for_fingerprints,
 )
 from cloudtrain.catalog import load_catalog
 from cloudtrain.cloud.aws import (
@@ -41,12 +39,12 @@ from cloudtrain.cloud.aws import (
     run_tags,
 )
 from cloudtrain.cloud.simimage import ENVS, recipe_version
-from cloudtrain.errors import CloudError, CloudtrainError, ExitCode, InputError, RemoteError
+from cloudtrain.errors import CloudError, CloudtrainError, ExitCode, InputError
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
 from cloudtrain.progress import Reporter
 from cloudtrain.records import Lifecycle, RunHandle, RunState, iso, new_run_id, utcnow
 from cloudtrain.remote.agent import RemoteAgent
-from cloudtrain.remote.session import Endpoint, Session
+from cloudtrain.remote.session import Session
 from cloudtrain.settings import Settings
 from cloudtrain.teardown import shielded_from_signals, teardown
 
@@ -183,15 +181,7 @@ def build(
         reporter.info(f"builder {instance_id} is running in {launched.zone}")
 
         state(RunState.PROVISIONING, f"running the image recipe ({', '.join(envs)}) on {instance_id}")
-        fingerprints = wait_for_fingerprints(cloud, instance_id)
-        launched = cloud.describe(instance_id)
-        if not launched.ssh_host:
-            raise RemoteError(f"{instance_id} has no public IP address")
-        if settings.loopback_hosts and not ipaddress.ip_address(launched.ssh_host).is_loopback:
-            raise RemoteError(
-                f"refusing to dial {launched.ssh_host} in a dry-run: simulated hosts are loopback"
-            )
-        endpoint = Endpoint(launched.ssh_host, launched.ssh_port, REMOTE_USER, key.path, fingerprints)
+        _, endpoint = ssh_endpoint(cloud, instance_id, key.path, loopback_only=settings.loopback_hosts)
         with Session(endpoint).connect() as session:
             RemoteAgent(session, envs[0]).install()
             gpu = settings.instance_gpus

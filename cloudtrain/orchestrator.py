@@ -11,7 +11,6 @@ endpoint, and what the simulator says its instances are: no GPU, on loopback).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import sys
 import threading
@@ -28,11 +27,10 @@ import yaml
 from cloudtrain import budget
 from cloudtrain.agent.redact import LogRedactor
 from cloudtrain.bringup import (
-    REMOTE_USER,
     describe_backend,
     run_recipe,
+    ssh_endpoint,
     verify_backend,
-    wait_for_fingerprints,
 )
 from cloudtrain.cloud.aws import (
     AwsCloud,
@@ -77,7 +75,7 @@ from cloudtrain.remote.agent import (
     LogFollower,
     RemoteAgent,
 )
-from cloudtrain.remote.session import Endpoint, HostKeyMismatch, Session
+from cloudtrain.remote.session import HostKeyMismatch, Session
 from cloudtrain.remote.sync import SyncReport
 from cloudtrain.runrecord import write_run_json
 from cloudtrain.settings import Settings
@@ -192,6 +190,7 @@ class Orchestrator:
         self.watcher = watcher
         self._keeper_events: list[tuple[str, str, datetime]] = []  # from the keeper's thread
         self._remote_agent = remote_agent  # the boundary to the instance (tests hand a fake)
+        self.agent_cli = AgentCli.for_backend(spec.backend)  # for sync's and pull's streams
 
     # --- bookkeeping -------------------------------------------------------------------
 
@@ -610,7 +609,7 @@ class Orchestrator:
             self.reporter.info(message)
 
     def _pull_checkpoint(self, session: Session, dest: Path) -> None:
-        cli = AgentCli.for_backend(self.spec.backend)
+        cli = self.agent_cli
         pull_checkpoint(session, dest, remote_python=cli.python, remote_agent_path=cli.path)
 
     def _keeper_event(self, kind: str, message: str) -> None:
@@ -626,19 +625,8 @@ class Orchestrator:
     def _provision(self, ctx: RunContext) -> None:
         assert ctx.launched is not None and ctx.instance_id and ctx.key_path
         self._state(ctx, RunState.PROVISIONING, "verifying the host key, configuring the backend")
-        fingerprints = wait_for_fingerprints(ctx.cloud, ctx.instance_id)
-        ctx.launched = ctx.cloud.describe(ctx.instance_id)  # the address, now that it has booted
-        if not ctx.launched.ssh_host:
-            raise RemoteError(
-                f"{ctx.instance_id} has no public IP address",
-                hint="Launch into a subnet that assigns public IPs (the default VPC does).",
-            )
-        if self.settings.loopback_hosts and not ipaddress.ip_address(ctx.launched.ssh_host).is_loopback:
-            raise RemoteError(
-                f"refusing to dial {ctx.launched.ssh_host} in a dry-run: simulated hosts are loopback"
-            )
-        endpoint = Endpoint(
-            ctx.launched.ssh_host, ctx.launched.ssh_port, REMOTE_USER, ctx.key_path, fingerprints
+        ctx.launched, endpoint = ssh_endpoint(
+            ctx.cloud, ctx.instance_id, ctx.key_path, loopback_only=self.settings.loopback_hosts
         )
         self._record(
             ctx,
@@ -646,7 +634,7 @@ class Orchestrator:
                 "host": endpoint.host,
                 "port": endpoint.port,
                 "user": endpoint.user,
-                "fingerprints": sorted(fingerprints),
+                "fingerprints": sorted(endpoint.fingerprints),
             },
         )
         try:
@@ -673,7 +661,7 @@ class Orchestrator:
         from cloudtrain.remote.sync import sync_workdir
 
         self._state(ctx, RunState.SYNCING, "syncing the workdir and data")
-        cli = AgentCli.for_backend(self.spec.backend)
+        cli = self.agent_cli
         report = sync_workdir(
             ctx.session,
             self.spec.workdir,
@@ -839,7 +827,7 @@ class Orchestrator:
         from cloudtrain.remote.pull import pull
 
         if self.spec.outputs:
-            cli = AgentCli.for_backend(self.spec.backend)
+            cli = self.agent_cli
             report = pull(
                 ctx.session,
                 REMOTE_WORKDIR,

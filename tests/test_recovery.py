@@ -721,3 +721,51 @@ def test_keep_is_ignored_before_training_started_and_the_instance_ends(on_instan
     assert cloud.terminated == ["i-1"] and agent.collected_with == [] and cloud.expiries == []
     assert cloud.deleted == ["sg-1", "private key"]
     assert orchestrator.ledger.get_run(ctx.run_id).handle.kept_until is None
+
+
+class BootedCloud:
+    """A cloud whose instance has booted at ``address`` and printed its host key."""
+
+    FINGERPRINT = "SHA256:" + "A" * 43
+
+    def __init__(self, address: str | None) -> None:
+        self.address = address
+
+    def console_output(self, instance_id: str) -> str:
+        return (
+            "cloud-init ...\n-----BEGIN SSH HOST KEY FINGERPRINTS-----\n"
+            f"256 {self.FINGERPRINT} root@host (ED25519)\n-----END SSH HOST KEY FINGERPRINTS-----\n"
+        )
+
+    def describe(self, instance_id: str) -> Any:
+        from cloudtrain.cloud.aws import LaunchedInstance
+        from cloudtrain.records import utcnow
+
+        return LaunchedInstance(
+            instance_id, "g4dn.xlarge", "us-east-1a", "spot", self.address, utcnow(), "running", self.address
+        )
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback_only", "refused"),
+    [
+        ("127.0.0.1", True, None),
+        ("203.0.113.9", False, None),
+        ("203.0.113.9", True, "refusing to dial 203.0.113.9 in a dry-run"),
+        (None, False, "has no public IP address"),
+    ],
+)
+def test_the_ssh_endpoint_is_pinned_and_a_dry_run_dials_only_loopback(
+    address: str | None, loopback_only: bool, refused: str | None
+) -> None:
+    from cloudtrain.bringup import REMOTE_USER, ssh_endpoint
+    from cloudtrain.errors import RemoteError
+
+    cloud = BootedCloud(address)
+    if refused:
+        with pytest.raises(RemoteError, match=refused):
+            ssh_endpoint(cloud, "i-1", Path("k.pem"), loopback_only=loopback_only)  # type: ignore[arg-type]
+        return
+    launched, endpoint = ssh_endpoint(cloud, "i-1", Path("k.pem"), loopback_only=loopback_only)  # type: ignore[arg-type]
+    assert (endpoint.host, endpoint.user, endpoint.key_path) == (address, REMOTE_USER, Path("k.pem"))
+    assert endpoint.fingerprints == frozenset({BootedCloud.FINGERPRINT}) and launched.ssh_host == address
