@@ -30,12 +30,12 @@ from rich.text import Text
 from cloudtrain import __version__
 from cloudtrain.errors import CloudtrainError, ExitCode, InputError
 from cloudtrain.progress import Reporter
-from cloudtrain.records import RunState
+from cloudtrain.records import RunState, parse_iso, utcnow
 from cloudtrain.settings import Settings
+from cloudtrain.tables import Column, Row, ago, duration
+from cloudtrain.tables import render as render_table
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from cloudtrain.api import RunOutcome
     from cloudtrain.doctor import Report as DoctorReport
     from cloudtrain.gc import Survey
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 # emoji=False: a ":name:" in a log line, a path or a message stays as it is (and rich's
 # table of emoji codes, 0.02 s to load, is never loaded).
 out = Console(soft_wrap=True, emoji=False)
-if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+if not out.is_terminal and not os.environ.get("COLUMNS"):  # piped or captured: 120 unless told
     out = Console(soft_wrap=True, width=120, emoji=False)
 err = Console(stderr=True, soft_wrap=True, emoji=False)
 
@@ -183,31 +183,28 @@ def _money(value: float) -> str:
 def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
     job = plan.job
     where = "simulated AWS (dry-run)" if plan.simulated else plan.region
-    table = Table(
-        title=f"Offers for {job.name} ({job.backend}) in {where}, best per type",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,
-    )
-    # When narrow, the GPU and the price's source fold; types, zones and money are never cut.
-    table.add_column("type", no_wrap=True)
-    table.add_column("GPU", overflow="fold")
-    table.add_column("count", justify="right", no_wrap=True)
-    table.add_column("AZ", no_wrap=True)
+    # When narrow, on-demand, the GPU count and the GPU model go, in that order.
     price_header = "spot $/h" if plan.lifecycle.value == "spot" else "$/h"
-    for header in (price_header, "on-demand", "saving"):
-        table.add_column(header, justify="right", no_wrap=True)
-    table.add_column("price", overflow="fold")
+    columns = [
+        Column("type"),
+        Column("GPU", drop=1),
+        Column("count", right=True, drop=2),
+        Column("AZ"),
+        Column(price_header, right=True),
+        Column("on-demand", right=True, drop=3),
+        Column("saving", right=True),
+        Column("price"),
+    ]
     best_per_type: dict[str, Any] = {}
     for offer in plan.offers:
         best_per_type.setdefault(offer.instance.name, offer)
     max_price = job.resources.max_price
+    rows = []
     for offer in list(best_per_type.values())[:top]:
         chosen = offer is plan.choice
         over = max_price is not None and offer.price_per_hour > max_price
         itype = offer.instance
-        table.add_row(
+        cells = [
             ("→ " if chosen else "  ") + itype.name,
             f"{itype.gpu} {itype.gpu_memory_gib:.0f}G",
             str(itype.gpu_count),
@@ -216,9 +213,12 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
             _money(offer.on_demand_per_hour),
             f"{offer.saving_pct:.0f}%",
             offer.price_source + (", > max" if over else ""),
-            style="bold green" if chosen else ("dim" if over else None),
-        )
-    console.print(table)
+        ]
+        rows.append(Row(cells, "bold green" if chosen else ("dim" if over else None)))
+    console.print(
+        f"Offers for {job.name} ({job.backend}) in {where}, best per type", highlight=False, soft_wrap=False
+    )
+    console.print(render_table(columns, rows, console.width), highlight=False)
     choice = plan.choice
     console.print(
         f"Choice: [bold]{choice.instance.name}[/] ({choice.instance.gpu_count} x {choice.instance.gpu}) "
@@ -226,18 +226,24 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
         f"({choice.price_source}), {choice.saving_pct:.0f}% below on-demand "
         f"{_money(choice.on_demand_per_hour)}/h",
         highlight=False,
+        soft_wrap=False,
     )
     if choice.note:
-        console.print(f"Note: {escape(choice.note)} (catalog of {plan.catalog_date}).", highlight=False)
+        console.print(
+            f"Note: {escape(choice.note)} (catalog of {plan.catalog_date}).", highlight=False, soft_wrap=False
+        )
     if plan.estimate:
         est = plan.estimate
         console.print(
             f"Estimate for budget.max_hours {est.hours:g} h: compute {_money(est.compute_usd)} + "
             f"EBS {job.resources.disk_gb} GiB {_money(est.ebs_usd)} = [bold]{_money(est.total_usd)}[/]",
             highlight=False,
+            soft_wrap=False,
         )
     else:
-        console.print("No estimate: set budget.max_hours in the job to see what a run would cost.")
+        console.print(
+            "No estimate: set budget.max_hours in the job to see what a run would cost.", soft_wrap=False
+        )
     if plan.boot_provision_min is not None:
         minutes = plan.boot_provision_min
         console.print(
@@ -245,6 +251,7 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
             f"about {minutes:g} min (~{_money(choice.price_per_hour * minutes / 60)}) before training "
             "starts, on every run; `cloudtrain image build` once saves it.",
             highlight=False,
+            soft_wrap=False,
         )
 
 
@@ -303,66 +310,50 @@ def _totals_line(label: str, totals: CostTotals) -> str:
     )
 
 
-NUMBER_HEADERS = ("hours", "cost", "on-demand", "saving", "EBS", "total")
-
-
 def render_cost_report(report: CostReport, console: Console) -> None:
+    """The cost table (whole run ids; when narrow, EBS, the instance types, on-demand, the
+    state, hours and the saving go, in that order), then the totals."""
     key_header = {"run": "run", "day": "day", "instance-type": "instance type"}[report.group_by]
-    table = Table(
-        title=f"Costs by {key_header}",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,
-    )
-    # Nothing is cut: a run id is what a user copies into `status` and `down`. When narrow,
-    # the text columns fold and the numbers keep their width.
-    table.add_column(key_header, overflow="fold")
+    by_run = report.group_by == "run"
+    columns = [Column(key_header, fold=True)]
     if report.group_by != "instance-type":
-        table.add_column("instance types", overflow="fold")
-    if report.group_by == "run":
-        table.add_column("state", overflow="fold")
+        columns.append(Column("instance types", drop=6))
+    if by_run:
+        columns.append(Column("state", drop=4))
+    columns += [
+        Column("hours", right=True, drop=3),
+        Column("cost", right=True),
+        Column("on-demand", right=True, drop=5),
+        Column("saving", right=True, drop=2),
+        Column("EBS", right=True, drop=7),
+        Column("total", right=True),
+    ]
     rows = []
     for row in report.rows:
-        texts = [row.key + (" (sim)" if row.simulated and report.group_by == "run" else "")]
+        cells = [row.key + (" (sim)" if row.simulated and by_run else "")]
         if report.group_by != "instance-type":
-            texts.append(", ".join(row.instance_types) or "-")
-        if report.group_by == "run":
-            texts.append(row.state or "")
-        saving = f"{row.saving_pct:.0f}%" if row.saving_pct is not None else "-"
-        numbers = [
+            cells.append(", ".join(row.instance_types) or "-")
+        if by_run:
+            cells.append(row.state or "")
+        cells += [
             f"{row.hours:,.2f}",
             _money(row.cost_usd),
             _money(row.on_demand_usd),
-            saving,
+            f"{row.saving_pct:.0f}%" if row.saving_pct is not None else "-",
             _money(row.ebs_usd),
             _money(row.total_usd),
         ]
-        rows.append((texts, numbers, row.simulated))
-    # The six numbers are one right-justified column, laid out here: rich then measures and
-    # draws 4 cells a row instead of 9, and drawing takes half the time (benchmarks/
-    # cli_startup.py). Gaps of two spaces are what rich puts between columns of this box, so
-    # the table reads as before (tests/test_cli.py compares it with six columns).
-    widths = [
-        max([len(header), *(len(numbers[k]) for _, numbers, _ in rows)])
-        for k, header in enumerate(NUMBER_HEADERS)
-    ]
-
-    def numbers_line(cells: Sequence[str]) -> str:
-        return "  ".join(cell.rjust(width) for cell, width in zip(cells, widths, strict=True))
-
-    header = numbers_line(NUMBER_HEADERS)
-    table.add_column(header, justify="right", no_wrap=True, width=len(header))
-    for texts, numbers, simulated in rows:  # Text, not markup: nothing in them is rich markup
-        table.add_row(*map(Text, texts), Text(numbers_line(numbers)), style="dim" if simulated else None)
-    console.print(table)
+        rows.append(Row(cells, "dim" if row.simulated else None))
+    console.print(f"Costs by {key_header}", highlight=False)
+    console.print(render_table(columns, rows, console.width), highlight=False)
     if report.matched > len(report.rows):
         console.print(
             f"Showing the {len(report.rows)} most recent of {report.matched}; "
-            "totals cover all (--limit to change)."
+            "totals cover all (--limit to change).",
+            soft_wrap=False,
         )
-    console.print(_totals_line("Real spend", report.real), highlight=False)
-    console.print(_totals_line("Simulated (dry-run)", report.simulated), highlight=False)
+    console.print(_totals_line("Real spend", report.real), highlight=False, soft_wrap=False)
+    console.print(_totals_line("Simulated (dry-run)", report.simulated), highlight=False, soft_wrap=False)
 
 
 @main.command("cost-report")
@@ -598,22 +589,38 @@ def status_command(ctx: Context, run: str | None, as_json: bool, limit: int) -> 
     if run:
         render_run(records[0], out)
         return
-    table = Table(title="Runs", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for header in ("run", "state", "backend", "instance", "started", "cost"):
-        table.add_column(header, no_wrap=True)
+    out.print(render_runs(records, out.width, utcnow()), highlight=False)
+
+
+def render_runs(records: list[dict[str, Any]], width: int, now: datetime) -> Text:
+    """The run list: whole run ids; when narrow, the instance types, the backend, the
+    duration and the start go, in that order."""
+    columns = [
+        Column("run", fold=True),
+        Column("state"),
+        Column("backend", drop=3),
+        Column("instance", drop=4),
+        Column("started", drop=1),
+        Column("duration", right=True, drop=2),
+        Column("cost", right=True),
+    ]
+    rows = []
     for record in records:
-        types = ", ".join(i["type"] for i in record["instances"]) or "-"
-        cost = _money(record["cost_usd"]) if record["cost_usd"] is not None else "-"
-        sim = " (sim)" if record["simulated"] else ""
-        table.add_row(
-            record["id"] + sim,
+        started = parse_iso(record["started_at"]) if record["started_at"] else None
+        ended = parse_iso(record["ended_at"]) if record["ended_at"] else now
+        cells = [
+            record["id"] + (" (sim)" if record["simulated"] else ""),
             record["state"],
             record["backend"] or "",
-            types,
-            record["started_at"] or record["created_at"],
-            cost,
-        )
-    out.print(table)
+            ", ".join(i["type"] for i in record["instances"]) or "-",
+            ago(started or parse_iso(record["created_at"]), now),
+            duration((ended - started).total_seconds()) if started else "-",
+            _money(record["cost_usd"]) if record["cost_usd"] is not None else "-",
+        ]
+        rows.append(Row(cells))
+    text = Text("Runs\n")
+    text.append_text(render_table(columns, rows, width))
+    return text
 
 
 def render_run(record: dict[str, Any], console: Console) -> None:

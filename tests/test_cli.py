@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
-import re
+import os
 import shutil
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
 from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -17,18 +15,14 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from rich import box
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from test_run_e2e import CLOUDTRAIN
 
 from cloudtrain.catalog import load_catalog
-from cloudtrain.cli import NUMBER_HEADERS, _money, main, render_cost_report
+from cloudtrain.cli import main
 from cloudtrain.errors import ExitCode
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
 from cloudtrain.prices import simulated_spot
 from cloudtrain.records import Lifecycle, RunHandle, RunState, SshAddress
-from cloudtrain.report import CostReport, cost_report
 from cloudtrain.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,7 +198,7 @@ def test_sigterm_exits_143() -> None:
         "sys.argv = ['cloudtrain', 'schema']\n"
         "import cloudtrain.api\n"
         "cloudtrain.api.job_schema = lambda: os.kill(os.getpid(), signal.SIGTERM)\n"
-        "from cloudtrain.cli import NUMBER_HEADERS, _money, main, render_cost_report\n"
+        "from cloudtrain.cli import main\n"
         "main()\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
@@ -265,8 +259,62 @@ def test_cost_report_table_separates_real_and_simulated(settings: Settings) -> N
     assert "saved 60%" in result.output
 
 
-def test_cost_report_never_cuts_a_run_id(settings: Settings) -> None:
-    created = datetime(2026, 11, 20, 10, 0, tzinfo=timezone.utc)
+def shown(*args: str, width: int) -> list[str]:
+    """What the installed CLI prints at COLUMNS=width (a user's terminal of that width)."""
+    done = subprocess.run(
+        [CLOUDTRAIN, *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, COLUMNS=str(width)),
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def header(lines: list[str]) -> list[str]:
+    """A table's column names (``instance types`` as one word)."""
+    rule = next(n for n, line in enumerate(lines) if line.startswith("───"))
+    return lines[rule - 1].replace("instance types", "instance-types").replace("spot $/h", "spot-$/h").split()
+
+
+RUN_COLUMNS = ["run", "instance-types", "state", "hours", "cost", "on-demand", "saving", "EBS", "total"]
+
+
+@pytest.mark.parametrize("width", [80, 100, 120])
+@pytest.mark.parametrize(
+    ("command", "columns", "dropped"),
+    [
+        (
+            ["status"],
+            ["run", "state", "backend", "instance", "started", "duration", "cost"],
+            {80: {"backend", "instance"}},
+        ),
+        (
+            ["cost-report"],
+            RUN_COLUMNS,
+            {80: {"instance-types", "EBS", "on-demand"}, 100: {"instance-types", "EBS"}},
+        ),
+        (["cost-report", "--group-by", "day"], [c for c in RUN_COLUMNS if c != "state"], {}),
+    ],
+)
+def test_tables_fit_the_terminal_with_whole_run_ids(
+    settings: Settings, width: int, command: list[str], columns: list[str], dropped: dict[int, set[str]]
+) -> None:
+    seed(settings)
+    lines = shown(*command, width=width)
+    assert all(len(line) <= width for line in lines), "\n".join(lines)
+    expected = [c for c in columns if c not in dropped.get(width, set())]
+    if "day" in command:
+        expected[0] = "day"
+    assert header(lines) == expected
+    if "day" not in command:
+        for index in range(3):  # seed's runs: each id whole, on one line
+            assert any(line.startswith(f"job{index}-2026112{index}-100000-000{index}") for line in lines)
+
+
+def test_a_run_id_wider_than_the_terminal_folds_and_is_never_cut(settings: Settings) -> None:
+    created = datetime(2026, 11, 24, 10, 0, tzinfo=timezone.utc)
     run_id = f"{'long-name-' * 4}{created:%Y%m%d-%H%M%S}-abcd"  # a 40-character name
     with Ledger.open(settings) as ledger:
         ledger.create_run(
@@ -274,68 +322,21 @@ def test_cost_report_never_cuts_a_run_id(settings: Settings) -> None:
                 id=run_id, name="long-name-" * 4, state=RunState.FAILED, created_at=created, simulated=True
             )
         )
-    result = cli("cost-report")  # piped: 120 columns
-    assert result.exit_code == 0, result.output
-    assert "…" not in result.output
-    lines = result.output.splitlines()
-    header = next(line for line in lines if line.split()[:1] == ["run"])
-    width = header.index("instance types")  # the run column, folded over several lines
-    column = "".join(line[:width].strip() for line in lines[lines.index(header) + 2 :])
-    assert column.startswith(f"{run_id} (sim)")
+    for command in (["status"], ["cost-report"]):
+        lines = shown(*command, width=40)
+        assert "…" not in "".join(lines) and all(len(line) <= 40 for line in lines), "\n".join(lines)
+        first = next(n for n, line in enumerate(lines) if line.startswith("long-name-"))
+        width = lines[first].index("  ")  # the run column, folded over several lines
+        column = "".join(line[:width].strip() for line in lines[first : first + 6])
+        assert column.startswith(f"{run_id}(sim)"), column
 
 
-def six_column_table(report: CostReport, console: Console) -> None:
-    """The cost table as rich drew it with one column per number, before the numbers became
-    one column (the reference the table must still read as)."""
-    key_header = {"run": "run", "day": "day", "instance-type": "instance type"}[report.group_by]
-    table = Table(
-        title=f"Costs by {key_header}",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,
-    )
-    table.add_column(key_header, overflow="fold")
-    if report.group_by != "instance-type":
-        table.add_column("instance types", overflow="fold")
-    if report.group_by == "run":
-        table.add_column("state", overflow="fold")
-    for header in NUMBER_HEADERS:
-        table.add_column(header, justify="right", no_wrap=True)
-    for row in report.rows:
-        texts = [row.key + (" (sim)" if row.simulated and report.group_by == "run" else "")]
-        if report.group_by != "instance-type":
-            texts.append(", ".join(row.instance_types) or "-")
-        if report.group_by == "run":
-            texts.append(row.state or "")
-        saving = f"{row.saving_pct:.0f}%" if row.saving_pct is not None else "-"
-        numbers = [f"{row.hours:,.2f}", _money(row.cost_usd), _money(row.on_demand_usd), saving]
-        numbers += [_money(row.ebs_usd), _money(row.total_usd)]
-        table.add_row(*map(Text, texts + numbers), style="dim" if row.simulated else None)
-    console.print(table)
-
-
-def drawn(draw: Callable[[CostReport, Console], None], report: CostReport, width: int) -> str:
-    console = Console(file=io.StringIO(), width=width, force_terminal=True, emoji=False)
-    draw(report, console)
-    text = re.sub(r"\x1b\[[0-9;]*m", "", console.file.getvalue())  # styles aside
-    return text.split("\nShowing the")[0].split("\nReal spend")[0].rstrip("\n")
-
-
-@pytest.mark.parametrize("group_by", ["run", "day", "instance-type"])
-def test_cost_report_numbers_read_as_six_columns(settings: Settings, group_by: str) -> None:
-    seed(settings)
-    created = datetime(2026, 11, 24, 10, 0, tzinfo=timezone.utc)
-    with Ledger.open(settings) as ledger:  # a long id, folded when narrow
-        ledger.create_run(
-            RunRow(
-                id=f"{'long-name-' * 4}{created:%Y%m%d}", name="x", state=RunState.FAILED, created_at=created
-            )
-        )
-        report = cost_report(ledger, group_by=group_by, limit=50)
-    # The numbers take 51 columns here; below about 56 rich cuts them (…) either way.
-    for width in range(60, 161):
-        assert drawn(render_cost_report, report, width) == drawn(six_column_table, report, width), width
+def test_the_plan_fits_the_terminal(settings: Settings) -> None:
+    full = ["type", "GPU", "count", "AZ", "spot-$/h", "on-demand", "saving", "price"]
+    for width, columns in [(80, [c for c in full if c != "on-demand"]), (120, full)]:
+        lines = shown("plan", str(EXAMPLE), "--dry-run", width=width)
+        assert all(len(line) <= width for line in lines), "\n".join(lines)
+        assert header(lines) == columns and any(line.startswith("→ g4dn.xlarge") for line in lines)
 
 
 def test_cost_report_limit_keeps_totals(settings: Settings) -> None:
@@ -401,7 +402,7 @@ HEAVY = (
 )
 MODULES_AFTER = f"""
 import json, sys
-from cloudtrain.cli import NUMBER_HEADERS, _money, main, render_cost_report
+from cloudtrain.cli import main
 try:
     main(sys.argv[1:])
 except SystemExit as e:
