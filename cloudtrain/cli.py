@@ -29,6 +29,7 @@ from rich.text import Text
 
 from cloudtrain import __version__
 from cloudtrain.errors import CloudtrainError, ExitCode, InputError
+from cloudtrain.metrics import describe as describe_metrics
 from cloudtrain.progress import Reporter
 from cloudtrain.records import RunState, parse_iso, utcnow
 from cloudtrain.settings import Settings
@@ -641,6 +642,15 @@ def render_run(record: dict[str, Any], console: Console) -> None:
     ):
         if record.get(key) is not None:
             console.print(f"  {key}: {escape(str(record[key]))}", highlight=False)
+    progress = record.get("progress")
+    if progress:
+        fit = f"fit {progress['fit']}, " if progress["fit"] else ""
+        eta = f"; ETA {duration(progress['eta_s'])}" if progress["eta_s"] is not None else ""
+        console.print(
+            f"  progress: {fit}epoch {progress['epoch']}/{progress['epochs']}: "
+            f"{escape(describe_metrics(progress['metrics']))}{eta}",
+            highlight=False,
+        )
     report = record.get("backend_report")
     if report:
         console.print(

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from cloudtrain import budget
+from cloudtrain import budget, metrics
 from cloudtrain.agent.redact import LogRedactor
 from cloudtrain.bringup import (
     describe_backend,
@@ -114,6 +114,7 @@ class RunContext:
     session: Session | None = None
     launched: LaunchedInstance | None = None
     log_offset: int = 0  # bytes of this instance's log streamed so far
+    metrics_offset: int = 0  # bytes of this instance's metrics file brought home
     # for relaunches: what the first launch prepared, and what went before
     image: Image | None = None
     key: KeyPair | None = None
@@ -548,7 +549,7 @@ class Orchestrator:
         self._record(
             ctx, relaunches=relaunches, log_base=ctx.log_base + ctx.log_offset, training_started=False
         )
-        ctx.log_offset = 0
+        ctx.log_offset = ctx.metrics_offset = 0
         offers = [
             o
             for o in launch_offers(self.plan, MAX_LAUNCH_OFFERS + len(ctx.lost))
@@ -764,6 +765,7 @@ class Orchestrator:
 
             def between_rounds() -> None:
                 nonlocal shown
+                self._fetch_metrics(ctx)
                 self._check_budget(ctx, keeper)
                 if time.monotonic() - shown >= BUDGET_SHOW_S:
                     shown = time.monotonic()
@@ -784,10 +786,23 @@ class Orchestrator:
             )
             try:
                 code = follower.follow(between=between_rounds)
+                self._fetch_metrics(ctx)  # the last epochs' lines, before the pull-back's
                 keeper.final_round(ctx.session)  # the training's last checkpoint comes home
                 return code
             finally:
                 self._flush_keeper_events(ctx)
+
+    def _fetch_metrics(self, ctx: RunContext) -> None:
+        """Bring the epochs finished since the last call home (metrics.py), a line each on
+        the console; a failure waits for the next call."""
+        try:
+            data = self._agent(ctx).metrics(ctx.metrics_offset)
+        except RemoteError as e:
+            log.info("could not fetch the metrics: %s", e.message)
+            return
+        ctx.metrics_offset += len(data)
+        for row in metrics.add(ctx.run_dir, data):
+            self.reporter.info(metrics.summary(row))
 
     def _agent(self, ctx: RunContext) -> RemoteAgent:
         """The agent on the run's instance, over its session."""
@@ -845,6 +860,8 @@ class Orchestrator:
             redactor = LogRedactor(self.secrets.values())
             self._agent(ctx).tail(ctx.log_offset, lambda data: logfile.write(redactor.feed(data)))
             logfile.write(redactor.flush())
+        self._fetch_metrics(ctx)
+        metrics.write_csv(ctx.run_dir)
         # The watchdog's grace starts again from here (see agent/watchdog.py).
         self._agent(ctx).collected()
 

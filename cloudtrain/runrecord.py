@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from cloudtrain import metrics
 from cloudtrain.errors import InputError
 from cloudtrain.ledger import Ledger
 from cloudtrain.records import iso
@@ -25,7 +26,8 @@ def write_run_json(ledger: Ledger, run_id: str, run_dir: Path) -> dict[str, Any]
 
 
 def run_record(ledger: Ledger, run_id: str) -> dict[str, Any]:
-    """The run as ``status --json`` and run.json show it (``"schema": 1``)."""
+    """The run as ``status --json`` and run.json show it (``"schema": 1``; ``progress``, added
+    since, is None until an epoch has come home: metrics.progress)."""
     run = ledger.get_run(run_id)
     if run is None:
         raise InputError(f"no run {run_id}")
@@ -51,6 +53,9 @@ def run_record(ledger: Ledger, run_id: str) -> dict[str, Any]:
         "job_path": run.job_path,
         "backend_report": run.handle.backend_report,
         "kept_until": run.handle.kept_until,
+        "progress": metrics.progress(metrics.series(Path(run.run_dir)), finished=run.state.finished)
+        if run.run_dir
+        else None,
         "instances": [
             {
                 "id": i.id,

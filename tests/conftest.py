@@ -3,6 +3,7 @@ private CLOUDTRAIN_HOME, and no profile or config file from the developer's mach
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,12 @@ from pathlib import Path
 import pytest
 
 from cloudtrain.settings import Settings
+
+# tox hands its own terminal's width to the suite as COLUMNS (80 when it has none), and the
+# CLI honours COLUMNS: without this, output would be as narrow as CI's terminal here and
+# 120 columns on a developer's machine. A test that wants a width sets COLUMNS itself
+# (test_cli.shown); the rest see what a pipe gets. Before cloudtrain.cli is imported.
+os.environ.pop("COLUMNS", None)
 
 # A suite started in the background (`cmd &` without job control) inherits SIGINT ignored, and
 # so would every process it starts: the Ctrl-C tests would then fail, or test nothing.

@@ -624,6 +624,20 @@ def test_tail_gives_exactly_the_remaining_bytes(agent: Agent, tmp_path: Path) ->
         assert proc.returncode == 0 and proc.stdout == log[offset:]
 
 
+def test_metrics_gives_the_metrics_lines_from_an_offset(agent: Agent, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = agent.run("metrics", "--run-dir", str(run))
+    assert proc.returncode == 0 and proc.stdout == b""  # no epoch yet: nothing, no error
+    lines = b'{"epoch": 1}\n{"epoch": 2}\n'
+    (run / "metrics.jsonl").write_bytes(lines)
+    for offset in (0, 13, len(lines), len(lines) + 5):
+        proc = agent.run("metrics", "--run-dir", str(run), "--offset", str(offset))
+        assert proc.returncode == 0 and proc.stdout == lines[offset:]
+    proc = agent.run("metrics", "--run-dir", str(run), "--offset", "-1")
+    assert proc.returncode == 2 and proc.stdout == b"" and ">= 0" in json.loads(proc.stderr)["error"]
+
+
 def test_stop_kills_the_process_group(agent: Agent, tmp_path: Path) -> None:
     run = tmp_path / "run"
     agent.start(run, "sleep 600 & sleep 600; wait")

@@ -86,6 +86,9 @@ def test_theano_job_trains_and_comes_home(theano_image: Path, tmp_path: Path, se
     assert report["python"].startswith("3.7.") and report["devices"] == ["cpu"] and report["gpu"] is False
     assert report["ok"] is True and report["expected_keras"] == 2
     assert live_instances(settings, run_dir.name) == []
+    assert "epoch 10/10: loss" in done.stderr  # Keras 2.3.1's fit hook records its metrics too
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + 10
+    assert record["progress"]["epoch"] == 10
 
     # The pulled weights load in the same stack and predict what the run predicted.
     outputs = run_dir / "outputs" / "outputs"

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from test_backends_e2e import theano_image  # noqa: F401  (fixture)
 
+from cloudtrain import metrics
 from cloudtrain.agent import checkpoint
 from cloudtrain.agent.backend import configure
 from cloudtrain.cloud import simimage
@@ -146,6 +147,14 @@ def epochs_run(*runs: subprocess.CompletedProcess[str]) -> list[str]:
     return [f"{m[0]}/{m[1]}" for r in runs for m in EPOCH_LINE.findall(r.stdout)]
 
 
+def recorded(job: Job) -> list[tuple[int, int, int]]:
+    """(fit, epoch, epochs) of each epoch in the run's metrics, as the controller reads them;
+    every row has the loss."""
+    rows = metrics.series(job.tmp / "run")
+    assert all(isinstance(row["logs"]["loss"], float) and row["epoch_s"] >= 0 for row in rows), rows
+    return [(row["fit"], row["epoch"], row["epochs"]) for row in rows]
+
+
 def ct_lines(run: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in run.stderr.splitlines() if line.startswith("[cloudtrain] checkpoint:")]
 
@@ -171,6 +180,7 @@ def test_keras3_killed_after_an_epoch_resumes_to_the_same_weights_bit_for_bit(
     manifest = checkpoint.verify(str(job.ckpt))
     assert manifest is not None and manifest["epoch"] == 4 and manifest["fits"]["0"]["complete"] is True
     assert manifest["keras"]["flavour"] == "keras3" and manifest["keras"]["backend"] == "tensorflow"
+    assert recorded(job) == [(0, 1, 4), (0, 2, 4), (0, 3, 4), (0, 4, 4)]  # one series across the kill
 
 
 def test_tf_keras_killed_mid_write_resumes_from_the_previous_checkpoint(
@@ -191,6 +201,7 @@ def test_tf_keras_killed_mid_write_resumes_from_the_previous_checkpoint(
     manifest = checkpoint.verify(str(job.ckpt))
     assert manifest is not None and manifest["keras"]["flavour"] == "tf_keras"
     assert {f: e["epoch"] for f, e in manifest["fits"].items()} == {"0": 2, "1": 3}
+    assert recorded(job) == [(0, 1, 2), (0, 2, 2), (1, 1, 3), (1, 2, 3), (1, 3, 3)]  # fit 1's epoch 2 twice
     # The half-written folder is gone; only what the manifest (and the one before) names is kept.
     assert not [p for p in job.ckpt.iterdir() if p.name.startswith(".tmp-")]
 
@@ -209,6 +220,7 @@ def test_theano_keras_2_3_1_resumes_after_sigkill(theano_image: Path, tmp_path: 
         "backend": "theano",
     }
     assert manifest["fits"]["0"]["epoch"] == 3 and manifest["fits"]["1"]["complete"] is True
+    assert recorded(job) == [(0, 1, 3), (0, 2, 3), (0, 3, 3), (1, 1, 1)]
 
 
 def test_a_notice_saves_the_last_finished_epoch_at_once(tf_image: Path, tmp_path: Path) -> None:

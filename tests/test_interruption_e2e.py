@@ -139,6 +139,10 @@ def test_two_spot_interruptions_are_survived_without_losing_finished_epochs(
         assert f"holding at epoch {epoch} (saved)" in log  # near the end it waits, saved
     assert (run_dir / "outputs" / "outputs" / "model.weights.h5").is_file()
     assert "relaunching (1/3)" in stderr and "relaunching (2/3)" in stderr
+    # the three instances' metrics are one series: each epoch once, in order
+    rows = (run_dir / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[1]) for row in rows] == list(range(1, EPOCHS + 1))
+    assert record["progress"]["epoch"] == EPOCHS
 
 
 FAST_EPOCHS = 80

@@ -522,6 +522,7 @@ class FakeAgent:
 
     def __init__(self, log: bytes = b"", *, tail_error: Exception | None = None) -> None:
         self.log = log
+        self.metrics_file = b""
         self.tail_error = tail_error
         self.collected_with: list[str | None] = []
         self.collect_error: Exception | None = None
@@ -531,6 +532,9 @@ class FakeAgent:
             raise self.tail_error
         sink(self.log[offset:])
         return 0
+
+    def metrics(self, offset: int) -> bytes:
+        return self.metrics_file[offset:]
 
     def collected(self, keep_until: str | None = None) -> None:
         if self.collect_error is not None:
@@ -618,8 +622,10 @@ def test_salvage_pulls_the_log_home_masked_and_restarts_the_watchdogs_grace(on_i
     orchestrator, ctx, _, agent = on_instance
     orchestrator.secrets = {"TOKEN": "hunter2"}
     agent.log = b"Epoch 1/3\nloss 0.1 token hunter2\n"
+    agent.metrics_file = b'{"fit": 0, "epoch": 1, "epochs": 3, "logs": {"loss": 0.1}}\n'
     orchestrator._salvage(ctx)
     assert (ctx.run_dir / "logs" / "train.log").read_bytes() == b"Epoch 1/3\nloss 0.1 token *******\n"
+    assert (ctx.run_dir / "metrics.csv").read_text().splitlines()[1].startswith("0,1,3,")
     assert agent.collected_with == [None]
     assert events(orchestrator, ctx, "salvage-failed") + events(orchestrator, ctx, "salvage-timeout") == []
 

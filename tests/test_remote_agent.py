@@ -90,13 +90,14 @@ def test_each_command_line_reaches_the_agents_parser_as_meant(echoing: tuple[Rem
     agent.start(awkward, "pip install -r 'requirements file.txt'", {"TOKEN": "s3cr3t"})
     agent.status()
     agent.tail(120, lambda data: None, follow=True, for_s=15)
+    agent.metrics(345)
     agent.watchdog(
         "2026-12-06T12:00:00Z", 1800.0, ["model.h5", "out dir/preds.npy"], "s3://b/p/", "eu-west-1"
     )
     agent.collected(keep_until="2026-12-07T00:00:00Z")
     agent.fetch_s3("s3://data/set one/", "work/data dir", "us-east-2")
     agent.restore_checkpoint("s3://bucket/ckpt/run-1/", "eu-west-1")
-    backend, verify, start, status, tail, watchdog, collected, fetch, restore = parsed
+    backend, verify, start, status, tail, metrics, watchdog, collected, fetch, restore = parsed
     home = str(agent.session.home)  # type: ignore[attr-defined]
 
     assert backend.command == "backend" and backend.backend == "theano" and backend.home == home
@@ -117,6 +118,7 @@ def test_each_command_line_reaches_the_agents_parser_as_meant(echoing: tuple[Rem
     assert agent.session.stdin[2] == b'{"TOKEN": "s3cr3t"}'  # type: ignore[attr-defined]  # never argv
     assert status.command == "status"
     assert (tail.offset, tail.follow, tail.for_s) == (120, True, 15.0)
+    assert (metrics.command, metrics.run_dir, metrics.offset) == ("metrics", ".cloudtrain/run", 345)
     assert watchdog.output == ["model.h5", "out dir/preds.npy"] and watchdog.grace == 1800.0
     assert (watchdog.deadline, watchdog.s3, watchdog.region) == (
         "2026-12-06T12:00:00Z",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -149,6 +150,17 @@ def test_example_job_trains_and_comes_home(sim_image: Path, tmp_path: Path, sett
     assert live_instances(settings, run_id) == []
     assert json.loads((run_dir / "run.json").read_text())["id"] == run_id
     assert "name: digits-mlp" in (run_dir / "job.yaml").read_text()
+
+    # the trainer's metrics: a line per epoch on stderr, metrics.csv, progress in status
+    assert re.search(
+        r"epoch 20/20: loss [0-9.e-]+, accuracy [0-9.]+, val_accuracy [0-9.]+, val_loss", done.stderr
+    ), done.stderr
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("fit,epoch,epochs,epoch_s,at,loss,") and "val_accuracy" in rows[0]
+    assert [row.split(",")[1] for row in rows[1:]] == [str(epoch) for epoch in range(1, 21)]
+    progress = record["progress"]
+    assert (progress["epoch"], progress["epochs"], progress["eta_s"]) == (20, 20, None)
+    assert set(progress["metrics"]) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
 
 
 # --- lifecycle with a plain Python command ----------------------------------------------

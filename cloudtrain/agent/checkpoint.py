@@ -35,7 +35,14 @@ as `_cloudtrain_checkpoint.py`; with CLOUDTRAIN_CHECKPOINT_DIR set, the sitecust
   training holds there, saved, until the instance is taken (or 60 s past that time, when it
   carries on): an epoch finished in the last seconds could not reach the controller, so none
   is started that could be lost. The notice is the process's: a loop's fits see it once.
-- prints `[cloudtrain] checkpoint: ...` lines on stderr (restored, saved, ignored, why).
+- prints `[cloudtrain] checkpoint: ...` lines on stderr (restored, saved, ignored, why);
+- at each epoch end appends a JSON line to CLOUDTRAIN_METRICS_FILE: `fit`, `epoch` (1-based,
+  counting restored epochs: a resumed run continues the series), `epochs` (asked for),
+  `epoch_s` (that epoch's seconds), `at` (UTC) and `logs` (the numbers of Keras's `logs`:
+  loss, metrics, val_*); a resumed fit first writes the restored epochs' lines again from
+  the checkpoint's history (`restored`: true, `epoch_s`: null), so that epochs whose lines
+  were lost with an instance stay in the series. A failed write is said once and never
+  stops training.
 
 The format (CLOUDTRAIN_CHECKPOINT_DIR, self-contained and relocatable: paths are relative):
 
@@ -86,6 +93,7 @@ MANIFEST = "manifest.json"
 DIR_ENV = "CLOUDTRAIN_CHECKPOINT_DIR"
 EVERY_ENV = "CLOUDTRAIN_CHECKPOINT_EVERY"
 NOTICE_ENV = "CLOUDTRAIN_NOTICE_FILE"
+METRICS_ENV = "CLOUDTRAIN_METRICS_FILE"
 # Test only (with CLOUDTRAIN_TESTING=1): "STAGE:N" SIGKILLs the process during its N-th save
 # (1-based) at STAGE: "file" (after the first file), "folder" (folder renamed, manifest not
 # written), "manifest" (manifest written under its temporary name, not renamed) or "saved"
@@ -622,6 +630,7 @@ class FitRun:
         self.snapshot: _Snapshot | None = None
         self.history: dict[str, list[float]] = {}  # as Keras's History: metric -> one value per epoch
         self.restored_epochs = 0  # the epochs whose history came from the checkpoint
+        self.epoch_started = time.monotonic()
 
     # restore -----------------------------------------------------------------------------
 
@@ -775,9 +784,30 @@ class FitRun:
         log(f"epoch {snapshot.epoch} saved{why}")
         _test_kill("saved", self.store.saves)
 
+    def record_restored(self) -> None:
+        """The restored epochs' metrics, from the checkpoint, as this instance's first lines:
+        the epochs trained on a lost instance whose lines never came home stay in the series."""
+        for epoch in range(1, self.restored_epochs + 1):
+            logs = {name: values[epoch - 1] for name, values in self.history.items() if len(values) >= epoch}
+            row = {"fit": self.index, "epoch": epoch, "epochs": self.epochs, "epoch_s": None, "at": utc_now()}
+            _append_metrics(dict(row, logs=logs, restored=True))
+
+    def epoch_begin(self) -> None:
+        self.epoch_started = time.monotonic()
+
     def epoch_end(self, epoch: int, logs: Any = None) -> None:
         done = epoch + 1
-        self._record(done, logs)
+        numbers = self._record(done, logs)
+        _append_metrics(
+            {
+                "fit": self.index,
+                "epoch": done,
+                "epochs": self.epochs,
+                "epoch_s": round(time.monotonic() - self.epoch_started, 3),
+                "at": utc_now(),
+                "logs": numbers,
+            }
+        )
         complete = done >= self.epochs or bool(getattr(self.model, "stop_training", False))
         try:
             if complete or done % self.every == 0:
@@ -791,16 +821,20 @@ class FitRun:
             if self.saved_epoch > 0:
                 _hold_if_too_late(f"holding at epoch {self.saved_epoch} (saved)")
 
-    def _record(self, done: int, logs: Any) -> None:
-        """Keep epoch `done`'s metrics, as History does (numbers only; tensors become floats)."""
+    def _record(self, done: int, logs: Any) -> dict[str, float]:
+        """Keep epoch `done`'s metrics, as History does (numbers only; tensors become floats);
+        they are returned."""
         for values in self.history.values():
             del values[done - 1 :]  # an epoch trained again after a restore replaces its values
+        numbers = {}
         for name, value in dict(logs or {}).items():
             try:
                 number = float(value)
             except (TypeError, ValueError):
                 continue
+            numbers[str(name)] = number
             self.history.setdefault(str(name), []).append(number)
+        return numbers
 
     def before_training(self) -> None:
         """Near the termination time, wait (saved) rather than start a fit that may be lost:
@@ -846,6 +880,24 @@ class FitRun:
             log(f"{what}: fit {fit}'s epoch {epoch} is saved; from now on every epoch is")
         else:
             log(f"{what}: no epoch finished yet, nothing to save; from now on every epoch is")
+
+
+class _Metrics:
+    failed = False  # said once
+
+
+def _append_metrics(row: dict[str, Any]) -> None:
+    """One line of CLOUDTRAIN_METRICS_FILE (NaN and infinities written as null: JSON has none)."""
+    path = os.environ.get(METRICS_ENV)
+    if not path or _Metrics.failed:
+        return
+    row["logs"] = {k: (v if v == v and abs(v) != float("inf") else None) for k, v in row["logs"].items()}
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")  # logs in Keras's order
+    except OSError as e:
+        _Metrics.failed = True
+        log(f"could not record metrics in {path}: {e}; training goes on")
 
 
 class _Notice:
@@ -899,6 +951,9 @@ def make_callback(flavour: Flavour, run: FitRun) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self._supports_tf_logs = True  # logs stay tensors: no device sync per batch
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            run.epoch_begin()
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             run.epoch_end(epoch, logs)
@@ -961,6 +1016,7 @@ def wrap_fit(cls: Any, flavour: Flavour, method: str = "fit") -> None:
         initial = arguments.get("initial_epoch", signature.parameters["initial_epoch"].default) or 0
         run = FitRun(flavour, self, index, int(epochs), _store())
         done = run.restore()
+        run.record_restored()
         if done is not None and done > initial:
             arguments["initial_epoch"] = initial = done
         if initial < run.epochs:

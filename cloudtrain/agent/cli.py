@@ -1,8 +1,8 @@
 """The agent's command line: parse arguments, call one module, print one JSON object.
 
 Exit statuses: 0 success, 2 bad usage, 3 failure. Errors are printed as
-`{"error": ..., "hint": ...}` on stdout, except for `tail` (whose stdout is the raw
-log), which prints them on stderr.
+`{"error": ..., "hint": ...}` on stdout, except for `tail` and `metrics` (whose stdout
+is the raw log, the raw metrics lines), which print them on stderr.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any, NoReturn
 
 from . import AGENT_VERSION
 from .errors import FAILURE, USAGE, AgentError
+
+RAW_OUTPUT = ("tail", "metrics")  # stdout is the bytes asked for; errors go to stderr
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true")
     p.add_argument("--poll", type=float, default=0.2, help="seconds between polls (at most 0.2)")
     p.add_argument("--for", dest="for_s", type=float, help="with --follow: stop following after this long")
+
+    p = sub.add_parser("metrics", help="the metrics file's lines from a byte offset (raw, as tail)")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--offset", type=int, default=0)
 
     p = sub.add_parser("stop", help="SIGTERM the run's process group, SIGKILL after the grace")
     p.add_argument("--run-dir", required=True)
@@ -168,6 +174,11 @@ def dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
 
         tail(args.run_dir, sys.stdout.buffer, args.offset, args.follow, args.poll, args.for_s)
         return None
+    if command == "metrics":
+        from .logtail import metrics
+
+        metrics(args.run_dir, sys.stdout.buffer, args.offset)
+        return None
     if command == "stop":
         from .stop import stop
 
@@ -219,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             _emit(result, sys.stdout)
         return 0
     except AgentError as e:
-        _emit(e.to_json(), sys.stderr if command == "tail" else sys.stdout)
+        _emit(e.to_json(), sys.stderr if command in RAW_OUTPUT else sys.stdout)
         return e.exit_code
     except BrokenPipeError:
         # The reader went away (a dropped SSH connection): nothing more to say.
@@ -234,5 +245,5 @@ def main(argv: list[str] | None = None) -> int:
             "hint": "This is a bug in cloudtrain's agent; the traceback is on stderr.",
         }
         traceback.print_exc()
-        _emit(error, sys.stderr if command == "tail" else sys.stdout)
+        _emit(error, sys.stderr if command in RAW_OUTPUT else sys.stdout)
         return FAILURE

@@ -1,4 +1,5 @@
-"""`tail`: copy the run log's bytes from an offset to stdout, optionally following it.
+"""`tail`: copy the run log's bytes from an offset to stdout, optionally following it;
+`metrics`: the metrics file's (runfiles.py), from an offset, once.
 
 The controller counts the bytes it received and, after a dropped connection, asks
 again from that offset. With `follow`, polling ends once exit_code exists and the
@@ -69,3 +70,10 @@ def tail(
                 "The instance may have rebooted or run out of memory; see supervisor.log.",
             )
         time.sleep(poll)
+
+
+def metrics(run_dir: str, out: BinaryIO, offset: int = 0) -> int:
+    """The metrics lines from byte `offset` (none yet: nothing); the offset reached."""
+    if offset < 0:
+        raise AgentError("--offset must be >= 0", "", 2)
+    return _copy(RunPaths(run_dir).metrics, offset, out)

@@ -11,6 +11,9 @@ A run folder holds:
     supervisor.log   the supervisor's own stdout/stderr (tracebacks, if any)
     notice.json      a spot interruption notice or rebalance recommendation the supervisor
                      saw in IMDS (`{kind, action, time, seen_at}`), for the job's checkpoint hook
+    metrics.jsonl    one JSON line per epoch `fit` finished, from the job's checkpoint hook
+                     (`{fit, epoch, epochs, epoch_s, at, logs}`; checkpoint.py); the
+                     controller reads it with `metrics` as the run goes
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ EXIT_CODE_FILE = "exit_code"
 STOP_FILE = "stop_requested"
 SUPERVISOR_LOG = "supervisor.log"
 NOTICE_FILE = "notice.json"
+METRICS_FILE = "metrics.jsonl"
 
 
 class RunPaths:
@@ -46,6 +50,7 @@ class RunPaths:
         self.stop = os.path.join(self.run_dir, STOP_FILE)
         self.supervisor_log = os.path.join(self.run_dir, SUPERVISOR_LOG)
         self.notice = os.path.join(self.run_dir, NOTICE_FILE)
+        self.metrics = os.path.join(self.run_dir, METRICS_FILE)
 
 
 def utc_now() -> str:
