@@ -3,7 +3,6 @@ private CLOUDTRAIN_HOME, and no profile or config file from the developer's mach
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,12 +10,6 @@ from pathlib import Path
 import pytest
 
 from cloudtrain.settings import Settings
-
-# tox hands its own terminal's width to the suite as COLUMNS (80 when it has none), and the
-# CLI honours COLUMNS: without this, output would be as narrow as CI's terminal here and
-# 120 columns on a developer's machine. A test that wants a width sets COLUMNS itself
-# (test_cli.shown); the rest see what a pipe gets. Before cloudtrain.cli is imported.
-os.environ.pop("COLUMNS", None)
 
 # A suite started in the background (`cmd &` without job control) inherits SIGINT ignored, and
 # so would every process it starts: the Ctrl-C tests would then fail, or test nothing.
@@ -35,6 +28,15 @@ def signal_handlers_restored() -> Iterator[None]:
     for sig, handler in saved.items():
         if handler is not None and signal.getsignal(sig) is not handler:
             signal.signal(sig, handler)
+
+
+@pytest.fixture(autouse=True)
+def output_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI honours COLUMNS, and pytest imports readline, which (GNU readline) puts
+    COLUMNS=80 into the process's C environment, not into os.environ: every CLI a test
+    started saw 80 columns. Each test sets 120, what a pipe gets without COLUMNS; a test
+    that wants another width passes it (test_cli.shown)."""
+    monkeypatch.setenv("COLUMNS", "120")
 
 
 @pytest.fixture(autouse=True)
