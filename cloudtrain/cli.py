@@ -29,7 +29,6 @@ from rich.text import Text
 
 from cloudtrain import __version__
 from cloudtrain.errors import CloudtrainError, ExitCode, InputError
-from cloudtrain.metrics import describe as describe_metrics
 from cloudtrain.progress import Reporter
 from cloudtrain.records import RunState, parse_iso, utcnow
 from cloudtrain.settings import Settings
@@ -644,6 +643,8 @@ def render_run(record: dict[str, Any], console: Console) -> None:
             console.print(f"  {key}: {escape(str(record[key]))}", highlight=False)
     progress = record.get("progress")
     if progress:
+        from cloudtrain.metrics import describe as describe_metrics
+
         fit = f"fit {progress['fit']}, " if progress["fit"] else ""
         eta = f"; ETA {duration(progress['eta_s'])}" if progress["eta_s"] is not None else ""
         console.print(

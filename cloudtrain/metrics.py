@@ -4,9 +4,8 @@ The job's `fit` hook (agent/checkpoint.py) appends one JSON line per finished ep
 instance's run folder: ``{fit, epoch, epochs, epoch_s, at, logs}``, and a resumed fit
 first writes its restored epochs' lines again from the checkpoint (``restored``: true,
 ``epoch_s``: null), so epochs whose lines were lost with an instance stay in the series.
-The controller brings
-the new lines home as the log streams and appends them to the run folder's
-``metrics.jsonl``; instances of a relaunched run add to the same file. Read back, the
+The controller brings the new lines home as the log streams and appends them to the run
+folder's ``metrics.jsonl``; instances of a relaunched run add to the same file. Read back, the
 series has one row per (fit, epoch), the last trained winning (an epoch trained again
 after a relaunch replaces the one lost; a restored line only fills a gap). From it:
 ``metrics.csv`` (one row per epoch per fit, every metric a column), the ``progress`` that
@@ -15,7 +14,6 @@ after a relaunch replaces the one lost; a restored line only fills a gap). From 
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -65,6 +63,8 @@ def add(run_dir: Path, data: bytes) -> list[Row]:
 def write_csv(run_dir: Path) -> Path | None:
     """``metrics.csv`` from the series (None when there is none): fit, epoch, epochs, epoch_s,
     at, then each metric (loss first, the others as they first appear)."""
+    import csv  # here: `status` and `--help` import this module, and never write a csv
+
     rows = series(run_dir)
     if not rows:
         return None

@@ -256,11 +256,10 @@ class RemoteAgent:
     def metrics(self, offset: int) -> bytes:
         """The metrics file's complete lines from byte ``offset`` (a line still being written
         is left for the next call)."""
-        got = bytearray()
-        self.session.stream(
-            self.cli.command("metrics", ("run-dir", self.run_dir), ("offset", offset)), got.extend
-        )
-        return bytes(got[: got.rfind(b"\n") + 1])
+        got = self.session.run(
+            self.cli.command("metrics", ("run-dir", self.run_dir), ("offset", offset))
+        ).stdout
+        return got[: got.rfind(b"\n") + 1]
 
     def watchdog(
         self, deadline: str, grace_s: float, outputs: Sequence[str], s3: str | None, region: str | None
