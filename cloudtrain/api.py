@@ -242,6 +242,28 @@ def _resumed(
     return orchestrator, ctx
 
 
+def plot_run(ref: str, settings: Settings, out: Path | None = None) -> Path:
+    """Draw RUN's metrics.png (or ``out``) and write its metrics.csv from the epochs come
+    home so far; the picture's path."""
+    from cloudtrain import metrics
+    from cloudtrain.ledger import Ledger
+    from cloudtrain.plot import write_png
+
+    with Ledger.open(settings) as ledger:
+        run = ledger.resolve_run(ref)
+        folder = run_folder(run)
+    if not metrics.series(folder):
+        raise InputError(
+            f"run {run.id} has no metrics yet ({folder / metrics.METRICS_FILE} is empty or missing)",
+            hint="An epoch's metrics come home when Keras's fit finishes it; see the log with "
+            f"`cloudtrain logs {run.id}`.",
+        )
+    metrics.write_csv(folder)
+    path = write_png(folder, out)
+    assert path is not None  # the series has rows
+    return path
+
+
 def run_folder(run: RunRow) -> Path:
     """The run's folder (its job.yaml, log and results), which must still be there."""
     folder = Path(run.run_dir) if run.run_dir else None
@@ -514,7 +536,7 @@ def _tail_instance(
         reconnects=LOGS_RECONNECTS,
     )
     try:
-        follower.follow()
+        follower.follow(between=lambda: orchestrator.renew_deadline(ctx))  # a follower renews
         return True, follower.offset
     except InstanceLost:
         return False, follower.offset

@@ -15,6 +15,7 @@ from cloudtrain.ledger import MIN_BILLED_SECONDS, InstanceRow
 from cloudtrain.spec import Budget
 
 HOURS_PER_MONTH = 730.0  # AWS prices EBS per GB-month of 730 hours
+DEFAULT_DEADLINE_HOURS = 24.0  # without budget.max_hours: this long after a controller last followed
 
 
 def spent_usd(instances: Sequence[InstanceRow], now: datetime) -> float:
@@ -27,6 +28,18 @@ def spent_usd(instances: Sequence[InstanceRow], now: datetime) -> float:
         hours = seconds / 3600.0
         total += hours * i.price_per_hour + hours / HOURS_PER_MONTH * i.disk_gb * i.ebs_per_gb_month
     return total
+
+
+def left(
+    budget: Budget, started_at: datetime | None, instances: Sequence[InstanceRow], now: datetime
+) -> str | None:
+    """``$0.9876 and 0.91 h left`` of the budget's limits (None without one)."""
+    parts = []
+    if budget.max_cost_usd is not None:
+        parts.append(f"${max(0.0, budget.max_cost_usd - spent_usd(instances, now)):.4f}")
+    if budget.max_hours is not None:
+        parts.append(f"{max(0.0, budget.max_hours - hours_since(started_at, now)):.2f} h")
+    return " and ".join(parts) + " left" if parts else None
 
 
 def hours_since(started_at: datetime | None, now: datetime) -> float:
@@ -56,3 +69,13 @@ def describe(
     limits += [f"{budget.max_hours:g} h"] if budget.max_hours is not None else []
     text = f"so far: ${spent_usd(instances, now):.4f}, {hours_since(started_at, now):.2f} h"
     return text + (f" (budget: {', '.join(limits)})" if limits else "")
+
+
+def deadline_rule(budget: Budget) -> str:
+    """When a run with ``budget`` ends whatever happens, in words (`plan` says it)."""
+    if budget.max_hours is not None:
+        return f"{budget.max_hours:g} h after it starts (budget.max_hours), whatever happens"
+    return (
+        f"{DEFAULT_DEADLINE_HOURS:g} h after cloudtrain last followed it (`run`, `attach` and `logs -f` "
+        "move it on as they follow); budget.max_hours sets a hard limit"
+    )

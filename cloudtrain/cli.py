@@ -29,7 +29,7 @@ from rich.text import Text
 
 from cloudtrain import __version__
 from cloudtrain.errors import CloudtrainError, ExitCode, InputError
-from cloudtrain.progress import Reporter
+from cloudtrain.progress import LiveStatus, Reporter
 from cloudtrain.records import RunState, parse_iso, utcnow
 from cloudtrain.settings import Settings
 from cloudtrain.tables import Column, Row, ago, duration
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from cloudtrain.api import RunOutcome
     from cloudtrain.doctor import Report as DoctorReport
     from cloudtrain.gc import Survey
+    from cloudtrain.liveview import LiveLog, TransferBar
+    from cloudtrain.logbars import BarFilter
     from cloudtrain.planner import Plan
     from cloudtrain.report import CostReport, CostTotals
 
@@ -181,6 +183,8 @@ def _money(value: float) -> str:
 
 
 def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
+    from cloudtrain.budget import deadline_rule
+
     job = plan.job
     where = "simulated AWS (dry-run)" if plan.simulated else plan.region
     # When narrow, on-demand, the GPU count and the GPU model go, in that order.
@@ -244,6 +248,7 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
         console.print(
             "No estimate: set budget.max_hours in the job to see what a run would cost.", soft_wrap=False
         )
+    console.print(f"Deadline: {deadline_rule(job.budget)}.", highlight=False, soft_wrap=False)
     if plan.boot_provision_min is not None:
         minutes = plan.boot_provision_min
         console.print(
@@ -354,6 +359,15 @@ def render_cost_report(report: CostReport, console: Console) -> None:
         )
     console.print(_totals_line("Real spend", report.real), highlight=False, soft_wrap=False)
     console.print(_totals_line("Simulated (dry-run)", report.simulated), highlight=False, soft_wrap=False)
+    estimates = report.estimates
+    if estimates.runs:
+        error = f"{estimates.mean_error_pct:.0f}%" if estimates.mean_error_pct is not None else "-"
+        console.print(
+            f"Estimates: {estimates.runs} ended runs projected {_money(estimates.projected_usd)} after "
+            f"their first epoch, billed {_money(estimates.billed_usd)} (mean error {error})",
+            highlight=False,
+            soft_wrap=False,
+        )
 
 
 @main.command("cost-report")
@@ -426,35 +440,111 @@ def stage_line(state: RunState, message: str) -> tuple[str, str]:
 
 
 class ConsoleReporter(Reporter):
-    """Renders the orchestrator's progress; the training log goes to stdout as it arrives."""
+    """Renders the orchestrator's progress on stderr; the training log goes to stdout as it
+    arrives (Keras's bars as their final state, unless stdout is a terminal).
 
-    def __init__(self, quiet: bool = False) -> None:
+    ``live``: a terminal's live view (liveview.py) under the log, which then goes through
+    stderr's console too (both are the terminal)."""
+
+    def __init__(self, quiet: bool = False, live: bool = False) -> None:
         self.quiet = quiet
+        self.bar: TransferBar | None = None
+        self.view: LiveLog | None = None
+        self.bars: BarFilter | None = None
+        if live and not quiet:
+            from cloudtrain.liveview import LiveLog
+
+            self.view = LiveLog(err)
+        elif not sys.stdout.isatty():
+            from cloudtrain.logbars import BarFilter
+
+            self.bars = BarFilter()
 
     def stage(self, state: RunState, message: str) -> None:
+        self._end_transfer()
+        if self.view is not None and state != RunState.RUNNING:
+            self.view.stop()
         if not self.quiet:
             head, rest = stage_line(state, message)
             err.print(f"[bold cyan]▸ {escape(head)}[/] {escape(rest)}".rstrip(), highlight=False)
 
     def info(self, message: str) -> None:
+        self._end_transfer()
         if not self.quiet:
             err.print(f"  {escape(message)}", style="dim", highlight=False)
 
     def warn(self, message: str) -> None:
+        self._end_transfer()
         err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
     def log(self, data: bytes) -> None:
-        if not self.quiet:
-            sys.stdout.buffer.write(data)
+        if self.quiet:
+            return
+        if self.view is not None:
+            self.view.log(data)
+            return
+        sys.stdout.buffer.write(data if self.bars is None else self.bars.feed(data))
+        sys.stdout.buffer.flush()
+
+    def live(self, status: LiveStatus) -> None:
+        if self.view is not None:
+            self.view.show(status)
+
+    def transfer(self, what: str, done: int, total: int | None) -> None:
+        """A progress bar on a terminal, once a transfer has taken a second."""
+        if self.quiet or not err.is_terminal:
+            return
+        if self.bar is None or self.bar.what != what:
+            self._end_transfer()
+            from cloudtrain.liveview import TransferBar
+
+            self.bar = TransferBar(err, what)
+        self.bar.update(done, total)
+
+    def _end_transfer(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+    def close(self) -> None:
+        """The end of the output: the view goes, an unfinished line is written out."""
+        self._end_transfer()
+        if self.view is not None:
+            self.view.flush()
+        elif self.bars is not None and not self.quiet:
+            sys.stdout.buffer.write(self.bars.flush())
             sys.stdout.buffer.flush()
 
 
-def _print_done(outcome: RunOutcome) -> None:
+PLAIN_OPTION = click.option(
+    "--plain",
+    is_flag=True,
+    help="Lines only, no live view: the training log on stdout, a line per stage and epoch on stderr "
+    "(the default when either is not a terminal).",
+)
+
+
+def _live_view(plain: bool) -> bool:
+    """A live view under the log: on a terminal (stdout and stderr), unless ``--plain``."""
+    return not plain and sys.stdout.isatty() and sys.stderr.isatty() and err.is_terminal
+
+
+def _print_done(outcome: RunOutcome, settings: Settings) -> None:
+    """``done RUN: $0.0031 (projected $0.0030 after the first epoch); results in runs/RUN``."""
+    from cloudtrain.api import run_status
+
     folder = Path(outcome.run_dir)
     with contextlib.suppress(ValueError, OSError):  # under the current folder: as the user would type it
         folder = folder.resolve().relative_to(Path.cwd().resolve())
     where = escape(str(folder))
-    err.print(f"[bold green]done[/] {outcome.run_id}: results in {where}", highlight=False)
+    bill = ""
+    with contextlib.suppress(CloudtrainError):
+        record = run_status(settings, outcome.run_id)[0]
+        if record.get("cost_usd") is not None:
+            projected = record.get("projected_usd")
+            against = f" (projected ${projected:.4f} after the first epoch)" if projected is not None else ""
+            bill = f"${record['cost_usd']:.4f}{against}; "
+    err.print(f"[bold green]done[/] {outcome.run_id}: {bill}results in {where}", highlight=False)
 
 
 def _confirm_spend(plan: Plan) -> bool:
@@ -487,6 +577,7 @@ def _print_record(record: dict[str, Any]) -> None:
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the run record as JSON at the end (no live log)."
 )
+@PLAIN_OPTION
 @click.option(
     "--simulate-interruption",
     "interruptions",
@@ -506,6 +597,7 @@ def run_command(
     detach: bool,
     yes: bool,
     as_json: bool,
+    plain: bool,
     interruptions: tuple[str, ...],
 ) -> None:
     """Train JOB on the cheapest GPU spot instance that fits it, then bring the results home.
@@ -528,7 +620,7 @@ def run_command(
             hint="Pass --yes to launch without asking, or --dry-run to simulate.",
         )
     run_ids: list[str] = []
-    reporter = ConsoleReporter(quiet=as_json)
+    reporter = ConsoleReporter(quiet=as_json, live=_live_view(plain))
     try:
         outcome = run_job(
             job,
@@ -543,21 +635,27 @@ def run_command(
             simulate=simulate,
         )
     finally:
+        reporter.close()
         if as_json and run_ids:
             _print_record(run_status(ctx.settings, run_ids[0])[0])
     if not as_json:
-        _print_done(outcome)
+        _print_done(outcome, ctx.settings)
 
 
 @main.command("attach")
 @click.argument("run")
+@PLAIN_OPTION
 @pass_context
-def attach_command(ctx: Context, run: str) -> None:
+def attach_command(ctx: Context, run: str, plain: bool) -> None:
     """Follow a detached RUN: stream its log, pull back its results, terminate its instance."""
     from cloudtrain.api import attach_run
 
-    outcome = attach_run(run, ctx.settings, reporter=ConsoleReporter())
-    _print_done(outcome)
+    reporter = ConsoleReporter(live=_live_view(plain))
+    try:
+        outcome = attach_run(run, ctx.settings, reporter=reporter)
+    finally:
+        reporter.close()
+    _print_done(outcome, ctx.settings)
 
 
 @main.command("pull")
@@ -680,12 +778,36 @@ def render_run(record: dict[str, Any], console: Console) -> None:
 def logs_command(ctx: Context, run: str, follow: bool) -> None:
     """Print RUN's training log (setup and run output)."""
     from cloudtrain.api import follow_logs
+    from cloudtrain.logbars import BarFilter
+
+    bars = None if sys.stdout.isatty() else BarFilter()  # a Keras bar as its final state, unless shown
 
     def sink(data: bytes) -> None:
-        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.write(data if bars is None else bars.feed(data))
         sys.stdout.buffer.flush()
 
     follow_logs(run, ctx.settings, sink, follow=follow, on_wait=lambda note: err.print(note, highlight=False))
+    if bars is not None:
+        sys.stdout.buffer.write(bars.flush())
+
+
+@main.command("plot")
+@click.argument("run")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the picture (default: the run folder's metrics.png).",
+)
+@pass_context
+def plot_command(ctx: Context, run: str, output: Path | None) -> None:
+    """Draw RUN's loss and metrics against the epoch (metrics.png), from the epochs come home
+    so far; also writes metrics.csv. Needs the plot extra: pip install 'cloudtrain[plot]'."""
+    from cloudtrain.api import plot_run
+
+    path = plot_run(run, ctx.settings, output)
+    click.echo(str(path))
 
 
 @main.command("down")

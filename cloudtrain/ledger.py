@@ -83,6 +83,7 @@ class RunRow:
     run_dir: str | None = None
     exit_code: int | None = None
     handle: RunHandle = field(default_factory=RunHandle)
+    projected_usd: float | None = None  # the whole run's cost, as projected after its first epoch
 
 
 @dataclass(frozen=True)
@@ -330,9 +331,15 @@ def _migrate_v2(conn: sqlite3.Connection) -> None:
         conn.execute("UPDATE runs SET handle = ? WHERE id = ?", (_dump_handle(handle), run_id))
 
 
+def _migrate_v3(conn: sqlite3.Connection) -> None:
+    """``projected_usd``: what the run was projected to cost after its first epoch, to
+    measure the estimate against the bill."""
+    conn.execute("ALTER TABLE runs ADD COLUMN projected_usd REAL")
+
+
 # Ordered: MIGRATIONS[n] takes a version-n file to version n + 1. Append, never edit a
 # released one.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1, _migrate_v2]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1, _migrate_v2, _migrate_v3]
 
 
 def schema_version() -> int:
@@ -539,6 +546,7 @@ class Ledger:
         exit_code: int | None = None,
         run_dir: str | None = None,
         handle: Mapping[str, Any] | None = None,
+        projected_usd: float | None = None,
     ) -> None:
         """Change the given fields (None: leave as is); ``handle`` names the fields of the
         run's handle to change (``RunHandle.changed``). An unknown run raises ``KeyError``."""
@@ -557,6 +565,8 @@ class Ledger:
                 changes["exit_code"] = exit_code
             if run_dir is not None:
                 changes["run_dir"] = run_dir
+            if projected_usd is not None:
+                changes["projected_usd"] = projected_usd
             if handle:
                 with self.reading(f" (run {run_id})"):
                     stored = _load_handle(row[0])
@@ -742,7 +752,7 @@ class Ledger:
 
 _RUN_COLUMNS = (
     "id, name, state, created_at, job_path, backend, simulated, region,"
-    " started_at, ended_at, run_dir, exit_code, handle"
+    " started_at, ended_at, run_dir, exit_code, handle, projected_usd"
 )
 
 
@@ -761,6 +771,7 @@ def _run_row(r: tuple[Any, ...]) -> RunRow:
         run_dir=r[10],
         exit_code=r[11],
         handle=_load_handle(r[12]),
+        projected_usd=r[13],
     )
 
 

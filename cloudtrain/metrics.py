@@ -15,6 +15,7 @@ after a relaunch replaces the one lost; a restored line only fills a gap). From 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,42 @@ def progress(rows: list[Row], *, finished: bool) -> dict[str, Any] | None:
     return {"fit": fit, "epoch": epoch, "epochs": epochs, "metrics": dict(last["logs"]), "eta_s": eta_s}
 
 
-def describe(metrics: dict[str, Any]) -> str:
+def eta_s(rows: list[Row], beat: Mapping[str, Any] | None) -> float | None:
+    """Seconds the running fit has left, from its progress.json (``beat``): the epochs left,
+    the current one in part (its steps done, else its time so far), at the mean of the fit's
+    last ETA_EPOCHS epochs (before one has finished: the current epoch's pace). None when
+    no fit runs or its pace is unknown yet."""
+    if not beat or not beat.get("active"):
+        return None
+    fit, epochs, done = beat.get("fit"), beat.get("epochs"), beat.get("done")
+    if not (isinstance(fit, int) and isinstance(epochs, int) and isinstance(done, int)):
+        return None
+    if done >= epochs:
+        return 0.0
+    elapsed = _number(beat.get("epoch_elapsed_s")) or 0.0
+    step, steps = beat.get("step"), beat.get("steps")
+    fraction = None
+    if beat.get("call") == "fit" and isinstance(step, int) and isinstance(steps, int) and steps > 0:
+        fraction = min(step / steps, 1.0)
+    recent = [s for r in rows if r.get("fit", 0) == fit and (s := _number(r.get("epoch_s"))) is not None]
+    if recent:
+        per_epoch = sum(recent[-ETA_EPOCHS:]) / len(recent[-ETA_EPOCHS:])
+    elif (last := _number(beat.get("epoch_s"))) is not None:
+        per_epoch = last
+    elif fraction:
+        per_epoch = elapsed / fraction
+    else:
+        return None
+    if fraction is None:
+        fraction = min(elapsed / per_epoch, 0.99) if per_epoch > 0 else 0.0
+    return round(max(0.0, per_epoch * (epochs - done - fraction)), 1)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def describe(metrics: Mapping[str, Any]) -> str:
     """``loss 0.1234, accuracy 0.95``: loss first, the rest as given; four significant digits."""
     ordered = sorted(metrics.items(), key=lambda item: item[0] != "loss")  # a stable sort
     return ", ".join(

@@ -32,6 +32,7 @@ from cloudtrain.bringup import (
     ssh_endpoint,
     verify_backend,
 )
+from cloudtrain.budget import DEFAULT_DEADLINE_HOURS
 from cloudtrain.cloud.aws import (
     AwsCloud,
     Image,
@@ -54,7 +55,7 @@ from cloudtrain.errors import (
 )
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
 from cloudtrain.planner import BASE_IMAGE, Offer, Plan, launch_offers
-from cloudtrain.progress import Reporter
+from cloudtrain.progress import LiveStatus, Reporter
 from cloudtrain.records import Lifecycle, RunHandle, RunState, iso, new_run_id, utcnow
 from cloudtrain.recovery import (
     LOST_STATES,
@@ -72,6 +73,7 @@ from cloudtrain.remote.agent import (
     REMOTE_WORKDIR,
     AgentCli,
     AgentConfig,
+    Beat,
     LogFollower,
     RemoteAgent,
 )
@@ -84,7 +86,7 @@ from cloudtrain.teardown import shielded_from_signals, teardown
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DEADLINE_HOURS = 24.0  # without budget.max_hours: the instance ends itself after this
+RENEW_S = 600.0  # a following controller moves such a deadline on this often
 MAX_LAUNCH_OFFERS = 5  # offers tried when AWS has no capacity, before giving up
 STREAM_RECONNECTS = 5
 BUDGET_SHOW_S = 300.0  # the cost so far is shown this often while the log streams
@@ -115,6 +117,10 @@ class RunContext:
     launched: LaunchedInstance | None = None
     log_offset: int = 0  # bytes of this instance's log streamed so far
     metrics_offset: int = 0  # bytes of this instance's metrics file brought home
+    beat: Beat | None = None  # the last heartbeat of the log's tail: idle time and progress
+    idle_said: bool = False  # the idle guard spoke, and no progress came since
+    plot_said: bool = False  # that metrics.png cannot be drawn here
+    renewed: float | None = None  # time.monotonic() of the last renewal of the deadline
     # for relaunches: what the first launch prepared, and what went before
     image: Image | None = None
     key: KeyPair | None = None
@@ -314,6 +320,7 @@ class Orchestrator:
             if not keep:
                 problems = teardown(ctx.cloud, self.ledger, ctx.run_id, ctx.handle)
             self._state(ctx, outcome, f"run {outcome.value}", ended_at=utcnow(), exit_code=exit_code)
+            _final_log(ctx.run_dir)
             write_run_json(self.ledger, ctx.run_id, ctx.run_dir)
         if problems:
             error = CloudError(
@@ -595,7 +602,12 @@ class Orchestrator:
         if found is not None:
             from cloudtrain.remote.sync import upload_tree
 
-            upload_tree(ctx.session, found[0], REMOTE_CHECKPOINT)
+            upload_tree(
+                ctx.session,
+                found[0],
+                REMOTE_CHECKPOINT,
+                lambda done, total: self.reporter.transfer("restoring the checkpoint", done, total),
+            )
             epoch, source = found[1].get("epoch"), "the copy at home"
         url = self.spec.checkpoint.s3_url(ctx.run_id)
         if url:
@@ -672,6 +684,7 @@ class Orchestrator:
             cache_dir=self.settings.home / "cache",
             remote_python=cli.python,
             remote_agent_path=cli.path,
+            progress=lambda done, total: self.reporter.transfer("syncing", done, total),
         )
         for warning in report.warnings:
             self.reporter.warn(warning)
@@ -713,13 +726,40 @@ class Orchestrator:
     def _start_watchdog(self, ctx: RunContext) -> None:
         """The instance's own guard (agent/watchdog.py): it powers off at the deadline, or when
         nobody collects the ended run within the grace; the controller need not stay up."""
+        deadline = self._deadline(ctx)
         self._agent(ctx).watchdog(
-            iso(self._deadline(ctx)),
+            iso(deadline),
             self.spec.watchdog.collect_grace_s,
             self.spec.outputs,
             self.spec.checkpoint.s3_url(ctx.run_id),
             self.region,
+            max_idle_s=self.spec.budget.max_idle_minutes * 60,
+            on_idle=self.spec.budget.on_idle,
         )
+        ctx.renewed = time.monotonic()
+        how = (
+            "budget.max_hours" if self.spec.budget.max_hours else "moved on while cloudtrain follows the run"
+        )
+        self.reporter.info(f"deadline {iso(deadline)} ({how})")
+
+    def renew_deadline(self, ctx: RunContext) -> None:
+        """Without budget.max_hours the deadline is a dead-man's switch: every RENEW_S while a
+        controller follows the run (`run`, `attach`, `logs -f`), it moves to
+        DEFAULT_DEADLINE_HOURS from now, on the instance (its watchdog) and in the run's
+        ``cloudtrain:expires`` tags (`gc`). A failure waits for the next round."""
+        if self.spec.budget.max_hours is not None or ctx.handle.kept_until:
+            return
+        if ctx.renewed is not None and time.monotonic() - ctx.renewed < RENEW_S:
+            return
+        deadline = utcnow() + timedelta(hours=DEFAULT_DEADLINE_HOURS)
+        try:
+            self._agent(ctx).renew(iso(deadline))
+            ctx.cloud.set_run_expiry(ctx.run_id, deadline + timedelta(minutes=30), ctx.instance_profile)
+        except (RemoteError, CloudError) as e:
+            log.info("could not move the deadline on: %s", e.message)
+            return
+        ctx.renewed = time.monotonic()
+        log.info("deadline moved to %s", iso(deadline))
 
     def follow(self, ctx: RunContext) -> int:
         """Stream the training log until it ends (reconnecting after drops); return its exit code.
@@ -765,11 +805,24 @@ class Orchestrator:
 
             def between_rounds() -> None:
                 nonlocal shown
+                self.renew_deadline(ctx)
                 self._fetch_metrics(ctx)
                 self._check_budget(ctx, keeper)
                 if time.monotonic() - shown >= BUDGET_SHOW_S:
                     shown = time.monotonic()
                     self.reporter.info(self._spending(ctx))
+
+            def on_beat(beat: Beat) -> None:
+                nonlocal budget_checked
+                done, last = _epochs_done(beat), _epochs_done(ctx.beat)
+                ctx.beat = beat
+                if done != last and done[1]:
+                    self._fetch_metrics(ctx)  # an epoch ended: its line now, not at the round's end
+                self._check_idle(ctx, beat, keeper)
+                if time.monotonic() - budget_checked > 2.0:
+                    budget_checked = time.monotonic()
+                    self._check_budget(ctx, keeper)
+                self.reporter.live(self.live_status(ctx))
 
             def dropped(error: RemoteError) -> None:
                 self.reporter.warn(f"lost the connection to {ctx.instance_id} ({error.reason}); reconnecting")
@@ -783,6 +836,7 @@ class Orchestrator:
                 lost=lambda: self.instance_lost(ctx),
                 reconnects=STREAM_RECONNECTS,
                 on_drop=dropped,
+                on_beat=on_beat,
             )
             try:
                 code = follower.follow(between=between_rounds)
@@ -801,8 +855,87 @@ class Orchestrator:
             log.info("could not fetch the metrics: %s", e.message)
             return
         ctx.metrics_offset += len(data)
-        for row in metrics.add(ctx.run_dir, data):
-            self.reporter.info(metrics.summary(row))
+        new = metrics.add(ctx.run_dir, data)
+        status = (
+            self.live_status(ctx) if new and ctx.beat and (ctx.beat.progress or {}).get("active") else None
+        )
+        for row in new:
+            more = f" · {status.money()}" if status and row is new[-1] else ""
+            self.reporter.info(metrics.summary(row) + more)
+        if status is not None and status.projected_usd is not None:
+            self._record_estimate(ctx, status.projected_usd)
+
+    def _record_estimate(self, ctx: RunContext, projected_usd: float) -> None:
+        """The run's cost as projected after its first epoch (once per run, relaunches
+        included): `run` and `cost-report` put it beside the bill."""
+        run = self.ledger.get_run(ctx.run_id)
+        if run is None or run.projected_usd is not None:
+            return
+        self.ledger.update_run(ctx.run_id, projected_usd=round(projected_usd, 6))
+        self.ledger.add_event(ctx.run_id, "estimate", f"projected ${projected_usd:.4f} after the first epoch")
+
+    def _check_idle(self, ctx: RunContext, beat: Beat, keeper: CheckpointKeeper) -> None:
+        """The stall guard: no progress (a step of a hooked Keras call, log output) for
+        ``budget.max_idle_minutes`` is an ``idle`` event and a warning, once until progress
+        comes again; inside fit/evaluate/predict, unless ``on_idle: warn``, a budget stop."""
+        limits = self.spec.budget
+        if beat.idle_s is None or beat.idle_s < limits.max_idle_minutes * 60:
+            ctx.idle_said = False
+            return
+        if ctx.idle_said:
+            return
+        ctx.idle_said = True
+        progress = beat.progress or {}
+        inside = progress.get("call") if progress.get("active") else None
+        where = f"inside {inside}" if inside else "outside fit, evaluate and predict"
+        message = (
+            f"no progress for {beat.idle_s:.0f} s ({where}; budget.max_idle_minutes: "
+            f"{limits.max_idle_minutes:g})"
+        )
+        self.ledger.add_event(ctx.run_id, "idle", message)
+        if not inside or limits.on_idle == "warn":
+            self.reporter.warn(f"{message}: the run goes on")
+            return
+        self.reporter.warn(f"{message}: stopping the run (its last checkpoint and outputs come home first)")
+        assert ctx.session is not None
+        with suppress(RemoteError):
+            keeper.final_round(ctx.session)
+        raise BudgetError(
+            f"the training stalled: {message}",
+            hint="See the end of its log for where it hung. If it was only slow, raise "
+            f"budget.max_idle_minutes, or set budget.on_idle: warn, in {self.job_path or 'job.yaml'}.",
+        )
+
+    def live_status(self, ctx: RunContext) -> LiveStatus:
+        """Where the run stands now, for a live view: its instance, the fit's progress and ETA,
+        the dollars so far and projected at this pace, the budget left."""
+        run = self.ledger.get_run(ctx.run_id)
+        started = run.started_at if run else None
+        instances = self.ledger.instances(ctx.run_id)
+        now = utcnow()
+        spent = budget.spent_usd(instances, now)
+        beat = ctx.beat
+        progress = beat.progress if beat else None
+        rows = metrics.series(ctx.run_dir) if progress else []
+        eta = metrics.eta_s(rows, progress)
+        running = [i for i in instances if i.running_at is not None and i.terminated_at is None]
+        instance = None
+        if running:
+            i = running[-1]
+            instance = f"{i.instance_type} in {i.zone or '?'}, {i.lifecycle.value} ${i.price_per_hour:.4f}/h"
+        return LiveStatus(
+            run_id=ctx.run_id,
+            state=run.state if run else RunState.RUNNING,
+            elapsed_s=budget.hours_since(started, now) * 3600,
+            instance=instance,
+            progress=progress,
+            metrics=dict(rows[-1]["logs"]) if rows else {},
+            eta_s=eta,
+            spent_usd=spent,
+            projected_usd=None if eta is None else budget.spent_usd(instances, now + timedelta(seconds=eta)),
+            budget_left=budget.left(self.spec.budget, started, instances, now),
+            idle_s=beat.idle_s if beat else None,
+        )
 
     def _agent(self, ctx: RunContext) -> RemoteAgent:
         """The agent on the run's instance, over its session."""
@@ -850,6 +983,7 @@ class Orchestrator:
                 ctx.run_dir,
                 remote_python=cli.python,
                 remote_agent_path=cli.path,
+                progress=lambda done: self.reporter.transfer("pulling back outputs", done, None),
             )
             for skipped in report.skipped:
                 self.reporter.warn(f"not pulled: {skipped}")
@@ -862,8 +996,21 @@ class Orchestrator:
             logfile.write(redactor.flush())
         self._fetch_metrics(ctx)
         metrics.write_csv(ctx.run_dir)
+        self._plot(ctx)
         # The watchdog's grace starts again from here (see agent/watchdog.py).
         self._agent(ctx).collected()
+
+    def _plot(self, ctx: RunContext) -> None:
+        """metrics.png beside metrics.csv, when matplotlib is there (the ``plot`` extra)."""
+        from cloudtrain.plot import write_png
+
+        try:
+            write_png(ctx.run_dir)
+        except InputError as e:  # no matplotlib: metrics.csv has the numbers
+            log.info("no metrics.png: %s", e.message)
+            if not ctx.plot_said:
+                ctx.plot_said = True
+                self.reporter.info(f"no metrics.png: {e.message} ({e.hint})")
 
     def _salvage(self, ctx: RunContext) -> None:
         """After an interruption or error: pull back what there is, on a fresh connection
@@ -895,6 +1042,23 @@ class Orchestrator:
         """The resolved spec (secrets are names only, never values)."""
         data = self.spec.model_dump(mode="json")
         (ctx.run_dir / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _final_log(run_dir: Path) -> None:
+    """The ended run's train.log with each Keras bar as its final state (logbars.py). Only
+    now: while the run goes, the file's size is the log's offset on the instance."""
+    from cloudtrain.logbars import collapse_file
+
+    try:
+        collapse_file(run_dir / "logs" / "train.log")
+    except OSError as e:
+        log.warning("could not tidy %s: %s", run_dir / "logs" / "train.log", e)
+
+
+def _epochs_done(beat: Beat | None) -> tuple[Any, Any]:
+    """(fit, epochs done) in a heartbeat's progress."""
+    progress = (beat.progress if beat else None) or {}
+    return progress.get("fit"), progress.get("done")
 
 
 def _describe_sync(report: SyncReport) -> str:

@@ -90,6 +90,16 @@ class CostTotals:
 
 
 @dataclass(frozen=True)
+class Estimates:
+    """The ended runs' cost as projected after their first epoch, against their bill."""
+
+    runs: int
+    projected_usd: float
+    billed_usd: float
+    mean_error_pct: float | None  # the mean of |projected - billed| / billed, in %
+
+
+@dataclass(frozen=True)
 class CostReport:
     group_by: str
     since: datetime | None
@@ -99,6 +109,7 @@ class CostReport:
     real: CostTotals
     simulated: CostTotals
     matched: int  # groups before the limit
+    estimates: Estimates = Estimates(0, 0.0, 0.0, None)
 
 
 def saving_pct(cost: float, on_demand: float) -> float | None:
@@ -143,6 +154,12 @@ SELECT m.id, m.name, COALESCE(m.started_at, m.created_at), m.state, m.simulated,
        m.instance_types, m.instances, m.billed_seconds, m.cost_usd, m.on_demand_usd, m.ebs_usd
 FROM runs AS m {where}
 ORDER BY m.created_at DESC, m.id DESC {limit}"""
+
+# The matched ended runs with a projected cost, and their bills.
+_ESTIMATES = """
+SELECT COUNT(*), TOTAL(m.projected_usd), TOTAL(m.cost_usd + m.ebs_usd),
+       AVG(ABS(m.projected_usd - m.cost_usd - m.ebs_usd) / NULLIF(m.cost_usd + m.ebs_usd, 0))
+FROM runs AS m WHERE m.projected_usd IS NOT NULL AND m.ended_at IS NOT NULL {and_where}"""
 
 # Instances of the matched runs per (type, simulated): a run may mix types, so these
 # come from the instances, from the covering index ``instances_types`` in group order.
@@ -268,6 +285,13 @@ class _Query:
             self.params["since"] = iso(since)
         if until is not None:
             self.params["until"] = iso(until)
+
+    def estimates(self) -> Estimates:
+        and_where = self.where.replace("WHERE", "AND", 1)
+        runs, projected, billed, error = self.conn.execute(
+            _ESTIMATES.format(and_where=and_where), self.params
+        ).fetchone()
+        return Estimates(runs, projected, billed, None if error is None else error * 100.0)
 
     def live(self) -> list[tuple[Any, ...]]:
         """The matched runs' instances still running (``_LIVE_INSTANCES`` rows)."""
@@ -405,6 +429,7 @@ def cost_report(
     query = _Query(ledger, since, until, generated_at)
     with _snapshot(query.conn):
         live = query.live()
+        estimates = query.estimates()
         days = query.days(live, types=group_by == "day")
         totals = _totals(days)
         if group_by == "run":
@@ -428,6 +453,7 @@ def cost_report(
         real=totals[False].totals(),
         simulated=totals[True].totals(),
         matched=matched,
+        estimates=estimates,
     )
 
 

@@ -26,8 +26,9 @@ def write_run_json(ledger: Ledger, run_id: str, run_dir: Path) -> dict[str, Any]
 
 
 def run_record(ledger: Ledger, run_id: str) -> dict[str, Any]:
-    """The run as ``status --json`` and run.json show it (``"schema": 1``; ``progress``, added
-    since, is None until an epoch has come home: metrics.progress)."""
+    """The run as ``status --json`` and run.json show it (``"schema": 1``; added since:
+    ``progress``, None until an epoch has come home (metrics.progress), and ``projected_usd``,
+    the run's cost as projected after its first epoch)."""
     run = ledger.get_run(run_id)
     if run is None:
         raise InputError(f"no run {run_id}")
@@ -49,6 +50,7 @@ def run_record(ledger: Ledger, run_id: str) -> dict[str, Any]:
         "ended_at": iso(run.ended_at) if run.ended_at else None,
         "exit_code": run.exit_code,
         "cost_usd": cost,
+        "projected_usd": round(run.projected_usd, 4) if run.projected_usd is not None else None,
         "run_dir": run.run_dir,
         "job_path": run.job_path,
         "backend_report": run.handle.backend_report,

@@ -283,6 +283,17 @@ class Budget(_Strict):
 
     max_hours: float | None = Field(None, gt=0, description="Wall-clock hours before the run is stopped")
     max_cost_usd: float | None = Field(None, gt=0, description="USD before the run is stopped")
+    max_idle_minutes: float = Field(
+        30.0,
+        gt=0,
+        description="Minutes without progress (a step of fit, evaluate or predict, or any log output) "
+        "before the stall guard acts",
+    )
+    on_idle: Literal["stop", "warn"] = Field(
+        "stop",
+        description="stop: a run idle inside fit/evaluate/predict is stopped as a budget stop (exit 4, "
+        "checkpoint and outputs pulled back); warn: only say so. Idle outside them only warns",
+    )
 
 
 class JobSpec(_Strict):

@@ -624,6 +624,26 @@ def test_tail_gives_exactly_the_remaining_bytes(agent: Agent, tmp_path: Path) ->
         assert proc.returncode == 0 and proc.stdout == log[offset:]
 
 
+def test_tail_progress_beats_on_stderr_with_the_idle_time_and_progress(agent: Agent, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    progress = {"call": "fit", "active": True, "epoch": 2, "epochs": 5, "step": 7, "steps": 10}
+    agent.start(run, "printf 'started\\n'; sleep 600")
+    (run / "progress.json").write_text(json.dumps(progress))
+    old = time.time() - 120  # nothing has changed for two minutes
+    for name in ("progress.json", "train.log"):
+        os.utime(run / name, (old, old))
+    proc = agent.run("tail", "--run-dir", str(run), "--follow", "--progress", "--for", "4.5")
+    agent.run("stop", "--run-dir", str(run), "--grace", "1")
+    assert proc.returncode == 0 and proc.stdout.startswith(b"[cloudtrain] run: ")
+    beats = [json.loads(line) for line in proc.stderr.decode().splitlines()]
+    assert len(beats) == 3  # at 0, 2 and 4 s
+    assert all(b["progress"] == progress for b in beats)
+    assert [round(b["idle_s"] / 10) for b in beats] == [12, 12, 12]  # the files' age, about 120 s
+    assert beats[-1]["idle_s"] > beats[0]["idle_s"]
+    quiet = agent.run("tail", "--run-dir", str(run), "--for", "1")  # not following: no beats
+    assert quiet.stderr == b""
+
+
 def test_metrics_gives_the_metrics_lines_from_an_offset(agent: Agent, tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()

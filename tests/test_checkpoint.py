@@ -547,3 +547,66 @@ def test_a_finished_fit_continued_by_a_later_fit_of_its_model_keeps_no_state_of_
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(checkpoint.Invalid, match="fit 1 continues in fit 9, which manifest.json lacks"):
         checkpoint.verify(str(tmp_path))
+
+
+# A user callback peeks at the progress file as fit, evaluate and predict step.
+PROGRESS_SCRIPT = """\
+import json, os
+import numpy as np
+import keras
+from keras.layers import Dense
+from keras.models import Sequential
+
+seen = []
+
+
+def peek(what):
+    with open(os.environ["CLOUDTRAIN_PROGRESS_FILE"]) as f:
+        seen.append([what, json.load(f)])
+
+
+class Peek(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        peek("fit")
+
+    def on_test_batch_end(self, batch, logs=None):
+        if batch == 3:
+            peek("evaluate")
+
+    def on_predict_batch_end(self, batch, logs=None):
+        if batch == 3:
+            peek("predict")
+
+
+rng = np.random.RandomState(0)
+x = rng.rand(256, 8).astype("float32")
+y = (x.sum(axis=1) > 4).astype("int32")
+model = Sequential([Dense(8, input_shape=(8,), activation="relu"), Dense(2, activation="softmax")])
+model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[Peek()])
+model.evaluate(x, y, batch_size=16, verbose=0, callbacks=[Peek()])
+model.predict(x, batch_size=16, verbose=0, callbacks=[Peek()])
+peek("after")
+print("SEEN " + json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "theano"])
+def test_the_progress_file_says_where_fit_evaluate_and_predict_stand(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    image = request.getfixturevalue("theano_image" if backend == "theano" else "tf_image")
+    job = Job(tmp_path, image, backend)
+    done = job.run(PROGRESS_SCRIPT)
+    seen = json.loads(done.stdout.split("SEEN ", 1)[1])
+    assert [what for what, _ in seen] == ["fit", "fit", "evaluate", "predict", "after"]
+    first, second, evaluate, predict, after = (state for _, state in seen)
+    # the user's callback runs before the hook's: epoch 1 ends with nothing done yet
+    for state, epoch, done_epochs in ((first, 1, 0), (second, 2, 1)):
+        assert (state["call"], state["active"], state["fit"]) == ("fit", True, 0)
+        assert (state["epoch"], state["epochs"], state["done"], state["steps"]) == (epoch, 2, done_epochs, 8)
+        assert state["epoch_elapsed_s"] >= 0 and state["at"].endswith("Z")
+    assert second["logs"]["loss"] > 0 and second["epoch_s"] >= 0  # epoch 1's
+    assert (evaluate["call"], evaluate["active"], evaluate["steps"]) == ("evaluate", True, 16)
+    assert (predict["call"], predict["active"], predict["steps"]) == ("predict", True, 16)
+    assert after["active"] is False and "call" not in after

@@ -247,6 +247,9 @@ def seed(settings: Settings) -> None:
                     ebs_per_gb_month=0.08,
                 )
             )
+            if index < 2:  # ended, with what their first epoch projected
+                ended = created + timedelta(hours=2)
+                ledger.update_run(run_id, ended_at=ended, projected_usd=(0.40, 0.45)[index])
 
 
 def test_cost_report_table_separates_real_and_simulated(settings: Settings) -> None:
@@ -256,6 +259,11 @@ def test_cost_report_table_separates_real_and_simulated(settings: Settings) -> N
     assert "job0-" in result.output and "job2-" in result.output and "(sim)" in result.output
     assert "Real spend: 2 runs, 4.00 h" in result.output
     assert "Simulated (dry-run): 1 runs, 2.00 h" in result.output
+    # each billed $0.40 + EBS $0.0219; projected $0.40 and $0.45: off by 5.2% and 6.7%
+    assert (
+        "Estimates: 2 ended runs projected $0.8500 after their first epoch, billed $0.8438 (mean error 6%)"
+        in result.output
+    )
     assert "saved 60%" in result.output
 
 
@@ -454,8 +462,8 @@ LEDGER_V1 = REPO / "tests" / "data" / "ledger-v1"  # written by cloudtrain 00fb7
 
 def test_a_ledger_of_the_previous_schema_migrates_and_status_json_is_unchanged(settings: Settings) -> None:
     """status --json, as the version that wrote the ledger printed it, after the migration
-    of each run's detail into its handle (schema 1 -> 2); keys added since (progress: no
-    epoch of these came home) aside."""
+    of each run's detail into its handle (schema 1 -> 2, then 3); keys added since
+    (progress: no epoch of these came home; projected_usd: none was projected) aside."""
     settings.home.mkdir(parents=True, exist_ok=True)
     shutil.copy(LEDGER_V1 / "ledger.sqlite", settings.ledger_path)
     expected = json.loads((LEDGER_V1 / "status.json").read_text())
@@ -464,7 +472,7 @@ def test_a_ledger_of_the_previous_schema_migrates_and_status_json_is_unchanged(s
         details = {run_id: json.loads(text) for run_id, text in conn.execute("SELECT id, detail FROM runs")}
 
     def as_then(record: dict[str, Any]) -> dict[str, Any]:
-        assert record.pop("progress") is None
+        assert record.pop("progress") is None and record.pop("projected_usd") is None
         return record
 
     listed = cli("status", "--json")
@@ -475,7 +483,7 @@ def test_a_ledger_of_the_previous_schema_migrates_and_status_json_is_unchanged(s
         shown = cli("status", run_id, "--json")
         assert as_then(json.loads(shown.output)) == record
     with Ledger.open(settings) as ledger:
-        assert ledger.connection.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert ledger.connection.execute("PRAGMA user_version").fetchone()[0] == 3
         handles = {run.id: run.handle for run in ledger.list_runs()}
     # every key of every run's detail is a field of its handle now, with its value
     assert handles == {run_id: RunHandle.from_json(detail) for run_id, detail in details.items()}

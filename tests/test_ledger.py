@@ -47,7 +47,7 @@ def test_fresh_file_is_migrated_to_the_latest_schema_in_wal_mode(tmp_path: Path)
     path = tmp_path / "ledger.sqlite"
     with Ledger(path) as led:
         conn = led.connection
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == ledger_mod.schema_version() == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == ledger_mod.schema_version() == 3
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -85,8 +85,8 @@ def test_reopening_does_not_migrate_again_and_keeps_data(
         led.create_run(run_row("keep-20260301-100000-aaaa"))
     with Ledger(path) as led:
         assert led.get_run("keep-20260301-100000-aaaa") is not None
-        assert led.connection.execute("PRAGMA user_version").fetchone()[0] == 2
-    assert calls == [1, 2]
+        assert led.connection.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert calls == [1, 2, 3]
 
 
 def test_migrations_apply_in_order_and_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -177,6 +177,7 @@ def test_large_file_round_trip(session: Session, agent: str, tmp_path: Path) -> 
         for i in range(100):
             f.write(block[:-4] + i.to_bytes(4, "little"))
     want = hashlib.sha256(big.read_bytes()).hexdigest()
+    sent: list[tuple[int, int]] = []
     report = push(
         session,
         collect(work),
@@ -184,11 +185,17 @@ def test_large_file_round_trip(session: Session, agent: str, tmp_path: Path) -> 
         cache_dir=tmp_path / "cache",
         remote_python=sys.executable,
         remote_agent_path=agent,
+        progress=lambda done, total: sent.append((done, total)),
     )
     assert report.transport == "openssh" and report.bytes_sent == 100 << 20
     assert agent_receive.sha256_file(str(remote / "outputs" / "weights.bin")) == want
-    pulled = do_pull(session, agent, remote, ["outputs/weights.bin"], run_dir)
+    # the progress bar hears the big file piece by piece, never going back, to its end
+    assert len(sent) > 10 and {total for _, total in sent} == {100 << 20}
+    assert [done for done, _ in sent] == sorted(done for done, _ in sent) and sent[-1][0] == 100 << 20
+    received: list[int] = []
+    pulled = do_pull(session, agent, remote, ["outputs/weights.bin"], run_dir, progress=received.append)
     assert pulled.bytes == 100 << 20
+    assert len(received) > 10 and received == sorted(received) and received[-1] > 100 << 20  # with headers
     assert agent_receive.sha256_file(str(run_dir / "outputs" / "outputs" / "weights.bin")) == want
 
 

@@ -526,6 +526,8 @@ class FakeAgent:
         self.tail_error = tail_error
         self.collected_with: list[str | None] = []
         self.collect_error: Exception | None = None
+        self.renewed: list[str] = []
+        self.renew_error: Exception | None = None
 
     def tail(self, offset: int, sink: Any, *, follow: bool = False, for_s: float | None = None) -> int:
         if self.tail_error is not None:
@@ -540,6 +542,11 @@ class FakeAgent:
         if self.collect_error is not None:
             raise self.collect_error
         self.collected_with.append(keep_until)
+
+    def renew(self, deadline: str) -> None:
+        if self.renew_error is not None:
+            raise self.renew_error
+        self.renewed.append(deadline)
 
 
 class FakeSession:
@@ -616,6 +623,91 @@ def test_within_budget_the_run_goes_on(on_instance: Any, limits: dict[str, float
     keeper = FakeKeeper()
     orchestrator._check_budget(ctx, keeper)
     assert keeper.final_rounds == 0 and events(orchestrator, ctx, "budget") == []
+
+
+def beat(idle_s: float | None, call: str | None = "fit", **progress: Any) -> Any:
+    from cloudtrain.remote.agent import Beat
+
+    state = {"call": call, "active": True, **progress} if call else {"active": False}
+    return Beat(idle_s, state)
+
+
+@pytest.mark.parametrize("call", ["fit", "evaluate", "predict"])
+def test_a_run_stalled_inside_a_keras_call_is_a_budget_stop(on_instance: Any, call: str) -> None:
+    from cloudtrain.errors import BudgetError
+    from cloudtrain.spec import Budget
+
+    orchestrator, ctx, _, _ = on_instance
+    orchestrator.spec = orchestrator.spec.model_copy(update={"budget": Budget(max_idle_minutes=0.5)})
+    keeper = FakeKeeper()
+    orchestrator._check_idle(ctx, beat(29.0, call), keeper)  # not yet
+    assert keeper.final_rounds == 0 and events(orchestrator, ctx, "idle") == []
+    with pytest.raises(BudgetError, match=f"no progress for 30 s \\(inside {call}") as caught:
+        orchestrator._check_idle(ctx, beat(30.0, call), keeper)
+    assert keeper.final_rounds == 1 and caught.value.exit_code == 4
+    assert "budget.on_idle: warn" in (caught.value.hint or "")
+    assert events(orchestrator, ctx, "idle") == [
+        f"no progress for 30 s (inside {call}; budget.max_idle_minutes: 0.5)"
+    ]
+
+
+@pytest.mark.parametrize("on_idle, call", [("warn", "fit"), ("stop", None)])
+def test_idle_only_warns_with_on_idle_warn_or_outside_a_keras_call(
+    on_instance: Any, on_idle: str, call: str | None
+) -> None:
+    from cloudtrain.spec import Budget
+
+    orchestrator, ctx, _, _ = on_instance
+    orchestrator.spec = orchestrator.spec.model_copy(
+        update={"budget": Budget(max_idle_minutes=1, on_idle=on_idle)}
+    )
+    keeper = FakeKeeper()
+    for idle_s in (60.0, 90.0, 5.0, 61.0):  # said once, then again after progress came
+        orchestrator._check_idle(ctx, beat(idle_s, call), keeper)
+    where = "inside fit" if call else "outside fit, evaluate and predict"
+    assert events(orchestrator, ctx, "idle") == [
+        f"no progress for {s} s ({where}; budget.max_idle_minutes: 1)" for s in (60, 61)
+    ]
+    assert keeper.final_rounds == 0
+
+
+def test_the_live_status_has_the_epoch_eta_dollars_projection_and_budget_left(on_instance: Any) -> None:
+    from cloudtrain import metrics
+    from cloudtrain.spec import Budget
+
+    orchestrator, ctx, _, _ = on_instance
+    orchestrator.spec = orchestrator.spec.model_copy(update={"budget": Budget(max_cost_usd=2.0)})
+    metrics.add(
+        ctx.run_dir, b'{"fit": 0, "epoch": 1, "epochs": 10, "epoch_s": 600.0, "logs": {"loss": 0.5}}\n'
+    )
+    ctx.beat = beat(1.0, "fit", fit=0, epoch=2, epochs=10, done=1, step=50, steps=100, epoch_elapsed_s=300.0)
+    status = orchestrator.live_status(ctx)
+    assert status.run_id == ctx.run_id and status.metrics == {"loss": 0.5}
+    assert status.eta_s == 600.0 * 8.5  # the epochs left, half of this one done
+    assert status.instance is not None and status.instance.startswith("g4dn.xlarge in ")
+    running = orchestrator.ledger.instances(ctx.run_id)[0]
+    hours = status.elapsed_s / 3600 + status.eta_s / 3600
+    per_hour = running.price_per_hour + running.disk_gb * running.ebs_per_gb_month / 730
+    assert status.projected_usd == pytest.approx(hours * per_hour, rel=0.01)
+    assert status.spent_usd < status.projected_usd
+    assert status.budget_left == f"${2.0 - status.spent_usd:.4f} left"
+    ctx.beat = beat(1.0, None)  # between Keras calls: no ETA, no projection
+    assert (orchestrator.live_status(ctx).eta_s, orchestrator.live_status(ctx).projected_usd) == (None, None)
+
+
+def test_the_estimate_is_recorded_once_after_the_first_epoch(on_instance: Any) -> None:
+    orchestrator, ctx, _, agent = on_instance
+    agent.metrics_file = b'{"fit": 0, "epoch": 1, "epochs": 4, "epoch_s": 60.0, "logs": {"loss": 0.5}}\n'
+    ctx.beat = beat(1.0, "fit", fit=0, epoch=2, epochs=4, done=1, step=0, steps=10, epoch_elapsed_s=0.0)
+    orchestrator._fetch_metrics(ctx)
+    projected = orchestrator.ledger.get_run(ctx.run_id).projected_usd
+    assert projected is not None and projected > 0
+    assert events(orchestrator, ctx, "estimate") == [f"projected ${projected:.4f} after the first epoch"]
+    agent.metrics_file += b'{"fit": 0, "epoch": 2, "epochs": 4, "epoch_s": 90.0, "logs": {"loss": 0.4}}\n'
+    ctx.beat = beat(1.0, "fit", fit=0, epoch=3, epochs=4, done=2, step=0, steps=10, epoch_elapsed_s=0.0)
+    orchestrator._fetch_metrics(ctx)
+    assert orchestrator.ledger.get_run(ctx.run_id).projected_usd == projected  # the first one stays
+    assert len(events(orchestrator, ctx, "estimate")) == 1
 
 
 def test_salvage_pulls_the_log_home_masked_and_restarts_the_watchdogs_grace(on_instance: Any) -> None:
@@ -714,6 +806,38 @@ def test_keep_leaves_the_instance_until_a_deadline_it_and_its_tags_know(on_insta
     else:
         grace = timedelta(seconds=orchestrator.spec.watchdog.collect_grace_s)
         assert abs(kept_until - (utcnow() + grace)) < timedelta(minutes=1)
+
+
+def test_without_max_hours_a_following_controller_moves_the_deadline_on(on_instance: Any) -> None:
+    from datetime import timedelta
+
+    from cloudtrain import orchestrator as orchestrator_module
+    from cloudtrain.errors import RemoteError
+    from cloudtrain.records import parse_iso, utcnow
+    from cloudtrain.spec import Budget
+
+    orchestrator, ctx, fake, agent = on_instance
+    ctx.cloud = cloud = EndingCloud(fake, orchestrator.settings)
+    orchestrator.renew_deadline(ctx)  # a controller that never renewed (attach, logs -f): at once
+    assert len(agent.renewed) == 1 and len(cloud.expiries) == 1
+    deadline = parse_iso(agent.renewed[0])
+    assert abs(deadline - (utcnow() + timedelta(hours=24))) < timedelta(minutes=1)
+    ((run_id, expires),) = cloud.expiries
+    assert run_id == ctx.run_id and abs(expires - deadline - timedelta(minutes=30)) < timedelta(seconds=1)
+    orchestrator.renew_deadline(ctx)  # then every RENEW_S
+    assert len(agent.renewed) == 1
+    ctx.renewed -= orchestrator_module.RENEW_S
+    agent.renew_error = RemoteError("the connection dropped")
+    orchestrator.renew_deadline(ctx)  # a failure waits for the next round
+    assert len(cloud.expiries) == 1
+    agent.renew_error = None
+    orchestrator.renew_deadline(ctx)
+    assert len(agent.renewed) == 2 and len(cloud.expiries) == 2
+    # budget.max_hours is a hard limit: never moved
+    orchestrator.spec = orchestrator.spec.model_copy(update={"budget": Budget(max_hours=2)})
+    ctx.renewed -= orchestrator_module.RENEW_S
+    orchestrator.renew_deadline(ctx)
+    assert len(agent.renewed) == 2
 
 
 def test_keep_is_ignored_before_training_started_and_the_instance_ends(on_instance: Any) -> None:

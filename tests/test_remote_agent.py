@@ -46,9 +46,18 @@ class LocalShell:
         self.stdin.append(stdin)
         return Result(done.returncode, done.stdout, done.stderr)
 
-    def stream(self, command: str, sink: Callable[[bytes], Any], *, stdin: bytes | None = None) -> int:
+    def stream(
+        self,
+        command: str,
+        sink: Callable[[bytes], Any],
+        *,
+        stdin: bytes | None = None,
+        errors: Callable[[bytes], Any] | None = None,
+    ) -> int:
         result = self.run(command, stdin=stdin)
         sink(result.stdout)
+        if errors is not None:
+            errors(result.stderr)
         return result.exit_code
 
 
@@ -89,10 +98,16 @@ def test_each_command_line_reaches_the_agents_parser_as_meant(echoing: tuple[Rem
     agent.verify(2, expect_gpu=True)
     agent.start(awkward, "pip install -r 'requirements file.txt'", {"TOKEN": "s3cr3t"})
     agent.status()
-    agent.tail(120, lambda data: None, follow=True, for_s=15)
+    agent.tail(120, lambda data: None, follow=True, for_s=15, on_beat=lambda beat: None)
     agent.metrics(345)
     agent.watchdog(
-        "2026-12-06T12:00:00Z", 1800.0, ["model.h5", "out dir/preds.npy"], "s3://b/p/", "eu-west-1"
+        "2026-12-06T12:00:00Z",
+        1800.0,
+        ["model.h5", "out dir/preds.npy"],
+        "s3://b/p/",
+        "eu-west-1",
+        max_idle_s=6.0,
+        on_idle="warn",
     )
     agent.collected(keep_until="2026-12-07T00:00:00Z")
     agent.fetch_s3("s3://data/set one/", "work/data dir", "us-east-2")
@@ -117,9 +132,10 @@ def test_each_command_line_reaches_the_agents_parser_as_meant(echoing: tuple[Rem
     assert start.workdir == "work" and start.run_dir == ".cloudtrain/run"
     assert agent.session.stdin[2] == b'{"TOKEN": "s3cr3t"}'  # type: ignore[attr-defined]  # never argv
     assert status.command == "status"
-    assert (tail.offset, tail.follow, tail.for_s) == (120, True, 15.0)
+    assert (tail.offset, tail.follow, tail.for_s, tail.progress) == (120, True, 15.0, True)
     assert (metrics.command, metrics.run_dir, metrics.offset) == ("metrics", ".cloudtrain/run", 345)
     assert watchdog.output == ["model.h5", "out dir/preds.npy"] and watchdog.grace == 1800.0
+    assert (watchdog.max_idle, watchdog.on_idle) == (6.0, "warn")
     assert (watchdog.deadline, watchdog.s3, watchdog.region) == (
         "2026-12-06T12:00:00Z",
         "s3://b/p/",
@@ -197,7 +213,13 @@ class ScriptedAgent:
         self.reconnects += 1
 
     def tail(
-        self, offset: int, sink: Callable[[bytes], Any], *, follow: bool = False, for_s: float | None = None
+        self,
+        offset: int,
+        sink: Callable[[bytes], Any],
+        *,
+        follow: bool = False,
+        for_s: float | None = None,
+        on_beat: Callable[[Any], Any] | None = None,
     ) -> int:
         self.offsets.append(offset)
         if not follow:  # the last bytes, once the training has ended

@@ -24,7 +24,7 @@ from cloudtrain.errors import RemoteError
 from cloudtrain.remote import sync
 from cloudtrain.remote.agent import AgentCli
 from cloudtrain.remote.session import Session
-from cloudtrain.remote.sync import SyncReport, collect, push
+from cloudtrain.remote.sync import SyncReport, collect, push, upload_tree
 from cloudtrain.spec import DataSource
 
 
@@ -72,6 +72,17 @@ def test_upload_tree_copies_the_agent_without_bytecode(agent: str) -> None:
     uploaded = Path(agent) / "cloudtrain_agent"
     assert (uploaded / "receive.py").read_bytes() == (AGENT_SOURCE / "receive.py").read_bytes()
     assert not list(uploaded.rglob("*.pyc"))
+
+
+def test_upload_tree_replaces_the_folder_and_reports_its_bytes(session: Session, tmp_path: Path) -> None:
+    source = write(tmp_path / "ckpt" / "fit0" / "weights.npz", os.urandom(3 << 20)).parent.parent
+    write(source / "manifest.json", "{}")
+    remote = tmp_path / "remote-ckpt"
+    write(remote / "stale.txt", "old")
+    seen: list[tuple[int, int]] = []
+    sent = upload_tree(session, source, str(remote), lambda done, total: seen.append((done, total)))
+    assert tree(remote) == tree(source)  # the old content is gone
+    assert seen[-1] == (sent, sent) and len(seen) == -(-sent // (1 << 18))
 
 
 def test_first_sync_noop_and_one_change(session: Session, agent: str, tmp_path: Path) -> None:

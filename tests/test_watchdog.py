@@ -19,7 +19,15 @@ from moto import mock_aws
 from test_agent import Agent, agent, write_script
 from test_run_e2e import cloudtrain, live_instances, only_run, py, run_until, sim_image, status, write_job
 
-from cloudtrain.agent.watchdog import COLLECTED, Watchdog, decide
+from cloudtrain.agent.watchdog import (
+    COLLECTED,
+    IDLE_MARGIN_S,
+    RENEWED,
+    Watchdog,
+    decide,
+    idle_inside_call,
+    renew,
+)
 from cloudtrain.settings import Settings
 
 __all__ = ["agent", "sim_image"]  # fixtures, imported for their use here
@@ -44,6 +52,10 @@ def test_the_rules(tmp_path: Path) -> None:
     config = {"deadline": iso_in(3600), "grace_s": 60}
     assert decide(config, str(run), now) is None  # the job runs, the deadline is far
     assert decide(dict(config, deadline=iso_in(-1)), str(run), now) == "deadline"
+    renew(str(run), iso_in(7200))  # a following controller moved it on
+    assert decide(dict(config, deadline=iso_in(-1)), str(run), now) is None
+    assert decide(config, str(run), now + 7201) == "deadline"
+    (run / RENEWED).unlink()
 
     (run / "exit_code").write_text("0\n")
     os.utime(run / "exit_code", (now - 30, now - 30))
@@ -57,6 +69,30 @@ def test_the_rules(tmp_path: Path) -> None:
     (run / COLLECTED).write_text(json.dumps({"at": iso_in(0), "keep_until": iso_in(600)}))
     assert decide(config, str(run), now + 500) is None  # --keep: only its deadline counts
     assert decide(config, str(run), now + 601) == "deadline"
+
+
+def test_the_stall_rule_when_no_controller_stopped_the_run_first(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"deadline": iso_in(3600), "grace_s": 60, "max_idle_s": 30.0, "on_idle": "stop"}
+    (run / "train.log").write_text("Epoch 1/5\n")
+    changed = time.time()
+    os.utime(run / "train.log", (changed, changed))
+    late = changed + 30 + IDLE_MARGIN_S  # the controller acts at 30 s; the watchdog after its margin
+    assert idle_inside_call(config, str(run), late) is None  # no hooked Keras call yet
+    (run / "progress.json").write_text(json.dumps({"call": "fit", "active": True, "epoch": 2}))
+    os.utime(run / "progress.json", (changed - 5, changed - 5))
+    assert idle_inside_call(config, str(run), late - 1) is None  # the log changed last: not yet
+    assert idle_inside_call(config, str(run), late) == 30 + IDLE_MARGIN_S
+    assert idle_inside_call(dict(config, on_idle="warn"), str(run), late) is None
+    assert idle_inside_call(dict(config, max_idle_s=None), str(run), late) is None
+    assert idle_inside_call(dict(config, idle_stopped_at=iso_in(0)), str(run), late) is None  # once
+    (run / "progress.json").write_text(json.dumps({"active": False}))
+    os.utime(run / "progress.json", (changed - 5, changed - 5))
+    assert idle_inside_call(config, str(run), late) is None  # between calls: the controller only warns
+    (run / "progress.json").write_text(json.dumps({"call": "fit", "active": True}))
+    (run / "exit_code").write_text("0\n")
+    assert idle_inside_call(config, str(run), late + 600) is None  # ended
 
 
 def hook(agent: Agent, tmp_path: Path) -> Path:

@@ -158,7 +158,7 @@ def configure(
         folder = os.path.abspath(checkpoint_dir)
         notice = os.path.abspath(notice_file or paths.notice)
         os.makedirs(folder, exist_ok=True)
-        env.update(sitedir.checkpoint_env(folder, checkpoint_every, notice, paths.metrics))
+        env.update(sitedir.checkpoint_env(folder, checkpoint_every, notice, paths.metrics, paths.progress))
         checkpoint = {"dir": folder, "every": checkpoint_every, "notice_file": notice, "s3": checkpoint_s3}
         if checkpoint_s3:  # the supervisor's uploader reads these (s3_checkpoint.py)
             env[s3_checkpoint.URL_ENV] = checkpoint_s3

@@ -42,7 +42,15 @@ as `_cloudtrain_checkpoint.py`; with CLOUDTRAIN_CHECKPOINT_DIR set, the sitecust
   loss, metrics, val_*); a resumed fit first writes the restored epochs' lines again from
   the checkpoint's history (`restored`: true, `epoch_s`: null), so that epochs whose lines
   were lost with an instance stay in the series. A failed write is said once and never
-  stops training.
+  stops training;
+- writes where it stands to CLOUDTRAIN_PROGRESS_FILE (replaced whole, at most every
+  PROGRESS_EVERY_S while batches end, at once when a call or an epoch begins or ends):
+  `call` (fit, evaluate or predict: the innermost hooked call running), `active` (a hooked
+  call runs), `fit`, `epoch` (1-based, the one training), `epochs`, `done` (epochs finished),
+  `step` and `steps` (batches of this epoch or call; `steps` null when Keras does not know),
+  `epoch_elapsed_s`, the last epoch's `epoch_s` and `logs`, and `at` (UTC). `evaluate` and
+  `predict` are wrapped only for this. The controller's stall guard reads it: a step is
+  progress.
 
 The format (CLOUDTRAIN_CHECKPOINT_DIR, self-contained and relocatable: paths are relative):
 
@@ -94,6 +102,8 @@ DIR_ENV = "CLOUDTRAIN_CHECKPOINT_DIR"
 EVERY_ENV = "CLOUDTRAIN_CHECKPOINT_EVERY"
 NOTICE_ENV = "CLOUDTRAIN_NOTICE_FILE"
 METRICS_ENV = "CLOUDTRAIN_METRICS_FILE"
+PROGRESS_ENV = "CLOUDTRAIN_PROGRESS_FILE"
+PROGRESS_EVERY_S = 2.0
 # Test only (with CLOUDTRAIN_TESTING=1): "STAGE:N" SIGKILLs the process during its N-th save
 # (1-based) at STAGE: "file" (after the first file), "folder" (folder renamed, manifest not
 # written), "manifest" (manifest written under its temporary name, not renamed) or "saved"
@@ -412,7 +422,7 @@ def _shorten_chains(fits: dict[str, Any]) -> None:
 
 
 def pack_arrays(arrays: list[Any]) -> bytes:
-    import numpy as np  # type: ignore[import-not-found]
+    import numpy as np  # type: ignore[import-not-found, unused-ignore]
 
     buffer = io.BytesIO()
     np.savez(buffer, *[np.asarray(a) for a in arrays])
@@ -792,22 +802,25 @@ class FitRun:
             row = {"fit": self.index, "epoch": epoch, "epochs": self.epochs, "epoch_s": None, "at": utc_now()}
             _append_metrics(dict(row, logs=logs, restored=True))
 
-    def epoch_begin(self) -> None:
+    def epoch_begin(self, epoch: int) -> None:
         self.epoch_started = time.monotonic()
+        _Progress.update(True, epoch=epoch + 1, step=0, started=self.epoch_started)
 
     def epoch_end(self, epoch: int, logs: Any = None) -> None:
         done = epoch + 1
         numbers = self._record(done, logs)
+        epoch_s = round(time.monotonic() - self.epoch_started, 3)
         _append_metrics(
             {
                 "fit": self.index,
                 "epoch": done,
                 "epochs": self.epochs,
-                "epoch_s": round(time.monotonic() - self.epoch_started, 3),
+                "epoch_s": epoch_s,
                 "at": utc_now(),
                 "logs": numbers,
             }
         )
+        _Progress.update(True, done=done, epoch_s=epoch_s, logs=_finite(numbers))
         complete = done >= self.epochs or bool(getattr(self.model, "stop_training", False))
         try:
             if complete or done % self.every == 0:
@@ -886,18 +899,82 @@ class _Metrics:
     failed = False  # said once
 
 
+def _finite(logs: dict[str, float]) -> dict[str, float | None]:
+    """NaN and infinities as None (JSON has none)."""
+    return {k: (v if v == v and abs(v) != float("inf") else None) for k, v in logs.items()}
+
+
 def _append_metrics(row: dict[str, Any]) -> None:
-    """One line of CLOUDTRAIN_METRICS_FILE (NaN and infinities written as null: JSON has none)."""
+    """One line of CLOUDTRAIN_METRICS_FILE."""
     path = os.environ.get(METRICS_ENV)
     if not path or _Metrics.failed:
         return
-    row["logs"] = {k: (v if v == v and abs(v) != float("inf") else None) for k, v in row["logs"].items()}
+    row["logs"] = _finite(row["logs"])
     try:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")  # logs in Keras's order
     except OSError as e:
         _Metrics.failed = True
         log(f"could not record metrics in {path}: {e}; training goes on")
+
+
+class _Progress:
+    """Where the hooked Keras calls stand, written to CLOUDTRAIN_PROGRESS_FILE."""
+
+    state: dict[str, Any] = {}
+    calls: list[dict[str, Any]] = []  # the states of the calls a nested one interrupted
+    written = 0.0  # time.monotonic() of the last write
+    failed = False  # said once
+
+    @classmethod
+    def begin(cls, call: str, **state: Any) -> None:
+        """A hooked call starts (inside another one, e.g. fit's validation: that one resumes
+        at its end)."""
+        cls.calls.append(cls.state)  # a nested call keeps the outer one's fit, epoch, ...
+        cls.state = dict(cls.state, call=call, active=True, step=0, steps=None, **state)
+        cls.update(True)
+
+    @classmethod
+    def end(cls) -> None:
+        cls.state = cls.calls.pop() if cls.calls else {}
+        cls.update(True, active=bool(cls.calls))
+
+    @classmethod
+    def update(cls, force: bool = False, **changes: Any) -> None:
+        """Take ``changes``; write the file when ``force``, or PROGRESS_EVERY_S after the last write."""
+        cls.state.update(changes)
+        now = time.monotonic()
+        if not force and now - cls.written < PROGRESS_EVERY_S:
+            return
+        path = os.environ.get(PROGRESS_ENV)
+        if not path or cls.failed:
+            return
+        cls.written = now
+        row = {key: value for key, value in cls.state.items() if key != "started"}
+        row.setdefault("active", False)
+        if "started" in cls.state:
+            row["epoch_elapsed_s"] = round(now - cls.state["started"], 3)
+        row["at"] = utc_now()
+        try:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.write(json.dumps(row))
+            os.replace(path + ".tmp", path)
+        except (OSError, TypeError, ValueError) as e:
+            cls.failed = True
+            log(f"could not record progress in {path}: {e}; training goes on")
+
+
+def _total_steps(params: Any) -> int | None:
+    """The batches of an epoch (or of an evaluate/predict call), from a callback's params:
+    Keras 3 and tf_keras give `steps`; Keras 2.3.1 with arrays `samples` and `batch_size`."""
+    params = params if isinstance(params, dict) else {}
+    steps = params.get("steps")
+    if isinstance(steps, int) and steps > 0:
+        return steps
+    samples, batch = params.get("samples"), params.get("batch_size")
+    if isinstance(samples, int) and isinstance(batch, int) and batch > 0:
+        return -(-samples // batch)
+    return None
 
 
 class _Notice:
@@ -952,16 +1029,44 @@ def make_callback(flavour: Flavour, run: FitRun) -> Any:
             super().__init__()
             self._supports_tf_logs = True  # logs stay tensors: no device sync per batch
 
+        def on_train_begin(self, logs: Any = None) -> None:
+            _Progress.update(True, steps=_total_steps(getattr(self, "params", None)))
+
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-            run.epoch_begin()
+            run.epoch_begin(epoch)
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             run.epoch_end(epoch, logs)
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            _Progress.update(step=batch + 1)
             run.batch_end()
 
+        def on_test_batch_end(self, batch: int, logs: Any = None) -> None:
+            _Progress.update()  # validation inside fit is progress too
+
     return CloudtrainCheckpoint()
+
+
+def make_step_callback(flavour: Flavour) -> Any:
+    """Counts the batches of an `evaluate` or `predict` call in the progress file."""
+    base = flavour.callback_base()
+
+    class CloudtrainSteps(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self._supports_tf_logs = True
+
+        def _begin(self, logs: Any = None) -> None:
+            _Progress.update(True, steps=_total_steps(getattr(self, "params", None)))
+
+        def _step(self, batch: int, logs: Any = None) -> None:
+            _Progress.update(step=batch + 1)
+
+        on_test_begin = on_predict_begin = _begin
+        on_test_batch_end = on_predict_batch_end = _step
+
+    return CloudtrainSteps()
 
 
 def _ref(model: Any) -> Callable[[], Any]:
@@ -1026,33 +1131,75 @@ def wrap_fit(cls: Any, flavour: Flavour, method: str = "fit") -> None:
         callbacks = list(callbacks) if callbacks else []
         callbacks.append(make_callback(flavour, run))
         arguments["callbacks"] = callbacks
-        result = original(*bound.args, **bound.kwargs)
+        _Progress.begin("fit", fit=index, epoch=initial + 1, epochs=run.epochs, done=initial)
+        try:
+            result = original(*bound.args, **bound.kwargs)
+        finally:
+            _Progress.end()
         run.merge_history(result)
         return result
 
-    fit.__name__ = getattr(original, "__name__", method)
-    fit.__doc__ = getattr(original, "__doc__", None)
-    fit.__wrapped__ = original  # type: ignore[attr-defined]
-    setattr(fit, _WRAPPED, True)
-    setattr(cls, method, fit)
+    _install(cls, method, original, fit)
+
+
+def _install(cls: Any, method: str, original: Any, wrapper: Callable[..., Any]) -> None:
+    """``wrapper`` as `cls.<method>`, named and documented as ``original``, marked wrapped."""
+    wrapper.__name__ = getattr(original, "__name__", method)
+    wrapper.__doc__ = getattr(original, "__doc__", None)
+    wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(wrapper, _WRAPPED, True)
+    setattr(cls, method, wrapper)
+
+
+def wrap_steps(cls: Any, flavour: Flavour, method: str) -> None:
+    """Make `cls.<method>` (evaluate, predict) count its batches in the progress file (once
+    per class). Callbacks given as a list are extended; a CallbackList (Keras 3's fit passes
+    its own to evaluate for validation) is left as it is: fit's callback counts those."""
+    original = getattr(cls, method, None)
+    if original is None or getattr(original, _WRAPPED, False):
+        return
+    signature = inspect.signature(original)
+    if "callbacks" not in signature.parameters:
+        return
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:
+            return original(self, *args, **kwargs)  # Keras says what is wrong
+        callbacks = bound.arguments.get("callbacks")
+        if callbacks is None or isinstance(callbacks, (list, tuple)):
+            bound.arguments["callbacks"] = [*(callbacks or ()), make_step_callback(flavour)]
+        _Progress.begin(method)
+        try:
+            return original(*bound.args, **bound.kwargs)
+        finally:
+            _Progress.end()
+
+    _install(cls, method, original, call)
+
+
+def _wrap(cls: Any, flavour: Flavour, *fits: str) -> None:
+    for method in fits:
+        wrap_fit(cls, flavour, method)
+    for method in ("evaluate", "predict"):
+        wrap_steps(cls, flavour, method)
 
 
 def _hook_keras(module: Any) -> None:
     keras = sys.modules.get("keras", module)
     version = str(getattr(keras, "__version__", ""))
     if version.startswith("3."):
-        wrap_fit(keras.Model, Keras3(keras))
+        _wrap(keras.Model, Keras3(keras), "fit")
     elif version.startswith("2.") and hasattr(keras, "engine") and hasattr(keras.engine, "training"):
         model = keras.engine.training.Model
         if getattr(model, "__module__", "").startswith("keras."):  # multi-backend Keras 2.x
-            flavour = Keras2(keras)
-            wrap_fit(model, flavour)
-            wrap_fit(model, flavour, "fit_generator")
+            _wrap(model, Keras2(keras), "fit", "fit_generator")
     # Otherwise `keras` is tf_keras (keras2shim.py), wrapped by its own hook.
 
 
 def _hook_tf_keras(module: Any) -> None:
-    wrap_fit(module.Model, TfKeras(module))
+    _wrap(module.Model, TfKeras(module), "fit")
 
 
 def import_hooks() -> dict[str, list[Callable[[Any], None]]]:

@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true")
     p.add_argument("--poll", type=float, default=0.2, help="seconds between polls (at most 0.2)")
     p.add_argument("--for", dest="for_s", type=float, help="with --follow: stop following after this long")
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="with --follow: a JSON line on stderr every 2 s: the run's idle seconds and progress.json",
+    )
 
     p = sub.add_parser("metrics", help="the metrics file's lines from a byte offset (raw, as tail)")
     p.add_argument("--run-dir", required=True)
@@ -118,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3", help="the run's S3 prefix: outputs and log go there before a power-off")
     p.add_argument("--region")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between checks")
+    p.add_argument("--max-idle", type=float, help="seconds without progress inside fit/evaluate/predict")
+    p.add_argument("--on-idle", choices=["stop", "warn"], default="stop")
+
+    p = sub.add_parser("renew", help="move the run's deadline (a controller follows it)")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--deadline", required=True, help="ISO UTC: the new deadline")
 
     p = sub.add_parser("collected", help="record that the controller has collected the outputs")
     p.add_argument("--run-dir", required=True)
@@ -172,7 +183,8 @@ def dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
     if command == "tail":
         from .logtail import tail
 
-        tail(args.run_dir, sys.stdout.buffer, args.offset, args.follow, args.poll, args.for_s)
+        beats = sys.stderr if args.progress else None
+        tail(args.run_dir, sys.stdout.buffer, args.offset, args.follow, args.poll, args.for_s, beats)
         return None
     if command == "metrics":
         from .logtail import metrics
@@ -203,7 +215,13 @@ def dispatch(args: argparse.Namespace) -> dict[str, Any] | None:
             args.s3,
             args.region,
             args.poll,
+            args.max_idle,
+            args.on_idle,
         )
+    if command == "renew":
+        from .watchdog import renew
+
+        return renew(args.run_dir, args.deadline)
     if command == "collected":
         from .watchdog import collected
 

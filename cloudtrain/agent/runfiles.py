@@ -14,6 +14,9 @@ A run folder holds:
     metrics.jsonl    one JSON line per epoch `fit` finished, from the job's checkpoint hook
                      (`{fit, epoch, epochs, epoch_s, at, logs}`; checkpoint.py); the
                      controller reads it with `metrics` as the run goes
+    progress.json    where the job's hooked Keras call (fit, evaluate, predict) stands, rewritten
+                     at most every 2 s while it steps (checkpoint.py); `tail --progress`
+                     reports it, and the run's idle time, on stderr
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ STOP_FILE = "stop_requested"
 SUPERVISOR_LOG = "supervisor.log"
 NOTICE_FILE = "notice.json"
 METRICS_FILE = "metrics.jsonl"
+PROGRESS_FILE = "progress.json"
 
 
 class RunPaths:
@@ -51,6 +55,7 @@ class RunPaths:
         self.supervisor_log = os.path.join(self.run_dir, SUPERVISOR_LOG)
         self.notice = os.path.join(self.run_dir, NOTICE_FILE)
         self.metrics = os.path.join(self.run_dir, METRICS_FILE)
+        self.progress = os.path.join(self.run_dir, PROGRESS_FILE)
 
 
 def utc_now() -> str:

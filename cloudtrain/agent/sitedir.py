@@ -42,12 +42,15 @@ def seed_env(seed: int) -> dict[str, str]:
     }
 
 
-def checkpoint_env(checkpoint_dir: str, every: int, notice_file: str, metrics_file: str) -> dict[str, str]:
-    """Variables that make `fit` checkpoint into `checkpoint_dir` and resume from it, and
-    record each epoch's metrics in `metrics_file`."""
+def checkpoint_env(
+    checkpoint_dir: str, every: int, notice_file: str, metrics_file: str, progress_file: str
+) -> dict[str, str]:
+    """Variables that make `fit` checkpoint into `checkpoint_dir` and resume from it, record
+    each epoch's metrics in `metrics_file`, and where Keras's calls stand in `progress_file`."""
     return {
         "CLOUDTRAIN_CHECKPOINT_DIR": checkpoint_dir,
         "CLOUDTRAIN_CHECKPOINT_EVERY": str(every),
         "CLOUDTRAIN_NOTICE_FILE": notice_file,
         "CLOUDTRAIN_METRICS_FILE": metrics_file,
+        "CLOUDTRAIN_PROGRESS_FILE": progress_file,
     }

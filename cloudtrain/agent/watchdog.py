@@ -6,7 +6,9 @@ powers the instance off through power.py (in a dry-run the simulator's hook, whi
 terminates the simulated instance) when
 
 - the deadline has passed: budget.max_hours after the run started, else 24 h (the
-  controller's choice), or the `--keep` deadline `collected --keep-until` set. A job
+  controller's choice) or, once a controller has renewed it (`renew`, RUN_DIR/deadline.json:
+  while `run`, `attach` or `logs -f` follow a run without budget.max_hours, they move it to
+  24 h from then), the renewed one; or the `--keep` deadline `collected --keep-until` set. A job
   still running is first told to save (a notice of kind "deadline" in notice.json: the
   checkpoint hook saves at once), given up to SAVE_WAIT_S for the save to land and to
   reach S3, then stopped (SIGTERM, SIGKILL after a grace);
@@ -14,6 +16,13 @@ terminates the simulated instance) when
   end and the last collection (`collected`, which the controller runs after each pull),
   unless that collection kept the instance (`--keep`): a controller that crashed or a
   laptop that slept never leaves it billing.
+
+It also stops a stalled job that nobody else stops (the stall guard, budget.max_idle_minutes):
+when a hooked Keras call (progress.json `active`) has made no progress, and written no log,
+for `max_idle_s` plus IDLE_MARGIN_S (the controller, when it follows the run, acts at
+`max_idle_s`), and `on_idle` is "stop": it tells the job to save (a notice of kind "idle"),
+then stops it, once. The instance stays up for a controller to collect the run, as after
+any end.
 
 Before powering off it puts the outputs and train.log under the run's S3 prefix when it
 has one (``<prefix>outputs/<path>``, ``<prefix>logs/train.log``). Each decision is marked
@@ -34,10 +43,12 @@ from .runfiles import RunPaths, read_exit_code, read_json, utc_now, write_json
 
 CONFIG = "watchdog.json"
 COLLECTED = "collected.json"
+RENEWED = "deadline.json"
 POLL_S = 5.0
 SAVE_WAIT_S = 60.0
 STOP_GRACE_S = 20.0
 EXIT_WAIT_S = 180.0  # after the stop: the supervisor's last S3 upload may take 120 s
+IDLE_MARGIN_S = 60.0  # a following controller stops a stalled run first
 
 
 def parse_utc(text: str | None) -> float | None:
@@ -64,7 +75,12 @@ def decide(config: dict[str, Any], run_dir: str, now: float) -> str | None:
     """Why the instance must power off now ("deadline", "uncollected"), or None."""
     paths = RunPaths(run_dir)
     got = read_json(os.path.join(paths.run_dir, COLLECTED)) or {}
-    deadline = parse_utc(got.get("keep_until")) or parse_utc(config.get("deadline"))
+    renewed = read_json(os.path.join(paths.run_dir, RENEWED)) or {}
+    deadline = (
+        parse_utc(got.get("keep_until"))
+        or parse_utc(renewed.get("deadline"))
+        or parse_utc(config.get("deadline"))
+    )
     if deadline is not None and now >= deadline:
         return "deadline"
     if read_exit_code(paths) is None or got.get("keep_until"):
@@ -75,6 +91,35 @@ def decide(config: dict[str, Any], run_dir: str, now: float) -> str | None:
         return None
     last = max(ended, parse_utc(got.get("at")) or 0.0)
     return "uncollected" if now - last >= float(config.get("grace_s", 1800)) else None
+
+
+def idle_inside_call(config: dict[str, Any], run_dir: str, now: float) -> float | None:
+    """The seconds a running job has been stalled inside a hooked Keras call, once that is
+    past the stall guard's limit (and it is told to stop, and has not been stopped yet)."""
+    limit = config.get("max_idle_s")
+    if not limit or config.get("on_idle") != "stop" or config.get("idle_stopped_at"):
+        return None
+    paths = RunPaths(run_dir)
+    if read_exit_code(paths) is not None:
+        return None
+    try:
+        progress = read_json(paths.progress) or {}
+    except AgentError:  # replaced as it was read: the next poll sees it
+        return None
+    changes = [t for t in (_mtime(paths.log), _mtime(paths.progress)) if t is not None]
+    if not progress.get("active") or not changes:
+        return None
+    idle = now - max(changes)
+    return idle if idle >= float(limit) + IDLE_MARGIN_S else None
+
+
+def renew(run_dir: str, deadline: str) -> dict[str, Any]:
+    """Move the run's deadline to ``deadline`` (a controller follows the run)."""
+    if parse_utc(deadline) is None:
+        raise AgentError(f"--deadline {deadline!r} is not like 2026-11-28T12:00:00Z", "", USAGE)
+    record = {"deadline": deadline, "at": utc_now()}
+    write_json(os.path.join(RunPaths(run_dir).run_dir, RENEWED), record)
+    return record
 
 
 class Watchdog:
@@ -103,6 +148,15 @@ class Watchdog:
             reason = decide(self.config, self.paths.run_dir, time.time())
             if reason is not None:
                 break
+            idle = idle_inside_call(self.config, self.paths.run_dir, time.time())
+            if idle is not None:
+                self.record(idle_stopped_at=utc_now())
+                self.mark(
+                    f"no progress for {idle:.0f} s inside a Keras call (budget.max_idle_minutes), and no "
+                    "controller stopped it: saving a checkpoint, then stopping the job"
+                )
+                self.save_then_stop("idle")
+                continue
             time.sleep(float(self.config.get("poll_s", POLL_S)))
         self.record(reason=reason, acting_at=utc_now())
         if reason == "deadline" and read_exit_code(self.paths) is None:
@@ -120,9 +174,9 @@ class Watchdog:
         power.poweroff(f"watchdog-{reason}")
         return reason
 
-    def save_then_stop(self) -> None:
+    def save_then_stop(self, kind: str = "deadline") -> None:
         notice = {
-            "kind": "deadline",
+            "kind": kind,
             "action": "stop",
             "time": self.config.get("deadline"),
             "seen_at": utc_now(),
@@ -209,6 +263,8 @@ def start(
     s3: str | None = None,
     region: str | None = None,
     poll_s: float = POLL_S,
+    max_idle_s: float | None = None,
+    on_idle: str = "stop",
 ) -> dict[str, Any]:
     """Write the settings and start the detached watchdog (one per run folder)."""
     from .supervisor import detach
@@ -231,6 +287,8 @@ def start(
         "s3": s3,
         "region": region,
         "poll_s": poll_s,
+        "max_idle_s": max_idle_s,
+        "on_idle": on_idle,
         "started_at": utc_now(),
     }
     write_json(config_path, config)

@@ -13,6 +13,7 @@ agent, built once from the job file. The agent parses its side in ``agent/cli.py
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,6 +37,8 @@ REMOTE_WORKDIR = "work"  # the synced workdir
 REMOTE_CHECKPOINT = ".cloudtrain/checkpoint"  # the fit checkpoints (see recovery.py)
 FOLLOW_ROUND_S = 15.0  # the log is followed this long at a time: a budget check comes between
 IMAGE_ROOT = "${CLOUDTRAIN_ROOT:-/opt/cloudtrain}"  # the image's prefix, expanded there
+
+log = logging.getLogger(__name__)
 
 
 # ("name", value): None or False leave it out, True is a flag, a list is one option's
@@ -242,15 +245,29 @@ class RemoteAgent:
         return json_report(self.session.run(self.cli.command("status", ("run-dir", self.run_dir))).text)
 
     def tail(
-        self, offset: int, sink: Callable[[bytes], Any], *, follow: bool = False, for_s: float | None = None
+        self,
+        offset: int,
+        sink: Callable[[bytes], Any],
+        *,
+        follow: bool = False,
+        for_s: float | None = None,
+        on_beat: Callable[[Beat], Any] | None = None,
     ) -> int:
         """Stream the log from byte ``offset`` into ``sink`` (with ``follow``, as it grows, for
-        ``for_s`` or until the training ends); the command's exit code."""
+        ``for_s`` or until the training ends); the command's exit code. With ``on_beat``, a
+        following tail also reports the run's idle time and progress every 2 s."""
+        beats = None if on_beat is None else _BeatReader(on_beat)
         return self.session.stream(
             self.cli.command(
-                "tail", ("run-dir", self.run_dir), ("offset", offset), ("follow", follow), ("for", for_s)
+                "tail",
+                ("run-dir", self.run_dir),
+                ("offset", offset),
+                ("follow", follow),
+                ("for", for_s),
+                ("progress", follow and beats is not None),
             ),
             sink,
+            errors=None if beats is None else beats.feed,
         )
 
     def metrics(self, offset: int) -> bytes:
@@ -262,10 +279,19 @@ class RemoteAgent:
         return got[: got.rfind(b"\n") + 1]
 
     def watchdog(
-        self, deadline: str, grace_s: float, outputs: Sequence[str], s3: str | None, region: str | None
+        self,
+        deadline: str,
+        grace_s: float,
+        outputs: Sequence[str],
+        s3: str | None,
+        region: str | None,
+        *,
+        max_idle_s: float | None = None,
+        on_idle: str = "stop",
     ) -> None:
         """Start the instance's own guard (agent/watchdog.py): it powers off at ``deadline``, or
-        when nobody collects the ended run within ``grace_s``."""
+        when nobody collects the ended run within ``grace_s``; it stops a job stalled for
+        ``max_idle_s`` (and a margin) inside a Keras call that no controller stopped."""
         self.session.run(
             self.cli.command(
                 "watchdog",
@@ -276,8 +302,14 @@ class RemoteAgent:
                 *(("output", path) for path in outputs),
                 ("s3", s3),
                 ("region", region if s3 else None),
+                ("max-idle", max_idle_s),
+                ("on-idle", on_idle),
             )
         )
+
+    def renew(self, deadline: str) -> None:
+        """Move the run's deadline to ``deadline`` (agent/watchdog.py)."""
+        self.session.run(self.cli.command("renew", ("run-dir", self.run_dir), ("deadline", deadline)))
 
     def collected(self, keep_until: str | None = None) -> None:
         """The outputs are home: the watchdog's grace starts again (with ``keep_until``, the
@@ -304,6 +336,42 @@ class RemoteAgent:
         return report
 
 
+@dataclass(frozen=True)
+class Beat:
+    """A following tail's heartbeat (agent/logtail.py): seconds since the run's log or its
+    progress last changed (None before either exists), and progress.json (None before a
+    hooked Keras call): ``call``, ``active``, ``fit``, ``epoch``, ``epochs``, ``done``,
+    ``step``, ``steps``, ``epoch_elapsed_s``, ``epoch_s``, ``logs``, ``at``."""
+
+    idle_s: float | None
+    progress: Mapping[str, Any] | None
+
+
+class _BeatReader:
+    """Heartbeat lines from a tail's stderr, which may arrive cut anywhere; anything else
+    there (a warning, a traceback) is logged."""
+
+    def __init__(self, on_beat: Callable[[Beat], Any]) -> None:
+        self.on_beat = on_beat
+        self.partial = b""
+
+    def feed(self, data: bytes) -> None:
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        for line in lines:
+            try:
+                beat = json.loads(line)
+                idle_s, progress = beat["idle_s"], beat["progress"]
+            except (ValueError, KeyError, TypeError):
+                log.info("agent tail: %s", line.decode("utf-8", "replace"))
+                continue
+            self.on_beat(
+                Beat(
+                    float(idle_s) if isinstance(idle_s, (int, float)) else None,
+                    progress if isinstance(progress, dict) else None,
+                )
+            )
+
+
 def json_report(text: str) -> dict[str, Any]:
     """The last JSON object the agent printed, else ``{"error": <the output's tail>}``."""
     for line in reversed(text.strip().splitlines()):
@@ -319,8 +387,8 @@ class LogFollower:
 
     ``offset`` counts the bytes of this instance's log already passed on. A drop
     reconnects (up to ``reconnects`` times, backing off), unless ``lost`` says the
-    instance is gone: its exception is raised then. The same for ``run``, ``attach``
-    and ``logs -f``."""
+    instance is gone: its exception is raised then. ``on_beat`` gets the tail's heartbeats
+    (every 2 s while it follows). The same for ``run``, ``attach`` and ``logs -f``."""
 
     def __init__(
         self,
@@ -332,8 +400,10 @@ class LogFollower:
         lost: Callable[[], BaseException | None],
         reconnects: int,
         on_drop: Callable[[RemoteError], Any] = lambda error: None,
+        on_beat: Callable[[Beat], Any] | None = None,
     ) -> None:
         self.agent = agent
+        self.on_beat = on_beat
         self.offset = offset
         self.sink = sink
         self.secrets = tuple(secrets)
@@ -352,7 +422,7 @@ class LogFollower:
             redactor = LogRedactor(self.secrets)  # each round resends what the last held back
             masked = partial(self._pass, redactor.feed)
             try:
-                self.agent.tail(self.offset, masked, follow=True, for_s=round_s)
+                self.agent.tail(self.offset, masked, follow=True, for_s=round_s, on_beat=self.on_beat)
                 status = self.agent.status()
             except RemoteError as e:
                 lost = self.lost()

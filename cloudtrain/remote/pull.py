@@ -19,9 +19,10 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cloudtrain.agent.receive import StreamReceiver
 from cloudtrain.agent.wire import PathRefused, StreamError, check_relpath
@@ -64,6 +65,7 @@ def pull(
     transport: str = "auto",
     into: str = OUTPUTS,
     checkpoint: bool = False,
+    progress: Callable[[int], Any] | None = None,
 ) -> PullReport:
     """Copy ``paths`` (relative to ``remote_workdir``) into ``dest_dir/<into>`` (``outputs``);
     verified, atomic, capped.
@@ -74,7 +76,8 @@ def pull(
 
     ``transport``: "auto" (the OpenSSH client when installed, else the session),
     "openssh" or "paramiko". Raises RemoteError if a file arrived corrupted or the
-    stream broke; what was verified before that stays in place.
+    stream broke; what was verified before that stays in place. ``progress`` hears the
+    bytes received so far as they come (the total is not known ahead).
     """
     started = time.monotonic()
     skipped: list[str] = []
@@ -93,6 +96,7 @@ def pull(
         )
     except (PathRefused, OSError) as e:
         raise RemoteError(f"cannot pull outputs into {dest}: {e}") from e
+    feed = receiver.feed if progress is None else _counted(receiver.feed, progress)
     command = AgentCli(remote_python, remote_agent_path).pack(
         remote_workdir, wanted, max_bytes=max_bytes, checkpoint=checkpoint
     )
@@ -102,7 +106,7 @@ def pull(
     try:
         if transport == "openssh" or (transport == "auto" and OpenSSH.available()):
             try:
-                code, err = _pull_openssh(session, command, receiver)
+                code, err = _pull_openssh(session, command, feed)
                 used = "openssh"
             except ConnectFailed as e:
                 if transport == "openssh":
@@ -112,7 +116,9 @@ def pull(
                     ) from e
                 log.warning("ssh client cannot connect (%s); pulling over the session instead", e)
         if used == "paramiko":
-            code = session.stream(command, receiver.feed)
+            errors = bytearray()
+            code = session.stream(command, feed, errors=errors.extend)
+            err = bytes(errors)
         if code == 0:
             receiver.finish()
     except StreamError as e:
@@ -141,7 +147,20 @@ def pull(
     )
 
 
-def _pull_openssh(session: Session, command: str, receiver: StreamReceiver) -> tuple[int, bytes]:
+def _counted(feed: Callable[[bytes], None], progress: Callable[[int], Any]) -> Callable[[bytes], None]:
+    """``feed``, telling ``progress`` the bytes fed so far after each chunk."""
+    received = 0
+
+    def counting(data: bytes) -> None:
+        nonlocal received
+        feed(data)
+        received += len(data)
+        progress(received)
+
+    return counting
+
+
+def _pull_openssh(session: Session, command: str, feed: Callable[[bytes], None]) -> tuple[int, bytes]:
     with OpenSSH(session) as ssh, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
             ssh.argv(command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err
@@ -151,7 +170,7 @@ def _pull_openssh(session: Session, command: str, receiver: StreamReceiver) -> t
         try:
             for chunk in read_stream(proc.stdout):
                 received += len(chunk)
-                receiver.feed(chunk)
+                feed(chunk)
             code = proc.wait()
         except BaseException:
             with contextlib.suppress(OSError):

@@ -306,18 +306,31 @@ class Session:
             )
         return result
 
-    def stream(self, command: str, sink: Callable[[bytes], Any], *, stdin: bytes | None = None) -> int:
-        """Run a command, handing stdout to ``sink`` chunk by chunk as it arrives; return the exit code."""
+    def stream(
+        self,
+        command: str,
+        sink: Callable[[bytes], Any],
+        *,
+        stdin: bytes | None = None,
+        errors: Callable[[bytes], Any] | None = None,
+    ) -> int:
+        """Run a command, handing stdout to ``sink`` chunk by chunk as it arrives (and stderr
+        to ``errors``, when given; else it is dropped); return the exit code."""
         try:
             channel = self._channel(command)
             if stdin:
                 channel.sendall(stdin)
             channel.shutdown_write()
-            while True:
-                data = channel.recv(CHUNK)
-                if not data:
+            while True:  # both streams as they come, as `run` reads them
+                select.select([channel], [], [], 0.5)
+                while channel.recv_ready():
+                    sink(channel.recv(CHUNK))
+                while channel.recv_stderr_ready():
+                    data = channel.recv_stderr(CHUNK)
+                    if errors is not None:
+                        errors(data)
+                if channel.exit_status_ready() and not (channel.recv_ready() or channel.recv_stderr_ready()):
                     break
-                sink(data)
             code = channel.recv_exit_status()
             channel.close()
         except (OSError, EOFError, paramiko.SSHException) as e:

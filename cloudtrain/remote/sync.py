@@ -474,7 +474,6 @@ class _Sender:
         done = 0
         progress, total = self.progress, self.total
         for f in self.plan.send:
-            done += f.size
             if f.size <= SMALL_RECORD and self._small(f, pending):
                 if len(pending) >= FLUSH_AT:
                     yield pending
@@ -483,7 +482,8 @@ class _Sender:
                 if pending:
                     yield pending
                     pending = bytearray()
-                yield from self._large(f)
+                yield from self._large(f, done)
+            done += f.size
             if progress is not None:
                 progress(done, total)
         pending += end_header(files=len(self.plan.send), bytes=total, deletes=len(self.plan.delete))
@@ -509,9 +509,16 @@ class _Sender:
         self._sent.append((f, digest))
         return True
 
-    def _large(self, f: LocalFile) -> Iterator[bytes | memoryview]:
+    def _large(self, f: LocalFile, before: int) -> Iterator[bytes | memoryview]:
+        """A big file's record in pieces (the progress hears each piece: ``before`` bytes of
+        the stream's files went ahead of it)."""
         reader = FileReader(f.source, f.size, f.mtime_ns, self.buffer)
-        yield from reader.record(f.path, f.mode)
+        sent = 0
+        for piece in reader.record(f.path, f.mode):
+            yield piece
+            if self.progress is not None:
+                sent += len(piece)
+                self.progress(before + min(sent, f.size), self.total)
         if reader.abandoned:
             self.warnings.append(f"not sent: {f.source} {reader.abandoned}")
         elif reader.changed:
@@ -1027,8 +1034,11 @@ def _tar_filter(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
     return info
 
 
-def upload_tree(session: Session, local_dir: str | os.PathLike[str], remote_dir: str) -> int:
-    """Replace ``remote_dir`` with a copy of ``local_dir`` in one tar stream (the agent); bytes sent."""
+def upload_tree(
+    session: Session, local_dir: str | os.PathLike[str], remote_dir: str, progress: Progress | None = None
+) -> int:
+    """Replace ``remote_dir`` with a copy of ``local_dir`` in one tar stream (the agent); bytes
+    sent (``progress`` hears them as they go)."""
     source = Path(local_dir)
     if not source.is_dir():
         raise RemoteError(f"{source} is not a folder")
@@ -1039,11 +1049,21 @@ def upload_tree(session: Session, local_dir: str | os.PathLike[str], remote_dir:
     data = buffer.getvalue()
     target = remote_path(remote_dir)
     staging = remote_path(remote_dir.rstrip("/") + ".new")
-    session.run(
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(data), FLUSH_AT):
+            yield data[start : start + FLUSH_AT]
+            if progress is not None:
+                progress(min(start + FLUSH_AT, len(data)), len(data))
+
+    result = session.send_stream(
         f"rm -rf {staging} && mkdir -p {staging} && tar xzf - -C {staging} && "
         f"rm -rf {target} && mv {staging} {target}",
-        stdin=data,
+        chunks(),
     )
+    if result.exit_code != 0:
+        detail = (result.stderr or result.stdout).decode("utf-8", "replace").strip()[-2000:]
+        raise RemoteError(f"copying {source} to {session.endpoint.label}:{remote_dir} failed: {detail}")
     return len(data)
 
 
