@@ -734,6 +734,7 @@ def render_run(record: dict[str, Any], console: Console) -> None:
         "ended_at",
         "exit_code",
         "cost_usd",
+        "projected_usd",
         "run_dir",
         "kept_until",
     ):
@@ -745,6 +746,8 @@ def render_run(record: dict[str, Any], console: Console) -> None:
 
         fit = f"fit {progress['fit']}, " if progress["fit"] else ""
         eta = f"; ETA {duration(progress['eta_s'])}" if progress["eta_s"] is not None else ""
+        if progress.get("projected_usd") is not None:
+            eta += f", projected ${progress['projected_usd']:.4f} at this pace"
         console.print(
             f"  progress: {fit}epoch {progress['epoch']}/{progress['epochs']}: "
             f"{escape(describe_metrics(progress['metrics']))}{eta}",
@@ -1002,15 +1005,19 @@ def image_build_command(
             err=True,
         ):
             raise InputError("not built: declined", hint="Nothing was started or spent.")
-    result = build_image(
-        ctx.settings,
-        region=region,
-        base=base,
-        instance_type=instance_type,
-        envs=envs,
-        dry_run=dry_run,
-        reporter=ConsoleReporter(quiet=as_json),
-    )
+    reporter = ConsoleReporter(quiet=as_json)
+    try:
+        result = build_image(
+            ctx.settings,
+            region=region,
+            base=base,
+            instance_type=instance_type,
+            envs=envs,
+            dry_run=dry_run,
+            reporter=reporter,
+        )
+    finally:
+        reporter.close()
     if as_json:
         _print_record(result.to_json())
     else:

@@ -48,9 +48,7 @@ def lines(status: LiveStatus, since_s: float = 0.0) -> list[str]:
     if progress.get("active"):
         epoch, epochs = progress.get("epoch"), progress.get("epochs")
         fit = progress.get("fit")
-        training = [
-            f"{'fit ' + str(fit + 1) + ' ' if isinstance(fit, int) and fit else ''}epoch {epoch}/{epochs}"
-        ]
+        training = [f"{f'fit {fit} ' if isinstance(fit, int) and fit else ''}epoch {epoch}/{epochs}"]
         step, steps = progress.get("step"), progress.get("steps")
         if progress.get("call") != "fit":
             training.append(f"{progress.get('call')}")

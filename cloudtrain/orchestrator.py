@@ -1011,6 +1011,8 @@ class Orchestrator:
             if not ctx.plot_said:
                 ctx.plot_said = True
                 self.reporter.info(f"no metrics.png: {e.message} ({e.hint})")
+        except Exception as e:  # a picture never fails a run: the numbers are in metrics.csv
+            log.warning("could not draw metrics.png: %s: %s", type(e).__name__, e)
 
     def _salvage(self, ctx: RunContext) -> None:
         """After an interruption or error: pull back what there is, on a fresh connection

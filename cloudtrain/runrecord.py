@@ -9,10 +9,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from cloudtrain import metrics
+from cloudtrain import budget, metrics
 from cloudtrain.errors import InputError
-from cloudtrain.ledger import Ledger
-from cloudtrain.records import iso
+from cloudtrain.ledger import InstanceRow, Ledger, RunRow
+from cloudtrain.records import iso, utcnow
 from cloudtrain.report import cost_report
 
 
@@ -23,6 +23,19 @@ def write_run_json(ledger: Ledger, run_id: str, run_dir: Path) -> dict[str, Any]
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(run_dir / "run.json")
     return record
+
+
+def _progress(run: RunRow, instances: list[InstanceRow]) -> dict[str, Any] | None:
+    """metrics.progress, with ``projected_usd``: what the run will have cost when its fit ends
+    at this pace (null once it has ended)."""
+    if not run.run_dir:
+        return None
+    progress = metrics.progress(metrics.series(Path(run.run_dir)), finished=run.state.finished)
+    if progress is not None:
+        eta = progress["eta_s"]
+        later = utcnow() + timedelta(seconds=eta) if eta is not None else None
+        progress["projected_usd"] = round(budget.spent_usd(instances, later), 4) if later else None
+    return progress
 
 
 def run_record(ledger: Ledger, run_id: str) -> dict[str, Any]:
@@ -55,9 +68,7 @@ def run_record(ledger: Ledger, run_id: str) -> dict[str, Any]:
         "job_path": run.job_path,
         "backend_report": run.handle.backend_report,
         "kept_until": run.handle.kept_until,
-        "progress": metrics.progress(metrics.series(Path(run.run_dir)), finished=run.state.finished)
-        if run.run_dir
-        else None,
+        "progress": _progress(run, instances),
         "instances": [
             {
                 "id": i.id,

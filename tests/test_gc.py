@@ -415,6 +415,32 @@ def test_declined_at_the_prompt_nothing_is_removed(
     untouched(settings, done)
 
 
+def test_a_run_declined_at_the_prompt_launches_nothing_and_exits_2(
+    aws: None, settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    import sys
+
+    class Terminal:  # the cli module's sys, with a terminal on stdin
+        def __getattr__(self, name: str) -> Any:
+            return getattr(sys, name)
+
+        class stdin:  # noqa: N801
+            @staticmethod
+            def isatty() -> bool:
+                return True
+
+    job = tmp_path / "job.yaml"
+    job.write_text("name: declined\nrun: python train.py\nresources: {gpu: T4}\n")
+    monkeypatch.setattr("cloudtrain.cli.sys", Terminal())
+    result = CliRunner().invoke(main, ["run", str(job)], input="n\n", catch_exceptions=False)
+    assert result.exit_code == 2 and "Launch it and start paying?" in result.stderr
+    assert "not launched: the plan was declined" in result.stderr
+    cloud = cloud_in(settings, "us-east-1")
+    assert cloud.ec2.describe_instances()["Reservations"] == []
+    with Ledger.open(settings) as ledger:
+        assert ledger.list_runs() == []
+
+
 def test_active_set_only_after_termination_is_confirmed(
     aws: None, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

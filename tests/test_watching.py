@@ -80,7 +80,9 @@ def test_the_live_views_lines() -> None:
     ]
     assert epoch_bar(112, 469) == "━" * 7 + "─" * 23
     second_fit = fitting(fit=1, call="evaluate", step=3, steps=None)
-    assert lines(status(progress=second_fit, metrics={}))[1] == "  fit 2 epoch 4/10 · evaluate step 3"
+    assert (
+        lines(status(progress=second_fit, metrics={}))[1] == "  fit 1 epoch 4/10 · evaluate step 3"
+    )  # as the epoch lines and status count fits
     before = lines(status(progress=None, eta_s=None, projected_usd=None, budget_left=None, idle_s=90.0))
     assert before[1:] == ["  $0.0312 so far · idle 1 min"]
 
@@ -182,3 +184,43 @@ def test_a_transfer_bar_shows_only_once_a_transfer_has_taken_a_second(
     slow.update(3 << 20, None)
     slow.stop()
     assert "pulling back outputs" in screen.getvalue() and "3.1/? MB" in screen.getvalue()
+
+
+def test_status_shows_a_live_runs_progress_with_its_projected_cost(tmp_path: Path) -> None:
+    from cloudtrain.ledger import Ledger, RunRow
+    from cloudtrain.settings import Settings
+
+    started = datetime.now(timezone.utc) - timedelta(hours=1)
+    run_id = "r-20261206-120000-abcd"
+    run_dir = tmp_path / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    with Ledger.open(Settings.from_env()) as ledger:
+        ledger.create_run(
+            RunRow(run_id, "r", RunState.RUNNING, started, run_dir=str(run_dir), started_at=started)
+        )
+        ledger.record_instance(
+            InstanceRow(
+                "i-1",
+                run_id,
+                "g4dn.xlarge",
+                "us-east-1a",
+                Lifecycle.SPOT,
+                0.5,
+                1.0,
+                started,
+                running_at=started,
+            )
+        )
+    metrics.add(run_dir, b"".join(json.dumps(row(e, 10.0)).encode() + b"\n" for e in (1, 2)))
+    record = json.loads(
+        subprocess.run([CLOUDTRAIN, "status", run_id, "--json"], capture_output=True, text=True).stdout
+    )
+    progress = record["progress"]
+    assert (progress["epoch"], progress["epochs"], progress["eta_s"]) == (2, 10, 80.0)
+    assert progress["projected_usd"] == pytest.approx(0.5 * (3600 + 80) / 3600, abs=0.001)
+    assert record["cost_usd"] == pytest.approx(0.5, abs=0.001)
+    shown = subprocess.run([CLOUDTRAIN, "status", run_id], capture_output=True, text=True).stdout
+    assert (
+        f"progress: epoch 2/10: loss 0.5; ETA 1 min, projected ${progress['projected_usd']:.4f} at this pace"
+        in shown
+    )
