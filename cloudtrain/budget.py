@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from cloudtrain.ledger import MIN_BILLED_SECONDS, InstanceRow
-from cloudtrain.spec import Budget
+
+if TYPE_CHECKING:  # the job's model loads pydantic: `status` goes without it
+    from cloudtrain.spec import Budget
 
 HOURS_PER_MONTH = 730.0  # AWS prices EBS per GB-month of 730 hours
 DEFAULT_DEADLINE_HOURS = 24.0  # without budget.max_hours: this long after a controller last followed

@@ -406,6 +406,7 @@ def test_a_stage_line_says_its_state_once(state: RunState, message: str, line: t
 
 HEAVY = (
     *("boto3", "botocore", "paramiko", "fabric", "invoke", "moto", "asyncssh", "cloudtrain.orchestrator"),
+    *("pydantic", "matplotlib"),  # the job's model; plotting
     "rich._emoji_codes",  # rich's emoji table: 0.02 s, for nothing cloudtrain prints
 )
 MODULES_AFTER = f"""

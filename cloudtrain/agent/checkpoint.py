@@ -1039,7 +1039,7 @@ def make_callback(flavour: Flavour, run: FitRun) -> Any:
             run.epoch_end(epoch, logs)
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            _Progress.update(step=batch + 1)
+            _Progress.update(batch + 1 == _Progress.state.get("steps"), step=batch + 1)  # the last, always
             run.batch_end()
 
         def on_test_batch_end(self, batch: int, logs: Any = None) -> None:
