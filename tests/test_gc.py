@@ -393,14 +393,11 @@ def test_without_yes_and_without_a_terminal_nothing_is_removed(aws: None, settin
     untouched(settings, done)
 
 
-def test_declined_at_the_prompt_nothing_is_removed(
-    aws: None, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    done = leave(settings, "done-20261128-120000-aaaa")
-    record(settings, done, RunState.SUCCEEDED)
+def on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cli module's sys, with a terminal on stdin (so it asks before spending)."""
     import sys
 
-    class Terminal:  # the cli module's sys, with a terminal on stdin
+    class Terminal:
         def __getattr__(self, name: str) -> Any:
             return getattr(sys, name)
 
@@ -410,6 +407,14 @@ def test_declined_at_the_prompt_nothing_is_removed(
                 return True
 
     monkeypatch.setattr("cloudtrain.cli.sys", Terminal())
+
+
+def test_declined_at_the_prompt_nothing_is_removed(
+    aws: None, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    done = leave(settings, "done-20261128-120000-aaaa")
+    record(settings, done, RunState.SUCCEEDED)
+    on_a_terminal(monkeypatch)
     result = CliRunner().invoke(main, ["gc"], input="n\n", catch_exceptions=False)
     assert result.exit_code == 0 and "nothing removed" in result.stderr
     untouched(settings, done)
@@ -418,20 +423,9 @@ def test_declined_at_the_prompt_nothing_is_removed(
 def test_a_run_declined_at_the_prompt_launches_nothing_and_exits_2(
     aws: None, settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
-    import sys
-
-    class Terminal:  # the cli module's sys, with a terminal on stdin
-        def __getattr__(self, name: str) -> Any:
-            return getattr(sys, name)
-
-        class stdin:  # noqa: N801
-            @staticmethod
-            def isatty() -> bool:
-                return True
-
     job = tmp_path / "job.yaml"
     job.write_text("name: declined\nrun: python train.py\nresources: {gpu: T4}\n")
-    monkeypatch.setattr("cloudtrain.cli.sys", Terminal())
+    on_a_terminal(monkeypatch)
     result = CliRunner().invoke(main, ["run", str(job)], input="n\n", catch_exceptions=False)
     assert result.exit_code == 2 and "Launch it and start paying?" in result.stderr
     assert "not launched: the plan was declined" in result.stderr
