@@ -98,6 +98,20 @@ IFS=',' read -r -a wanted <<<"$envs"
 for name in "${wanted[@]}"; do
     case "$name" in tensorflow|theano) ;; *) echo "provision.sh: unknown environment '$name'" >&2; exit 2 ;; esac
 done
+# The number of [provision] lines to come, for the controller's progress bar (the last is
+# "done"): an environment already built is one; building one is three (the GPU theano
+# one four when Miniforge is to be installed first).
+steps=1
+for name in "${wanted[@]}"; do
+    if [ -f "$prefix/envs/$name/.complete" ]; then
+        steps=$((steps + 1))
+    elif [ "$name" = theano ] && [ "$flavor" = gpu ] && [ ! -x "$prefix/conda/bin/conda" ]; then
+        steps=$((steps + 4))
+    else
+        steps=$((steps + 3))
+    fi
+done
+printf '[provision] steps: %d\n' "$steps"
 for name in "${wanted[@]}"; do
     if [ -f "$prefix/envs/$name/.complete" ]; then
         step "$name: already built"

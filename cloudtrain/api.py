@@ -132,7 +132,7 @@ def run_job(
         from cloudtrain.cloud.siminterrupt import InterruptionSchedule
         from cloudtrain.cloud.simulator import ensure_simulator
 
-        image = ensure_image((spec.backend,), progress=lambda line: reporter.info(f"simulated image: {line}"))
+        image = ensure_image((spec.backend,), reporter)
         active = ensure_simulator(settings, image=image)
     else:
         active = settings
@@ -576,7 +576,7 @@ def build_image(
         from cloudtrain.cloud.simimage import ensure_image
         from cloudtrain.cloud.simulator import ensure_simulator
 
-        image = ensure_image(wanted, progress=lambda line: reporter.info(f"simulated image: {line}"))
+        image = ensure_image(wanted, reporter)
         active = ensure_simulator(settings, image=image)
     else:
         active = settings

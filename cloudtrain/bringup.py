@@ -38,11 +38,15 @@ def provision_command(envs: Sequence[str], *, gpu: bool = True) -> str:
 
 
 class RecipeOutput:
-    """Turns the recipe's streamed output into lines: ``[provision]`` steps become progress,
-    the rest is shown as it comes (and the last lines kept for an error message)."""
+    """Turns the recipe's streamed output into lines: ``[provision]`` steps become progress
+    (simimage.RecipeSteps), the rest is shown as it comes (and the last lines kept for an
+    error message)."""
 
     def __init__(self, reporter: Reporter) -> None:
+        from cloudtrain.cloud.simimage import RecipeSteps
+
         self.reporter = reporter
+        self.steps = RecipeSteps(reporter, "image recipe", "recipe")
         self.buffer = b""
         self.tail: list[str] = []
 
@@ -52,9 +56,7 @@ class RecipeOutput:
         for raw in lines:
             line = raw.decode("utf-8", "replace").rstrip()
             self.tail = (self.tail + [line])[-30:]
-            if line.startswith("[provision] "):
-                self.reporter.info(f"recipe: {line.removeprefix('[provision] ')}")
-            else:
+            if not self.steps.line(line):
                 self.reporter.log(raw + b"\n")
 
 
@@ -66,7 +68,12 @@ def run_recipe(
     from cloudtrain.cloud.simimage import recipe_dir
     from cloudtrain.remote.sync import upload_tree
 
-    upload_tree(session, recipe_dir(), REMOTE_RECIPE)
+    upload_tree(
+        session,
+        recipe_dir(),
+        REMOTE_RECIPE,
+        progress=lambda done, total: reporter.transfer("uploading the recipe", done, total),
+    )
     lines = RecipeOutput(reporter)
     code = session.stream(provision_command(envs, gpu=gpu), lines)
     if lines.buffer:
@@ -76,6 +83,7 @@ def run_recipe(
             f"the image recipe failed on {instance_id} (exit code {code}):\n" + "\n".join(lines.tail[-15:]),
             hint="See the recipe's output above.",
         )
+    lines.steps.finished()
 
 
 def verify_backend(

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from cloudtrain.api import RunOutcome
     from cloudtrain.doctor import Report as DoctorReport
     from cloudtrain.gc import Survey
-    from cloudtrain.liveview import LiveLog, TransferBar
+    from cloudtrain.liveview import LiveLog, StepBar, TransferBar
     from cloudtrain.logbars import BarFilter
     from cloudtrain.planner import Plan
     from cloudtrain.report import CostReport, CostTotals
@@ -449,6 +449,7 @@ class ConsoleReporter(Reporter):
     def __init__(self, quiet: bool = False, live: bool = False) -> None:
         self.quiet = quiet
         self.bar: TransferBar | None = None
+        self.step_bar: StepBar | None = None
         self.view: LiveLog | None = None
         self.bars: BarFilter | None = None
         if live and not quiet:
@@ -462,6 +463,7 @@ class ConsoleReporter(Reporter):
 
     def stage(self, state: RunState, message: str) -> None:
         self._end_transfer()
+        self._end_steps()
         if self.view is not None and state != RunState.RUNNING:
             self.view.stop()
         if not self.quiet:
@@ -475,6 +477,7 @@ class ConsoleReporter(Reporter):
 
     def warn(self, message: str) -> None:
         self._end_transfer()
+        self._end_steps()
         err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
     def log(self, data: bytes) -> None:
@@ -482,6 +485,9 @@ class ConsoleReporter(Reporter):
             return
         if self.view is not None:
             self.view.log(data)
+            return
+        if self.step_bar is not None and sys.stdout.isatty():  # the same terminal: above the bar
+            err.print(Text.from_ansi(data.decode("utf-8", "replace").rstrip("\n")), highlight=False)
             return
         sys.stdout.buffer.write(data if self.bars is None else self.bars.feed(data))
         sys.stdout.buffer.flush()
@@ -494,6 +500,7 @@ class ConsoleReporter(Reporter):
         """A progress bar on a terminal, once a transfer has taken a second."""
         if self.quiet or not err.is_terminal:
             return
+        self._end_steps()
         if self.bar is None or self.bar.what != what:
             self._end_transfer()
             from cloudtrain.liveview import TransferBar
@@ -506,9 +513,31 @@ class ConsoleReporter(Reporter):
             self.bar.stop()
             self.bar = None
 
+    def steps(self, what: str, done: int, total: int | None) -> None:
+        """A bar of steps on a terminal, the info lines printed above it; full, it goes."""
+        if self.quiet or not err.is_terminal:
+            return
+        self._end_transfer()  # one bar at a time (rich draws one live display)
+        if self.step_bar is not None and self.step_bar.what != what:
+            self._end_steps()
+        if total is not None and done >= total:
+            self._end_steps()
+            return
+        if self.step_bar is None:
+            from cloudtrain.liveview import StepBar
+
+            self.step_bar = StepBar(err, what)
+        self.step_bar.update(done, total)
+
+    def _end_steps(self) -> None:
+        if self.step_bar is not None:
+            self.step_bar.stop()
+            self.step_bar = None
+
     def close(self) -> None:
         """The end of the output: the view goes, an unfinished line is written out."""
         self._end_transfer()
+        self._end_steps()
         if self.view is not None:
             self.view.flush()
         elif self.bars is not None and not self.quiet:

@@ -207,7 +207,9 @@ def build(
         )
         acquired["image_id"] = image_id
         ledger.update_run(run_id, handle={"image_id": image_id, "image_name": name})
+        reporter.steps("creating the image", 0, None)  # minutes on AWS: a bar with the time it takes
         cloud.wait_image_available(image_id)
+        reporter.steps("creating the image", 1, 1)
         acquired.pop("image_id")  # done: it stays
         ledger.add_event(run_id, "image-available", f"{image_id} ({name}) is available in {region}")
         reporter.info(f"image {image_id} is available")

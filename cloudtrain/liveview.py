@@ -11,7 +11,8 @@ line still being written is the view's last line, so a bar is redrawn in place, 
 draws it. ``lines`` is the text, for tests; ``LiveLog`` drives the display.
 
 ``TransferBar``: the progress bar of a sync, pull-back or checkpoint restore (bytes, rate,
-time left), shown once it has taken a second.
+time left), shown once it has taken a second. ``StepBar``: steps of long work (the image
+recipe, an image being created) and the time it has taken.
 """
 
 from __future__ import annotations
@@ -171,3 +172,33 @@ class TransferBar:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+class StepBar:
+    """Steps of long work on ``console``, with the time taken: ``image recipe ━━━── 3/7 steps 0:02:15``,
+    or a pulsing bar while the number of steps is unknown. Drawn at once, and gone when it
+    stops; lines printed to ``console`` meanwhile go above it."""
+
+    def __init__(self, console: Console, what: str) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.what = what
+        self.progress = Progress(
+            TextColumn("  {task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[count]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self.task = self.progress.add_task(what, total=None, count="")
+        self.progress.start()
+
+    def update(self, done: int, total: int | None) -> None:
+        count = "" if total is None else f"{done}/{total} steps"
+        self.progress.update(self.task, completed=done, total=total, count=count)
+
+    def stop(self) -> None:
+        self.progress.stop()

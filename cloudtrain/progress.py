@@ -70,3 +70,7 @@ class Reporter:
     def transfer(self, what: str, done: int, total: int | None) -> None:
         """Bytes of a transfer (sync, pull-back, checkpoint restore) so far, as it goes;
         ``total`` None when it is not known ahead."""
+
+    def steps(self, what: str, done: int, total: int | None) -> None:
+        """Steps of long work (the image recipe, an image being created) finished so far;
+        ``total`` None when it is not known. ``done == total`` ends it."""

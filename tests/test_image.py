@@ -198,3 +198,58 @@ def test_an_unknown_builder_type_is_refused_before_the_simulator_starts(
     monkeypatch.setattr("cloudtrain.cloud.simulator.ensure_simulator", no_simulator)
     with pytest.raises(InputError, match="no on-demand price for g9.mega in us-east-1"):
         api.build_image(settings, instance_type="g9.mega", dry_run=True)
+
+
+class Steps(Reporter):
+    """What RecipeSteps reports: info lines and (done, total) of each bar update."""
+
+    def __init__(self) -> None:
+        self.infos: list[str] = []
+        self.bars: list[tuple[str, int, int | None]] = []
+
+    def info(self, message: str) -> None:
+        self.infos.append(message)
+
+    def steps(self, what: str, done: int, total: int | None) -> None:
+        self.bars.append((what, done, total))
+
+
+# An interpreter that answers what provision.sh asks of one, doing nothing else: a venv is
+# a folder with a copy of it, pip installs nothing, the TensorFlow version is 2.21; the
+# image.json writer runs on the real Python. The recipe's steps are the subject, not pip's.
+STUB_PYTHON = f"""#!/bin/bash
+case "$1" in
+    --version) echo "Python 3.7.16" ;;
+    -m) if [ "$2" = venv ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; fi ;;
+    -c) case "$2" in *print*) echo 3.7.16 ;; esac ;;
+    -) if [ $# -gt 1 ]; then exec {sys.executable} "$@"; else echo 2.21; fi ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("envs", [("tensorflow",), ("tensorflow", "theano"), ("theano",)])
+def test_the_recipe_announces_as_many_steps_as_it_takes(tmp_path: Path, envs: tuple[str, ...]) -> None:
+    from cloudtrain.cloud.simimage import RecipeSteps
+
+    stub = tmp_path / "python"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    prefix = tmp_path / "image"
+    command = ["bash", str(REPO / "ami" / "provision.sh"), "--prefix", str(prefix), "--flavor", "cpu"]
+    command += ["--envs", ",".join(envs), "--python", str(stub), "--theano-python", str(stub)]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    for build in ("fresh", "again"):  # building each environment, then each already built
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        reporter = Steps()
+        steps = RecipeSteps(reporter, "image recipe", "recipe")
+        others = [line for line in done.stdout.splitlines() if not steps.line(line)]
+        steps.finished()
+        assert steps.total == steps.started == len(reporter.infos), (build, done.stdout)
+        assert steps.total == 1 + len(envs) * (3 if build == "fresh" else 1)
+        assert reporter.infos[-1] == f"recipe: done: {prefix}" and others == []
+        counts = [(d, t) for _, d, t in reporter.bars]
+        total = steps.total
+        assert counts == [(0, total)] + [(d, total) for d in range(total)] + [
+            (total, total)
+        ]  # the count, each step

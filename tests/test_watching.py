@@ -187,6 +187,32 @@ def test_a_transfer_bar_shows_only_once_a_transfer_has_taken_a_second(
     assert "pulling back outputs" in screen.getvalue() and "3.1/? MB" in screen.getvalue()
 
 
+def test_a_step_bar_counts_the_steps_with_the_info_lines_above_and_goes_when_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cloudtrain import cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=screen, width=100, force_terminal=True))
+    reporter = cli.ConsoleReporter()
+    reporter.transfer("uploading the recipe", 1, 2)
+    reporter.steps("image recipe", 0, 3)  # a transfer bar would not leave room for it: ended
+    assert reporter.bar is None and reporter.step_bar is not None
+    reporter.info("recipe: tensorflow: creating a venv")
+    reporter.steps("image recipe", 1, 3)
+    reporter.step_bar.progress.refresh()
+    assert "image recipe" in screen.getvalue() and "1/3 steps" in screen.getvalue()
+    assert "recipe: tensorflow: creating a venv" in screen.getvalue()  # printed, the bar kept
+    assert reporter.step_bar is not None
+    reporter.steps("image recipe", 3, 3)
+    assert reporter.step_bar is None  # full: gone
+    reporter.steps("creating the image", 0, None)  # the number of steps unknown: time only
+    reporter.step_bar.progress.refresh()
+    assert "creating the image" in screen.getvalue() and "/? " not in screen.getvalue()
+    reporter.stage(RunState.SUCCEEDED, "image build succeeded")
+    assert reporter.step_bar is None
+
+
 def test_status_shows_a_live_runs_progress_with_its_projected_cost(tmp_path: Path) -> None:
     from cloudtrain.ledger import Ledger, RunRow
     from cloudtrain.settings import Settings

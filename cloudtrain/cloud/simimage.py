@@ -18,10 +18,10 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from cloudtrain.errors import CloudError, InputError
+from cloudtrain.progress import Reporter
 
 RECIPE_FILES = ("provision.sh", "requirements-tensorflow.txt", "requirements-theano.txt", "warm_theano.py")
 ENVS = ("tensorflow", "theano")
@@ -29,6 +29,39 @@ INSTALL_PYTHON37 = (
     "Install it (`pyenv install 3.7.16`, or your distribution's python3.7) or set "
     "CLOUDTRAIN_PYTHON37 to its path; the tensorflow backend works without it."
 )
+
+
+class RecipeSteps:
+    """The image recipe's progress, from its output: provision.sh first writes
+    ``[provision] steps: N``, then a ``[provision]`` line as each step starts (the last is
+    ``done: PREFIX``). Each step becomes an info line (``LABEL: STEP``) and the step count
+    a progress bar named ``what``."""
+
+    MARK = "[provision] "
+
+    def __init__(self, reporter: Reporter, what: str, label: str) -> None:
+        self.reporter, self.what, self.label = reporter, what, label
+        self.started = 0
+        self.total: int | None = None
+
+    def line(self, line: str) -> bool:
+        """Report a ``[provision]`` line and say True; other lines are the caller's."""
+        if not line.startswith(self.MARK):
+            return False
+        text = line.removeprefix(self.MARK)
+        if text.startswith("steps: ") and text[7:].isdigit() and self.total is None:
+            self.total = int(text[7:])
+        else:
+            self.started += 1
+            self.reporter.info(f"{self.label}: {text}")
+        if self.total is None or self.started <= self.total:
+            self.reporter.steps(self.what, max(0, self.started - 1), self.total)
+        return True
+
+    def finished(self) -> None:
+        """The recipe succeeded: the bar is full, and ends."""
+        total = max(self.total or 0, self.started)
+        self.reporter.steps(self.what, total, total)
 
 
 def recipe_dir() -> Path:
@@ -132,10 +165,9 @@ def is_built(path: Path, envs: tuple[str, ...] = ("tensorflow",)) -> bool:
     return (path / "image.json").is_file() and all((path / "envs" / e / ".complete").is_file() for e in envs)
 
 
-def ensure_image(
-    envs: tuple[str, ...] = ("tensorflow",), progress: Callable[[str], None] | None = None
-) -> Path:
+def ensure_image(envs: tuple[str, ...] = ("tensorflow",), reporter: Reporter | None = None) -> Path:
     """Build what the simulated image lacks of ``envs`` (cached per recipe); return its prefix.
+    ``reporter`` hears the recipe's steps (``simulated image: ...``) and their count.
 
     The theano environment needs a Python 3.7 (``find_python37``); without one this
     raises InputError saying what to install, before building anything."""
@@ -177,12 +209,12 @@ def ensure_image(
         )
         assert process.stdout is not None
         tail: list[str] = []
+        steps = RecipeSteps(reporter or Reporter(), "building the simulated image", "simulated image")
         try:
             for line in process.stdout:
                 line = line.rstrip()
                 tail = (tail + [line])[-30:]
-                if progress and line.startswith("[provision]"):
-                    progress(line.removeprefix("[provision] "))
+                steps.line(line)
         except BaseException:  # Ctrl-C or SIGTERM: the build stops with us, half-built stays unmarked
             process.terminate()
             process.wait()
@@ -192,6 +224,7 @@ def ensure_image(
                 "building the simulated image failed:\n" + "\n".join(tail),
                 hint="Check the network access to PyPI and free disk space, then run again.",
             )
+        steps.finished()
     return path
 
 
