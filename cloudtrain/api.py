@@ -51,17 +51,24 @@ def job_region(spec: JobSpec, settings: Settings) -> str:
     return default_region(settings)
 
 
-def _plan(spec: JobSpec, catalog: Catalog, active: Settings, now: datetime) -> Plan:
+def _plan(spec: JobSpec, catalog: Catalog, active: Settings, now: datetime, offline: bool = False) -> Plan:
+    """The plan at live prices; ``offline``: at the catalog's when there are no credentials."""
     from cloudtrain.cloud.aws import AwsCloud
+    from cloudtrain.errors import NoCredentialsError
     from cloudtrain.planner import candidate_types, plan
 
     region = job_region(spec, active)
     types = [t.name for t in candidate_types(spec, catalog) if t.on_demand_price(region) is not None]
-    prices = (
-        AwsCloud(active, region).spot_prices(types, spec.resources.zones, now)
-        if types and spec.resources.spot
-        else []
-    )
+    prices = None
+    try:
+        prices = (
+            AwsCloud(active, region).spot_prices(types, spec.resources.zones, now)
+            if types and spec.resources.spot
+            else []
+        )
+    except NoCredentialsError:
+        if not offline:
+            raise
     return plan(spec, catalog, prices, region=region, now=now, simulated=active.simulated)
 
 
@@ -71,15 +78,18 @@ def plan_job(
     *,
     dry_run: bool = False,
     now: datetime | None = None,
+    offline: bool = False,
 ) -> Plan:
-    """Validate the job (before any AWS call), fetch spot prices, choose an offer."""
+    """Validate the job (before any AWS call), fetch spot prices, choose an offer.
+    ``offline``: without AWS credentials, price it from the catalog (``plan``; a run needs
+    them anyway)."""
     from cloudtrain.catalog import load_catalog
     from cloudtrain.spec import load_job
 
     catalog = load_catalog()
     spec = load_job(job_path, catalog)
     with cloud_settings(settings, dry_run) as active:
-        return _plan(spec, catalog, active, now or utcnow())
+        return _plan(spec, catalog, active, now or utcnow(), offline)
 
 
 @dataclass(frozen=True)

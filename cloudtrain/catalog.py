@@ -7,7 +7,14 @@ on-demand Linux list prices per region in USD per hour, plus the EBS gp3 price p
 GB-month, and (from the image recipe, ``ami/theano-gpus.json``) the GPUs the Theano
 image can drive. The file says when its prices were taken (``generated``) and where from
 (``source``); ``python -m cloudtrain.cloud.catalog_update`` regenerates it from the
-AWS Pricing API. Spot prices are not here: the cloud layer fetches them live.
+AWS Pricing API or AWS's public price-list files.
+
+Spot prices are fetched live when there are credentials. The catalog may also hold
+observed ones, filled only by the updater: per type and zone, the median of
+``DescribeSpotPriceHistory`` over ``spot_observed`` (a window of days); a plan made
+without credentials shows them as such (``catalog 2025-05-01``), or, where the catalog
+has none, an estimate labelled as one (prices.py). Hand-made numbers are never shown
+as observed.
 """
 
 from __future__ import annotations
@@ -48,10 +55,16 @@ class InstanceType:
     vcpus: int
     memory_gib: float
     on_demand: Mapping[str, float] = field(default_factory=dict, hash=False)
+    # zone -> the median spot price observed there over the catalog's spot_observed window
+    spot: Mapping[str, float] = field(default_factory=dict, hash=False)
 
     def on_demand_price(self, region: str) -> float | None:
         """The on-demand Linux price in ``region``, or None where the type is not offered."""
         return self.on_demand.get(region)
+
+    def observed_spot(self, region: str) -> dict[str, float]:
+        """zone -> the catalog's observed spot price, for the zones of ``region``."""
+        return {zone: price for zone, price in self.spot.items() if zone_region(zone) == region}
 
     @property
     def total_gpu_memory_gib(self) -> float:
@@ -70,6 +83,8 @@ class Catalog:
     # The GPUs the Theano image can drive (ami/theano-gpus.json); None: no restriction.
     theano_gpus: tuple[str, ...] | None = None
     theano_cuda: str | None = None
+    # the days the observed spot prices span (first, last); None: the catalog has none
+    spot_observed: tuple[date, date] | None = None
 
     def get(self, name: str) -> InstanceType | None:
         """The instance type called ``name`` (exact, e.g. ``g4dn.xlarge``), or None."""
@@ -175,6 +190,17 @@ def parse_catalog(data: Mapping[str, Any]) -> Catalog:
     if not ebs:
         _fail("catalog: 'ebs_gp3_per_gb_month' must price at least one region")
 
+    spot_observed = None
+    if data.get("spot_observed") is not None:
+        window = data["spot_observed"]
+        if not isinstance(window, Mapping):
+            _fail("catalog: 'spot_observed' must be an object with 'from' and 'to' dates")
+        first = _iso_date(window.get("from"), "catalog: 'spot_observed.from'")
+        last = _iso_date(window.get("to"), "catalog: 'spot_observed.to'")
+        if last < first:
+            _fail(f"catalog: 'spot_observed' ends ({last}) before it starts ({first})")
+        spot_observed = (first, last)
+
     raw_types = data.get("instance_types")
     if not isinstance(raw_types, list) or not raw_types:
         _fail("catalog: 'instance_types' must be a non-empty list")
@@ -186,6 +212,8 @@ def parse_catalog(data: Mapping[str, Any]) -> Catalog:
             _fail(f"catalog: instance type {itype.name!r} appears twice")
         seen.add(itype.name)
         types.append(itype)
+    if spot_observed is None and any(t.spot for t in types):
+        _fail("catalog: spot prices without 'spot_observed', the days they were observed")
 
     return Catalog(
         generated=generated,
@@ -193,6 +221,7 @@ def parse_catalog(data: Mapping[str, Any]) -> Catalog:
         regions=regions,
         instance_types=tuple(types),
         ebs_gp3_per_gb_month=ebs,
+        spot_observed=spot_observed,
     )
 
 
@@ -218,6 +247,13 @@ def _parse_instance_type(index: int, entry: Any, regions: tuple[str, ...]) -> In
     on_demand = _price_map(entry.get("on_demand"), f"{where}: 'on_demand'", regions)
     if not on_demand:
         _fail(f"{where}: 'on_demand' must price at least one region")
+    spot = entry.get("spot", {})
+    if not isinstance(spot, Mapping):
+        _fail(f"{where}: 'spot' must be an object of zone -> price")
+    for zone, price in spot.items():
+        if zone_region(zone) not in regions:
+            _fail(f"{where}: 'spot' zone {zone!r} is not in one of the catalog's 'regions'")
+        _positive_number(price, f"{where}: 'spot'[{zone!r}]")
     return InstanceType(
         name=name,
         family=family,
@@ -227,7 +263,13 @@ def _parse_instance_type(index: int, entry: Any, regions: tuple[str, ...]) -> In
         vcpus=vcpus,
         memory_gib=memory,
         on_demand=on_demand,
+        spot=MappingProxyType({zone: float(price) for zone, price in spot.items()}),
     )
+
+
+def zone_region(zone: str) -> str:
+    """``us-east-1a`` -> ``us-east-1`` (a zone is its region and a letter)."""
+    return zone[:-1] if zone[-1:].isalpha() and zone[-2:-1].isdigit() else ""
 
 
 def _price_map(value: Any, where: str, regions: tuple[str, ...]) -> Mapping[str, float]:

@@ -216,7 +216,8 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
             _money(offer.price_per_hour),
             _money(offer.on_demand_per_hour),
             f"{offer.saving_pct:.0f}%",
-            offer.price_source + (", > max" if over else ""),
+            # an estimate's rule is said once, under the table (Prices:)
+            ("estimate" if offer.price_source == "estimate" else offer.label) + (", > max" if over else ""),
         ]
         rows.append(Row(cells, "bold green" if chosen else ("dim" if over else None)))
     console.print(
@@ -227,15 +228,14 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
     console.print(
         f"Choice: [bold]{choice.instance.name}[/] ({choice.instance.gpu_count} x {choice.instance.gpu}) "
         f"in {choice.zone or plan.region}, {choice.lifecycle.value} at {_money(choice.price_per_hour)}/h "
-        f"({choice.price_source}), {choice.saving_pct:.0f}% below on-demand "
+        f"({choice.label}), {choice.saving_pct:.0f}% below on-demand "
         f"{_money(choice.on_demand_per_hour)}/h",
         highlight=False,
         soft_wrap=False,
     )
     if choice.note:
-        console.print(
-            f"Note: {escape(choice.note)} (catalog of {plan.catalog_date}).", highlight=False, soft_wrap=False
-        )
+        console.print(f"Note: {escape(choice.note)}.", highlight=False, soft_wrap=False)
+    console.print(f"Prices: {escape(price_basis(plan))}", highlight=False, soft_wrap=False)
     if plan.estimate:
         est = plan.estimate
         console.print(
@@ -260,6 +260,32 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
         )
 
 
+def price_basis(plan: Plan) -> str:
+    """Where the plan's prices come from, and how to get better ones."""
+    from cloudtrain.catalog import load_catalog
+    from cloudtrain.prices import ESTIMATED_SPOT_FRACTION
+
+    catalog = load_catalog()
+    listed = f"on-demand from the catalog of {plan.catalog_date}"
+    window = catalog.spot_observed
+    estimate = f"estimated as on-demand × {ESTIMATED_SPOT_FRACTION:g}"
+    rule = (
+        f"spot is the median observed {window[0]} to {window[1]} where it has one, else {estimate}"
+        if window
+        else f"it has no observed spot prices, so spot is {estimate}"
+    )
+    if plan.price_basis == "live":
+        return f"spot observed now (DescribeSpotPriceHistory in {plan.region}); {listed}."
+    if plan.price_basis == "simulated":
+        return f"the simulator's, which quote the catalog of {plan.catalog_date}: {rule}."
+    if plan.price_basis == "catalog":
+        return (
+            f"no AWS credentials, so the catalog of {plan.catalog_date}: {rule}. "
+            "For live spot prices: `aws configure` (or AWS_PROFILE), then plan again."
+        )
+    return f"{listed}."
+
+
 @main.command("plan")
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
@@ -268,11 +294,13 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
 def plan_command(ctx: Context, job: str, as_json: bool, dry_run: bool) -> None:
     """Show which GPU spot instance JOB would rent, and what it would cost.
 
-    JOB is a job file (job.yaml); it is validated before any AWS call.
+    JOB is a job file (job.yaml); it is validated before any AWS call. Spot prices are
+    AWS's, observed now; without AWS credentials they come from the price catalog shipped
+    with cloudtrain, each labelled with where it comes from.
     """
     from cloudtrain.api import plan_job
 
-    plan = plan_job(job, ctx.settings, dry_run=dry_run)
+    plan = plan_job(job, ctx.settings, dry_run=dry_run, offline=True)
     if as_json:
         click.echo(json.dumps(plan.to_json(), indent=2))
     else:

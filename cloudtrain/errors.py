@@ -65,6 +65,10 @@ class CredentialsError(CloudError):
     """No usable AWS credentials."""
 
 
+class NoCredentialsError(CredentialsError):
+    """No AWS credentials at all (none configured), as against refused ones."""
+
+
 class CapacityError(CloudError):
     """AWS has no capacity for the requested instance type/zone right now."""
 

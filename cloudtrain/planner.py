@@ -1,8 +1,13 @@
 """The planner: JobSpec + catalog + spot prices -> a costed, printable Plan.
 
 Pure: no AWS, no clock, no I/O. The cloud layer fetches the prices and passes them
-in, with ``now`` to judge how fresh they are. Stale or implausible quotes (moto's
-0.00001 dated 2006, say) are replaced by a catalog estimate, marked as such.
+in, with ``now`` to judge how fresh they are; without credentials there are none, and
+the catalog prices the plan. Every price says where it comes from (``Offer.price_source``
+and ``price_label``): ``live`` (observed now), ``catalog`` (the catalog's observed median,
+``catalog 2026-12-01``), ``estimate`` (``estimate: on-demand × 0.35``: the catalog has no
+observation, or a quote was stale or implausible, like moto's 0.00001 dated 2006) or
+``on-demand`` (the catalog's list price). The simulator quotes the catalog's prices, so a
+dry-run's are labelled as the catalog's.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 
 from cloudtrain.catalog import Catalog, InstanceType
 from cloudtrain.errors import PlanError
-from cloudtrain.prices import estimated_spot, price_problem
+from cloudtrain.prices import ESTIMATE_LABEL, catalog_spot, estimated_spot, price_problem
 from cloudtrain.records import Lifecycle, SpotPrice
 from cloudtrain.spec import JobSpec
 
@@ -35,8 +40,13 @@ class Offer:
     lifecycle: Lifecycle
     price_per_hour: float
     on_demand_per_hour: float
-    price_source: str  # "live" | "simulated" | "estimate" | "on-demand"
+    price_source: str  # "live" | "catalog" | "estimate" | "on-demand"
     note: str | None = None  # why a price is an estimate
+    price_label: str | None = None  # what the price is, as shown: "catalog 2026-12-01"; None: price_source
+
+    @property
+    def label(self) -> str:
+        return self.price_label or self.price_source
 
     @property
     def saving_pct(self) -> float:
@@ -59,6 +69,7 @@ class Offer:
             "on_demand_per_hour": self.on_demand_per_hour,
             "saving_pct": round(self.saving_pct, 1),
             "price_source": self.price_source,
+            "price_label": self.label,
             "note": self.note,
         }
 
@@ -96,6 +107,9 @@ class Plan:
     estimate: CostEstimate | None
     catalog_date: date
     simulated: bool
+    # where the spot prices come from: "live" (DescribeSpotPriceHistory now), "catalog" (no
+    # credentials), "simulated" (the simulator quoting the catalog); "on-demand": no spot
+    price_basis: str = "live"
     # resources.image: base: minutes of the instance's time spent installing the job
     # environment at boot, before training starts (None: the cloudtrain image has it)
     boot_provision_min: float | None = None
@@ -118,6 +132,7 @@ class Plan:
             "offers": [offer.to_json() for offer in self.offers],
             "estimate": self.estimate.to_json() if self.estimate else None,
             "catalog_date": self.catalog_date.isoformat(),
+            "price_basis": self.price_basis,
             "simulated": self.simulated,
             "boot_provision_min": self.boot_provision_min,
         }
@@ -168,6 +183,33 @@ def _latest(prices: Iterable[SpotPrice]) -> dict[tuple[str, str], SpotPrice]:
     return latest
 
 
+def _estimate(itype: InstanceType, region: str, zone: str | None, on_demand: float, why: str | None) -> Offer:
+    price = estimated_spot(on_demand)
+    return Offer(itype, region, zone, Lifecycle.SPOT, price, on_demand, "estimate", why, ESTIMATE_LABEL)
+
+
+def catalog_label(catalog: Catalog) -> str:
+    """``catalog 2026-12-01``: the last day of its observed spot prices (else its date)."""
+    return f"catalog {catalog.spot_observed[1] if catalog.spot_observed else catalog.generated}"
+
+
+def _catalog_spot_offers(
+    itype: InstanceType, region: str, on_demand: float, zones: Sequence[str] | None, catalog: Catalog
+) -> list[Offer]:
+    """Without live prices: the catalog's observed median per zone, else one estimate."""
+    observed = {z: p for z, p in itype.observed_spot(region).items() if not zones or z in zones}
+    if not observed:
+        return [_estimate(itype, region, None, on_demand, None)]
+    window = catalog.spot_observed
+    assert window is not None  # parse_catalog: spot prices come with their window
+    note = f"median spot price observed {window[0]} to {window[1]}"
+    label = catalog_label(catalog)
+    return [
+        Offer(itype, region, zone, Lifecycle.SPOT, price, on_demand, "catalog", note, label)
+        for zone, price in sorted(observed.items())
+    ]
+
+
 def _spot_offers(
     itype: InstanceType,
     region: str,
@@ -176,6 +218,7 @@ def _spot_offers(
     zones: Sequence[str] | None,
     now: datetime,
     simulated: bool,
+    catalog: Catalog,
 ) -> list[Offer]:
     quotes = [
         p
@@ -185,50 +228,36 @@ def _spot_offers(
     if not quotes:
         if zones:  # no price history there: the type is not offered in those zones
             return []
-        return [
-            Offer(
-                itype,
-                region,
-                None,
-                Lifecycle.SPOT,
-                estimated_spot(on_demand),
-                on_demand,
-                "estimate",
-                "no spot price history; catalog estimate",
-            )
-        ]
+        return [_estimate(itype, region, None, on_demand, "no spot price history")]
     offers = []
     for quote in quotes:
         problem = price_problem(quote.price, on_demand, quote.timestamp, now)
-        if problem is None:
-            source = "simulated" if simulated else "live"
-            offers.append(Offer(itype, region, quote.zone, Lifecycle.SPOT, quote.price, on_demand, source))
-        else:
+        if problem is not None:
+            offers.append(_estimate(itype, region, quote.zone, on_demand, f"spot quote {problem}"))
+        elif simulated:  # the simulator quotes the catalog (prices.catalog_spot): say which part
+            _, seen = catalog_spot(itype.spot.get(quote.zone), on_demand)
+            source, label = ("catalog", catalog_label(catalog)) if seen else ("estimate", ESTIMATE_LABEL)
             offers.append(
-                Offer(
-                    itype,
-                    region,
-                    quote.zone,
-                    Lifecycle.SPOT,
-                    estimated_spot(on_demand),
-                    on_demand,
-                    "estimate",
-                    f"spot quote {problem}; catalog estimate",
-                )
+                Offer(itype, region, quote.zone, Lifecycle.SPOT, quote.price, on_demand, source, None, label)
             )
+        else:
+            offers.append(Offer(itype, region, quote.zone, Lifecycle.SPOT, quote.price, on_demand, "live"))
     return offers
 
 
 def plan(
     spec: JobSpec,
     catalog: Catalog,
-    prices: Iterable[SpotPrice],
+    prices: Iterable[SpotPrice] | None,
     *,
     region: str,
     now: datetime,
     simulated: bool = False,
 ) -> Plan:
-    """Choose the cheapest offer that fits the job; raise ``PlanError`` if none does."""
+    """Choose the cheapest offer that fits the job; raise ``PlanError`` if none does.
+
+    ``prices``: the spot price observations of the candidate types; None when there are
+    none to be had (no credentials): the catalog prices the plan."""
     res = spec.resources
     types = candidate_types(spec, catalog)
     offered = [t for t in types if t.on_demand_price(region) is not None]
@@ -240,16 +269,23 @@ def plan(
             if elsewhere
             else "Choose another resources.gpu or resources.instance_type.",
         )
-    observed = _latest(prices)
+    observed = _latest(prices or [])
+    listed = f"catalog {catalog.generated}"
     offers: list[Offer] = []
     for itype in offered:
         on_demand = itype.on_demand_price(region)
         assert on_demand is not None
-        if res.spot:
-            offers += _spot_offers(itype, region, on_demand, observed, res.zones, now, simulated)
-        else:
+        if not res.spot:
             zone = res.zones[0] if res.zones else None
-            offers.append(Offer(itype, region, zone, Lifecycle.ON_DEMAND, on_demand, on_demand, "on-demand"))
+            offers.append(
+                Offer(
+                    itype, region, zone, Lifecycle.ON_DEMAND, on_demand, on_demand, "on-demand", None, listed
+                )
+            )
+        elif prices is None:
+            offers += _catalog_spot_offers(itype, region, on_demand, res.zones, catalog)
+        else:
+            offers += _spot_offers(itype, region, on_demand, observed, res.zones, now, simulated, catalog)
     if not offers:
         raise PlanError(
             f"no {describe_request(spec)} spot offer in zones {', '.join(res.zones or [])}",
@@ -263,7 +299,7 @@ def plan(
         raise PlanError(
             f"no offer under max_price ${res.max_price:.4f}/h: the cheapest is "
             f"{cheapest.instance.name} in {where} at ${cheapest.price_per_hour:.4f}/h "
-            f"({cheapest.lifecycle.value}, {cheapest.price_source})",
+            f"({cheapest.lifecycle.value}, {cheapest.label})",
             hint="Raise resources.max_price, or ask for a cheaper resources.gpu.",
         )
     choice = affordable[0]
@@ -285,6 +321,13 @@ def plan(
         estimate=estimate,
         catalog_date=catalog.generated,
         simulated=simulated,
+        price_basis="on-demand"
+        if not res.spot
+        else "catalog"
+        if prices is None
+        else "simulated"
+        if simulated
+        else "live",
         boot_provision_min=BOOT_PROVISION_MIN[spec.backend] if res.image == BASE_IMAGE else None,
     )
 
@@ -319,6 +362,7 @@ def launch_offers(plan: Plan, limit: int) -> list[Offer]:
                 cheapest.on_demand_per_hour,
                 "on-demand",
                 "fallback: no spot capacity",
+                f"catalog {plan.catalog_date}",
             )
         )
     return chosen

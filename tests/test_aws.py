@@ -35,7 +35,7 @@ from cloudtrain.errors import (
     PriceError,
     QuotaError,
 )
-from cloudtrain.prices import simulated_spot
+from cloudtrain.prices import estimated_spot
 from cloudtrain.records import utcnow
 from cloudtrain.settings import Settings
 
@@ -319,7 +319,7 @@ def test_simulated_aws_quotes_the_simulated_price(settings: Settings) -> None:
     itype = load_catalog().get("g5.xlarge")
     assert itype is not None
     assert [(p.zone, p.price) for p in prices] == [
-        ("us-east-1a", simulated_spot(itype.on_demand["us-east-1"]))
+        ("us-east-1a", estimated_spot(itype.on_demand["us-east-1"]))
     ]
     assert (utcnow() - prices[0].timestamp) < timedelta(minutes=5)
 

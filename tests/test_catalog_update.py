@@ -6,14 +6,28 @@ The real boto3 clients are driven with ``botocore.stub.Stubber`` and the respons
 ``describe_instance_types`` entries are moto's bundled copies of real
 DescribeInstanceTypes output. The prices in them are the list prices of the shipped
 catalog, not a live recording. DescribeInstanceTypes is also run against moto.
+DescribeSpotPriceHistory responses are built here (``spot_record``), in the shape of the
+EC2 API model that the Stubber checks them against.
+
+The public price-list mode reads ``tests/data/price-list/{region}/index.csv``: trimmed
+copies of ``https://pricing.us-east-1.amazonaws.com/offers/v1.0/aws/AmazonEC2/current/
+{region}/index.csv``, with the real metadata rows and 91-column header of a published
+AmazonEC2 file (2025-09-12); where the shape comes from is in that folder's README.md.
+They are served by ``file://`` or a local ``http.server`` on 127.0.0.1; nothing here
+reaches AWS or the internet (``no_price_list_download`` points the default elsewhere).
 """
 
 from __future__ import annotations
 
+import csv
+import functools
+import http.server
 import json
+import logging
 import os
+import threading
 from collections.abc import Iterator
-from datetime import date
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +41,7 @@ from cloudtrain.cloud import catalog_update as cu
 from cloudtrain.errors import CloudError, CredentialsError
 
 DATA = Path(__file__).parent / "data" / "pricing"
+PRICE_LISTS = Path(__file__).parent / "data" / "price-list"
 TODAY = date(2025, 5, 1)
 REGIONS = ("us-east-1", "eu-west-1")
 TYPES = ("g4dn.12xlarge", "g4dn.xlarge", "g5.xlarge", "p5.48xlarge")  # sorted, as queried
@@ -92,6 +107,47 @@ ALL_FAMILY_FILTER = {
         }
     ]
 }
+
+UTC = timezone.utc
+SPOT_END = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
+SPOT_START = SPOT_END - timedelta(days=7)  # 2025-04-24 12:00
+
+
+def spot_record(instance_type: str, zone: str, price: str, when: datetime) -> dict[str, Any]:
+    """One DescribeSpotPriceHistory ``SpotPriceHistory`` entry, as the API returns it."""
+    return {
+        "AvailabilityZone": zone,
+        "InstanceType": instance_type,
+        "ProductDescription": "Linux/UNIX",
+        "SpotPrice": price,
+        "Timestamp": when,
+    }
+
+
+def spot_page(*records: dict[str, Any], next_token: str | None = None) -> dict[str, Any]:
+    page: dict[str, Any] = {"SpotPriceHistory": list(records)}
+    if next_token:
+        page["NextToken"] = next_token
+    return page
+
+
+def spot_params(instance_types: list[str], **extra: str) -> dict[str, Any]:
+    """The request, spelled out independently of the module under test."""
+    return {
+        "InstanceTypes": instance_types,
+        "ProductDescriptions": ["Linux/UNIX"],
+        "StartTime": SPOT_START,
+        "EndTime": SPOT_END,
+        **extra,
+    }
+
+
+@pytest.fixture(autouse=True)
+def no_price_list_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may download AWS's real price lists: the default base URL goes nowhere."""
+    monkeypatch.setenv(cu.PRICE_LIST_URL_ENV, "http://127.0.0.1:9/no-price-lists-in-tests")
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
 
 
 # --- request parameters ----------------------------------------------------------------
@@ -337,8 +393,25 @@ def test_collect_catalog_end_to_end(pricing: tuple[Any, Stubber], tmp_path: Path
             fixture(f"get_products_ebs_gp3_{region}.json"),
             product_params(ebs_filters(region)),
         )
+    # Each region's spot history is read right after its instance types.
+    east_stub.add_response(
+        "describe_spot_price_history",
+        spot_page(
+            spot_record("g4dn.xlarge", "us-east-1a", "0.2104", SPOT_START - timedelta(hours=3)),
+            spot_record("g4dn.xlarge", "us-east-1b", "0.2300", SPOT_START + timedelta(days=1)),
+            spot_record("g5.xlarge", "us-east-1a", "0.4526", SPOT_START + timedelta(hours=1)),
+        ),
+        spot_params(["g4dn.12xlarge", "g4dn.xlarge", "g5.xlarge", "p5.48xlarge"]),
+    )
+    west_stub.add_response(
+        "describe_spot_price_history",
+        spot_page(spot_record("g4dn.xlarge", "eu-west-1c", "0.2467", SPOT_START)),
+        spot_params(["g4dn.12xlarge", "g4dn.xlarge", "g5.xlarge"]),
+    )
     with east_stub, west_stub:
-        data = cu.collect_catalog(client, {"us-east-1": east, "eu-west-1": west}, today=TODAY)
+        data = cu.collect_catalog(
+            client, {"us-east-1": east, "eu-west-1": west}, today=TODAY, spot_end=SPOT_END
+        )
         east_stub.assert_no_pending_responses()
         west_stub.assert_no_pending_responses()
 
@@ -361,6 +434,18 @@ def test_collect_catalog_end_to_end(pricing: tuple[Any, Stubber], tmp_path: Path
     p5 = catalog.get("p5.48xlarge")
     assert p5 is not None
     assert p5.on_demand == {"us-east-1": 98.32}  # not offered in eu-west-1
+    # Observed spot prices: per zone, over the window's days; none without history.
+    assert catalog.spot_observed == (date(2025, 4, 24), date(2025, 5, 1))
+    assert json.loads(out.read_text())["spot_observed"] == {"from": "2025-04-24", "to": "2025-05-01"}
+    g4x = catalog.get("g4dn.xlarge")
+    assert g4x is not None
+    assert g4x.spot == {"eu-west-1c": 0.2467, "us-east-1a": 0.2104, "us-east-1b": 0.23}
+    assert g4x.observed_spot("us-east-1") == {"us-east-1a": 0.2104, "us-east-1b": 0.23}
+    g5 = catalog.get("g5.xlarge")
+    assert g5 is not None and g5.spot == {"us-east-1a": 0.4526}
+    assert g4.spot == {} and p5.spot == {}
+    assert "spot" not in json.loads(out.read_text())["instance_types"][1]  # g4dn.12xlarge
+    assert "DescribeSpotPriceHistory" in catalog.source
     # The fetched facts and prices agree with the shipped catalog.
     shipped = load_catalog()
     for itype in catalog.instance_types:
@@ -434,8 +519,8 @@ def test_update_catalog_writes_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     """update_catalog = make_clients + collect_catalog + write_catalog."""
     seen: dict[str, Any] = {}
 
-    def fake_collect(pricing: Any, ec2: Any, *, families: Any, today: Any) -> dict[str, Any]:
-        seen.update(pricing=pricing, regions=list(ec2), families=families)
+    def fake_collect(pricing: Any, ec2: Any, *, families: Any, today: Any, spot: bool) -> dict[str, Any]:
+        seen.update(pricing=pricing, regions=list(ec2), families=families, spot=spot)
         facts = [cu.GpuFacts("g4dn.xlarge", "g4dn", "T4", 1, 16, 4, 16)]
         return cu.build_catalog(
             facts, {"g4dn.xlarge": {"us-east-2": 0.526}}, {"us-east-2": 0.08}, ["us-east-2"]
@@ -446,6 +531,7 @@ def test_update_catalog_writes_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     data = cu.update_catalog(out, regions=["us-east-2"], families=["g4dn"])
     assert seen["regions"] == ["us-east-2"]
     assert seen["families"] == ["g4dn"]
+    assert seen["spot"] is True  # on by default with credentials
     assert seen["pricing"].meta.region_name == "us-east-1"
     assert json.loads(out.read_text()) == data
 
@@ -491,3 +577,502 @@ def test_fetch_gpu_facts_against_moto() -> None:
         ours = shipped.get(fact.name)
         assert ours is not None, fact.name
         assert specs(fact) == specs(ours), fact.name
+
+
+# --- observed spot prices: the time-weighted median ------------------------------------
+
+
+def at(days: float = 0, hours: float = 0) -> datetime:
+    """A moment in the spot window (SPOT_START + days + hours)."""
+    return SPOT_START + timedelta(days=days, hours=hours)
+
+
+def test_spot_window_and_request() -> None:
+    assert cu.spot_window(SPOT_END) == (SPOT_START, SPOT_END)
+    assert cu.spot_window(datetime(2025, 5, 1, 12, 0)) == (SPOT_START, SPOT_END)  # naive: UTC
+    params = cu.spot_history_params(["g5.xlarge", "g4dn.xlarge"], SPOT_START, SPOT_END)
+    assert params == spot_params(["g4dn.xlarge", "g5.xlarge"])
+
+
+def test_median_is_weighted_by_time_held() -> None:
+    """A price that held 6 days beats three short spikes, though they are most records."""
+    records = [
+        (at(0), 0.16),  # 6 days
+        (at(6), 0.90),  # 2 hours
+        (at(6, 2), 0.85),  # 2 hours
+        (at(6, 4), 0.95),  # 2 hours
+        (at(6, 6), 0.20),  # the last 18 hours
+    ]
+    assert sorted(p for _, p in records)[len(records) // 2] == 0.85  # the records' plain median
+    assert cu.time_weighted_median(records, SPOT_START, SPOT_END) == 0.16
+    assert cu.time_weighted_median(reversed(records), SPOT_START, SPOT_END) == 0.16  # any order
+
+
+def test_median_counts_the_record_in_effect_at_the_start() -> None:
+    """AWS returns the price in effect at StartTime with an older timestamp: it holds from the start."""
+    records = [(at(-2), 0.50), (at(-1), 0.20), (at(4), 0.40)]
+    # 0.50 was replaced before the window; 0.20 holds days 0-4, 0.40 days 4-7.
+    assert cu.time_weighted_median(records, SPOT_START, SPOT_END) == 0.20
+    assert cu.time_weighted_median([(at(-30), 0.31)], SPOT_START, SPOT_END) == 0.31
+
+
+@pytest.mark.parametrize(
+    ("records", "expected"),
+    [
+        ([], None),
+        ([(at(8), 0.3)], None),  # after the window
+        ([(SPOT_END, 0.3)], None),  # at its very end: held no time
+        ([(at(6), 0.3)], 0.3),  # the time before the first record is unknown, not counted
+        ([(at(0), 0.1), (at(8), 9.0)], 0.1),  # a record after the end changes nothing
+        ([(at(0), 0.1), (at(3.5), 0.3)], 0.2),  # half the time each: the mean of the two
+        ([(at(0), 0.1), (at(3), 0.3), (at(3), 0.5)], 0.5),  # same moment: the later record
+    ],
+)
+def test_median_edges(records: list[tuple[datetime, float]], expected: float | None) -> None:
+    assert cu.time_weighted_median(records, SPOT_START, SPOT_END) == expected
+
+
+def test_parse_spot_history_per_type_and_zone() -> None:
+    items = [
+        spot_record("g4dn.xlarge", "us-east-1a", "0.1578", at(-1)),
+        spot_record("g4dn.xlarge", "us-east-1a", "0.9000", at(6, 23)),  # a spike of an hour
+        spot_record("g4dn.xlarge", "us-east-1b", "0.171249", at(0)),  # rounded to 4 decimals
+        spot_record("g5.xlarge", "us-east-1f", "0.4123", "2025-04-25T00:00:00Z"),  # type: ignore[arg-type]
+        {**spot_record("g4dn.xlarge", "us-east-1c", "0.7", at(0)), "ProductDescription": "Windows"},
+        spot_record("g4dn.xlarge", "us-east-1-bos-1a", "0.3", at(0)),  # a Local Zone
+        spot_record("g4dn.xlarge", "us-west-2a", "0.3", at(0)),  # another region
+    ]
+    assert cu.parse_spot_history(items, "us-east-1", SPOT_START, SPOT_END) == {
+        "g4dn.xlarge": {"us-east-1a": 0.1578, "us-east-1b": 0.1712},
+        "g5.xlarge": {"us-east-1f": 0.4123},
+    }
+    assert cu.parse_spot_history([], "us-east-1", SPOT_START, SPOT_END) == {}
+    with pytest.raises(CloudError, match="DescribeSpotPriceHistory"):
+        cu.parse_spot_history([{"AvailabilityZone": "us-east-1a"}], "us-east-1", SPOT_START, SPOT_END)
+
+
+def test_fetch_spot_prices_follows_pages() -> None:
+    ec2, stubber = ec2_stub("us-east-1")
+    names = ["g4dn.xlarge", "g5.xlarge", "p5.48xlarge"]
+    stubber.add_response(
+        "describe_spot_price_history",
+        spot_page(  # newest first, as AWS sends them
+            spot_record("g4dn.xlarge", "us-east-1a", "0.6100", at(6, 20)),
+            spot_record("g4dn.xlarge", "us-east-1b", "0.1650", at(2)),
+            spot_record("g5.xlarge", "us-east-1c", "0.3921", at(1)),
+            next_token="page-2",
+        ),
+        spot_params(names),
+    )
+    stubber.add_response(
+        "describe_spot_price_history",
+        spot_page(
+            spot_record("g4dn.xlarge", "us-east-1a", "0.1578", at(-0.5)),
+            spot_record("g4dn.xlarge", "us-east-1b", "0.1702", at(-3)),
+        ),
+        spot_params(names, NextToken="page-2"),
+    )
+    with stubber:
+        observed = cu.fetch_spot_prices(ec2, reversed(names), SPOT_START, SPOT_END)
+        stubber.assert_no_pending_responses()
+    assert observed == {
+        "g4dn.xlarge": {"us-east-1a": 0.1578, "us-east-1b": 0.1650},  # 1b: 0.1702 for 2 days only
+        "g5.xlarge": {"us-east-1c": 0.3921},
+    }  # p5.48xlarge: no history, no entry
+
+
+def test_fetch_spot_prices_asks_nothing_without_types() -> None:
+    ec2, stubber = ec2_stub("us-east-1")
+    with stubber:
+        assert cu.fetch_spot_prices(ec2, [], SPOT_START, SPOT_END) == {}
+
+
+def test_spot_history_access_denied() -> None:
+    ec2, stubber = ec2_stub("us-east-1")
+    stubber.add_client_error("describe_spot_price_history", service_error_code="UnauthorizedOperation")
+    with stubber, pytest.raises(CloudError) as info:
+        cu.fetch_spot_prices(ec2, ["g4dn.xlarge"], SPOT_START, SPOT_END)
+    assert "spot price history" in info.value.message
+    assert info.value.hint and "ec2:DescribeSpotPriceHistory" in info.value.hint
+
+
+def test_build_catalog_with_spot() -> None:
+    facts = [
+        cu.GpuFacts("g4dn.xlarge", "g4dn", "T4", 1, 16, 4, 16),
+        cu.GpuFacts("g5.xlarge", "g5", "A10G", 1, 22.35, 4, 16),
+    ]
+    prices = {"g4dn.xlarge": {"us-east-1": 0.526}, "g5.xlarge": {"us-east-1": 1.006}}
+    spot = {"g4dn.xlarge": {"us-east-1b": 0.17, "us-east-1a": 0.15781, "sa-east-1a": 0.3}}
+    window = (date(2025, 4, 24), date(2025, 5, 1))
+    data = cu.build_catalog(
+        facts, prices, {"us-east-1": 0.08}, REGIONS, today=TODAY, spot=spot, spot_observed=window
+    )
+    assert list(data) == [
+        "schema",
+        "generated",
+        "source",
+        "currency",
+        "regions",
+        "ebs_gp3_per_gb_month",
+        "spot_observed",
+        "instance_types",
+    ]
+    assert data["spot_observed"] == {"from": "2025-04-24", "to": "2025-05-01"}
+    g4, g5 = data["instance_types"]
+    assert g4["spot"] == {"us-east-1a": 0.1578, "us-east-1b": 0.17}  # sa-east-1 not in the catalog
+    assert list(g4)[-1] == "spot"
+    assert "spot" not in g5
+    assert "2025-04-24 to 2025-05-01" in data["source"]
+    assert parse_catalog(data).spot_observed == window
+    # No type with a spot price: no spot_observed either.
+    bare = cu.build_catalog(facts, prices, {"us-east-1": 0.08}, REGIONS, today=TODAY, spot_observed=window)
+    assert "spot_observed" not in bare
+    with pytest.raises(ValueError, match="spot_observed"):
+        cu.build_catalog(facts, prices, {"us-east-1": 0.08}, REGIONS, today=TODAY, spot=spot)
+
+
+def test_collect_catalog_without_spot(pricing: tuple[Any, Stubber]) -> None:
+    client, pstub = pricing
+    east, east_stub = ec2_stub("us-east-1")
+    east_stub.add_response(
+        "describe_instance_types",
+        fixture("describe_instance_types_us-east-1_page2.json"),
+        {"Filters": [{"Name": "instance-type", "Values": ["g5.*", "p5.*"]}]},
+    )
+    for name in ("g5.xlarge", "p5.48xlarge"):
+        pstub.add_response(
+            "get_products",
+            fixture(f"get_products_{name}_us-east-1.json"),
+            product_params(linux_filters(name, "us-east-1")),
+        )
+    pstub.add_response(
+        "get_products",
+        fixture("get_products_ebs_gp3_us-east-1.json"),
+        product_params(ebs_filters("us-east-1")),
+    )
+    with east_stub:  # no describe_spot_price_history stubbed: a call would fail
+        data = cu.collect_catalog(client, {"us-east-1": east}, families=("g5", "p5"), today=TODAY, spot=False)
+        east_stub.assert_no_pending_responses()
+    assert "spot_observed" not in data
+    assert all("spot" not in entry for entry in data["instance_types"])
+    assert "DescribeSpotPriceHistory" not in data["source"]
+
+
+@pytest.mark.parametrize(("flags", "spot"), [([], True), (["--no-spot"], False)])
+def test_main_spot_flag(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    spot: bool,
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake_update(out: Path, **kwargs: Any) -> dict[str, Any]:
+        seen.update(kwargs)
+        facts = [cu.GpuFacts("g4dn.xlarge", "g4dn", "T4", 1, 16, 4, 16)]
+        return cu.build_catalog(
+            facts, {"g4dn.xlarge": {"us-east-1": 0.5}}, {"us-east-1": 0.08}, ["us-east-1"]
+        )
+
+    monkeypatch.setattr(cu, "update_catalog", fake_update)
+    assert cu.main(["--out", str(tmp_path / "c.json"), *flags]) == 0
+    assert seen["spot"] is spot
+    assert "no spot prices" in capsys.readouterr().out
+
+
+# --- public price-list files: parsing ----------------------------------------------------
+
+# The rows (RateCode: SKU, on-demand term, price dimension) of the us-east-1 fixture that
+# are prices: g4dn.xlarge, g4dn.12xlarge, g5.xlarge (on-demand Linux) and gp3 storage.
+# Every other row is a decoy (the Reserved row of g4dn.xlarge has its SKU, another term).
+WANTED_RATES = {
+    f"{sku}.JRTCKXETXF.6YS6EN2CT7"
+    for sku in ("HCD89PJGZFYQJS7B", "95W238ANJTMJ8CK6", "MBRS4NA7CG9TAQVY", "3BUAF9V7C3P83VH2")
+}
+PUBLISHED = datetime(2025, 9, 12, 22, 53, 8, tzinfo=UTC)
+
+
+def price_list_lines(region: str) -> Iterator[str]:
+    """A fixture file, a line at a time: a one-pass iterator, never the whole text."""
+    with open(PRICE_LISTS / region / "index.csv", encoding="utf-8", newline="") as f:
+        yield from f
+
+
+def test_parse_price_list_streams_the_fixture() -> None:
+    read = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal read
+        for line in price_list_lines("us-east-1"):
+            read += 1
+            yield line
+
+    prices = cu.parse_price_list(
+        counted(), "us-east-1", {"g4dn.xlarge", "g4dn.12xlarge", "g5.xlarge", "p5.48xlarge"}
+    )
+    assert prices.region == "us-east-1"
+    assert prices.on_demand == {"g4dn.12xlarge": 3.912, "g4dn.xlarge": 0.526, "g5.xlarge": 1.006}
+    assert prices.ebs_gp3 == 0.08
+    assert prices.info == cu.PriceListInfo("AmazonEC2", "20250912225308", PUBLISHED, "v1.0")
+    assert read == len((PRICE_LISTS / "us-east-1" / "index.csv").read_text().splitlines())
+
+    west = cu.parse_price_list(price_list_lines("eu-west-1"), "eu-west-1")  # all types
+    assert west.on_demand == {"g4dn.12xlarge": 4.362, "g4dn.xlarge": 0.587, "g5.xlarge": 1.123}
+    assert west.ebs_gp3 == 0.088
+    only = cu.parse_price_list(price_list_lines("us-east-1"), "us-east-1", ["g5.xlarge"])
+    assert only.on_demand == {"g5.xlarge": 1.006}
+
+
+def test_parse_price_list_skips_every_decoy() -> None:
+    """Each row alone: the Reserved, Windows, RHEL, Dedicated, capacity-reservation, SQL,
+    other-region, gp2 and Tokyo rows price nothing; the four wanted rows do."""
+    lines = list(price_list_lines("us-east-1"))
+    preamble, rows = lines[:6], lines[6:]
+    assert len(rows) >= 13
+    statuses = set()
+    for line in rows:
+        (row,) = csv.reader([line])
+        statuses.add(row[preamble[5].split(",").index('"CapacityStatus"')])
+        found = cu.parse_price_list([*preamble, line], "us-east-1")
+        priced = bool(found.on_demand) or found.ebs_gp3 is not None
+        assert priced == (row[2] in WANTED_RATES), line[:160]
+    assert {"Used", "AllocatedCapacityReservation", "UnusedCapacityReservation"} <= statuses
+
+
+def test_parse_price_list_takes_the_highest_of_several(caplog: pytest.LogCaptureFixture) -> None:
+    lines = list(price_list_lines("us-east-1"))
+    (g4,) = [line for line in lines if line.startswith('"HCD89PJGZFYQJS7B","JRTCKXETXF"')]
+    dearer = g4.replace('"0.5260000000"', '"0.6000000000"').replace("HCD89PJGZFYQJS7B", "ZZZZ9PJGZFYQJS7B")
+    with caplog.at_level(logging.WARNING):
+        prices = cu.parse_price_list([*lines, dearer], "us-east-1", ["g4dn.xlarge"])
+    assert prices.on_demand == {"g4dn.xlarge": 0.6}
+    assert "several on-demand prices" in caplog.text
+
+
+def _fixture_text() -> str:
+    return (PRICE_LISTS / "us-east-1" / "index.csv").read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "not an AWS price-list CSV"),
+        ("<html><body><h1>Access Denied</h1></body></html>\n" * 50, "not an AWS price-list CSV"),
+        (_fixture_text().replace('"OfferCode","AmazonEC2"', '"OfferCode","AmazonRDS"'), "'AmazonRDS'"),
+        (_fixture_text().replace('"Publication Date","2025-09-12T22:53:08Z"\n', ""), "Publication Date"),
+        (_fixture_text().replace('"CapacityStatus",', '"Capacity",', 1), "no column 'CapacityStatus'"),
+        (_fixture_text().replace('"0.5260000000"', '"0.526 USD"'), "bad price '0.526 USD' on line 7"),
+    ],
+)
+def test_parse_price_list_refuses_other_files(text: str, message: str) -> None:
+    with pytest.raises(CloudError, match=message) as info:
+        cu.parse_price_list(iter(text.splitlines(keepends=True)), "us-east-1")
+    assert "us-east-1" in info.value.message
+
+
+def test_price_list_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(cu.PRICE_LIST_URL_ENV)
+    assert cu.price_list_url("eu-west-1") == (
+        "https://pricing.us-east-1.amazonaws.com/offers/v1.0/aws/AmazonEC2/current/eu-west-1/index.csv"
+    )
+    monkeypatch.setenv(cu.PRICE_LIST_URL_ENV, "http://mirror.example/ec2/")
+    assert cu.price_list_url("eu-west-1") == "http://mirror.example/ec2/eu-west-1/index.csv"
+    assert cu.price_list_url("eu-west-1", "file:///srv/pl") == "file:///srv/pl/eu-west-1/index.csv"
+
+
+def test_facts_from_catalog() -> None:
+    shipped = load_catalog()
+    facts = cu.facts_from_catalog(shipped, ("p5",))
+    assert [f.name for f in facts] == ["p5.48xlarge"]
+    assert specs(facts[0]) == specs(shipped.get("p5.48xlarge"))
+
+
+# --- public price-list files: download and the --public-prices mode ---------------------
+
+
+@pytest.fixture
+def price_list_server(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
+    """A local http.server serving the fixtures at the real path: (base URL, paths asked)."""
+    root = tmp_path / "srv"
+    base_path = "offers/v1.0/aws/AmazonEC2/current"
+    for region_dir in PRICE_LISTS.iterdir():
+        if region_dir.is_dir():
+            (root / base_path / region_dir.name).mkdir(parents=True)
+            (root / base_path / region_dir.name / "index.csv").write_bytes(
+                (region_dir / "index.csv").read_bytes()
+            )
+    asked: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            super().do_GET()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/{base_path}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _no_aws(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("--public-prices must not touch AWS")
+
+
+@pytest.mark.usefixtures("no_credentials")
+def test_main_public_prices_end_to_end(
+    price_list_server: tuple[str, list[str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    base, asked = price_list_server
+    monkeypatch.setattr(boto3, "Session", _no_aws)
+    out = tmp_path / "catalog.json"  # absent: the GPU facts come from the packaged catalog
+    argv = ["--out", str(out), "--public-prices", "--price-list-url", base]
+    argv += ["--regions", "us-east-1", "eu-west-1", "--families", "g4dn", "g5"]
+    with caplog.at_level(logging.WARNING):
+        assert cu.main(argv) == 0
+    assert asked == [
+        "/offers/v1.0/aws/AmazonEC2/current/us-east-1/index.csv",
+        "/offers/v1.0/aws/AmazonEC2/current/eu-west-1/index.csv",
+    ]
+    data = json.loads(out.read_text())
+    catalog = parse_catalog(data)
+    assert catalog.generated == date(2025, 9, 12)  # the price list's publication date
+    assert catalog.source.startswith("AWS public price-list files (AmazonEC2 offer, published 2025-09-12)")
+    assert "packaged catalog" in catalog.source
+    assert catalog.regions == ("us-east-1", "eu-west-1")
+    assert catalog.ebs_gp3_per_gb_month == {"us-east-1": 0.08, "eu-west-1": 0.088}
+    assert [t.name for t in catalog.instance_types] == ["g4dn.xlarge", "g4dn.12xlarge", "g5.xlarge"]
+    shipped = load_catalog()
+    for itype in catalog.instance_types:
+        ours = shipped.get(itype.name)
+        assert ours is not None
+        assert specs(itype) == specs(ours)  # the facts are kept
+        assert dict(itype.on_demand) == {r: ours.on_demand[r] for r in ("us-east-1", "eu-west-1")}
+        assert itype.spot == {}
+    assert "spot_observed" not in data and catalog.spot_observed is None
+    assert "no spot prices" in caplog.text
+    printed = capsys.readouterr().out
+    assert "wrote 3 instance types in 2 regions" in printed and "no spot prices" in printed
+
+
+def test_main_public_prices_keeps_the_out_files_facts(
+    price_list_server: tuple[str, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An existing --out is the facts' source (the base URL from the environment); its old
+    prices and its spot prices go."""
+    base, _ = price_list_server
+    monkeypatch.setenv(cu.PRICE_LIST_URL_ENV, base)
+    out = tmp_path / "catalog.json"
+    old = cu.build_catalog(
+        [cu.GpuFacts("g4dn.xlarge", "g4dn", "T4", 1, 16, 4, 16)],
+        {"g4dn.xlarge": {"us-east-1": 0.5}},
+        {"us-east-1": 0.07},
+        ["us-east-1"],
+        today=TODAY,
+        spot={"g4dn.xlarge": {"us-east-1a": 0.2}},
+        spot_observed=(date(2025, 4, 24), date(2025, 5, 1)),
+    )
+    cu.write_catalog(old, out)
+    assert cu.main(["--out", str(out), "--public-prices", "--regions", "us-east-1"]) == 0
+    data = json.loads(out.read_text())
+    catalog = parse_catalog(data)
+    assert [t.name for t in catalog.instance_types] == ["g4dn.xlarge"]
+    assert catalog.instance_types[0].on_demand == {"us-east-1": 0.526}
+    assert catalog.instance_types[0].spot == {}
+    assert "spot_observed" not in data
+    assert str(out) in catalog.source and "generated 2025-05-01" in catalog.source
+
+
+def test_main_public_prices_missing_region(
+    price_list_server: tuple[str, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, _ = price_list_server
+    out = tmp_path / "catalog.json"
+    argv = [
+        "--out",
+        str(out),
+        "--public-prices",
+        "--price-list-url",
+        base,
+        "--regions",
+        "us-east-1",
+        "us-west-2",
+    ]
+    assert cu.main(argv) == 3
+    err = capsys.readouterr().err
+    assert "error: no public price list for region 'us-west-2'" in err
+    assert "HTTP 404" in err and "us-west-2/index.csv" in err
+    assert "hint: Check the --regions names" in err
+    assert not out.exists()
+
+
+def test_main_public_prices_damaged_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "catalog.json"
+    out.write_text("{")
+    assert cu.main(["--out", str(out), "--public-prices", "--price-list-url", PRICE_LISTS.as_uri()]) == 3
+    assert "cannot read the existing catalog" in capsys.readouterr().err
+    assert out.read_text() == "{"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--public-prices", "--profile", "work"],
+        ["--price-list-url", "http://127.0.0.1:9/"],
+    ],
+)
+def test_main_public_prices_usage_errors(tmp_path: Path, argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cu.main(["--out", str(tmp_path / "c.json"), *argv])
+    assert info.value.code == 2
+
+
+def test_fetch_public_prices_from_a_file_url() -> None:
+    prices = cu.fetch_public_prices("eu-west-1", {"g5.xlarge"}, PRICE_LISTS.as_uri())
+    assert prices.on_demand == {"g5.xlarge": 1.123}
+    assert prices.info.published == PUBLISHED
+    with pytest.raises(CloudError, match="no public price list for region 'ap-south-1'"):
+        cu.fetch_public_prices("ap-south-1", None, PRICE_LISTS.as_uri())
+
+
+def test_download_cut_short_is_an_error() -> None:
+    """A download that ends before its Content-Length is not a short price list."""
+    body = (PRICE_LISTS / "us-east-1" / "index.csv").read_bytes()
+
+    class Truncating(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/csv")
+            self.send_header("Content-Length", str(2 * len(body)))
+            self.end_headers()
+            self.wfile.write(body)  # then the connection closes (HTTP/1.0)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Truncating)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(CloudError, match="reading the us-east-1 price list .* failed") as info:
+            cu.fetch_public_prices("us-east-1", None, f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert "bytes short" in info.value.message
+    assert info.value.hint and "--price-list-url" in info.value.hint

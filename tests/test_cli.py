@@ -21,7 +21,7 @@ from cloudtrain.catalog import load_catalog
 from cloudtrain.cli import main
 from cloudtrain.errors import ExitCode
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
-from cloudtrain.prices import simulated_spot
+from cloudtrain.prices import estimated_spot
 from cloudtrain.records import Lifecycle, RunHandle, RunState, SshAddress
 from cloudtrain.settings import Settings
 
@@ -66,7 +66,11 @@ def test_plan_dry_run_table() -> None:
     result = cli("plan", str(EXAMPLE), "--dry-run")
     assert result.exit_code == 0, result.output
     assert "simulated AWS (dry-run)" in result.output
-    assert "Choice: g4dn.xlarge (1 x T4) in us-east-1a, spot at $0.1578/h (simulated)" in result.output
+    assert (
+        "Choice: g4dn.xlarge (1 x T4) in us-east-1a, spot at $0.1841/h (estimate: on-demand × 0.35)"
+        in result.output
+    )
+    assert "Prices: the simulator's, which quote the catalog of 2025-05-01" in result.output
     assert "Estimate for budget.max_hours 1 h" in result.output
 
 
@@ -78,8 +82,8 @@ def test_plan_table_has_gpu_count_and_marks_offers_over_max_price(tmp_path: Path
     header = next(line for line in result.output.splitlines() if line.split()[:1] == ["type"])
     assert header.split()[:4] == ["type", "GPU", "count", "AZ"]
     rows = {line.lstrip(" →").split()[0]: line for line in result.output.splitlines() if "%" in line}
-    assert rows["g5.xlarge"].rstrip().endswith("simulated, > max")  # $0.3018/h
-    assert rows["g4dn.xlarge"].rstrip().endswith("simulated")  # $0.1578/h, the choice
+    assert rows["g5.xlarge"].rstrip().endswith("estimate, > max")  # $0.3521/h
+    assert rows["g4dn.xlarge"].rstrip().endswith("estimate")  # $0.1841/h, the choice
     assert rows["g4dn.xlarge"].lstrip(" →").split()[1:4] == ["T4", "16G", "1"]
 
 
@@ -97,7 +101,7 @@ def test_plan_table_never_cuts_a_price_or_a_type(width: int) -> None:
     text = io.StringIO()
     render_plan(plan, Console(file=text, width=width))
     assert "…" not in text.getvalue()
-    assert "→ g4dn.xlarge" in text.getvalue() and "$0.1578" in text.getvalue()
+    assert "→ g4dn.xlarge" in text.getvalue() and "$0.1841" in text.getvalue()
 
 
 def test_plan_dry_run_json() -> None:
@@ -107,8 +111,8 @@ def test_plan_dry_run_json() -> None:
     assert data["schema"] == 1 and data["simulated"] is True
     itype = load_catalog().get("g4dn.xlarge")
     assert itype is not None
-    assert data["choice"]["price_per_hour"] == simulated_spot(itype.on_demand["us-east-1"])
-    assert data["choice"]["price_source"] == "simulated"
+    assert data["choice"]["price_per_hour"] == estimated_spot(itype.on_demand["us-east-1"])
+    assert data["choice"]["price_source"] == "estimate" and data["price_basis"] == "simulated"
     assert data["estimate"]["total_usd"] > 0
 
 
@@ -147,12 +151,32 @@ def test_impossible_plan_exits_2_naming_the_cheapest(tmp_path: Path) -> None:
     assert "no offer under max_price $0.0500/h: the cheapest is g4dn.xlarge" in result.output
 
 
-def test_missing_credentials_exit_3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_credentials_plan_prices_from_the_catalog_and_run_exits_3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new user's first question, before an AWS account exists: what would a GPU cost?"""
+    bare = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),  # no ~/.aws, no cloudtrain home
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",  # nothing can leave this machine
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    done = subprocess.run([CLOUDTRAIN, "plan", str(EXAMPLE)], env=bare, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "→ g4dn.xlarge" in done.stdout and "estimate: on-demand × 0.35" in done.stdout
+    assert "Prices: no AWS credentials, so the catalog of 2025-05-01" in done.stdout
+    assert "aws configure" in done.stdout
+    done = subprocess.run(
+        [CLOUDTRAIN, "plan", str(EXAMPLE), "--json"], env=bare, capture_output=True, text=True
+    )
+    data = json.loads(done.stdout)
+    assert data["price_basis"] == "catalog" and data["choice"]["price_label"] == "estimate: on-demand × 0.35"
+    # a run needs them: it stops before anything, saying so
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing can leave this machine
-    result = cli("plan", str(EXAMPLE))
-    assert result.exit_code == ExitCode.CLOUD_OR_REMOTE
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    result = cli("run", str(EXAMPLE), "--yes")
+    assert result.exit_code == ExitCode.CLOUD_OR_REMOTE, result.output
     assert "error: no AWS credentials found" in result.output
     assert "--dry-run" in result.output
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cloudtrain.catalog import load_catalog
-from cloudtrain.errors import PlanError
+import cloudtrain
+from cloudtrain.catalog import Catalog, load_catalog, parse_catalog
+from cloudtrain.errors import CloudtrainError, PlanError
 from cloudtrain.planner import plan
 from cloudtrain.prices import ESTIMATED_SPOT_FRACTION
 from cloudtrain.records import Lifecycle, SpotPrice
@@ -168,8 +169,10 @@ def test_plan_json_contract(tmp_path: Path) -> None:
     )
     data = result.to_json()
     assert data["schema"] == 1
-    assert data["choice"]["price_source"] == "simulated"
-    assert data["simulated"] is True
+    # the simulator quotes the catalog, which has no observation of g4dn.xlarge: an estimate
+    assert data["choice"]["price_source"] == "estimate"
+    assert data["choice"]["price_label"] == "estimate: on-demand × 0.35"
+    assert data["simulated"] is True and data["price_basis"] == "simulated"
     assert data["catalog_date"] == CATALOG.generated.isoformat()
 
 
@@ -210,3 +213,75 @@ def test_theano_job_on_a_t4_is_planned(tmp_path: Path) -> None:
         job(tmp_path, "  gpu: T4\n", extra="backend: theano\n"), CATALOG, [], region="us-east-1", now=NOW
     )
     assert result.choice.instance.gpu == "T4"
+
+
+def observed_catalog() -> Catalog:
+    """The shipped catalog with spot medians for g4dn.xlarge in two zones, as the updater
+    writes them (a type's ``spot``, the catalog's ``spot_observed``)."""
+    data = json.loads((Path(cloudtrain.__file__).parent / "data" / "catalog.json").read_text())
+    data["spot_observed"] = {"from": "2026-11-24", "to": "2026-12-01"}
+    for entry in data["instance_types"]:
+        if entry["name"] == "g4dn.xlarge":
+            entry["spot"] = {"us-east-1a": 0.2011, "us-east-1c": 0.1702, "us-west-2b": 0.15}
+    return parse_catalog(data)
+
+
+def test_without_credentials_the_catalog_prices_the_plan_and_says_so(tmp_path: Path) -> None:
+    catalog = observed_catalog()
+    result = plan(job(tmp_path, "  gpu: T4\n"), catalog, None, region="us-east-1", now=NOW)
+    assert result.price_basis == "catalog"
+    # observed medians per zone of the region (not us-west-2's), labelled with their last day
+    observed = [(o.zone, o.price_per_hour) for o in result.offers if o.instance.name == "g4dn.xlarge"]
+    assert observed == [("us-east-1c", 0.1702), ("us-east-1a", 0.2011)]
+    choice = result.choice
+    assert (choice.instance.name, choice.zone, choice.price_source) == (
+        "g4dn.xlarge",
+        "us-east-1c",
+        "catalog",
+    )
+    assert (
+        choice.label == "catalog 2026-12-01"
+        and choice.note == "median spot price observed 2026-11-24 to 2026-12-01"
+    )
+    # a type the catalog never observed: an estimate, labelled as one, never as observed
+    other = next(o for o in result.offers if o.instance.name == "g4dn.2xlarge")
+    assert (other.price_source, other.label, other.zone) == ("estimate", "estimate: on-demand × 0.35", None)
+    assert other.price_per_hour == pytest.approx(od("g4dn.2xlarge") * ESTIMATED_SPOT_FRACTION, abs=1e-4)
+    # the shipped catalog has no observations: every spot price is an estimate
+    shipped = plan(job(tmp_path, "  gpu: T4\n"), CATALOG, None, region="us-east-1", now=NOW)
+    assert {o.price_source for o in shipped.offers} == {"estimate"}
+
+
+def test_on_demand_prices_say_they_are_the_catalogs(tmp_path: Path) -> None:
+    result = plan(job(tmp_path, "  gpu: T4\n  spot: false\n"), CATALOG, None, region="us-east-1", now=NOW)
+    assert result.price_basis == "on-demand"
+    assert result.choice.label == f"catalog {CATALOG.generated}"
+
+
+def test_a_simulated_quote_is_labelled_as_the_catalog_price_it_replays(tmp_path: Path) -> None:
+    catalog = observed_catalog()
+    quotes = [quote("g4dn.xlarge", "us-east-1c", 0.1702), quote("g4dn.xlarge", "us-east-1b", 0.1841)]
+    result = plan(
+        job(tmp_path, "  instance_type: g4dn.xlarge\n"),
+        catalog,
+        quotes,
+        region="us-east-1",
+        now=NOW,
+        simulated=True,
+    )
+    labels = {o.zone: (o.price_source, o.label) for o in result.offers}
+    assert labels == {
+        "us-east-1c": ("catalog", "catalog 2026-12-01"),
+        "us-east-1b": ("estimate", "estimate: on-demand × 0.35"),
+    }
+
+
+def test_the_catalog_refuses_spot_prices_without_their_window() -> None:
+    data = json.loads((Path(cloudtrain.__file__).parent / "data" / "catalog.json").read_text())
+    data["instance_types"][0]["spot"] = {"us-east-1a": 0.2}
+    with pytest.raises(CloudtrainError, match="spot_observed"):
+        parse_catalog(data)
+    data["spot_observed"] = {"from": "2026-11-24", "to": "2026-12-01"}
+    data["instance_types"][0]["spot"] = {"mars-north-1a": 0.2}
+    with pytest.raises(CloudtrainError, match="mars-north-1a"):
+        parse_catalog(data)

@@ -49,6 +49,7 @@ from cloudtrain.errors import (
     PriceError,
     QuotaError,
 )
+from cloudtrain.errors import NoCredentialsError as NoCredentials
 from cloudtrain.records import SpotPrice, iso, utcnow
 from cloudtrain.settings import DEFAULT_REGION, Settings
 
@@ -273,7 +274,7 @@ def _tag_spec(resource: str, tags: Mapping[str, str]) -> dict[str, Any]:
 def translate(error: Exception, operation: str, *, instance_type: str = "", spot: bool = True) -> Exception:
     """A cloudtrain error, with a hint, for a botocore error."""
     if isinstance(error, NoCredentialsError | PartialCredentialsError):
-        return CredentialsError(
+        return NoCredentials(
             "no AWS credentials found",
             hint="Run `aws configure`, set AWS_PROFILE or pass --profile; or try --dry-run.",
         )

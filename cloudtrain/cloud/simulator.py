@@ -57,7 +57,7 @@ from typing import Any
 from cloudtrain.catalog import load_catalog
 from cloudtrain.cloud.aws import TAG_SSH
 from cloudtrain.errors import CloudError
-from cloudtrain.prices import simulated_spot
+from cloudtrain.prices import catalog_spot
 from cloudtrain.records import iso, utcnow
 from cloudtrain.settings import Settings
 
@@ -82,7 +82,8 @@ _lock = threading.Lock()
 
 
 def _simulated_price_history(self: Any) -> Any:
-    """DescribeSpotPriceHistory quoting the simulator's price rule instead of 0.00001 (2006)."""
+    """DescribeSpotPriceHistory quoting the catalog's prices (prices.catalog_spot: its observed
+    median for the zone, else the estimate) instead of moto's 0.00001 (2006)."""
     from moto.core.responses import ActionResult
 
     catalog = load_catalog()
@@ -93,13 +94,13 @@ def _simulated_price_history(self: Any) -> Any:
     for offer in offers:
         itype = catalog.get(offer["InstanceType"])
         on_demand = itype.on_demand_price(self.region) if itype else None
-        if on_demand is None:
+        if itype is None or on_demand is None:
             continue
         history.append(
             {
                 "InstanceType": offer["InstanceType"],
                 "ProductDescription": "Linux/UNIX (Amazon VPC)",
-                "SpotPrice": f"{simulated_spot(on_demand):.6f}",
+                "SpotPrice": f"{catalog_spot(itype.spot.get(offer['Location']), on_demand)[0]:.6f}",
                 "AvailabilityZone": offer["Location"],
                 "Timestamp": now,
             }
