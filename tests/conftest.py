@@ -69,6 +69,15 @@ def fake_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     stop_simulator(Settings.from_env())
 
 
+@pytest.fixture(autouse=True)
+def aws_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every AWS call a test makes in this process keeps to AWS's limits (aws_contract.py),
+    which moto does not apply."""
+    from aws_contract import install
+
+    install(monkeypatch)
+
+
 @pytest.fixture
 def settings(fake_aws: None) -> Iterator[Settings]:
     yield Settings.from_env()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import ipaddress
 import json
 import logging
@@ -63,6 +64,7 @@ DEFAULT_IMAGE_PATTERN = "cloudtrain-gpu-*"
 RETRY_CONFIG: Any = {"mode": "standard", "max_attempts": 8}
 SIMULATED_CREDENTIALS = ("testing", "testing")  # the simulated AWS's; never the user's keys
 S3_POLICY_NAME = "cloudtrain-s3-read"
+IAM_ROLE_NAME_MAX = 64  # IAM's limit on a role name (CreateRole's RoleName); moto does not apply it
 EC2_TRUST_POLICY = {
     "Version": "2012-10-17",
     "Statement": [
@@ -765,6 +767,17 @@ class AwsCloud:
             self._iam = make_client(self.settings, "iam", self.region)
         return self._iam
 
+    @staticmethod
+    def instance_profile_name(run_id: str) -> str:
+        """``cloudtrain-<run-id>``, the run's role and instance profile, within IAM's 64
+        characters for a role name: a longer one keeps its start and ends in 8 hex digits
+        of a hash of the whole (gc finds them by tag, not by name)."""
+        name = f"cloudtrain-{run_id}"
+        if len(name) <= IAM_ROLE_NAME_MAX:
+            return name
+        digest = hashlib.sha256(run_id.encode()).hexdigest()[:8]
+        return f"{name[: IAM_ROLE_NAME_MAX - 9]}-{digest}"
+
     def ensure_instance_profile(
         self, run_id: str, buckets: Sequence[str], tags: Mapping[str, str], writable: Sequence[str] = ()
     ) -> str:
@@ -774,7 +787,7 @@ class AwsCloud:
         Created, or reused (its policy rewritten to exactly ``buckets``) on relaunch; the
         instance gets S3 credentials from it, never from the user's keys. Returns its name.
         """
-        name = f"cloudtrain-{run_id}"
+        name = self.instance_profile_name(run_id)
         iam_tags = [{"Key": k, "Value": v} for k, v in tags.items()]
         # a Ctrl-C now would leave a role the run never records: it waits, and what this
         # call made is undone (a profile made before, which an instance may use, is kept)
