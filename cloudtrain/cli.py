@@ -318,6 +318,51 @@ def schema_command() -> None:
     click.echo(json.dumps(job_schema(), indent=2))
 
 
+@main.command("iam-policy")
+@click.option(
+    "--with-s3",
+    "bucket",
+    metavar="BUCKET",
+    help="Also allow checking that BUCKET exists (jobs with s3:// data or checkpoint.s3 in it).",
+)
+@click.option(
+    "--boundary",
+    is_flag=True,
+    help="Print instead the permissions boundary every run's role gets (create it once, see below).",
+)
+@click.option(
+    "--instance",
+    is_flag=True,
+    help="Print instead an example of a run's own role policy (cloudtrain writes one per run).",
+)
+def iam_policy_command(bucket: str | None, boundary: bool, instance: bool) -> None:
+    """Print the IAM policy cloudtrain needs, to attach to your user or role.
+
+    It grants what `run`, `gc`, `image` and `doctor` call (the list in
+    cloudtrain/permissions.py): EC2 on any resource; IAM only on the cloudtrain-* roles and
+    instance profiles of runs that read S3, created only with the permissions boundary
+    cloudtrain-instance-boundary and passed only to EC2; the spot service-linked role an
+    account's first spot launch needs. Set up once:
+
+    \b
+      cloudtrain iam-policy > cloudtrain-policy.json
+      cloudtrain iam-policy --boundary > boundary.json
+      aws iam create-policy --policy-name cloudtrain-instance-boundary --policy-document file://boundary.json
+      aws iam put-user-policy --user-name YOU --policy-name cloudtrain --policy-document file://cloudtrain-policy.json
+    """
+    from cloudtrain import permissions
+
+    if boundary and instance:
+        raise click.UsageError("--boundary and --instance print different policies: choose one.")
+    if boundary:
+        policy = permissions.boundary_policy()
+    elif instance:
+        policy = permissions.instance_policy_example()
+    else:
+        policy = permissions.user_policy(bucket)
+    click.echo(permissions.dumps(policy))
+
+
 # --- cost-report -----------------------------------------------------------------------
 
 

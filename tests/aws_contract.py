@@ -81,6 +81,9 @@ def install(monkeypatch: Any) -> None:
     """Check every call of every botocore client in this process against AWS's limits."""
     from botocore.client import BaseClient
 
+    from cloudtrain.permissions import PASS_THROUGH
+
+    PASS_THROUGH.add(__name__)  # cloudtrain's calls go through here: not the caller to record
     real = BaseClient._make_api_call
 
     def checked(self: Any, operation_name: str, api_params: Mapping[str, Any]) -> Any:

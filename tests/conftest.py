@@ -3,13 +3,50 @@ private CLOUDTRAIN_HOME, and no profile or config file from the developer's mach
 
 from __future__ import annotations
 
+import os
 import signal
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cloudtrain.permissions import RECORD_ENV, operation_keys
 from cloudtrain.settings import Settings
+
+# Every AWS operation cloudtrain's code calls in this suite, in this process and in every
+# `cloudtrain` process a test starts (they inherit the variable): one not in
+# permissions.OPERATIONS, the list `cloudtrain iam-policy` is made of, fails the session.
+OPERATIONS_SEEN = Path(tempfile.mkdtemp(prefix="cloudtrain-aws-operations-")) / "seen.txt"
+os.environ[RECORD_ENV] = str(OPERATIONS_SEEN)
+
+
+def operations_seen() -> set[str]:
+    try:
+        return set(OPERATIONS_SEEN.read_text().split())
+    except FileNotFoundError:
+        return set()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if operations_seen() - operation_keys() and exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    seen = operations_seen()
+    unlisted, unseen = sorted(seen - operation_keys()), sorted(operation_keys() - seen)
+    terminalreporter.section("AWS operations (cloudtrain/permissions.py)")
+    terminalreporter.line(f"{len(seen)} operations called by cloudtrain's code in this session")
+    if unlisted:
+        terminalreporter.line(
+            "FAILED: called but not in permissions.OPERATIONS (so not in `cloudtrain iam-policy`): "
+            + ", ".join(unlisted),
+            red=True,
+        )
+    if unseen:
+        terminalreporter.line("listed but never called in this session: " + ", ".join(unseen))
+
 
 # A suite started in the background (`cmd &` without job control) inherits SIGINT ignored, and
 # so would every process it starts: the Ctrl-C tests would then fail, or test nothing.

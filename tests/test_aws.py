@@ -225,7 +225,11 @@ def test_throttled_run_instances_retries_with_the_same_client_token(
         ("InsufficientInstanceCapacity", CapacityError, "another zone"),
         ("SpotMaxPriceTooLow", PriceError, "max_price"),
         ("UnauthorizedOperation", CredentialsError, "IAM permission"),
-        ("AccessDeniedException", CredentialsError, "Grant the permission for RunInstances"),
+        (
+            "AccessDeniedException",
+            CredentialsError,
+            "Grant ec2:RunInstances to this user or role (`cloudtrain iam-policy`",
+        ),
         ("SomethingNew", CloudError, None),
     ],
 )

@@ -18,8 +18,10 @@ import logging
 import os
 import signal
 import stat
+import sys
 import threading
 import time
+import types
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -51,6 +53,7 @@ from cloudtrain.errors import (
     QuotaError,
 )
 from cloudtrain.errors import NoCredentialsError as NoCredentials
+from cloudtrain.permissions import PASS_THROUGH, RECORD_ENV, actions_for, boundary_arn, record
 from cloudtrain.records import SpotPrice, iso, utcnow
 from cloudtrain.settings import DEFAULT_REGION, Settings
 
@@ -71,22 +74,6 @@ EC2_TRUST_POLICY = {
         {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}
     ],
 }
-IAM_OPERATIONS = frozenset(
-    {
-        "CreateRole",
-        "PutRolePolicy",
-        "CreateInstanceProfile",
-        "GetInstanceProfile",
-        "AddRoleToInstanceProfile",
-        "RemoveRoleFromInstanceProfile",
-        "DeleteInstanceProfile",
-        "DeleteRolePolicy",
-        "DeleteRole",
-        "ListRoles",  # cloudtrain gc
-        "ListRoleTags",
-        "ListInstanceProfiles",
-    }
-)
 PROFILE_RETRY_ATTEMPTS = 6  # run_instances right after creating a profile: about 30 s in all
 PROFILE_RETRY_DELAY_S = 2.0
 NOT_FOUND_RETRIES = 6  # an instance this process launched, unknown to EC2 yet: about 10 s in all
@@ -303,7 +290,8 @@ def translate(error: Exception, operation: str, *, instance_type: str = "", spot
     if code == "UnauthorizedOperation":
         return CredentialsError(
             f"not allowed to call {operation}: {message}",
-            hint="Grant the IAM permission named above to this user or role.",
+            hint="Grant the IAM permission named above to this user or role "
+            "(`cloudtrain iam-policy` prints all that cloudtrain needs).",
         )
     if code == "VcpuLimitExceeded":
         return QuotaError(
@@ -332,10 +320,16 @@ def translate(error: Exception, operation: str, *, instance_type: str = "", spot
             hint="Wait a minute and run again.",
         )
     if code in ("AccessDenied", "AccessDeniedException"):  # IAM's, and the JSON services' word
-        permission = f"iam:{operation}" if operation in IAM_OPERATIONS else f"the permission for {operation}"
         return CredentialsError(
             f"not allowed to call {operation}: {message}",
-            hint=f"Grant {permission} to this user or role (S3 data sources need an instance profile).",
+            hint=f"Grant {', '.join(actions_for(operation))} to this user or role "
+            "(`cloudtrain iam-policy` prints all that cloudtrain needs).",
+        )
+    if operation == "CreateRole" and code in ("NoSuchEntity", "InvalidInput") and "oundary" in message:
+        return CredentialsError(
+            f"the permissions boundary for the run's role is missing: {message}",
+            hint="Create it once: `cloudtrain iam-policy --boundary > boundary.json && aws iam create-policy "
+            "--policy-name cloudtrain-instance-boundary --policy-document file://boundary.json`.",
         )
     if code == "LimitExceeded" and operation.startswith(("Create", "Put", "Add")):
         return QuotaError(
@@ -377,7 +371,20 @@ def make_client(settings: Settings, service: str, region: str, *, max_attempts: 
         config = config.merge(Config(proxies={}))
     else:
         session = boto3.Session(profile_name=settings.profile, region_name=region)
-    return session.client(service, config=config, endpoint_url=settings.endpoint_url)  # type: ignore[call-overload,unused-ignore]
+    client = session.client(service, config=config, endpoint_url=settings.endpoint_url)  # type: ignore[call-overload,unused-ignore]
+    if os.environ.get(RECORD_ENV):
+        client.meta.events.register("before-call", _record_call)
+    return client
+
+
+def _record_call(model: Any, **_: Any) -> None:
+    """Record an operation cloudtrain's own code calls (permissions.record), not one a test
+    makes with cloudtrain's client: the first caller outside botocore must be cloudtrain's."""
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in PASS_THROUGH:
+        frame = frame.f_back
+    if frame is not None and frame.f_globals.get("__name__", "").startswith("cloudtrain."):
+        record(model.service_model.endpoint_prefix, model.name)
 
 
 def _private_key_ok(path: Path) -> None:
@@ -800,6 +807,8 @@ class AwsCloud:
                     RoleName=name,
                     AssumeRolePolicyDocument=json.dumps(EC2_TRUST_POLICY),
                     Description=f"cloudtrain run {run_id}: read the job's S3 data",
+                    # never more than S3 objects, whatever a policy put on it says (permissions.py)
+                    PermissionsBoundary=boundary_arn(self.caller_identity().account),
                     Tags=iam_tags,
                 )
                 made = True

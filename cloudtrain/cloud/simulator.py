@@ -195,10 +195,37 @@ def _moto_server() -> Iterator[str]:
         # moto's state lives in this process: start each simulated cloud empty.
         reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
         _LOOPBACK.open(reset, timeout=10).close()
+        _set_up_account(endpoint)
         try:
             yield endpoint
         finally:
             server.stop()
+
+
+def _set_up_account(endpoint: str) -> None:
+    """What a user sets up once in an account before a first run on AWS (README): the
+    permissions boundary of the runs' roles (permissions.py)."""
+    import boto3
+    import botocore.session
+    from botocore.config import Config
+
+    from cloudtrain.cloud.aws import SIMULATED_CREDENTIALS
+    from cloudtrain.permissions import BOUNDARY_POLICY_NAME, boundary_policy, dumps
+
+    core = botocore.session.Session(session_vars={"profile": (None, None, None, None)})  # no AWS_PROFILE
+    iam = boto3.Session(botocore_session=core).client(
+        "iam",
+        region_name="us-east-1",
+        endpoint_url=endpoint,
+        aws_access_key_id=SIMULATED_CREDENTIALS[0],
+        aws_secret_access_key=SIMULATED_CREDENTIALS[1],
+        config=Config(proxies={}),
+    )
+    iam.create_policy(
+        PolicyName=BOUNDARY_POLICY_NAME,
+        PolicyDocument=dumps(boundary_policy()),
+        Description="The most a cloudtrain run's role may do",
+    )
 
 
 @contextmanager
