@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the rest is imported where it is used: `status`, `logs` and
     from cloudtrain.ledger import Ledger, RunRow
     from cloudtrain.orchestrator import Orchestrator, RunContext
     from cloudtrain.planner import Plan
+    from cloudtrain.smoketest import SmokeResult
     from cloudtrain.spec import JobSpec
 
 
@@ -598,6 +599,32 @@ def build_image(
             base=base,
             instance_type=instance_type,
             envs=wanted,
+            reporter=reporter,
+        )
+
+
+def launch_smoke_test(
+    settings: Settings,
+    *,
+    region: str | None = None,
+    instance_type: str | None = None,
+    dry_run: bool = False,
+    reporter: Reporter | None = None,
+) -> SmokeResult:
+    """``doctor --launch``: one small spot instance through a run's control path, no
+    training (``smoketest.smoke_test``); against the simulator with ``dry_run``."""
+    from cloudtrain.cloud.aws import default_region
+    from cloudtrain.ledger import Ledger
+    from cloudtrain.smoketest import SMOKE_TYPE, smoke_price, smoke_test
+
+    instance_type = instance_type or SMOKE_TYPE
+    smoke_price(instance_type, region or settings.region or DEFAULT_REGION)  # before anything starts
+    with cloud_settings(settings, dry_run) as active, Ledger.open(active) as ledger:
+        return smoke_test(
+            active,
+            ledger,
+            region=region or default_region(active),
+            instance_type=instance_type,
             reporter=reporter,
         )
 

@@ -85,6 +85,12 @@ class Catalog:
     theano_cuda: str | None = None
     # the days the observed spot prices span (first, last); None: the catalog has none
     spot_observed: tuple[date, date] | None = None
+    # small x86_64 types without a GPU, never planned for a job: `doctor --launch`'s
+    cpu_instance_types: tuple[InstanceType, ...] = ()
+
+    def cpu_type(self, name: str) -> InstanceType | None:
+        """A type of ``cpu_instance_types`` (``t3.micro``), or None."""
+        return next((t for t in self.cpu_instance_types if t.name == name), None)
 
     def get(self, name: str) -> InstanceType | None:
         """The instance type called ``name`` (exact, e.g. ``g4dn.xlarge``), or None."""
@@ -214,6 +220,10 @@ def parse_catalog(data: Mapping[str, Any]) -> Catalog:
         types.append(itype)
     if spot_observed is None and any(t.spot for t in types):
         _fail("catalog: spot prices without 'spot_observed', the days they were observed")
+    raw_cpu = data.get("cpu_instance_types", [])
+    if not isinstance(raw_cpu, list):
+        _fail("catalog: 'cpu_instance_types' must be a list")
+    cpu_types = tuple(_parse_cpu_type(index, entry, regions) for index, entry in enumerate(raw_cpu))
 
     return Catalog(
         generated=generated,
@@ -222,7 +232,17 @@ def parse_catalog(data: Mapping[str, Any]) -> Catalog:
         instance_types=tuple(types),
         ebs_gp3_per_gb_month=ebs,
         spot_observed=spot_observed,
+        cpu_instance_types=cpu_types,
     )
+
+
+def _parse_cpu_type(index: int, entry: Any, regions: tuple[str, ...]) -> InstanceType:
+    """One of ``cpu_instance_types``: a GPU type's fields without the GPU's."""
+    if not isinstance(entry, Mapping):
+        _fail(f"catalog: cpu_instance_types[{index}] must be an object")
+    gpu = {"gpu": "none", "gpu_count": 1, "gpu_memory_gib": 1}  # checked by the GPU parser, then dropped
+    parsed = _parse_instance_type(index, {**entry, **gpu}, regions)
+    return replace(parsed, gpu="", gpu_count=0, gpu_memory_gib=0.0)
 
 
 def _parse_instance_type(index: int, entry: Any, regions: tuple[str, ...]) -> InstanceType:

@@ -1302,9 +1302,26 @@ def render_doctor(report: DoctorReport, console: Console) -> None:
 )
 @click.option("--region", metavar="REGION", help="Check this region (default: the one a job would use).")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@click.option(
+    "--launch",
+    is_flag=True,
+    help="Instead of the checks: launch a small spot instance (t3.micro) through a run's whole "
+    "control path, no training, and remove it; prints each phase's seconds and the cost (cents).",
+)
+@click.option("--yes", "-y", is_flag=True, help="With --launch: do not ask before spending (cents).")
 @pass_context
-def doctor_command(ctx: Context, dry_run: bool, region: str | None, as_json: bool) -> None:
+def doctor_command(
+    ctx: Context, dry_run: bool, region: str | None, as_json: bool, launch: bool, yes: bool
+) -> None:
     """Check what a run needs, and say how to fix what is missing.
+
+    With --launch, a smoke test instead: Canonical's Ubuntu 22.04 found by name and
+    owner, a key pair and a /32 security group, a spot t3.micro with IMDSv2 required,
+    its host key pinned from the console, the agent on the image's python3 (configure,
+    watchdog, a command followed to its end), teardown confirmed, and nothing of it
+    left. It costs a few cents on AWS (`cost-report` shows it as doctor-launch); with
+    --dry-run it runs against the simulator. Exit 0 when every phase passed, else the
+    exit code of the failure (3 for a cloud or remote one).
 
     Each check is ok, warn or fail (skip: not checked because one it needs failed),
     with a one-line explanation and, for a problem, the fix. Exit code 0 when
@@ -1333,6 +1350,9 @@ def doctor_command(ctx: Context, dry_run: bool, region: str | None, as_json: boo
       sim-image    whether the simulated image is built, its job environments
                    and the Python each one uses
     """
+    if launch:
+        _doctor_launch(ctx, dry_run, region, as_json, yes)
+        return
     from cloudtrain.doctor import diagnose
     from cloudtrain.errors import CloudError
 
@@ -1347,6 +1367,46 @@ def doctor_command(ctx: Context, dry_run: bool, region: str | None, as_json: boo
             f"{len(report.failed)} check(s) failed: {names}",
             hint="Apply the fixes shown, then run `cloudtrain doctor` again.",
         )
+
+
+def _doctor_launch(ctx: Context, dry_run: bool, region: str | None, as_json: bool, yes: bool) -> None:
+    """``doctor --launch``: the smoke test, its phases and its cost."""
+    from cloudtrain.api import launch_smoke_test, run_status
+    from cloudtrain.smoketest import SMOKE_TYPE, smoke_price
+
+    if not dry_run and not yes:
+        price = smoke_price(SMOKE_TYPE, region or ctx.settings.region or "us-east-1")
+        if not sys.stdin.isatty():
+            raise InputError(
+                "doctor --launch spends money (a few cents) and there is no terminal to ask",
+                hint="Pass --yes to launch without asking, or --dry-run to simulate.",
+            )
+        if not click.confirm(
+            f"Launch a spot {SMOKE_TYPE} (on-demand ${price:.4f}/h, spot less) for a few minutes?",
+            default=False,
+            err=True,
+        ):
+            raise InputError("not launched", hint="Nothing was started.")
+    reporter = ConsoleReporter(quiet=as_json)
+    try:
+        result = launch_smoke_test(ctx.settings, region=region, dry_run=dry_run, reporter=reporter)
+    finally:
+        reporter.close()
+    cost = run_status(ctx.settings, result.run_id)[0].get("cost_usd")
+    if as_json:
+        _print_record({**result.to_json(), "cost_usd": cost})
+        return
+    width = max(len(p.name) for p in result.phases)
+    for p in result.phases:
+        line = f"{p.name:<{width}}  {p.seconds:6.1f} s  {escape(p.detail)}"
+        out.print(line, highlight=False, soft_wrap=True)
+    total = sum(p.seconds for p in result.phases)
+    bill = f"${cost:.4f}" if cost is not None else "unknown"
+    out.print(
+        f"[bold green]ok[/] {result.run_id}: {len(result.phases)} phases in {total:.0f} s, cost {bill}"
+        + (" (simulated)" if result.simulated else ""),
+        highlight=False,
+    )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ OPERATIONS: tuple[Operation, ...] = (
     *_ops(
         "ec2",
         ANY,
-        "run: launch, watch and end an instance (image build: the builder)",
+        "run: launch, watch and end an instance (image build: the builder; doctor --launch)",
         "DescribeImages",
         "DescribeVpcs",
         "CreateKeyPair",

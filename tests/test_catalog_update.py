@@ -263,8 +263,11 @@ def test_build_catalog_schema_and_order() -> None:
         "currency",
         "regions",
         "ebs_gp3_per_gb_month",
+        "cpu_instance_types",
         "instance_types",
     ]
+    # doctor --launch's small type, kept from the packaged catalog for the regions asked
+    assert [(t["name"], tuple(t["on_demand"])) for t in data["cpu_instance_types"]] == [("t3.micro", REGIONS)]
     assert data["schema"] == 1
     assert data["generated"] == "2025-05-01"
     assert "2025-05-01" in data["source"]
@@ -715,6 +718,7 @@ def test_build_catalog_with_spot() -> None:
         "regions",
         "ebs_gp3_per_gb_month",
         "spot_observed",
+        "cpu_instance_types",
         "instance_types",
     ]
     assert data["spot_observed"] == {"from": "2025-04-24", "to": "2025-05-01"}

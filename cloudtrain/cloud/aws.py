@@ -1317,6 +1317,25 @@ class AwsCloud:
             )
         return _newest_image(found)
 
+    def ubuntu_image(self) -> Image:
+        """Canonical's newest Ubuntu 22.04 LTS x86_64 image, by name and owner (``doctor
+        --launch``: a plain image, with the ``python3`` the agent must run on)."""
+        with aws_errors("DescribeImages"):
+            found = self.ec2.describe_images(
+                Owners=[UBUNTU_OWNER],
+                Filters=[
+                    {"Name": "name", "Values": [UBUNTU_PATTERN]},
+                    {"Name": "architecture", "Values": ["x86_64"]},
+                    {"Name": "state", "Values": ["available"]},
+                ],
+            )["Images"]
+        if not found:
+            raise CloudError(
+                f"no Ubuntu 22.04 image ({UBUNTU_PATTERN}, owner {UBUNTU_OWNER}) in {self.region}",
+                hint="Try another --region.",
+            )
+        return _newest_image(found)
+
     def cloudtrain_images(self) -> list[ImageInfo]:
         """This account's cloudtrain images (cloudtrain-gpu-*) in the region, newest first."""
         with aws_errors("DescribeImages"):
@@ -1462,6 +1481,9 @@ IMAGE_NAME_PREFIX = "cloudtrain-gpu-"  # matches DEFAULT_IMAGE_PATTERN
 # NVIDIA driver and CUDA-ready kernel; the recipe installs the rest), owner "amazon"'s DLAMI account.
 BASE_IMAGE_OWNER = "898082745236"
 BASE_IMAGE_PATTERN = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"
+# Canonical's Ubuntu 22.04 LTS images (hvm-ssd, and hvm-ssd-gp3 for the newer ones).
+UBUNTU_OWNER = "099720109477"
+UBUNTU_PATTERN = "ubuntu/images/hvm-ssd*/ubuntu-jammy-22.04-amd64-server-*"
 
 
 @dataclass(frozen=True)

@@ -622,9 +622,24 @@ def build_catalog(
     }
     if with_spot and spot_observed is not None:
         data["spot_observed"] = {"from": spot_observed[0].isoformat(), "to": spot_observed[1].isoformat()}
+    data["cpu_instance_types"] = packaged_cpu_types(regions)
     data["instance_types"] = entries
     parse_catalog(data)  # the same validation the loader applies
     return data
+
+
+def packaged_cpu_types(regions: Sequence[str]) -> list[dict[str, Any]]:
+    """The packaged catalog's ``cpu_instance_types`` (``doctor --launch``'s small type), kept
+    as they are (not refreshed) for the prices of ``regions``."""
+    from importlib import resources
+
+    data = json.loads(resources.files("cloudtrain").joinpath("data/catalog.json").read_text(encoding="utf-8"))
+    kept = []
+    for entry in data.get("cpu_instance_types", []):
+        on_demand = {r: p for r, p in entry.get("on_demand", {}).items() if r in regions}
+        if on_demand:
+            kept.append({**entry, "on_demand": on_demand})
+    return kept
 
 
 def dump_catalog(data: Mapping[str, Any]) -> str:

@@ -92,7 +92,7 @@ def _simulated_price_history(self: Any) -> Any:
     now = iso(utcnow())
     history = []
     for offer in offers:
-        itype = catalog.get(offer["InstanceType"])
+        itype = catalog.get(offer["InstanceType"]) or catalog.cpu_type(offer["InstanceType"])
         on_demand = itype.on_demand_price(self.region) if itype else None
         if itype is None or on_demand is None:
             continue
