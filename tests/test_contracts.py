@@ -4,8 +4,10 @@ them for the longest job name the job file allows."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import boto3
 import pytest
@@ -72,3 +74,114 @@ def test_a_call_aws_would_refuse_fails_the_test_before_moto_sees_it(cloud: AwsCl
     with pytest.raises(AssertionError, match="CreateRole.RoleName .* 72 characters, over 64"):
         cloud.iam.create_role(RoleName="r" * 72, AssumeRolePolicyDocument="{}")
     assert cloud.iam.list_roles()["Roles"] == []
+
+
+# --- recorded shapes: the console, the instance metadata, AWS's launch errors --------------
+
+CONTRACTS = Path(__file__).parent / "data" / "contracts"
+
+
+def image(cloud: AwsCloud) -> str:
+    """A cloudtrain image for launch_request to find."""
+    return str(cloud.ec2.register_image(Name="cloudtrain-gpu-20261128")["ImageId"])
+
+
+def test_the_fingerprints_of_an_ubuntu_console_are_those_of_its_block() -> None:
+    from cloudtrain.remote.session import parse_console_fingerprints
+
+    console = (CONTRACTS / "console-ubuntu-22.04.txt").read_bytes().decode()  # its CRLFs kept
+    assert "\r\n" in console and "ec2: -----BEGIN SSH HOST KEY FINGERPRINTS-----" in console
+    found = parse_console_fingerprints(console)
+    assert found == {
+        "SHA256:MY+fgSueiew72UjACvx1F0mlonWzpwlDYojaYvTLNvs",  # ECDSA
+        "SHA256:PV9Plc2xzfxxAU76Gmaf1CWZoM4gANkUpAnki8yu1YQ",  # ED25519
+        "SHA256:9faRaLujz6HiqA3/g5tI2zbfNvqHbBzZ19UI86swh0Q",  # RSA
+    }  # not ssh-keygen's line from when it generated the key, outside the block
+    # a console read while cloud-init is still writing the block has none yet: keep waiting
+    cut = console[: console.index("(ED25519)")]
+    assert parse_console_fingerprints(cut) == frozenset()
+
+
+def test_the_instance_metadata_notices_as_aws_documents_them() -> None:
+    from cloudtrain.agent.imds import REBALANCE, SPOT, Poll, notice_from_poll
+
+    action = json.loads((CONTRACTS / "spot-instance-action.json").read_text())
+    rebalance = json.loads((CONTRACTS / "rebalance-recommendation.json").read_text())
+    seen = "2026-12-06T12:20:01Z"
+    notice = notice_from_poll(Poll(instance_action=action), None, seen)
+    assert notice == {"kind": SPOT, "action": "terminate", "time": "2026-12-06T12:22:00Z", "seen_at": seen}
+    early = notice_from_poll(Poll(rebalance=rebalance), None, seen)
+    assert early is not None and (early["kind"], early["time"]) == (REBALANCE, "2026-12-06T12:10:00Z")
+
+
+ERRORS = json.loads((CONTRACTS / "aws-errors.json").read_text())["errors"]
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "hint_words"),
+    [
+        ("capacity", "CapacityError", "another zone"),
+        ("quota", "QuotaError", "Service Quotas"),
+        ("price", "PriceError", "max_price"),
+    ],
+)
+def test_launch_errors_as_aws_sends_them(
+    cloud: AwsCloud, monkeypatch: pytest.MonkeyPatch, case: str, error: str, hint_words: str
+) -> None:
+    from botocore.retries.standard import ExponentialBackoff
+    from test_aws import ec2_error, inject, launch_request
+
+    from cloudtrain import errors
+
+    monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
+    recorded = ERRORS[case]
+    run_id = "digits-mlp-20261128-120000-abcd"
+    tags = run_tags(run_id, "tester@testhost", utcnow() + timedelta(hours=5))
+    refusal = ec2_error(recorded["code"], recorded["status"], recorded["message"])
+    seen: list[dict[str, list[str]]] = []
+    inject(cloud, "RunInstances", [refusal] * 30, seen)
+    with pytest.raises(getattr(errors, error)) as raised:
+        cloud.launch(launch_request(cloud, tags, image(cloud)))
+    assert recorded["message"] in str(raised.value)  # AWS's own words reach the user
+    assert raised.value.hint is not None and hint_words in raised.value.hint
+    # AWS answers a capacity shortage with a 500, which botocore retries: 9 attempts (its
+    # retries dict's max_attempts, 8, counts the retries after the first), with backoff,
+    # up to a minute before the next zone is tried; a 400 is final
+    assert len(seen) == (9 if recorded["status"] >= 500 else 1)
+
+
+def test_a_profile_iam_has_not_propagated_is_waited_for(
+    cloud: AwsCloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_aws import ec2_error, inject, launch_request
+
+    from cloudtrain.cloud import aws
+
+    monkeypatch.setattr(aws, "PROFILE_RETRY_DELAY_S", 0.01)
+    recorded = ERRORS["profile-not-propagated"]
+    run_id = "digits-mlp-20261128-120000-abcd"
+    tags = run_tags(run_id, "tester@testhost", utcnow() + timedelta(hours=5))
+    profile = cloud.ensure_instance_profile(run_id, ["data"], tags)
+    not_yet = [ec2_error(recorded["code"], recorded["status"], recorded["message"]) for _ in range(2)]
+    seen: list[dict[str, list[str]]] = []
+    inject(cloud, "RunInstances", not_yet, seen)
+    instance_id = cloud.launch(launch_request(cloud, tags, image(cloud), instance_profile=profile))
+    assert instance_id.startswith("i-") and len(seen) == 3  # twice refused, then launched
+    assert len({s["ClientToken"][0] for s in seen}) == 1  # the same token: never two instances
+
+
+def test_an_instance_that_refuses_latest_console_output_is_asked_without(cloud: AwsCloud) -> None:
+    from test_aws import ec2_error, inject
+
+    seen: list[dict[str, list[str]]] = []
+    inject(
+        cloud, "GetConsoleOutput", [ec2_error("UnsupportedOperation", 400, "Latest is not supported")], seen
+    )
+    reply = cloud.ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)
+    instance_id = reply["Instances"][0]["InstanceId"]
+    assert isinstance(cloud.console_output(instance_id), str)
+    cloud.console_output(instance_id)
+    assert [s.get("Latest") for s in seen] == [["true"], None, None]  # refused once, then never asked
+    inject(cloud, "GetConsoleOutput", [ec2_error("UnauthorizedOperation", 403, "no")], [])
+    with pytest.raises(Exception, match="not allowed"):  # a refusal of the call itself still says so
+        cloud.console_output(instance_id)

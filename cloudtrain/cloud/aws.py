@@ -67,6 +67,17 @@ DEFAULT_IMAGE_PATTERN = "cloudtrain-gpu-*"
 RETRY_CONFIG: Any = {"mode": "standard", "max_attempts": 8}
 SIMULATED_CREDENTIALS = ("testing", "testing")  # the simulated AWS's; never the user's keys
 S3_POLICY_NAME = "cloudtrain-s3-read"
+# GetConsoleOutput errors that are not a refusal of Latest (which has no documented code)
+REFUSALS_NOT_ABOUT_LATEST = frozenset(
+    {
+        "AuthFailure",
+        "UnauthorizedOperation",
+        "RequestLimitExceeded",
+        "InvalidInstanceID.NotFound",
+        "InvalidInstanceID.Malformed",
+        "ExpiredToken",
+    }
+)
 IAM_ROLE_NAME_MAX = 64  # IAM's limit on a role name (CreateRole's RoleName); moto does not apply it
 EC2_TRUST_POLICY = {
     "Version": "2012-10-17",
@@ -529,6 +540,7 @@ class AwsCloud:
         # run id -> the instances this object launched for it: teardown finds them even
         # before describe_instances lists them (EC2 is eventually consistent)
         self._launched: dict[str, list[str]] = {}
+        self._console_latest = True  # console_output: False once an instance refused Latest
 
     # --- account (doctor) ------------------------------------------------------------------
 
@@ -1048,9 +1060,25 @@ class AwsCloud:
         )
 
     def console_output(self, instance_id: str) -> str:
-        """The instance's console log (cloud-init prints the SSH host key fingerprints there)."""
-        with aws_errors("GetConsoleOutput"):
-            reply = self.ec2.get_console_output(InstanceId=instance_id, Latest=True)
+        """The instance's console log (cloud-init prints the SSH host key fingerprints there).
+
+        ``Latest`` (the log as it is now, not the buffered copy EC2 posts after a state
+        change) exists only on Nitro instances; an instance that refuses it (p3 is Xen)
+        is asked again without it, and so are later calls of this object."""
+        reply = None
+        if self._console_latest:
+            try:
+                reply = self.ec2.get_console_output(InstanceId=instance_id, Latest=True)
+            except ClientError as e:
+                if _code(e) in REFUSALS_NOT_ABOUT_LATEST:
+                    raise translate(e, "GetConsoleOutput") from e
+                log.info("%s refuses Latest console output (%s); asking without it", instance_id, _code(e))
+                self._console_latest = False
+            except BotoCoreError as e:
+                raise translate(e, "GetConsoleOutput") from e
+        if reply is None:
+            with aws_errors("GetConsoleOutput"):
+                reply = self.ec2.get_console_output(InstanceId=instance_id)
         text = reply.get("Output") or ""
         try:  # EC2 returns it base64-encoded
             decoded = base64.b64decode(text, validate=True).decode("utf-8", "replace")
