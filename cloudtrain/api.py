@@ -141,8 +141,9 @@ def run_job(
     if dry_run:
         from cloudtrain.cloud.simimage import ensure_image
         from cloudtrain.cloud.siminterrupt import InterruptionSchedule
-        from cloudtrain.cloud.simulator import ensure_simulator
+        from cloudtrain.cloud.simulator import ensure_simulator, require_simulator
 
+        require_simulator()  # before minutes of building the simulated image
         image = ensure_image((spec.backend,), reporter)
         active = ensure_simulator(settings, image=image)
     else:
@@ -585,8 +586,9 @@ def build_image(
     if dry_run:  # the type is checked before the simulated image and the simulator start
         builder_price(instance_type, region or settings.region or DEFAULT_REGION)
         from cloudtrain.cloud.simimage import ensure_image
-        from cloudtrain.cloud.simulator import ensure_simulator
+        from cloudtrain.cloud.simulator import ensure_simulator, require_simulator
 
+        require_simulator()
         image = ensure_image(wanted, reporter)
         active = ensure_simulator(settings, image=image)
     else:

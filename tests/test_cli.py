@@ -522,3 +522,22 @@ def test_text_that_looks_like_an_emoji_code_is_printed_as_it_is(settings: Settin
     seed(settings)
     shown = CliRunner().invoke(main, ["status", "job:fire:"])
     assert shown.exit_code == 2 and "job:fire:" in shown.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("run", str(EXAMPLE), "--dry-run"),
+        ("plan", str(EXAMPLE), "--dry-run"),
+        ("doctor", "--launch", "--dry-run"),
+    ],
+)
+def test_a_dry_run_without_the_sim_extra_exits_2_naming_it(
+    monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...]
+) -> None:
+    """`pip install cloudtrain` alone is for AWS: moto and asyncssh come with the sim extra."""
+    monkeypatch.setitem(sys.modules, "asyncssh", None)  # as if not installed: find_spec says None
+    result = cli(*command)
+    assert result.exit_code == ExitCode.INVALID_INPUT, result.output
+    assert "lacks asyncssh" in result.output and "pip install 'cloudtrain[sim]'" in result.output
+    assert not (Settings.from_env().home / "sim").exists()  # no simulator, no simulated image started

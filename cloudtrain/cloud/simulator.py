@@ -56,7 +56,7 @@ from typing import Any
 
 from cloudtrain.catalog import load_catalog
 from cloudtrain.cloud.aws import TAG_SSH
-from cloudtrain.errors import CloudError
+from cloudtrain.errors import CloudError, InputError
 from cloudtrain.prices import catalog_spot
 from cloudtrain.records import iso, utcnow
 from cloudtrain.settings import Settings
@@ -290,6 +290,22 @@ def simulator_status(settings: Settings) -> dict[str, Any] | None:
     return None
 
 
+SIM_PACKAGES = ("moto", "asyncssh")  # the `sim` extra: the simulated AWS and its hosts' SSH servers
+
+
+def require_simulator() -> None:
+    """Refuse a dry-run (InputError, exit 2) where the `sim` extra is not installed, before
+    anything starts: `pip install cloudtrain` alone is for AWS."""
+    import importlib.util
+
+    missing = [name for name in SIM_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise InputError(
+            f"--dry-run needs the simulator, and this install lacks {', '.join(missing)}",
+            hint="Install the sim extra: pip install 'cloudtrain[sim]' (in a checkout: pip install '.[sim]')",
+        )
+
+
 def ensure_simulator(
     settings: Settings, *, image: Path | None = None, idle_s: float | None = None, timeout: float = 60.0
 ) -> Settings:
@@ -299,6 +315,7 @@ def ensure_simulator(
     """
     from filelock import FileLock
 
+    require_simulator()
     folder = sim_dir(settings)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     with FileLock(str(folder / "lock")):
