@@ -620,7 +620,9 @@ def launch_smoke_test(
     from cloudtrain.smoketest import SMOKE_TYPE, smoke_price, smoke_test
 
     instance_type = instance_type or SMOKE_TYPE
-    smoke_price(instance_type, region or settings.region or DEFAULT_REGION)  # before anything starts
+    if not dry_run:  # before anything starts (the simulator's region is its own default)
+        region = region or default_region(settings)
+        smoke_price(instance_type, region)
     with cloud_settings(settings, dry_run) as active, Ledger.open(active) as ledger:
         return smoke_test(
             active,

@@ -1375,7 +1375,9 @@ def _doctor_launch(ctx: Context, dry_run: bool, region: str | None, as_json: boo
     from cloudtrain.smoketest import SMOKE_TYPE, smoke_price
 
     if not dry_run and not yes:
-        price = smoke_price(SMOKE_TYPE, region or ctx.settings.region or "us-east-1")
+        from cloudtrain.cloud.aws import default_region
+
+        price = smoke_price(SMOKE_TYPE, region or default_region(ctx.settings))
         if not sys.stdin.isatty():
             raise InputError(
                 "doctor --launch spends money (a few cents) and there is no terminal to ask",

@@ -186,7 +186,9 @@ def user_policy(bucket: str | None = None) -> dict[str, Any]:
         by_scope.setdefault(op.scope, []).extend(op.needs)
     roles = [f"arn:aws:iam::*:role/{ROLE_PREFIX}*"]
     bounded = {"StringEquals": {"iam:PermissionsBoundary": boundary_arn()}}
-    role_writes = {"iam:CreateRole", "iam:PutRolePolicy", "iam:DeleteRolePolicy"}
+    # only what could make a role stronger needs the boundary; deleting a policy cannot (and
+    # a role made before the boundary existed must still be removable)
+    role_writes = {"iam:CreateRole", "iam:PutRolePolicy"}
     statements = [
         _statement("Ec2AndLists", by_scope[ANY], ["*"]),
         _statement("RunRolesOnlyWithTheBoundary", role_writes, roles, bounded),

@@ -20,7 +20,7 @@ import shlex
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -42,7 +42,9 @@ SMOKE_TYPE = "t3.micro"
 SMOKE_DISK_GB = 8  # the Ubuntu image's root volume
 SMOKE_HOURS = 1.0  # the expiry tag (gc) and the watchdog's deadline: it takes minutes
 SMOKE_RUN_DIR = ".cloudtrain/doctor-launch"
-COMMAND = 'echo "cloudtrain smoke test on $(uname -m) with $(python3 --version)"'
+# a few seconds: the agent's spot-notice watcher polls IMDS once at least meanwhile
+COMMAND = 'echo "cloudtrain smoke test on $(uname -m) with $(python3 --version)"; sleep 3'
+VOLUME_GONE_S = 90.0  # a terminated instance's root volume may be listed a while yet
 COMMAND_TIMEOUT_S = 120.0
 
 
@@ -114,6 +116,7 @@ def smoke_test(
     (after teardown). The instance is terminated whatever happens."""
     reporter = reporter or Reporter()
     on_demand = smoke_price(instance_type, region)
+    cloud = AwsCloud(settings, region)  # before the run is recorded: nothing to end if this fails
     now = utcnow()
     run_id = new_run_id(SMOKE_NAME, now)
     ledger.create_run(
@@ -129,7 +132,6 @@ def smoke_test(
         )
     )
     result = SmokeResult(run_id, region, instance_type, settings.simulated)
-    cloud = AwsCloud(settings, region)
     held = RunHandle()
     outcome, exit_code = RunState.FAILED, None
 
@@ -182,26 +184,27 @@ def smoke_test(
             held = RunHandle(instance_id=instance_id, key_name=key.name, security_group_id=group)
             result.instance_id = instance_id
             ledger.update_run(run_id, handle={"instance_id": instance_id})
+            # recorded at once (at the estimate, the zone unknown): billed from here, whatever follows
+            row = InstanceRow(
+                id=instance_id,
+                run_id=run_id,
+                instance_type=instance_type,
+                zone=None,
+                lifecycle=Lifecycle.SPOT,
+                price_per_hour=estimated_spot(on_demand),
+                on_demand_per_hour=on_demand,
+                launched_at=utcnow(),
+                disk_gb=SMOKE_DISK_GB,
+                ebs_per_gb_month=load_catalog().ebs_price(region),
+            )
+            ledger.record_instance(row)
             detail.append(f"{instance_id}: spot, IMDSv2 required")
         with phase("running") as detail:
             launched = cloud.wait_running(instance_id)
             result.zone = launched.zone
             price, source = _spot_price(cloud, instance_type, launched.zone, on_demand, settings.simulated)
             result.price_per_hour, result.price_source = price, source
-            ledger.record_instance(
-                InstanceRow(
-                    id=instance_id,
-                    run_id=run_id,
-                    instance_type=instance_type,
-                    zone=launched.zone,
-                    lifecycle=Lifecycle.SPOT,
-                    price_per_hour=price,
-                    on_demand_per_hour=on_demand,
-                    launched_at=now,
-                    disk_gb=SMOKE_DISK_GB,
-                    ebs_per_gb_month=load_catalog().ebs_price(region),
-                )
-            )
+            ledger.record_instance(replace(row, zone=launched.zone, price_per_hour=price))
             ledger.instance_running(instance_id, utcnow())
             detail.append(f"in {launched.zone}, ${price:.4f}/h ({source})")
         state(RunState.PROVISIONING, f"reaching {instance_id} over SSH")
@@ -229,8 +232,7 @@ def smoke_test(
             held = RunHandle()
             detail.append("instance terminated (confirmed), group and key pair deleted")
         with phase("nothing left") as detail:
-            left = [f"{r.kind} {r.id}" for r in cloud.owned_resources(settings.owner, run_id)]
-            result.left += left
+            result.left += _whatever_is_left(cloud, settings.owner, run_id)
             detail.append("none of the run's resources remain" if not result.left else ", ".join(result.left))
         if result.left:
             raise CloudError(
@@ -245,18 +247,36 @@ def smoke_test(
         reporter.warn("interrupted: terminating the instance")
         raise
     except CloudtrainError as e:
+        exit_code = int(e.exit_code)
         ledger.add_event(run_id, "error", e.message)
+        raise
+    except Exception as e:  # paramiko, OSError ...: recorded too, then raised
+        ledger.add_event(run_id, "error", f"{type(e).__name__}: {e}")
         raise
     finally:
         with shielded_from_signals():
-            if held.instance_id or held.security_group_id or held.key_name:
-                problems = teardown(cloud, ledger, run_id, held)
-                if problems:
-                    unremoved = "; ".join(problems)
-                    reporter.warn(f"teardown incomplete: {unremoved}; run `cloudtrain down {run_id}`")
-            ledger.update_run(run_id, state=outcome, ended_at=utcnow(), exit_code=exit_code)
-            ledger.add_event(run_id, outcome.value, f"doctor --launch {outcome.value}")
-            reporter.stage(outcome, f"doctor --launch {outcome.value}")
+            try:
+                if outcome is not RunState.SUCCEEDED:  # the run's tags find what `held` missed
+                    problems = teardown(cloud, ledger, run_id, held)
+                    if problems:
+                        unremoved = "; ".join(problems)
+                        reporter.warn(f"teardown incomplete: {unremoved}; run `cloudtrain down {run_id}`")
+            finally:
+                code = exit_code if exit_code is not None else int(ExitCode.CLOUD_OR_REMOTE)
+                ledger.update_run(run_id, state=outcome, ended_at=utcnow(), exit_code=code)
+                ledger.add_event(run_id, outcome.value, f"doctor --launch {outcome.value}")
+                reporter.stage(outcome, f"doctor --launch {outcome.value}")
+
+
+def _whatever_is_left(cloud: AwsCloud, owner: str, run_id: str) -> list[str]:
+    """The run's resources still there after teardown; a terminated instance's root volume
+    (DeleteOnTermination) may be listed a while yet, so volumes are given VOLUME_GONE_S."""
+    deadline = time.monotonic() + VOLUME_GONE_S
+    while True:
+        left = cloud.owned_resources(owner, run_id)
+        if not left or any(r.kind != "volume" for r in left) or time.monotonic() > deadline:
+            return [f"{r.kind} {r.id}" for r in left]
+        time.sleep(5.0)
 
 
 def _spot_price(
@@ -293,9 +313,11 @@ def _run_command(agent: RemoteAgent, session: Session) -> str:
         raise RemoteError(
             f"the smoke test's command failed (exit code {status.get('exit_code')}): {log.strip()[-300:]}"
         )
-    if status.get("imds_error"):
+    supervisor = session.run(f"cat {shlex.quote(SMOKE_RUN_DIR)}/supervisor.log", check=False).text
+    if status.get("imds_error") or "watching IMDS at" not in supervisor:
+        why = status.get("imds_error") or "its spot-notice watcher did not start"
         raise RemoteError(
-            f"the agent could not read the instance metadata (IMDSv2): {status['imds_error']}",
+            f"the agent could not read the instance metadata (IMDSv2): {why}",
             hint="A run could not hear a spot interruption notice: check the way to 169.254.169.254.",
         )
     lines = [line for line in log.splitlines() if line.startswith("cloudtrain smoke test")]

@@ -136,3 +136,18 @@ def test_an_access_denied_names_the_actions_and_the_command() -> None:
     error = ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "RunInstances")
     hint = translate(error, "HeadBucket").hint
     assert hint is not None and "s3:ListBucket" in hint and "cloudtrain iam-policy" in hint
+
+
+def test_a_missing_boundary_policy_says_how_to_create_it() -> None:
+    from botocore.exceptions import ClientError
+
+    from cloudtrain.cloud.aws import translate
+
+    message = (
+        "Scope ARN: arn:aws:iam::123456789012:policy/cloudtrain-instance-boundary does not exist "
+        "or is not attachable."
+    )
+    error = ClientError({"Error": {"Code": "NoSuchEntity", "Message": message}}, "CreateRole")
+    translated = translate(error, "CreateRole")
+    assert "permissions boundary" in translated.message
+    assert translated.hint is not None and "iam-policy --boundary" in translated.hint

@@ -109,3 +109,24 @@ def test_the_real_aws_check_refuses_without_its_variable_and_is_not_in_ci() -> N
     tox.read(repo / "tox.ini")
     assert "aws" not in tox["tox"]["env_list"].replace(",", " ").split()  # what `tox` and CI run
     assert tox["testenv:aws"]["commands"].strip() == "python tests/real_aws.py"
+
+
+def test_a_failure_right_after_launch_still_bills_and_removes_the_instance(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cloudtrain.errors import CloudError
+
+    def never_running(self: AwsCloud, instance_id: str, **_: object) -> None:
+        raise CloudError(f"{instance_id} did not start")
+
+    monkeypatch.setattr(AwsCloud, "wait_running", never_running)
+    with pytest.raises(CloudError, match="did not start"):
+        launch_smoke_test(settings, dry_run=True)
+    active = ensure_simulator(settings)
+    with Ledger.open(active) as ledger:
+        (run,) = ledger.list_runs()
+        (instance,) = ledger.instances(run.id)  # recorded at launch, before it ran
+        events = [e.kind for e in ledger.events(run.id)]
+    assert run.state.value == "failed" and run.exit_code == 3 and "error" in events
+    assert instance.instance_type == "t3.micro" and instance.terminated_at is not None
+    assert AwsCloud(active, "us-east-1").owned_resources(settings.owner, run.id) == []

@@ -53,7 +53,14 @@ from cloudtrain.errors import (
     QuotaError,
 )
 from cloudtrain.errors import NoCredentialsError as NoCredentials
-from cloudtrain.permissions import PASS_THROUGH, RECORD_ENV, actions_for, boundary_arn, record
+from cloudtrain.permissions import (
+    BOUNDARY_POLICY_NAME,
+    PASS_THROUGH,
+    RECORD_ENV,
+    actions_for,
+    boundary_arn,
+    record,
+)
 from cloudtrain.records import SpotPrice, iso, utcnow
 from cloudtrain.settings import DEFAULT_REGION, Settings
 
@@ -67,17 +74,9 @@ DEFAULT_IMAGE_PATTERN = "cloudtrain-gpu-*"
 RETRY_CONFIG: Any = {"mode": "standard", "max_attempts": 8}
 SIMULATED_CREDENTIALS = ("testing", "testing")  # the simulated AWS's; never the user's keys
 S3_POLICY_NAME = "cloudtrain-s3-read"
-# GetConsoleOutput errors that are not a refusal of Latest (which has no documented code)
-REFUSALS_NOT_ABOUT_LATEST = frozenset(
-    {
-        "AuthFailure",
-        "UnauthorizedOperation",
-        "RequestLimitExceeded",
-        "InvalidInstanceID.NotFound",
-        "InvalidInstanceID.Malformed",
-        "ExpiredToken",
-    }
-)
+# The codes a refusal of GetConsoleOutput's Latest may come with (it has no documented one;
+# a Xen instance refuses it): UnsupportedOperation, InvalidParameter, InvalidParameterValue...
+LATEST_REFUSED = ("UnsupportedOperation", "InvalidParameter")
 IAM_ROLE_NAME_MAX = 64  # IAM's limit on a role name (CreateRole's RoleName); moto does not apply it
 EC2_TRUST_POLICY = {
     "Version": "2012-10-17",
@@ -336,7 +335,8 @@ def translate(error: Exception, operation: str, *, instance_type: str = "", spot
             hint=f"Grant {', '.join(actions_for(operation))} to this user or role "
             "(`cloudtrain iam-policy` prints all that cloudtrain needs).",
         )
-    if operation == "CreateRole" and code in ("NoSuchEntity", "InvalidInput") and "oundary" in message:
+    boundary_missing = code in ("NoSuchEntity", "InvalidInput") and BOUNDARY_POLICY_NAME in message
+    if operation == "CreateRole" and boundary_missing:  # "Scope ARN: ... does not exist or is not attachable"
         return CredentialsError(
             f"the permissions boundary for the run's role is missing: {message}",
             hint="Create it once: `cloudtrain iam-policy --boundary > boundary.json && aws iam create-policy "
@@ -1070,7 +1070,7 @@ class AwsCloud:
             try:
                 reply = self.ec2.get_console_output(InstanceId=instance_id, Latest=True)
             except ClientError as e:
-                if _code(e) in REFUSALS_NOT_ABOUT_LATEST:
+                if not _code(e).startswith(LATEST_REFUSED):
                     raise translate(e, "GetConsoleOutput") from e
                 log.info("%s refuses Latest console output (%s); asking without it", instance_id, _code(e))
                 self._console_latest = False
