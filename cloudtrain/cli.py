@@ -321,9 +321,10 @@ def schema_command() -> None:
 @main.command("iam-policy")
 @click.option(
     "--with-s3",
-    "bucket",
+    "buckets",
     metavar="BUCKET",
-    help="Also allow checking that BUCKET exists (jobs with s3:// data or checkpoint.s3 in it).",
+    multiple=True,
+    help="Also allow checking that BUCKET exists (jobs with s3:// data or checkpoint.s3 in it); repeatable.",
 )
 @click.option(
     "--boundary",
@@ -335,7 +336,7 @@ def schema_command() -> None:
     is_flag=True,
     help="Print instead an example of a run's own role policy (cloudtrain writes one per run).",
 )
-def iam_policy_command(bucket: str | None, boundary: bool, instance: bool) -> None:
+def iam_policy_command(buckets: tuple[str, ...], boundary: bool, instance: bool) -> None:
     """Print the IAM policy cloudtrain needs, to attach to your user or role.
 
     It grants what `run`, `gc`, `image` and `doctor` call (the list in
@@ -359,7 +360,7 @@ def iam_policy_command(bucket: str | None, boundary: bool, instance: bool) -> No
     elif instance:
         policy = permissions.instance_policy_example()
     else:
-        policy = permissions.user_policy(bucket)
+        policy = permissions.user_policy(buckets)
     click.echo(permissions.dumps(policy))
 
 

@@ -177,8 +177,9 @@ def boundary_arn(account: str = "${aws:PrincipalAccount}") -> str:
     return f"arn:aws:iam::{account}:policy/{BOUNDARY_POLICY_NAME}"
 
 
-def user_policy(bucket: str | None = None) -> dict[str, Any]:
-    """The policy a cloudtrain user (or role) needs: every operation of OPERATIONS."""
+def user_policy(buckets: Iterable[str] = ()) -> dict[str, Any]:
+    """The policy a cloudtrain user (or role) needs: every operation of OPERATIONS, and
+    ``buckets``' checks."""
     by_scope: dict[str, list[str]] = {}
     for op in OPERATIONS:
         if op.key in IMPLIED:
@@ -209,8 +210,9 @@ def user_policy(bucket: str | None = None) -> dict[str, Any]:
             {"StringLike": {"iam:AWSServiceName": "spot.amazonaws.com"}},
         ),
     ]
-    if bucket:
-        statements.append(_statement("JobBucket", by_scope[BUCKET], [f"arn:aws:s3:::{bucket}"]))
+    if buckets:
+        arns = [f"arn:aws:s3:::{b}" for b in sorted(set(buckets))]
+        statements.append(_statement("JobBuckets", by_scope[BUCKET], arns))
     return {"Version": "2012-10-17", "Statement": statements}
 
 

@@ -56,13 +56,16 @@ def test_the_policy_grants_every_listed_operation_and_scopes_iam() -> None:
     linked = by_sid["SpotServiceLinkedRole"]
     assert linked["Action"] == ["iam:CreateServiceLinkedRole"]
     assert linked["Condition"] == {"StringLike": {"iam:AWSServiceName": "spot.amazonaws.com"}}
-    assert "JobBucket" not in by_sid
+    assert "JobBuckets" not in by_sid
 
 
 def test_with_s3_names_the_bucket_and_the_other_policies_print(tmp_path: Path) -> None:
     done = subprocess.run([CLOUDTRAIN, "iam-policy", "--with-s3", "my-data"], capture_output=True, text=True)
-    bucket = statements(json.loads(done.stdout))["JobBucket"]
+    bucket = statements(json.loads(done.stdout))["JobBuckets"]
     assert bucket["Action"] == ["s3:ListBucket"] and bucket["Resource"] == "arn:aws:s3:::my-data"
+    two = [CLOUDTRAIN, "iam-policy", "--with-s3", "my-data", "--with-s3", "my-checkpoints"]
+    buckets = statements(json.loads(subprocess.run(two, capture_output=True, text=True).stdout))["JobBuckets"]
+    assert buckets["Resource"] == ["arn:aws:s3:::my-checkpoints", "arn:aws:s3:::my-data"]
     boundary = json.loads(
         subprocess.run([CLOUDTRAIN, "iam-policy", "--boundary"], capture_output=True).stdout
     )
