@@ -1168,12 +1168,14 @@ def image_list_command(ctx: Context, region: str | None, dry_run: bool, as_json:
     )
     for header in ("id", "name", "version", "state", "created"):
         table.add_column(header, no_wrap=True)
+    table.add_column("frameworks")
     for image in images:
         mark = "→ " if chosen is image else "  "
         note = "" if image.version == version else " (old)" if image.version else " (none)"
         created = image.created_at[:16].replace("T", " ")
         version_cell = (image.version or "-") + note
-        table.add_row(mark + image.id, escape(image.name), version_cell, image.state, created)
+        frameworks = escape(image.frameworks) or "-"
+        table.add_row(mark + image.id, escape(image.name), version_cell, image.state, created, frameworks)
     out.print(table)
     out.print(f"installed recipe version: {version}", highlight=False)
 

@@ -30,6 +30,7 @@ from cloudtrain.bringup import (
 from cloudtrain.catalog import load_catalog
 from cloudtrain.cloud.aws import (
     IMAGE_NAME_PREFIX,
+    TAG_FRAMEWORKS,
     TAG_IMAGE_VERSION,
     TAG_OWNER,
     TAG_RUN_ID,
@@ -80,6 +81,16 @@ class BuildResult:
             "backends": self.backends,
             "simulated": self.simulated,
         }
+
+
+def frameworks_tag(reports: dict[str, Any]) -> str:
+    """``tensorflow: Keras 3.15.1, tensorflow 2.21.0; theano: Keras 2.3.1, theano 1.0.5``, from
+    each environment's verification, within a tag value's 256 characters."""
+    parts = [
+        f"{env}: Keras {r.get('keras_version')}, {r.get('framework')} {r.get('framework_version')}"
+        for env, r in sorted(reports.items())
+    ]
+    return "; ".join(parts)[:256]
 
 
 def builder_price(instance_type: str, region: str) -> float:
@@ -200,7 +211,13 @@ def build(
             )
 
         name = f"{IMAGE_NAME_PREFIX}{version}-{utcnow().strftime('%Y%m%d-%H%M%S')}"
-        image_tags = {TAG_OWNER: settings.owner, TAG_RUN_ID: run_id, TAG_IMAGE_VERSION: version, "Name": name}
+        image_tags = {
+            TAG_OWNER: settings.owner,
+            TAG_RUN_ID: run_id,
+            TAG_IMAGE_VERSION: version,
+            TAG_FRAMEWORKS: frameworks_tag(reports),
+            "Name": name,
+        }
         reporter.info(f"creating the image {name} from {instance_id}")
         image_id = cloud.create_image(
             instance_id, name, f"cloudtrain image, recipe version {version} ({', '.join(envs)})", image_tags

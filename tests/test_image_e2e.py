@@ -64,6 +64,12 @@ def test_build_list_copy_run_and_remove(sim_image: Path, tmp_path: Path, setting
         built["name"]: True,
         "cloudtrain-gpu-simulated": True,
     }
+    # what the build verified, as the image's tag (run.json's backend_report says it per run)
+    report = built["backends"]["tensorflow"]
+    frameworks = {i["name"]: i["frameworks"] for i in listed["images"]}
+    assert frameworks[built["name"]] == (
+        f"tensorflow: Keras {report['keras_version']}, tensorflow {report['framework_version']}"
+    )
 
     copy = as_json("image", "copy", image, "--to", "us-west-2", "--dry-run")["copy"]
     assert (copy["region"], copy["name"], copy["version"]) == ("us-west-2", built["name"], version)

@@ -1504,6 +1504,8 @@ def profile_region(settings: Settings) -> str | None:
 # --- images: what `cloudtrain image` and the run's image choice use ----------------------------
 
 TAG_IMAGE_VERSION = "cloudtrain:image-version"  # the recipe's hash (simimage.recipe_version)
+# what the build verified in each job environment: "tensorflow: Keras 3.15.1, tensorflow 2.21.0; ..."
+TAG_FRAMEWORKS = "cloudtrain:frameworks"
 IMAGE_NAME_PREFIX = "cloudtrain-gpu-"  # matches DEFAULT_IMAGE_PATTERN
 # The default base of a build: AWS's Deep Learning Base GPU image for Ubuntu 22.04 LTS (the
 # NVIDIA driver and CUDA-ready kernel; the recipe installs the rest), owner "amazon"'s DLAMI account.
@@ -1532,12 +1534,18 @@ class ImageInfo:
     def image(self) -> Image:
         return Image(self.id, self.name, self.root_device_name)
 
+    @property
+    def frameworks(self) -> str:
+        """What its build verified in each job environment ("" for an image without the tag)."""
+        return self.tags.get(TAG_FRAMEWORKS, "")
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "name": self.name,
             "region": self.region,
             "version": self.version or None,
+            "frameworks": self.frameworks or None,
             "state": self.state,
             "created_at": self.created_at,
             "snapshots": list(self.snapshot_ids),
