@@ -195,36 +195,27 @@ def _moto_server() -> Iterator[str]:
         # moto's state lives in this process: start each simulated cloud empty.
         reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
         _LOOPBACK.open(reset, timeout=10).close()
-        _set_up_account(endpoint)
+        _set_up_account()
         try:
             yield endpoint
         finally:
             server.stop()
 
 
-def _set_up_account(endpoint: str) -> None:
+def _set_up_account() -> None:
     """What a user sets up once in an account before a first run on AWS (README): the
-    permissions boundary of the runs' roles (permissions.py)."""
-    import boto3
-    import botocore.session
-    from botocore.config import Config
+    permissions boundary of the runs' roles (permissions.py). Straight into moto's IAM,
+    which serves from this process (a client's start-up would cost each server 0.2 s)."""
+    from moto.iam.models import iam_backends
 
-    from cloudtrain.cloud.aws import SIMULATED_CREDENTIALS
     from cloudtrain.permissions import BOUNDARY_POLICY_NAME, boundary_policy, dumps
 
-    core = botocore.session.Session(session_vars={"profile": (None, None, None, None)})  # no AWS_PROFILE
-    iam = boto3.Session(botocore_session=core).client(
-        "iam",
-        region_name="us-east-1",
-        endpoint_url=endpoint,
-        aws_access_key_id=SIMULATED_CREDENTIALS[0],
-        aws_secret_access_key=SIMULATED_CREDENTIALS[1],
-        config=Config(proxies={}),
-    )
-    iam.create_policy(
-        PolicyName=BOUNDARY_POLICY_NAME,
-        PolicyDocument=dumps(boundary_policy()),
-        Description="The most a cloudtrain run's role may do",
+    iam_backends[ACCOUNT_ID]["global"].create_policy(
+        description="The most a cloudtrain run's role may do",
+        path="/",
+        policy_document=dumps(boundary_policy()),
+        policy_name=BOUNDARY_POLICY_NAME,
+        tags=[],
     )
 
 
