@@ -29,6 +29,7 @@ from cloudtrain.catalog import load_catalog
 from cloudtrain.cloud.aws import AwsCloud, LaunchRequest, caller_cidr, run_tags
 from cloudtrain.errors import CloudError, CloudtrainError, ExitCode, InputError, RemoteError
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
+from cloudtrain.planner import catalog_label
 from cloudtrain.prices import ESTIMATE_LABEL, catalog_spot, estimated_spot, price_problem
 from cloudtrain.progress import Reporter
 from cloudtrain.records import Lifecycle, RunHandle, RunState, iso, new_run_id, utcnow
@@ -293,7 +294,7 @@ def _spot_price(
                 return latest.price, "live"
             itype = load_catalog().cpu_type(instance_type)
             _, seen = catalog_spot(itype.spot.get(zone) if itype else None, on_demand)
-            return latest.price, f"catalog {load_catalog().generated}" if seen else ESTIMATE_LABEL
+            return latest.price, catalog_label(load_catalog()) if seen else ESTIMATE_LABEL
     return estimated_spot(on_demand), ESTIMATE_LABEL
 
 

@@ -1329,14 +1329,7 @@ class AwsCloud:
             elif base:
                 found = self.ec2.describe_images(Filters=[{"Name": "name", "Values": [base]}])["Images"]
             else:
-                found = self.ec2.describe_images(
-                    Owners=[BASE_IMAGE_OWNER],
-                    Filters=[
-                        {"Name": "name", "Values": [BASE_IMAGE_PATTERN]},
-                        {"Name": "architecture", "Values": ["x86_64"]},
-                        {"Name": "state", "Values": ["available"]},
-                    ],
-                )["Images"]
+                found = self._public_images(BASE_IMAGE_OWNER, BASE_IMAGE_PATTERN)
         if not found:
             wanted = base or f"the base image ({BASE_IMAGE_PATTERN}, owner {BASE_IMAGE_OWNER})"
             raise InputError(
@@ -1345,18 +1338,24 @@ class AwsCloud:
             )
         return _newest_image(found)
 
+    def _public_images(self, owner: str, pattern: str) -> list[dict[str, Any]]:
+        """The available x86_64 images of ``owner`` named like ``pattern`` (a publisher's
+        images, found by name and owner, never by a fixed id)."""
+        found: list[dict[str, Any]] = self.ec2.describe_images(
+            Owners=[owner],
+            Filters=[
+                {"Name": "name", "Values": [pattern]},
+                {"Name": "architecture", "Values": ["x86_64"]},
+                {"Name": "state", "Values": ["available"]},
+            ],
+        )["Images"]
+        return found
+
     def ubuntu_image(self) -> Image:
         """Canonical's newest Ubuntu 22.04 LTS x86_64 image, by name and owner (``doctor
         --launch``: a plain image, with the ``python3`` the agent must run on)."""
         with aws_errors("DescribeImages"):
-            found = self.ec2.describe_images(
-                Owners=[UBUNTU_OWNER],
-                Filters=[
-                    {"Name": "name", "Values": [UBUNTU_PATTERN]},
-                    {"Name": "architecture", "Values": ["x86_64"]},
-                    {"Name": "state", "Values": ["available"]},
-                ],
-            )["Images"]
+            found = self._public_images(UBUNTU_OWNER, UBUNTU_PATTERN)
         if not found:
             raise CloudError(
                 f"no Ubuntu 22.04 image ({UBUNTU_PATTERN}, owner {UBUNTU_OWNER}) in {self.region}",
