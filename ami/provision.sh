@@ -8,7 +8,8 @@
 # For --dry-run the controller runs this same script with --flavor cpu into its cache
 # folder, so the recipe is exercised by the tests, not just written.
 #
-# Each environment is PREFIX/envs/NAME (a venv; the GPU theano one a conda prefix),
+# Each environment is PREFIX/envs/NAME (a venv; the GPU theano one a conda prefix) holding
+# exactly the pins of its lock file (lock-*.txt, written by lock.sh), hashes checked,
 # marked complete by PREFIX/envs/NAME/.complete; PREFIX/image.json records every
 # complete environment. Re-running reuses complete environments, so environments
 # can be added to an image one at a time.
@@ -39,37 +40,26 @@ here="$(cd "$(dirname "$0")" && pwd)"
 mkdir -p "$prefix/envs"
 step() { printf '[provision] %s\n' "$*"; }
 
-new_venv() {  # NAME PYTHON REQUIREMENTS...: a fresh venv with the requirements installed
-    local name="$1" py="$2"; shift 2
+new_venv() {  # NAME PYTHON LOCK: a fresh venv holding exactly LOCK's pins, each file's hash checked
+    local name="$1" py="$2" lock="$3"
     local env="$prefix/envs/$name"
     rm -rf "$env"
     step "$name: creating a venv with $("$py" --version 2>&1)"
     "$py" -m venv "$env"
-    "$env/bin/python" -m pip install --quiet --upgrade pip
-    step "$name: installing $*"
-    "$env/bin/python" -m pip install --quiet --progress-bar off "$@"
+    step "$name: installing $lock"
+    install_lock "$env" "$lock"
+}
+
+install_lock() {  # ENV LOCK: LOCK's pins into ENV, nothing else (the lock holds every dependency)
+    "$1/bin/python" -m pip install --quiet --progress-bar off --require-hashes --no-deps -r "$here/$2"
 }
 
 build_tensorflow() {
-    local env="$prefix/envs/tensorflow" tf
-    if [ "$flavor" = gpu ]; then tf="tensorflow[and-cuda]"; else tf="tensorflow-cpu"; fi
-    new_venv tensorflow "$python" -r "$here/requirements-tensorflow.txt" "$tf"
+    new_venv tensorflow "$python" "lock-tensorflow-$flavor.txt"
     # `keras: 2` jobs: tf-keras (the Keras 2 API, TF_USE_LEGACY_KERAS=1) of TensorFlow's own
-    # minor version; --no-deps, as it names the `tensorflow` wheel, not tensorflow-cpu.
-    local minor
-    minor="$("$env/bin/python" - <<'PY'
-from importlib import metadata
-for name in ("tensorflow", "tensorflow-cpu", "tensorflow_cpu"):
-    try:
-        print(".".join(metadata.version(name).split(".")[:2]))
-        break
-    except metadata.PackageNotFoundError:
-        pass
-PY
-)"
-    [ -n "$minor" ] || { echo "provision.sh: no TensorFlow in the tensorflow environment" >&2; exit 3; }
-    step "tensorflow: installing tf-keras $minor.* (the Keras 2 API)"
-    "$env/bin/python" -m pip install --quiet --progress-bar off --no-deps "tf-keras==$minor.*"
+    # minor version; on its own, as it names the `tensorflow` wheel, not tensorflow-cpu.
+    step "tensorflow: installing lock-tf-keras.txt (the Keras 2 API)"
+    install_lock "$prefix/envs/tensorflow" lock-tf-keras.txt
 }
 
 build_theano() {
@@ -83,7 +73,7 @@ build_theano() {
             echo "  Install it (pyenv install 3.7.16) and pass --theano-python or set CLOUDTRAIN_PYTHON37." >&2
             exit 3
         fi
-        new_venv theano "$theano_python" -r "$here/requirements-theano.txt"
+        new_venv theano "$theano_python" lock-theano.txt
     fi
     # Theano compiles C for each new graph (~30 s for a first fit): compile the common
     # ones now, into PREFIX/theano-cache, which every instance starts from a copy of.

@@ -6,7 +6,7 @@
 #
 # pygpu/libgpuarray (Theano's GPU backend) come from conda-forge, not PyPI, so this
 # environment is a conda prefix at PREFIX/envs/theano, with Python 3.7 and the CUDA
-# toolkit named in theano-gpus.json; the rest is requirements-theano.txt from PyPI.
+# toolkit named in theano-gpus.json; the rest is lock-theano.txt from PyPI (pinned, hashed).
 # Refuses to build on a GPU whose architecture that file does not list.
 set -euo pipefail
 prefix="$1"
@@ -34,4 +34,4 @@ fi
 step "theano: conda env with Python 3.7, pygpu and CUDA $cuda"
 "$conda_root/bin/conda" create --yes --quiet --prefix "$env" -c conda-forge \
     "python=3.7" "pygpu=0.7.6" "libgpuarray=0.7.6" "cudatoolkit=$cuda" "cudnn" "mkl-service"
-"$env/bin/python" -m pip install --quiet --progress-bar off -r "$here/requirements-theano.txt"
+"$env/bin/python" -m pip install --quiet --progress-bar off --require-hashes --no-deps -r "$here/lock-theano.txt"

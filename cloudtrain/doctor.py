@@ -429,19 +429,6 @@ def _ended_runs(settings: Settings) -> set[str]:
 # --- the simulated image (dry-run) --------------------------------------------------------
 
 
-def _python_version(python: str) -> str:
-    reply = subprocess.run(
-        [python, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
-    if reply.returncode != 0:
-        raise OSError(f"exit {reply.returncode}: {(reply.stderr or reply.stdout).strip()[-200:]}")
-    return reply.stdout.strip()
-
-
 def _version_tuple(version: str) -> tuple[int, ...]:
     parts = []
     for piece in version.split(".")[:2]:
@@ -473,6 +460,11 @@ def check_sim_image() -> list[Finding]:
     )
     rebuild = f"Delete {shlex.quote(str(path))} and run a job with --dry-run to rebuild it."
     if not (path / "image.json").is_file():
+        try:
+            simimage.check_image_python()
+        except CloudtrainError as e:
+            image = Finding("sim-image", title, Status.FAIL, f"cannot be built: {e}", fix=e.hint or build)
+            return [image, *_python37_finding(simimage)]
         image = Finding(
             "sim-image",
             title,
@@ -520,7 +512,9 @@ def _env_finding(name: str, info: Any, rebuild: str) -> Finding:
             data=data,
         )
     try:
-        actual = _python_version(python)
+        from cloudtrain.cloud.simimage import python_version
+
+        actual = python_version(python)
     except (OSError, subprocess.SubprocessError) as e:
         return Finding(
             check, title, Status.FAIL, f"its Python {python} does not run: {e}", fix=rebuild, data=data

@@ -7,6 +7,7 @@ skip and say what to install, except in CI (CI=true), where they must run.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -66,6 +67,38 @@ def weights(python: Path, path: Path, env: dict[str, str] | None = None) -> list
     arrays = done.stdout.split()
     assert arrays, f"no arrays in {path}"
     return arrays
+
+
+# --- the image: what its locks say, nothing else ----------------------------------------------
+
+
+def installed(python: Path) -> dict[str, str]:
+    """Every distribution in an environment, by canonical name: its version."""
+    from packaging.utils import canonicalize_name
+
+    listed = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=json", "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {canonicalize_name(d["name"]): d["version"] for d in json.loads(listed)}
+
+
+@pytest.mark.parametrize(
+    ("env", "locks"),
+    [("tensorflow", ("lock-tensorflow-cpu.txt", "lock-tf-keras.txt")), ("theano", ("lock-theano.txt",))],
+)
+def test_the_simulated_image_holds_exactly_its_locks(
+    theano_image: Path, env: str, locks: tuple[str, ...]
+) -> None:
+    from test_locks import entries
+
+    locked = {name: version for lock in locks for name, (version, _) in entries(lock).items()}
+    found = installed(theano_image / "envs" / env / "bin" / "python")
+    assert {name: found.get(name) for name in locked} == locked
+    # Beyond the locks: only what the venv itself brings (pip, and setuptools on Python 3.7).
+    assert set(found) - set(locked) <= {"pip", "setuptools"}
 
 
 # --- Theano ----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import needs
 import pytest
 from botocore.stub import Stubber
 from test_aws import RUN_ID, cloud, image_id, launch_request, tags  # noqa: F401
@@ -370,6 +371,16 @@ def test_sim_image_not_built(image_cache: Path) -> None:
     assert findings["sim-image"].status is Status.WARN
     assert "not built yet" in findings["sim-image"].summary
     assert "--dry-run" in (findings["sim-image"].fix or "")
+
+
+def test_sim_image_that_cannot_be_built_from_this_python_fails(
+    image_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLOUDTRAIN_IMAGE_PYTHON", needs.python37())  # no TensorFlow 2.21 wheel for it
+    found = {f.check: f for f in check_sim_image()}["sim-image"]
+    assert found.status is Status.FAIL
+    assert "cannot be built" in found.summary and "is Python 3.7" in found.summary
+    assert "CLOUDTRAIN_IMAGE_PYTHON" in (found.fix or "")
 
 
 def test_sim_image_envs_and_their_pythons(image_cache: Path) -> None:

@@ -215,14 +215,14 @@ class Steps(Reporter):
 
 
 # An interpreter that answers what provision.sh asks of one, doing nothing else: a venv is
-# a folder with a copy of it, pip installs nothing, the TensorFlow version is 2.21; the
-# image.json writer runs on the real Python. The recipe's steps are the subject, not pip's.
+# a folder with a copy of it, pip installs nothing; the image.json writer runs on the real
+# Python. The recipe's steps are the subject, not pip's.
 STUB_PYTHON = f"""#!/bin/bash
 case "$1" in
     --version) echo "Python 3.7.16" ;;
     -m) if [ "$2" = venv ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; fi ;;
     -c) case "$2" in *print*) echo 3.7.16 ;; esac ;;
-    -) if [ $# -gt 1 ]; then exec {sys.executable} "$@"; else echo 2.21; fi ;;
+    -) exec {sys.executable} "$@" ;;
 esac
 """
 

@@ -23,7 +23,10 @@ from pathlib import Path
 from cloudtrain.errors import CloudError, InputError
 from cloudtrain.progress import Reporter
 
-RECIPE_FILES = ("provision.sh", "requirements-tensorflow.txt", "requirements-theano.txt", "warm_theano.py")
+# What the simulated image is built from. The locks, not the requirements they are written
+# from, say what is installed (lock.sh writes them; the tests refuse a stale one).
+LOCK_FILES = ("lock-tensorflow-cpu.txt", "lock-tensorflow-gpu.txt", "lock-tf-keras.txt", "lock-theano.txt")
+RECIPE_FILES = ("provision.sh", *LOCK_FILES, "warm_theano.py")
 ENVS = ("tensorflow", "theano")
 INSTALL_PYTHON37 = (
     "Install it (`pyenv install 3.7.16`, or your distribution's python3.7) or set "
@@ -73,18 +76,25 @@ def image_python() -> str:
     return os.environ.get("CLOUDTRAIN_IMAGE_PYTHON") or sys.executable
 
 
+def python_version(python: str) -> str:
+    """``python``'s version (``3.11.7``), by running it; OSError or SubprocessError if it fails."""
+    reply = subprocess.run(
+        [python, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    if reply.returncode != 0:
+        raise OSError(f"exit {reply.returncode}: {(reply.stderr or reply.stdout).strip()[-200:]}")
+    return reply.stdout.strip()
+
+
 def _is_python37(candidate: str) -> bool:
     try:
-        probe = subprocess.run(
-            [candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 7))"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            stdin=subprocess.DEVNULL,
-        )
+        return python_version(candidate).startswith("3.7.")
     except (OSError, subprocess.SubprocessError):
         return False
-    return probe.returncode == 0 and probe.stdout.strip() == "True"
 
 
 def python37_candidates() -> list[str]:
@@ -113,6 +123,34 @@ def find_python37() -> str | None:
         if _is_python37(candidate):
             return candidate
     return None
+
+
+def locked_pythons() -> list[str]:
+    """The Pythons the simulated image's tensorflow lock resolves the same on (lock.sh checks
+    each and writes them in its ``# pythons:`` line): the TensorFlow wheel has no other."""
+    for line in (recipe_dir() / "lock-tensorflow-cpu.txt").read_text().splitlines():
+        if line.startswith("# pythons: "):
+            return line.removeprefix("# pythons: ").split()
+    raise CloudError(
+        "ami/lock-tensorflow-cpu.txt has no '# pythons:' line", hint="Write it again (tox -e lock)."
+    )
+
+
+def check_image_python() -> None:
+    """Raise InputError unless the tensorflow environment's Python is one the lock is for."""
+    python = image_python()
+    try:
+        version = ".".join(python_version(python).split(".")[:2])
+    except (OSError, subprocess.SubprocessError) as error:
+        raise InputError(f"cannot run {python} to build the simulated image: {error}") from error
+    pythons = locked_pythons()
+    if version not in pythons:
+        raise InputError(
+            f"the simulated image's TensorFlow is locked for Python {', '.join(pythons)}; "
+            f"{python} is Python {version}",
+            hint=f"Set CLOUDTRAIN_IMAGE_PYTHON to a Python {' or '.join(pythons)}, "
+            "or install cloudtrain with one.",
+        )
 
 
 def recipe_hash() -> str:
@@ -188,6 +226,8 @@ def ensure_image(envs: tuple[str, ...] = ("tensorflow",), reporter: Reporter | N
                 f"the theano backend's simulated image needs Python 3.7; none works here (tried: {tried})",
                 hint=INSTALL_PYTHON37,
             )
+    if "tensorflow" in envs and not is_built(path, ("tensorflow",)):
+        check_image_python()
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if is_built(path, envs):
