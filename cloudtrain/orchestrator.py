@@ -664,7 +664,8 @@ class Orchestrator:
                 ctx.session, [backend], self.reporter, ctx.instance_id, gpu=self.settings.instance_gpus
             )
         ctx.session.run(f"mkdir -p {REMOTE_WORKDIR}")
-        config = AgentConfig.from_spec(self.spec, ctx.run_id, self.region)
+        gpus = self.plan.choice.instance.gpu_count if self.plan else None
+        config = AgentConfig.from_spec(self.spec, ctx.run_id, self.region, gpus=gpus)
         report = verify_backend(agent, config, gpu=self.settings.instance_gpus)
         self._record(ctx, backend_report=report)
         self.reporter.info(describe_backend(report))

@@ -25,6 +25,7 @@ from cloudtrain.settings import Settings
 REPO = Path(__file__).resolve().parents[1]
 THEANO_JOB = REPO / "jobs" / "digits-theano"
 TF_JOB = REPO / "jobs" / "digits-mlp"
+MIRRORED_JOB = REPO / "jobs" / "digits-mirrored"
 
 
 @pytest.fixture(scope="session")
@@ -217,6 +218,23 @@ def test_the_same_script_fails_on_keras_3(sim_image: Path, tmp_path: Path) -> No
         env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), "KERAS_BACKEND": "tensorflow"},
     )
     assert done.returncode != 0 and ".weights.h5" in done.stderr
+
+
+# --- several GPUs: MirroredStrategy ----------------------------------------------------------
+
+
+def test_the_mirrored_example_trains_one_replica_per_gpu_of_its_type(sim_image: Path, tmp_path: Path) -> None:
+    # Under `keras: 2` too: test_checkpoint.py's MirroredStrategy test trains tf-keras so.
+    job = job_copy(tmp_path / "job", MIRRORED_JOB, run="python train.py --epochs 2")
+    run_dir, done = run_ok(job, tmp_path / "runs")
+    record = status(run_dir.name)
+    assert [i["type"] for i in record["instances"]] == ["g4dn.12xlarge"]  # gpu: T4:4: four replicas
+    log = (run_dir / "logs" / "train.log").read_text()
+    assert "MirroredStrategy: 4 replicas (CPU:0, CPU:1, CPU:2, CPU:3)" in log
+    assert "Keras 3." in log and "Epoch 2/2" in log
+    outputs = run_dir / "outputs" / "outputs"
+    assert len((outputs / "predictions.csv").read_text().splitlines()) == 1 + 20
+    assert weights(sim_image / "envs" / "tensorflow" / "bin" / "python", outputs / "model.weights.h5")
 
 
 # --- the backend check -----------------------------------------------------------------------

@@ -293,3 +293,16 @@ def test_a_supervisor_gone_with_its_instance_is_the_instance_lost() -> None:
     agent.rounds[:] = [8]
     with pytest.raises(RemoteError, match="supervisor on the instance is gone"):
         alive.follow(round_s=0.01)
+
+
+def test_the_job_hears_its_instance_types_gpu_count_whatever_its_env_says() -> None:
+    from cloudtrain.spec import JobSpec
+
+    spec = JobSpec.model_validate(
+        {"name": "j", "run": "python train.py", "env": {"CLOUDTRAIN_GPUS_PER_NODE": "9", "MINE": "1"}}
+    )
+    config = AgentConfig.from_spec(spec, "run-1", "us-east-1", gpus=4)
+    assert dict(config.env) == {"CLOUDTRAIN_GPUS_PER_NODE": "4", "MINE": "1"}
+    assert dict(AgentConfig.from_spec(spec, "run-1", "us-east-1").env) == dict(
+        spec.env
+    )  # no count, no variable

@@ -507,6 +507,14 @@ class Flavour:
     def callback_base(self) -> Any:
         return self.module.callbacks.Callback
 
+    def scope(self, model: Any) -> Any:
+        """Where the model's variables live: the scope of the tf.distribute strategy it was
+        built under (MirroredStrategy ...: its optimizer's variables must be created there
+        too), a no-op for a model without one (Keras 2.3.1, other backends)."""
+        strategy = getattr(model, "distribute_strategy", None)  # Keras 3 on TensorFlow, tf_keras
+        scope = getattr(strategy, "scope", None)
+        return scope() if callable(scope) else contextlib.nullcontext()
+
     def prepare(self, model: Any) -> None:
         """Create the optimizer's variables before fit would (to restore into them)."""
 
@@ -1120,7 +1128,8 @@ def wrap_fit(cls: Any, flavour: Flavour, method: str = "fit") -> None:
         epochs = arguments.get("epochs", signature.parameters["epochs"].default)
         initial = arguments.get("initial_epoch", signature.parameters["initial_epoch"].default) or 0
         run = FitRun(flavour, self, index, int(epochs), _store())
-        done = run.restore()
+        with flavour.scope(self):
+            done = run.restore()
         run.record_restored()
         if done is not None and done > initial:
             arguments["initial_epoch"] = initial = done

@@ -142,6 +142,9 @@ class AgentCli:
         )
 
 
+GPUS_PER_NODE_ENV = "CLOUDTRAIN_GPUS_PER_NODE"
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """The job's options for the agent's ``backend`` command, built once from the job file."""
@@ -155,13 +158,17 @@ class AgentConfig:
     region: str | None = None  # for S3
 
     @classmethod
-    def from_spec(cls, spec: JobSpec, run_id: str, region: str) -> AgentConfig:
+    def from_spec(cls, spec: JobSpec, run_id: str, region: str, *, gpus: int | None = None) -> AgentConfig:
+        """``gpus``: the instance type's GPU count, for the job as CLOUDTRAIN_GPUS_PER_NODE
+        (also in a dry-run, whose simulated instance has none: a script can split the CPU
+        into as many devices, and mirror across as many replicas as the real run would)."""
         url = spec.checkpoint.s3_url(run_id)
+        ours = {GPUS_PER_NODE_ENV: str(gpus)} if gpus else {}
         return cls(
             backend=spec.backend,
             seed=spec.seed,
             keras=spec.keras,
-            env=dict(spec.env),
+            env={**spec.env, **ours},  # cloudtrain's variables win over the job's
             checkpoint_every=spec.checkpoint.every_epochs,
             checkpoint_s3=url,
             region=region if url else None,
