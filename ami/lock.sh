@@ -16,7 +16,8 @@
 #                            --no-deps, since it names the tensorflow wheel
 #   lock-theano.txt          the theano environment, for Python 3.7
 # Each lock's first line names its input and the input's sha256: the tests refuse a lock
-# whose input changed after it was written.
+# whose input changed after it was written. The tensorflow locks name their Pythons in a
+# `# pythons:` line, which provision.sh and the simulated image check.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 CPU_PYTHONS="3.10 3.11 3.12 3.13"
@@ -32,6 +33,11 @@ esac
 command -v uv >/dev/null || { echo "lock.sh: needs uv: run it as \`tox -e lock\`" >&2; exit 2; }
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
+new="$work/new"  # the locks, moved into ami/ together once all are written and checked
+mkdir "$new"
+
+sha256() { python3 -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$1"; }
+pins() { grep -o '^[a-z0-9][^ ;]*' "$1"; }  # LOCK: its name==version lines
 
 # The input with `tensorflow==` given its wheel: tensorflow[and-cuda] or tensorflow-cpu.
 with_wheel() {  # WHEEL: requirements-tensorflow.txt, its tensorflow line naming WHEEL
@@ -40,53 +46,50 @@ with_wheel() {  # WHEEL: requirements-tensorflow.txt, its tensorflow line naming
     sed "s/^tensorflow==/$1==/" "$here/requirements-tensorflow.txt"
 }
 
-# uv's output, behind a first line naming the input and its sha256.
-compile() {  # LOCK INPUT-NAME INPUT-FILE UV-ARGS...: write ami/LOCK
-    local lock="$1" name="$2" input="$3"; shift 3
-    (cd "$work" && uv pip compile "$input" --quiet --generate-hashes --no-annotate \
-        --custom-compile-command "tox -e lock" -o "$work/out.txt" "${upgrade[@]}" "$@")
-    { printf '# cloudtrain lock of %s sha256=%s\n' "$name" \
-        "$(sha256sum "$here/$name" | cut -d' ' -f1)"; cat "$work/out.txt"; } >"$here/$lock"
+# uv's output into $new/LOCK, behind a line naming its input (and the input's sha256) and,
+# with PYTHONS, a line naming the Pythons it is for (provision.sh refuses any other).
+compile() {  # LOCK INPUT-NAME INPUT-PATH PYTHONS UV-INPUT UV-ARGS...
+    local lock="$1" name="$2" input="$3" pythons="$4" source="$5"; shift 5
+    # uv takes the pins already in -o as preferences: the current lock's, unless --upgrade.
+    if [ -f "$here/$lock" ]; then grep -v '^# cloudtrain\|^# pythons' "$here/$lock" >"$work/out.txt"; fi
+    (cd "$work" && uv pip compile "$source" --quiet --generate-hashes --no-annotate \
+        --custom-compile-command "tox -e lock" -o "$work/out.txt" ${upgrade[@]+"${upgrade[@]}"} "$@")
+    {
+        printf '# cloudtrain lock of %s sha256=%s\n' "$name" "$(sha256 "$input")"
+        if [ -n "$pythons" ]; then printf '# pythons: %s\n' "$pythons"; fi
+        cat "$work/out.txt"
+    } >"$new/$lock"
     rm -f "$work/out.txt"
-    echo "lock.sh: $lock: $(grep -c '^[a-z0-9]' "$here/$lock") packages"
-}
-pins() { grep -o '^[a-z0-9][^ ;]*' "$1"; }  # LOCK: its name==version lines
-preferring() {  # LOCK: uv reads the pins in -o as preferences: start from the current lock
-    if [ -f "$here/$1" ]; then sed 1d "$here/$1" >"$work/out.txt"; fi
+    echo "lock.sh: $lock: $(pins "$new/$lock" | wc -l | tr -d ' ') packages"
 }
 
 with_wheel 'tensorflow[and-cuda]' >"$work/tensorflow-gpu.in"
-preferring lock-tensorflow-gpu.txt
-compile lock-tensorflow-gpu.txt requirements-tensorflow.txt tensorflow-gpu.in \
-    --python-version "$GPU_PYTHON" --python-platform "$PLATFORM"
+compile lock-tensorflow-gpu.txt requirements-tensorflow.txt "$here/requirements-tensorflow.txt" \
+    "$GPU_PYTHON" tensorflow-gpu.in --python-version "$GPU_PYTHON" --python-platform "$PLATFORM"
+tf="$(pins "$new/lock-tensorflow-gpu.txt" | sed -n 's/^tensorflow==//p')"
 
+# The CPU lock: the GPU lock's versions, tensorflow-cpu of its TensorFlow version.
 with_wheel tensorflow-cpu >"$work/tensorflow-cpu.in"
-sed 1d "$here/lock-tensorflow-gpu.txt" >"$work/gpu-constraints.txt"
+{ grep -v '^#' "$new/lock-tensorflow-gpu.txt"; echo "tensorflow-cpu==$tf"; } >"$work/gpu-constraints.txt"
 first="${CPU_PYTHONS%% *}"
-preferring lock-tensorflow-cpu.txt
-compile lock-tensorflow-cpu.txt requirements-tensorflow.txt tensorflow-cpu.in \
-    -c gpu-constraints.txt --python-version "$first" --python-platform "$PLATFORM"
-sed -i "1a # pythons: $CPU_PYTHONS" "$here/lock-tensorflow-cpu.txt"
+compile lock-tensorflow-cpu.txt requirements-tensorflow.txt "$here/requirements-tensorflow.txt" \
+    "$CPU_PYTHONS" tensorflow-cpu.in -c gpu-constraints.txt --python-version "$first" --python-platform "$PLATFORM"
 for py in ${CPU_PYTHONS#"$first"}; do
     (cd "$work" && uv pip compile tensorflow-cpu.in --quiet --no-header --no-annotate \
         -c gpu-constraints.txt --python-version "$py" --python-platform "$PLATFORM") >"$work/$py.txt"
-    if ! diff <(pins "$here/lock-tensorflow-cpu.txt") <(pins "$work/$py.txt") >&2; then
+    if ! diff <(pins "$new/lock-tensorflow-cpu.txt") <(pins "$work/$py.txt") >&2; then
         echo "lock.sh: on Python $py the CPU environment resolves to other pins (above):" \
             "one lock cannot serve $CPU_PYTHONS" >&2
         exit 1
     fi
 done
 
-tf="$(pins "$here/lock-tensorflow-gpu.txt" | sed -n 's/^tensorflow==//p')"
-cpu_tf="$(pins "$here/lock-tensorflow-cpu.txt" | sed -n 's/^tensorflow-cpu==//p')"
-[ "$tf" = "$cpu_tf" ] || { echo "lock.sh: tensorflow $tf (GPU) but tensorflow-cpu $cpu_tf" >&2; exit 1; }
-minor="$(echo "$tf" | cut -d. -f1,2)"
-echo "tf-keras==$minor.*" >"$work/tf-keras.in"
-preferring lock-tf-keras.txt
-compile lock-tf-keras.txt lock-tensorflow-gpu.txt tf-keras.in \
-    --no-deps --python-version "$GPU_PYTHON" --python-platform "$PLATFORM"
+echo "tf-keras==$(echo "$tf" | cut -d. -f1,2).*" >"$work/tf-keras.in"
+compile lock-tf-keras.txt lock-tensorflow-gpu.txt "$new/lock-tensorflow-gpu.txt" "" \
+    tf-keras.in --no-deps --python-version "$GPU_PYTHON" --python-platform "$PLATFORM"
 
 cp "$here/requirements-theano.txt" "$work/theano.in"
-preferring lock-theano.txt
-compile lock-theano.txt requirements-theano.txt theano.in \
-    --python-version 3.7 --python-platform "$PLATFORM"
+compile lock-theano.txt requirements-theano.txt "$here/requirements-theano.txt" "" \
+    theano.in --python-version 3.7 --python-platform "$PLATFORM"
+
+mv "$new"/lock-*.txt "$here/"

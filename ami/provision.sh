@@ -54,7 +54,18 @@ install_lock() {  # ENV LOCK: LOCK's pins into ENV, nothing else (the lock holds
     "$1/bin/python" -m pip install --quiet --progress-bar off --require-hashes --no-deps -r "$here/$2"
 }
 
+for_python() {  # PYTHON LOCK: refuse a Python that LOCK's `# pythons:` line does not name
+    local wanted version
+    wanted="$(sed -n 's/^# pythons: //p' "$here/$2")"
+    version="$("$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' | cut -d. -f1,2)"
+    case " $wanted " in
+        *" $version "*) ;;
+        *) echo "provision.sh: $2 is for Python $wanted; $1 is Python $version" >&2; exit 3 ;;
+    esac
+}
+
 build_tensorflow() {
+    for_python "$python" "lock-tensorflow-$flavor.txt"
     new_venv tensorflow "$python" "lock-tensorflow-$flavor.txt"
     # `keras: 2` jobs: tf-keras (the Keras 2 API, TF_USE_LEGACY_KERAS=1) of TensorFlow's own
     # minor version; on its own, as it names the `tensorflow` wheel, not tensorflow-cpu.

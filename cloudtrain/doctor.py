@@ -463,7 +463,14 @@ def check_sim_image() -> list[Finding]:
         try:
             simimage.check_image_python()
         except CloudtrainError as e:
-            image = Finding("sim-image", title, Status.FAIL, f"cannot be built: {e}", fix=e.hint or build)
+            image = Finding(
+                "sim-image",
+                title,
+                Status.FAIL,
+                f"cannot be built for tensorflow jobs: {e}",
+                fix=e.hint or build,
+                data={"path": str(path), "built": False},
+            )
             return [image, *_python37_finding(simimage)]
         image = Finding(
             "sim-image",

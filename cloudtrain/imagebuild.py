@@ -84,7 +84,7 @@ class BuildResult:
 
 
 def frameworks_tag(reports: dict[str, Any]) -> str:
-    """``tensorflow: Keras 3.15.1, tensorflow 2.21.0; theano: Keras 2.3.1, theano 1.0.5``, from
+    """``tensorflow: Keras 3.12.4, tensorflow 2.21.0; theano: Keras 2.3.1, theano 1.0.5``, from
     each environment's verification, within a tag value's 256 characters."""
     parts = [
         f"{env}: Keras {r.get('keras_version')}, {r.get('framework')} {r.get('framework_version')}"

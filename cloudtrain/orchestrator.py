@@ -664,11 +664,16 @@ class Orchestrator:
                 ctx.session, [backend], self.reporter, ctx.instance_id, gpu=self.settings.instance_gpus
             )
         ctx.session.run(f"mkdir -p {REMOTE_WORKDIR}")
-        gpus = self.plan.choice.instance.gpu_count if self.plan else None
-        config = AgentConfig.from_spec(self.spec, ctx.run_id, self.region, gpus=gpus)
+        config = AgentConfig.from_spec(self.spec, ctx.run_id, self.region, gpus=self._gpus(ctx))
         report = verify_backend(agent, config, gpu=self.settings.instance_gpus)
         self._record(ctx, backend_report=report)
         self.reporter.info(describe_backend(report))
+
+    def _gpus(self, ctx: RunContext) -> int:
+        """The GPU count of the instance type launched (a relaunch may take another offer)."""
+        assert self.plan is not None and ctx.launched is not None  # set by _launch, or _recover's replan
+        counts = {o.instance.name: o.instance.gpu_count for o in self.plan.offers}
+        return counts.get(ctx.launched.instance_type, self.plan.choice.instance.gpu_count)
 
     def _sync(self, ctx: RunContext) -> None:
         assert ctx.session is not None

@@ -87,16 +87,19 @@ def installed(python: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    ("env", "locks"),
-    [("tensorflow", ("lock-tensorflow-cpu.txt", "lock-tf-keras.txt")), ("theano", ("lock-theano.txt",))],
+    ("env", "locks", "image"),
+    [
+        ("tensorflow", ("lock-tensorflow-cpu.txt", "lock-tf-keras.txt"), "sim_image"),
+        ("theano", ("lock-theano.txt",), "theano_image"),  # needs a Python 3.7
+    ],
 )
 def test_the_simulated_image_holds_exactly_its_locks(
-    theano_image: Path, env: str, locks: tuple[str, ...]
+    request: pytest.FixtureRequest, env: str, locks: tuple[str, ...], image: str
 ) -> None:
     from test_locks import entries
 
     locked = {name: version for lock in locks for name, (version, _) in entries(lock).items()}
-    found = installed(theano_image / "envs" / env / "bin" / "python")
+    found = installed(request.getfixturevalue(image) / "envs" / env / "bin" / "python")
     assert {name: found.get(name) for name in locked} == locked
     # Beyond the locks: only what the venv itself brings (pip, and setuptools on Python 3.7).
     assert set(found) - set(locked) <= {"pip", "setuptools"}

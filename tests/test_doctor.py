@@ -18,10 +18,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import needs
 import pytest
 from botocore.stub import Stubber
 from test_aws import RUN_ID, cloud, image_id, launch_request, tags  # noqa: F401
+from test_image import STUB_PYTHON
 from test_run_e2e import CLOUDTRAIN
 
 from cloudtrain.catalog import load_catalog
@@ -376,10 +376,13 @@ def test_sim_image_not_built(image_cache: Path) -> None:
 def test_sim_image_that_cannot_be_built_from_this_python_fails(
     image_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("CLOUDTRAIN_IMAGE_PYTHON", needs.python37())  # no TensorFlow 2.21 wheel for it
+    python = image_cache.parent / "python"
+    python.write_text(STUB_PYTHON.replace("3.10.12", "3.9.2"))  # no TensorFlow 2.21 wheel for it
+    python.chmod(0o755)
+    monkeypatch.setenv("CLOUDTRAIN_IMAGE_PYTHON", str(python))
     found = {f.check: f for f in check_sim_image()}["sim-image"]
-    assert found.status is Status.FAIL
-    assert "cannot be built" in found.summary and "is Python 3.7" in found.summary
+    assert found.status is Status.FAIL and found.data == {"path": str(simimage.image_path()), "built": False}
+    assert "cannot be built for tensorflow jobs" in found.summary and "is Python 3.9" in found.summary
     assert "CLOUDTRAIN_IMAGE_PYTHON" in (found.fix or "")
 
 

@@ -214,14 +214,16 @@ class Steps(Reporter):
         self.bars.append((what, done, total))
 
 
-# An interpreter that answers what provision.sh asks of one, doing nothing else: a venv is
-# a folder with a copy of it, pip installs nothing; the image.json writer runs on the real
-# Python. The recipe's steps are the subject, not pip's.
+# An interpreter that answers what provision.sh asks of one, doing nothing else: a Python
+# 3.10 (the version the tensorflow locks are for), a venv is a folder with a copy of it,
+# pip installs nothing (and logs its command line to $PIP_LOG, if set); the image.json
+# writer runs on the real Python. The recipe's steps are the subject, not pip's.
 STUB_PYTHON = f"""#!/bin/bash
 case "$1" in
-    --version) echo "Python 3.7.16" ;;
-    -m) if [ "$2" = venv ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; fi ;;
-    -c) case "$2" in *print*) echo 3.7.16 ;; esac ;;
+    --version) echo "Python 3.10.12" ;;
+    -m) if [ "$2" = venv ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; fi
+        if [ "$2" = pip ] && [ -n "${{PIP_LOG:-}}" ]; then echo "$*" >>"$PIP_LOG"; fi ;;
+    -c) case "$2" in *print*) echo 3.10.12 ;; esac ;;
     -) exec {sys.executable} "$@" ;;
 esac
 """

@@ -10,13 +10,12 @@ import hashlib
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from needs import python37
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from test_image import STUB_PYTHON
 
 from cloudtrain.cloud import simimage
 from cloudtrain.errors import InputError
@@ -120,46 +119,55 @@ def test_a_changed_lock_is_a_new_recipe(monkeypatch: pytest.MonkeyPatch, tmp_pat
         before = after
 
 
+def stub_python(folder: Path, version: str = "3.10.12") -> Path:
+    """test_image's stub interpreter, claiming to be Python ``version``."""
+    stub = folder / "python"
+    stub.write_text(STUB_PYTHON.replace("3.10.12", version))
+    stub.chmod(0o755)
+    return stub
+
+
 def test_the_simulated_image_refuses_a_python_its_lock_is_not_for(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    assert "3.7" not in simimage.locked_pythons()
+    assert "3.14" not in simimage.locked_pythons()
     monkeypatch.setenv("CLOUDTRAIN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CLOUDTRAIN_IMAGE_PYTHON", python37())
-    with pytest.raises(InputError, match=r"locked for Python 3\.10.*is Python 3\.7") as refused:
+    monkeypatch.setenv("CLOUDTRAIN_IMAGE_PYTHON", str(stub_python(tmp_path, "3.14.0")))
+    with pytest.raises(
+        InputError, match=r"locked for Python 3\.10, .*, 3\.13; .* is Python 3\.14"
+    ) as refused:
         simimage.ensure_image(("tensorflow",))
     assert "CLOUDTRAIN_IMAGE_PYTHON" in (refused.value.hint or "")
     assert not (tmp_path / "cache").exists()  # nothing built, nothing begun
 
 
-# An interpreter that answers what provision.sh asks of one and logs each pip command: a
-# venv is a folder with a copy of it; image.json is written by the real Python.
-PIP_LOGGING_PYTHON = """#!/bin/bash
-case "$1" in
-    --version) echo "Python 3.10.12" ;;
-    -m) if [ "$2" = venv ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; fi
-        if [ "$2" = pip ]; then echo "$*" >>"$PIP_LOG"; fi ;;
-    -c) echo 3.10.12 ;;
-    -) exec "$REAL_PYTHON" "$@" ;;
-esac
-"""
+def provision(tmp_path: Path, flavor: str, python: Path) -> subprocess.CompletedProcess[str]:
+    command = ["bash", str(AMI / "provision.sh"), "--prefix", str(tmp_path / "image"), "--flavor", flavor]
+    env = {**os.environ, "PIP_LOG": str(tmp_path / "pip.log")}
+    return subprocess.run([*command, "--python", str(python)], capture_output=True, text=True, env=env)
 
 
 @pytest.mark.parametrize("flavor", ["cpu", "gpu"])
 def test_the_recipe_installs_the_locks_alone_hashes_checked(tmp_path: Path, flavor: str) -> None:
-    stub = tmp_path / "python"
-    stub.write_text(PIP_LOGGING_PYTHON)
-    stub.chmod(0o755)
-    log = tmp_path / "pip.log"
-    command = ["bash", str(AMI / "provision.sh"), "--prefix", str(tmp_path / "image"), "--flavor", flavor]
-    env = {**os.environ, "PIP_LOG": str(log), "REAL_PYTHON": sys.executable}
-    done = subprocess.run([*command, "--python", str(stub)], capture_output=True, text=True, env=env)
+    done = provision(tmp_path, flavor, stub_python(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     expected = [f"lock-tensorflow-{flavor}.txt", "lock-tf-keras.txt"]
-    assert log.read_text().splitlines() == [
+    assert (tmp_path / "pip.log").read_text().splitlines() == [
         f"-m pip install --quiet --progress-bar off --require-hashes --no-deps -r {AMI}/{lock}"
         for lock in expected
     ]
+
+
+@pytest.mark.parametrize(("flavor", "version"), [("cpu", "3.14.0"), ("gpu", "3.12.3")])
+def test_the_recipe_refuses_a_python_the_lock_is_not_for(tmp_path: Path, flavor: str, version: str) -> None:
+    done = provision(tmp_path, flavor, stub_python(tmp_path, version))
+    assert done.returncode == 3
+    short = version.rsplit(".", 1)[0]
+    assert (
+        f"lock-tensorflow-{flavor}.txt is for Python 3.10" in done.stderr
+        and f"is Python {short}" in done.stderr
+    )
+    assert not (tmp_path / "pip.log").exists()  # nothing installed
 
 
 def test_the_gpu_theano_environment_installs_the_theano_lock() -> None:

@@ -732,7 +732,8 @@ class FitRun:
                 f"fit {self.index}'s model does not match {saved_by} "
                 f"(weight shapes {shapes(current)} here, {shapes(weights)} saved)"
             )
-        self.flavour.prepare(self.model)
+        with self.flavour.scope(self.model):  # a failure here is one restore() reports, and ignores
+            self.flavour.prepare(self.model)
         optimizer = unpack_arrays(os.path.join(folder, "optimizer.npz"))
         extra = unpack_arrays(os.path.join(folder, "extra.npz"))
         if shapes(optimizer) != shapes(self.flavour.optimizer_state(self.model)):
@@ -1128,8 +1129,7 @@ def wrap_fit(cls: Any, flavour: Flavour, method: str = "fit") -> None:
         epochs = arguments.get("epochs", signature.parameters["epochs"].default)
         initial = arguments.get("initial_epoch", signature.parameters["initial_epoch"].default) or 0
         run = FitRun(flavour, self, index, int(epochs), _store())
-        with flavour.scope(self):
-            done = run.restore()
+        done = run.restore()
         run.record_restored()
         if done is not None and done > initial:
             arguments["initial_epoch"] = initial = done

@@ -1503,7 +1503,7 @@ def profile_region(settings: Settings) -> str | None:
 # --- images: what `cloudtrain image` and the run's image choice use ----------------------------
 
 TAG_IMAGE_VERSION = "cloudtrain:image-version"  # the recipe's hash (simimage.recipe_version)
-# what the build verified in each job environment: "tensorflow: Keras 3.15.1, tensorflow 2.21.0; ..."
+# what the build verified in each job environment: "tensorflow: Keras 3.12.4, tensorflow 2.21.0; ..."
 TAG_FRAMEWORKS = "cloudtrain:frameworks"
 IMAGE_NAME_PREFIX = "cloudtrain-gpu-"  # matches DEFAULT_IMAGE_PATTERN
 # The default base of a build: AWS's Deep Learning Base GPU image for Ubuntu 22.04 LTS (the

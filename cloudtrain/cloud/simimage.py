@@ -214,6 +214,8 @@ def ensure_image(envs: tuple[str, ...] = ("tensorflow",), reporter: Reporter | N
     unknown = [e for e in envs if e not in ENVS]
     if unknown:
         raise InputError(f"no job environment {', '.join(unknown)}", hint=f"Use one of: {', '.join(ENVS)}.")
+    if "tensorflow" in envs:  # before image_path, which runs it too, with a rawer error
+        check_image_python()
     path = image_path()
     if is_built(path, envs):
         return path
@@ -226,8 +228,6 @@ def ensure_image(envs: tuple[str, ...] = ("tensorflow",), reporter: Reporter | N
                 f"the theano backend's simulated image needs Python 3.7; none works here (tried: {tried})",
                 hint=INSTALL_PYTHON37,
             )
-    if "tensorflow" in envs and not is_built(path, ("tensorflow",)):
-        check_image_python()
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if is_built(path, envs):

@@ -163,7 +163,7 @@ class AgentConfig:
         (also in a dry-run, whose simulated instance has none: a script can split the CPU
         into as many devices, and mirror across as many replicas as the real run would)."""
         url = spec.checkpoint.s3_url(run_id)
-        ours = {GPUS_PER_NODE_ENV: str(gpus)} if gpus else {}
+        ours = {GPUS_PER_NODE_ENV: str(gpus)} if gpus is not None else {}
         return cls(
             backend=spec.backend,
             seed=spec.seed,
