@@ -175,10 +175,13 @@ AWS_CREDENTIAL_NAMES = frozenset(
 
 
 def _check_names(names: Iterable[str]) -> None:
-    """Environment variable names; never AWS credentials (the instance uses its own role)."""
+    """Environment variable names; never AWS credentials (the instance uses its own role),
+    never cloudtrain's own (CLOUDTRAIN_*: it sets them for the run)."""
     for key in names:
         if not re.match(ENV_NAME_RE, key):
             raise ValueError(f"'{key}' is not a valid environment variable name")
+        if key.startswith("CLOUDTRAIN_"):
+            raise ValueError(f"'{key}': CLOUDTRAIN_* variables are cloudtrain's own, set for the run")
         if key in AWS_CREDENTIAL_NAMES:
             raise ValueError(
                 f"'{key}': AWS credentials never go to the instance; S3 data and checkpoints use the "

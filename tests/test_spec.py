@@ -298,3 +298,11 @@ def test_aws_credentials_never_go_to_the_instance(tmp_path: Path, extra: str) ->
     job.write_text("name: creds\nrun: python train.py\n" + extra)
     with pytest.raises(SpecError, match="AWS credentials never go to the instance"):
         load_job(job)
+
+
+@pytest.mark.parametrize("extra", ["secrets: [CLOUDTRAIN_TOKEN]\n", "env: {CLOUDTRAIN_GPUS_PER_NODE: 8}\n"])
+def test_cloudtrains_own_variables_are_not_the_jobs(tmp_path: Path, extra: str) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("name: mine\nrun: python train.py\n" + extra)
+    with pytest.raises(SpecError, match="CLOUDTRAIN_\\* variables are cloudtrain's own"):
+        load_job(job)

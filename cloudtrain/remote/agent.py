@@ -168,7 +168,7 @@ class AgentConfig:
             backend=spec.backend,
             seed=spec.seed,
             keras=spec.keras,
-            env={**spec.env, **ours},  # cloudtrain's variables win over the job's
+            env={**spec.env, **ours},  # the spec refuses CLOUDTRAIN_* names in env and secrets
             checkpoint_every=spec.checkpoint.every_epochs,
             checkpoint_s3=url,
             region=region if url else None,
