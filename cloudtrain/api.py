@@ -147,6 +147,12 @@ def run_job(
         image = ensure_image((spec.backend,), reporter)
         active = ensure_simulator(settings, image=image)
     else:
+        from botocore.exceptions import NoCredentialsError
+
+        from cloudtrain.cloud.aws import credentials_source, translate
+
+        if credentials_source(settings) is None:  # an on-demand plan asks AWS nothing: ask here
+            raise translate(NoCredentialsError(), "run")
         active = settings
     chosen = _plan(spec, catalog, active, utcnow())
     if confirm is not None and not active.simulated and not confirm(chosen):

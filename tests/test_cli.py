@@ -175,10 +175,16 @@ def test_without_credentials_plan_prices_from_the_catalog_and_run_exits_3(
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    result = cli("run", str(EXAMPLE), "--yes")
-    assert result.exit_code == ExitCode.CLOUD_OR_REMOTE, result.output
-    assert "error: no AWS credentials found" in result.output
-    assert "--dry-run" in result.output
+    on_demand = tmp_path / "on-demand.yaml"  # its plan needs no spot prices, so no AWS call
+    on_demand.write_text(
+        f"name: od\nworkdir: {EXAMPLE.parent}\nrun: python train.py\nresources: {{spot: false}}\n"
+    )
+    for job in (EXAMPLE, on_demand):
+        result = cli("run", str(job), "--yes")
+        assert result.exit_code == ExitCode.CLOUD_OR_REMOTE, result.output
+        assert "error: no AWS credentials found" in result.output
+        assert "--dry-run" in result.output and "launching" not in result.output
+    assert json.loads(cli("status", "--json").output)["runs"] == []  # no run was begun
 
 
 def test_profile_gives_the_region_and_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
