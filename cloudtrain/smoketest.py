@@ -292,9 +292,10 @@ def _spot_price(
         if price_problem(latest.price, on_demand, latest.timestamp, now) is None:
             if not simulated:
                 return latest.price, "live"
-            itype = load_catalog().cpu_type(instance_type)
+            catalog = load_catalog()
+            itype = catalog.cpu_type(instance_type)
             _, seen = catalog_spot(itype.spot.get(zone) if itype else None, on_demand)
-            return latest.price, catalog_label(load_catalog()) if seen else ESTIMATE_LABEL
+            return latest.price, catalog_label(catalog) if seen else ESTIMATE_LABEL
     return estimated_spot(on_demand), ESTIMATE_LABEL
 
 
