@@ -2,8 +2,8 @@
 
 That is this module's one job. A resource is found by its tags (``cloudtrain:owner`` is
 this owner's, ``cloudtrain:run-id`` names its run): instances not yet terminated,
-volumes, security groups, key pairs, open or active spot requests, and (IAM is global)
-the runs' instance profiles with their roles. It is garbage when
+volumes, security groups, placement groups, key pairs, open or active spot requests, and
+(IAM is global) the runs' instance profiles with their roles. It is garbage when
 
 - the ledger knows its run has finished, or
 - its ``cloudtrain:expires`` has passed: the one rule left for a run the ledger does not
@@ -16,8 +16,8 @@ left alone.
 
 Removal follows teardown's order: spot requests cancelled (none can launch a
 replacement), instances terminated and confirmed by describe_instances, then volumes,
-security groups and key pairs, and instance profiles last. A run with an instance that
-could not be terminated keeps its group, volumes and profile. A run the ledger knows
+security groups, placement groups and key pairs, and instance profiles last. A run with
+an instance that could not be terminated keeps its groups, volumes and profile. A run the ledger knows
 hears what happened as from teardown: its instances' termination times, events, and
 an unfinished run leaves the active set (cancelled) only once describe_instances finds
 none of its instances left.
@@ -45,7 +45,15 @@ log = logging.getLogger(__name__)
 IAM_REGION = "global"  # where an instance profile is listed: IAM has no region
 # The order of removal (and of the listing): nothing is deleted while something it
 # depends on may still run.
-KIND_ORDER = ("spot-request", "instance", "volume", "security-group", "key-pair", "instance-profile")
+KIND_ORDER = (
+    "spot-request",
+    "instance",
+    "volume",
+    "security-group",
+    "placement-group",
+    "key-pair",
+    "instance-profile",
+)
 
 CloudFactory = Callable[[Settings, str], AwsCloud]
 
@@ -231,7 +239,7 @@ def remove(
     """Remove the survey's garbage in the safe order; every item is attempted, and what
     could not be removed comes back with its error (nothing is raised for it).
 
-    A volume, security group or instance profile goes only once describe_instances finds
+    A volume, security group, placement group or instance profile goes only once describe_instances finds
     no instance of its run left (by the run's tag, whoever's: one gc may not remove keeps
     them too)."""
     reporter = reporter or Reporter()
@@ -287,7 +295,7 @@ def remove(
 
 
 # What a run's instances use: removed only once none of them is left.
-_DEPENDENT = ("volume", "security-group", "instance-profile")
+_DEPENDENT = ("volume", "security-group", "placement-group", "instance-profile")
 
 
 class _Left(CloudtrainError):
@@ -308,6 +316,8 @@ def _remove_one(cloud: AwsCloud, ledger: Ledger, runs: _Runs, item: Leftover) ->
         cloud.delete_volume(item.id)
     elif item.kind == "security-group":
         cloud.delete_security_group(item.id)
+    elif item.kind == "placement-group":
+        cloud.delete_placement_group(item.id)
     elif item.kind == "key-pair":
         cloud.delete_key_pair(item.id)
     elif item.kind == "instance-profile":

@@ -87,6 +87,14 @@ OPERATIONS: tuple[Operation, ...] = (
     *_ops(
         "ec2",
         ANY,
+        "run: a cluster's placement group (gc: its tags)",
+        "CreatePlacementGroup",
+        "DescribePlacementGroups",
+        "DeletePlacementGroup",
+    ),
+    *_ops(
+        "ec2",
+        ANY,
         "image build, copy and rm",
         "CreateImage",
         "CopyImage",

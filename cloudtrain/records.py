@@ -98,7 +98,8 @@ class RunHandle:
     key_name: str | None = None
     key_path: str | None = None  # the private key, on this machine
     instance_profile: str | None = None  # the run's own, for S3
-    instance_id: str | None = None  # the instance it is on now
+    placement_group: str | None = None  # a run on several nodes: theirs (one zone, close together)
+    instance_id: str | None = None  # the instance it is on now (on several nodes: the chief's)
     ssh: SshAddress | None = None
     backend_report: Mapping[str, Any] | None = None  # the agent's verify report
     training_started: bool = False  # on the instance it is on now

@@ -1,5 +1,6 @@
 """Teardown: remove everything a run made in the cloud (instances, spot requests, security
-group, key pair, instance profile), then record it; and the signal shield it runs under.
+group, key pair, instance profile, a cluster's placement group), then record it; and the
+signal shield it runs under.
 
 Used by `run`, `down`, `gc` and `image build` alike. The cloud comes first: every removal
 is tried before any ledger write, so a full disk cannot leave resources behind.
@@ -54,8 +55,10 @@ def teardown(
     handle: RunHandle,
 ) -> list[str]:
     """Terminate (confirmed) the run's instance (``handle.instance_id``) and any other the
-    run's tag finds (a launch whose id never came back), then delete the handle's security
-    group, key pair and instance profile, and, when all that worked, the local private key.
+    run's tag finds (a launch whose id never came back, a cluster's other nodes), then delete
+    the handle's security group, key pair, instance profile and placement group (all but
+    the profile also found by the run's tags, should the handle lack them), and, when all
+    that worked, the local private key.
     Every step is attempted; returns what could not be removed.
 
     The cloud comes first: nothing is written to the ledger until every removal was tried
@@ -86,6 +89,9 @@ def teardown(
         tagged = []
     security_group_id = security_group_id or next((r.id for r in tagged if r.kind == "security-group"), None)
     key_name = key_name or next((r.id for r in tagged if r.kind == "key-pair"), None)
+    placement_group = handle.placement_group or next(
+        (r.id for r in tagged if r.kind == "placement-group"), None
+    )
     for request in (r for r in tagged if r.kind == "spot-request"):
         try:
             cloud.cancel_spot_request(request.id)
@@ -96,10 +102,12 @@ def teardown(
         (key_name, "key pair", cloud.delete_key_pair),
         (instance_profile, "instance profile", cloud.delete_instance_profile),
     ]
+    if placement_group:  # a cluster's (its nodes are terminated by now)
+        steps.append((placement_group, "placement group", cloud.delete_placement_group))
     for name, what, delete in steps:
         if not name:
             continue
-        if problems and what != "key pair":  # a live instance still uses the group and profile
+        if problems and what != "key pair":  # a live instance still uses the groups and profile
             problems.append(f"{what} {name}: left while an instance may be running")
             continue
         try:

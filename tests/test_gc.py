@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,6 +16,7 @@ from moto import mock_aws
 
 from cloudtrain.cli import main
 from cloudtrain.cloud.aws import AwsCloud, LaunchRequest, run_tags
+from cloudtrain.cloud.simulator import patched_moto
 from cloudtrain.errors import CloudError, ExitCode
 from cloudtrain.gc import verdict
 from cloudtrain.ledger import InstanceRow, Ledger, RunRow
@@ -44,6 +45,8 @@ class Left:
     volume: str | None = None  # a detached volume besides the root volume
     profile: str | None = None
     spot_request: str | None = None
+    placement_group: str | None = None  # a cluster's
+    nodes: tuple[str, ...] = ()  # a cluster's instances (``instance``: the first)
 
 
 _CLOUDS: dict[tuple[Settings, str], AwsCloud] = {}
@@ -58,8 +61,9 @@ def cloud_in(settings: Settings, region: str) -> AwsCloud:
 
 @pytest.fixture
 def aws(settings: Settings) -> Iterator[None]:
-    """In-process moto, with the cloudtrain image in the regions the tests use."""
-    with mock_aws():
+    """In-process moto, as the simulator completes it (placement groups), with the cloudtrain
+    image in the regions the tests use."""
+    with patched_moto(), mock_aws():
         for region in ("us-east-1", "eu-west-1"):
             cloud_in(settings, region).ec2.register_image(Name="cloudtrain-gpu-20261128")
         yield
@@ -76,29 +80,32 @@ def leave(
     volume: bool = False,
     profile: bool = False,
     spot_request: bool = False,
+    nodes: int = 0,
 ) -> Left:
-    """Make what a run makes, tagged as a run tags it (the same AwsCloud calls)."""
+    """Make what a run makes, tagged as a run tags it (the same AwsCloud calls); ``nodes``:
+    a cluster of that many instances, in a placement group."""
     cloud = cloud_in(settings, region)
     tags = run_tags(run_id, owner, expires or utcnow() + timedelta(hours=5))
     key = cloud.ensure_key_pair(run_id, tags)
-    group = cloud.create_security_group(run_id, CIDR, tags)
+    group = cloud.create_security_group(run_id, CIDR, tags, cluster=nodes > 0)
     name = cloud.ensure_instance_profile(run_id, ["data-bucket"], tags) if profile else None
-    instance = cloud.launch(
-        LaunchRequest(
-            run_id=run_id,
-            instance_type="g4dn.xlarge",
-            zone=None,
-            spot=True,
-            max_price=None,
-            disk_gb=50,
-            image=cloud.resolve_image(None),
-            key=key,
-            security_group_id=group,
-            client_token=f"{run_id}-1",
-            tags=tags,
-            instance_profile=name,
-        )
+    request = LaunchRequest(
+        run_id=run_id,
+        instance_type="g4dn.xlarge",
+        zone=None,
+        spot=True,
+        max_price=None,
+        disk_gb=50,
+        image=cloud.resolve_image(None),
+        key=key,
+        security_group_id=group,
+        client_token=f"{run_id}-1",
+        tags=tags,
+        instance_profile=name,
+        placement_group=cloud.create_placement_group(run_id, tags) if nodes else None,
     )
+    cluster = tuple(cloud.launch_cluster(request, nodes)) if nodes else ()
+    instance = cluster[0] if cluster else cloud.launch(request)
     spec = [{"Key": k, "Value": v} for k, v in tags.items()]
     volume_id = request_id = None
     if volume:
@@ -113,7 +120,18 @@ def leave(
             LaunchSpecification={"ImageId": cloud.resolve_image(None).id, "InstanceType": "g4dn.xlarge"},
             TagSpecifications=[{"ResourceType": "spot-instances-request", "Tags": spec}],
         )["SpotInstanceRequests"][0]["SpotInstanceRequestId"]
-    return Left(run_id, region, instance, group, key.name, volume_id, name, request_id)
+    return Left(
+        run_id,
+        region,
+        instance,
+        group,
+        key.name,
+        volume_id,
+        name,
+        request_id,
+        request.placement_group,
+        cluster,
+    )
 
 
 def record(
@@ -173,6 +191,12 @@ def key_exists(settings: Settings, left: Left) -> bool:
 def volume_exists(settings: Settings, left: Left) -> bool:
     ec2 = cloud_in(settings, left.region).ec2
     return bool(ec2.describe_volumes(Filters=[{"Name": "volume-id", "Values": [left.volume]}])["Volumes"])
+
+
+def placement_group_exists(settings: Settings, left: Left) -> bool:
+    ec2 = cloud_in(settings, left.region).ec2
+    found = ec2.describe_placement_groups(Filters=[{"Name": "group-name", "Values": [left.placement_group]}])
+    return bool(found["PlacementGroups"])
 
 
 def profile_exists(settings: Settings, left: Left) -> bool:
@@ -360,6 +384,41 @@ def test_removal_order_instances_before_what_they_use(aws: None, settings: Setti
     first = {kind: said.index(kind) for kind in said}
     assert first["spot-request"] < first["instance"] < first["volume"] < first["security-group"]
     assert first["security-group"] < first["instance-profile"]
+
+
+def test_a_clusters_placement_group_goes_after_all_its_nodes(aws: None, settings: Settings) -> None:
+    """Found by its tags like the rest; removed once no node of its run is left (AWS refuses
+    to delete a group an instance is in), and a live cluster's stays."""
+    from cloudtrain.api import remove_garbage, survey_garbage
+    from cloudtrain.progress import Reporter
+
+    done = leave(settings, "done-20261128-120000-aaaa", nodes=2)
+    record(settings, done, RunState.SUCCEEDED)
+    live = leave(settings, "live-20261128-120000-bbbb", nodes=2)
+    record(settings, live, RunState.RUNNING)
+    said: list[str] = []
+
+    class Notes(Reporter):
+        def info(self, message: str) -> None:
+            said.append(message)
+
+    found = survey_garbage(settings)
+    garbage = {(g.kind, g.id) for g in found.garbage}
+    assert {("instance", node) for node in done.nodes} | {
+        ("placement-group", done.placement_group)
+    } <= garbage
+    assert ("placement-group", live.placement_group) in {(k.kind, k.id) for k in found.kept}
+    result = remove_garbage(settings, found, reporter=Notes())
+    assert result.failed == []
+    removals = [line.split()[1:3] for line in said]
+    assert removals.index(["placement-group", done.placement_group]) > max(
+        removals.index(["instance", node]) for node in done.nodes
+    )
+    assert not placement_group_exists(settings, done)
+    assert {instance_state(settings, replace(done, instance=node)) for node in done.nodes} == {"terminated"}
+    removed(settings, done)
+    assert placement_group_exists(settings, live)
+    untouched(settings, live)
 
 
 def test_expired_leftovers_go_even_with_the_ledger_deleted(aws: None, settings: Settings) -> None:

@@ -206,6 +206,7 @@ UNDONE_BY = {
     "run_instances": "terminate",
     "create_key_pair": "delete_key_pair",
     "create_security_group": "delete_security_group",
+    "create_placement_group": "delete_placement_group",
     "authorize_security_group_ingress": "delete_security_group",  # the rule goes with its group
     "create_role": "delete_instance_profile",
     "put_role_policy": "delete_instance_profile",

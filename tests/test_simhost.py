@@ -548,3 +548,29 @@ def test_stopped_port_refuses_connections(tmp_path: Path, client_key: ClientKey)
             pass
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
+
+
+def test_a_host_listens_on_its_own_loopback_address(tmp_path: Path, client_key: ClientKey) -> None:
+    """A simulated cluster's node: SSH and IMDS on its private IP 127.0.0.N (the whole 127/8
+    is loopback on Linux), and its console names it ip-127-0-0-N."""
+    spec = HostSpec(f"i-{secrets.token_hex(8)}", tmp_path / "sb", client_key.public, address="127.0.0.7")
+    with SimHost(spec) as host:
+        assert (host.host, host.hostname) == ("127.0.0.7", "ip-127-0-0-7")
+        client = connect(host, client_key.pkey)
+        try:
+            stdout = client.exec_command('printf %s "$CLOUDTRAIN_IMDS_ENDPOINT"', timeout=TIMEOUT)[1]
+            assert stdout.read().decode().startswith("http://127.0.0.7:")
+        finally:
+            client.close()
+        with pytest.raises(OSError):  # on its own address only
+            socket.create_connection(("127.0.0.1", host.port), timeout=TIMEOUT).close()
+        assert all(" root@ip-127-0-0-7 (" in line for line in host.host_key_fingerprints())
+        console = host.console_output()
+        assert "root@ip-127-0-0-1" not in console
+        assert re.search(r"ens5 +\| True \| +127\.0\.0\.7 +\|", console)
+
+
+@pytest.mark.parametrize("address", ["10.0.0.5", "0.0.0.0", "::1", "localhost"])
+def test_a_host_never_listens_off_ipv4_loopback(tmp_path: Path, client_key: ClientKey, address: str) -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        SimHost(HostSpec("i-0abc", tmp_path / "sb", client_key.public, address=address))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from datetime import timedelta
@@ -9,7 +10,7 @@ from datetime import timedelta
 import pytest
 
 from cloudtrain.bringup import wait_for_fingerprints
-from cloudtrain.cloud.aws import TAG_SSH, AwsCloud, LaunchRequest, run_tags
+from cloudtrain.cloud.aws import TAG_SSH, AwsCloud, LaunchedInstance, LaunchRequest, run_tags
 from cloudtrain.cloud.simulator import ensure_simulator, simulated_aws, simulator_status, stop_simulator
 from cloudtrain.errors import CloudError, RemoteError
 from cloudtrain.records import RunHandle, parse_iso, utcnow
@@ -36,6 +37,17 @@ def launch(cloud: AwsCloud, token: str = f"{RUN_ID}-1") -> tuple[str, LaunchRequ
         tags=tags,
     )
     return cloud.launch(request), request
+
+
+def wait_for_host(cloud: AwsCloud, instance_id: str) -> LaunchedInstance:
+    """The instance once its simulated host is up (tagged with its endpoint)."""
+    running = cloud.describe(instance_id)
+    for _ in range(100):  # the simulator notices the instance within a poll or two
+        running = cloud.describe(instance_id)
+        if running.ssh_port != 22:
+            break
+        time.sleep(0.1)
+    return running
 
 
 def test_client_token_makes_one_instance(settings: Settings) -> None:
@@ -69,25 +81,23 @@ def test_instance_becomes_ssh_host_and_termination_stops_it(settings: Settings) 
     sim = ensure_simulator(settings)
     cloud = AwsCloud(sim, "us-east-1")
     instance_id, request = launch(cloud)
-    # From the first answer on, a simulated instance's address is loopback: nothing
-    # can dial the random public IP moto would invent.
-    assert cloud.describe(instance_id).ssh_host == "127.0.0.1"
+    # From the first answer on, a simulated instance's address is its own loopback address
+    # (127.0.0.N, its private IP too): nothing can dial the random IPs moto would invent.
+    address = cloud.describe(instance_id).private_ip
+    assert address and address.startswith("127.0.0.") and address != "127.0.0.1"
+    assert cloud.describe(instance_id).ssh_host == address
     running = cloud.wait_running(instance_id, delay=1)
-    for _ in range(100):  # the simulator notices the instance within a poll or two
-        running = cloud.describe(instance_id)
-        if running.ssh_port != 22:  # tagged with its simulated host's endpoint
-            break
-        time.sleep(0.1)
-    assert running.ssh_host == "127.0.0.1" and running.ssh_port != 22
+    running = wait_for_host(cloud, instance_id)
+    assert running.ssh_host == address and running.ssh_port != 22
     tags = {
         t["Key"]: t["Value"]
         for t in cloud.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]}])["Tags"]
     }
-    assert tags[TAG_SSH] == f"127.0.0.1:{running.ssh_port}"
+    assert tags[TAG_SSH] == f"{address}:{running.ssh_port}"
 
     fingerprints = wait_for_fingerprints(cloud, instance_id, timeout=20)
     assert fingerprints and all(f.startswith("SHA256:") for f in fingerprints)
-    endpoint = Endpoint("127.0.0.1", running.ssh_port, "ubuntu", request.key.path, fingerprints)
+    endpoint = Endpoint(address, running.ssh_port, "ubuntu", request.key.path, fingerprints)
     with Session(endpoint) as session:
         result = session.run("echo $HOME; env")
         home, env = result.text.split("\n", 1)
@@ -95,9 +105,7 @@ def test_instance_becomes_ssh_host_and_termination_stops_it(settings: Settings) 
         assert "AWS_SECRET_ACCESS_KEY" not in env and "fake-secret" not in env
         assert f"CLOUDTRAIN_SIM_INSTANCE={instance_id}" in env
 
-    wrong = Endpoint(
-        "127.0.0.1", running.ssh_port, "ubuntu", request.key.path, frozenset({"SHA256:" + "A" * 43})
-    )
+    wrong = Endpoint(address, running.ssh_port, "ubuntu", request.key.path, frozenset({"SHA256:" + "A" * 43}))
     with pytest.raises(HostKeyMismatch):
         Session(wrong).connect(deadline_s=5)
 
@@ -107,14 +115,42 @@ def test_instance_becomes_ssh_host_and_termination_stops_it(settings: Settings) 
         Session(endpoint).connect(deadline_s=2)
 
 
+def test_a_clusters_nodes_listen_on_their_own_private_ips(settings: Settings) -> None:
+    """Two instances of one RunInstances: each its own 127.0.0.N as private IP, SSH and IMDS
+    address, console host name; each node reaches the other at its private IP."""
+    sim = ensure_simulator(settings)
+    cloud = AwsCloud(sim, "us-east-1")
+    _, single = launch(cloud)  # key pair, group, image
+    ids = cloud.launch_cluster(dataclasses.replace(single, client_token=f"{RUN_ID}-cluster"), 2)
+    nodes = [wait_for_host(cloud, i) for i in ids]
+    addresses = [n.private_ip for n in nodes]
+    assert len(set(addresses)) == 2 and all(a and a.startswith("127.0.0.") for a in addresses)
+    assert [n.ssh_host for n in nodes] == addresses and all(n.ssh_port != 22 for n in nodes)
+    sessions = []
+    for node in nodes:
+        fingerprints = wait_for_fingerprints(cloud, node.id, timeout=20)
+        assert f"root@ip-{str(node.private_ip).replace('.', '-')} " in cloud.console_output(node.id)
+        sessions.append(
+            Session(Endpoint(str(node.ssh_host), node.ssh_port, "ubuntu", single.key.path, fingerprints))
+        )
+    with sessions[0] as first, sessions[1] as second:
+        assert first.run('printf %s "$CLOUDTRAIN_IMDS_ENDPOINT"').text.startswith(f"http://{addresses[0]}:")
+        # the chief's side of a collective: the worker dials it at its private IP
+        dial = f"exec 3<>/dev/tcp/{addresses[0]}/{nodes[0].ssh_port} && echo reached"
+        assert second.run(dial, timeout=10).text.strip() == "reached"
+    for instance_id in ids:
+        cloud.terminate(instance_id, delay=1)
+
+
 def test_poweroff_hook_terminates_the_instance(settings: Settings) -> None:
     sim = ensure_simulator(settings)
     cloud = AwsCloud(sim, "us-east-1")
     instance_id, request = launch(cloud)
     cloud.wait_running(instance_id, delay=1)
     fingerprints = wait_for_fingerprints(cloud, instance_id, timeout=20)
-    port = cloud.describe(instance_id).ssh_port
-    with Session(Endpoint("127.0.0.1", port, "ubuntu", request.key.path, fingerprints)) as session:
+    running = cloud.describe(instance_id)
+    endpoint = Endpoint(running.ssh_host or "", running.ssh_port, "ubuntu", request.key.path, fingerprints)
+    with Session(endpoint) as session:
         session.run('"$CLOUDTRAIN_POWEROFF_HOOK"')
     for _ in range(100):
         if cloud.describe(instance_id).state == "terminated":
@@ -189,13 +225,13 @@ def test_scheduled_interruption_notice_then_termination(
     instance_id, request = launch(cloud)
     cloud.wait_running(instance_id, delay=1)
     fingerprints = wait_for_fingerprints(cloud, instance_id, timeout=20)
-    port = cloud.describe(instance_id).ssh_port
-    endpoint = Endpoint("127.0.0.1", port, "ubuntu", request.key.path, fingerprints)
+    running = cloud.describe(instance_id)
+    endpoint = Endpoint(running.ssh_host or "", running.ssh_port, "ubuntu", request.key.path, fingerprints)
     with Session(endpoint) as session:
         imds_url = session.run('printf %s "$CLOUDTRAIN_IMDS_ENDPOINT"').text
         assert session.run('printf %s "$CLOUDTRAIN_IMDS_POLL_S"').text == "0.5"
         pid = int(session.run("setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $!").text)
-    assert imds_url.startswith("http://127.0.0.1:")  # loopback, never 169.254.169.254
+    assert imds_url.startswith(f"http://{running.ssh_host}:")  # its loopback address, never 169.254.169.254
     imds = ImdsClient(imds_url, timeout_s=2)
     assert imds.instance_id() == instance_id
     nothing = imds.poll()

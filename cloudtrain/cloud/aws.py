@@ -1,4 +1,5 @@
-"""AWS through boto3: spot prices, key pairs, security groups, images, launch, terminate.
+"""AWS through boto3: spot prices, key pairs, security groups, placement groups, images,
+launch (one instance, or a cluster of N in one call), terminate.
 
 The only module (with its siblings in ``cloudtrain.cloud``) that imports boto3. Clients
 are made from ``Settings`` when needed, never at import time, so the dry-run
@@ -87,6 +88,9 @@ EC2_TRUST_POLICY = {
 PROFILE_RETRY_ATTEMPTS = 6  # run_instances right after creating a profile: about 30 s in all
 PROFILE_RETRY_DELAY_S = 2.0
 NOT_FOUND_RETRIES = 6  # an instance this process launched, unknown to EC2 yet: about 10 s in all
+PLACEMENT_STRATEGY = "cluster"  # a cluster's nodes on one low-latency network segment of one zone
+# The codes of a placement group that is not there (Unknown: EC2's word for a name it does not know)
+PLACEMENT_GROUP_GONE = ("InvalidPlacementGroup.Unknown", "InvalidPlacementGroup.NotFound")
 
 # The Service Quotas a launch can hit, by instance family letter and market.
 QUOTA_NAMES = {
@@ -130,10 +134,10 @@ class TaggedInstance:
 class TaggedResource:
     """A resource carrying cloudtrain's tags, as ``cloudtrain gc`` sees it.
 
-    ``kind``: instance, volume, security-group, key-pair, spot-request or instance-profile
-    (an IAM instance profile and its role, one name); ``id``: what deletes it (a key
-    pair's or profile's name); ``instance_id``: a volume's attachment or a spot
-    request's instance."""
+    ``kind``: instance, volume, security-group, placement-group, key-pair, spot-request or
+    instance-profile (an IAM instance profile and its role, one name); ``id``: what deletes
+    it (a placement group's, key pair's or profile's name); ``instance_id``: a volume's
+    attachment or a spot request's instance."""
 
     kind: str
     id: str
@@ -179,6 +183,7 @@ class LaunchRequest:
     client_token: str
     tags: Mapping[str, str]
     instance_profile: str | None = None  # an instance profile's name (S3 data sources)
+    placement_group: str | None = None  # a cluster placement group's name (launch_cluster)
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,7 @@ class LaunchedInstance:
     state: str
     ssh_host: str | None = None  # where SSH listens: the public IP, or a simulated host
     ssh_port: int = 22
+    private_ip: str | None = None  # where the other nodes of a cluster reach it (its VPC address)
 
 
 def s3_read_policy(buckets: Sequence[str], writable: Sequence[str] = ()) -> dict[str, Any]:
@@ -398,6 +404,27 @@ def _record_call(model: Any, **_: Any) -> None:
         record(model.service_model.endpoint_prefix, model.name)
 
 
+def _ingress(group_id: str, cidr: str, *, cluster: bool) -> list[dict[str, Any]]:
+    """A run's security group rules: SSH from the controller's /32; for a cluster, all
+    traffic from the group's own members too (the group itself as the source, no address)."""
+    rules: list[dict[str, Any]] = [
+        {
+            "IpProtocol": "tcp",
+            "FromPort": 22,
+            "ToPort": 22,
+            "IpRanges": [{"CidrIp": cidr, "Description": "cloudtrain controller"}],
+        }
+    ]
+    if cluster:
+        rules.append(
+            {
+                "IpProtocol": "-1",
+                "UserIdGroupPairs": [{"GroupId": group_id, "Description": "cloudtrain cluster members"}],
+            }
+        )
+    return rules
+
+
 def _private_key_ok(path: Path) -> None:
     """Refuse a key folder or key file that others can read."""
     mode = stat.S_IMODE(path.stat().st_mode)
@@ -524,6 +551,63 @@ def _quietly(undo: Callable[[], object], what: str) -> None:
         log.info("removed %s again: the run never got to record it", what)
     except (CloudtrainError, ClientError, BotoCoreError, OSError) as e:
         log.warning("could not remove %s (%s): `cloudtrain gc` removes it", what, e)
+
+
+def launch_params(request: LaunchRequest, count: int = 1) -> dict[str, Any]:
+    """RunInstances' parameters for ``count`` hardened instances (MinCount = MaxCount):
+    terminate on shutdown, IMDSv2 only, an encrypted gp3 root volume, the run's tags on
+    the instances, volumes and spot requests; the zone and placement group when named."""
+    params: dict[str, Any] = {
+        "ImageId": request.image.id,
+        "InstanceType": request.instance_type,
+        "MinCount": count,
+        "MaxCount": count,
+        "KeyName": request.key.name,
+        "SecurityGroupIds": [request.security_group_id],
+        "ClientToken": request.client_token,
+        "InstanceInitiatedShutdownBehavior": "terminate",
+        "MetadataOptions": {
+            "HttpTokens": "required",
+            "HttpPutResponseHopLimit": 1,
+            "HttpEndpoint": "enabled",
+        },
+        "BlockDeviceMappings": [
+            {
+                "DeviceName": request.image.root_device_name,
+                "Ebs": {
+                    "VolumeSize": request.disk_gb,
+                    "VolumeType": "gp3",
+                    "Encrypted": True,
+                    "DeleteOnTermination": True,
+                },
+            }
+        ],
+        "TagSpecifications": [
+            _tag_spec("instance", request.tags),
+            _tag_spec("volume", request.tags),
+        ],
+    }
+    placement: dict[str, str] = {}
+    if request.zone:
+        placement["AvailabilityZone"] = request.zone
+    if request.placement_group:
+        placement["GroupName"] = request.placement_group
+    if placement:
+        params["Placement"] = placement
+    if request.spot:
+        options: dict[str, Any] = {
+            "SpotInstanceType": "one-time",
+            "InstanceInterruptionBehavior": "terminate",
+        }
+        if request.max_price is not None:
+            options["MaxPrice"] = f"{request.max_price:.4f}"
+        params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": options}
+        # the spot request EC2 makes for it carries the run's tags too (`cloudtrain gc`);
+        # only here: an on-demand launch makes no spot request to tag
+        params["TagSpecifications"].append(_tag_spec("spot-instances-request", request.tags))
+    if request.instance_profile:
+        params["IamInstanceProfile"] = {"Name": request.instance_profile}
+    return params
 
 
 class AwsCloud:
@@ -711,8 +795,12 @@ class AwsCloud:
 
     # --- security group ------------------------------------------------------------------
 
-    def create_security_group(self, run_id: str, cidr: str, tags: Mapping[str, str]) -> str:
-        """A per-run group allowing tcp/22 from ``cidr`` (one address's /32) only."""
+    def create_security_group(
+        self, run_id: str, cidr: str, tags: Mapping[str, str], *, cluster: bool = False
+    ) -> str:
+        """A per-run group allowing tcp/22 from ``cidr`` (one address's /32) only; with
+        ``cluster``, also all traffic from the group's own members (a cluster's nodes talk to
+        each other on ports TensorFlow chooses), and from nothing else."""
         cidr = single_address(cidr)
         with aws_errors("DescribeVpcs"):
             vpcs = self.ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
@@ -722,6 +810,11 @@ class AwsCloud:
                 hint="Create one with `aws ec2 create-default-vpc`.",
             )
         name = f"cloudtrain-{run_id}"
+        admits = (
+            "ssh from the controller, all traffic among its nodes"
+            if cluster
+            else "ssh from the controller only"
+        )
         # a Ctrl-C now would leave a group the run never records: it waits, and it is undone
         with signals_held(
             f"the creation of security group {name}", f"`cloudtrain gc` removes {name}"
@@ -729,7 +822,7 @@ class AwsCloud:
             try:
                 group_id: str = self.ec2.create_security_group(
                     GroupName=name,
-                    Description=f"cloudtrain run {run_id}: ssh from the controller only",
+                    Description=f"cloudtrain run {run_id}: {admits}",
                     VpcId=vpcs[0]["VpcId"],
                     TagSpecifications=[_tag_spec("security-group", tags)],
                 )["GroupId"]
@@ -748,17 +841,15 @@ class AwsCloud:
                 aws_errors("AuthorizeSecurityGroupIngress"),
             ):
                 self.ec2.authorize_security_group_ingress(
-                    GroupId=group_id,
-                    IpPermissions=[
-                        {
-                            "IpProtocol": "tcp",
-                            "FromPort": 22,
-                            "ToPort": 22,
-                            "IpRanges": [{"CidrIp": cidr, "Description": "cloudtrain controller"}],
-                        }
-                    ],
+                    GroupId=group_id, IpPermissions=_ingress(group_id, cidr, cluster=cluster)
                 )
-        log.info("created security group %s for %s (ssh from %s)", group_id, run_id, cidr)
+        log.info(
+            "created security group %s for %s (ssh from %s%s)",
+            group_id,
+            run_id,
+            cidr,
+            "; all traffic among its members" if cluster else "",
+        )
         return group_id
 
     def delete_security_group(self, group_id: str, attempts: int = 20, delay: float = 3.0) -> None:
@@ -777,6 +868,60 @@ class AwsCloud:
                 time.sleep(delay)
             except BotoCoreError as e:
                 raise translate(e, "DeleteSecurityGroup") from e
+
+    # --- placement group (a cluster's instances, close together in one zone) ----------------
+
+    @staticmethod
+    def placement_group_name(run_id: str) -> str:
+        return f"cloudtrain-{run_id}"
+
+    def create_placement_group(self, run_id: str, tags: Mapping[str, str]) -> str:
+        """The run's cluster placement group ``cloudtrain-<run-id>``, tagged with ``tags``;
+        returns its name (what RunInstances and DeletePlacementGroup take). One the run
+        made before (a relaunch) is reused; another's of the same name is refused."""
+        name = self.placement_group_name(run_id)
+        # a Ctrl-C now would leave a group the run never records: it waits, and it is undone
+        with signals_held(
+            f"the creation of placement group {name}", f"`cloudtrain gc` removes {name}"
+        ) as held:
+            try:
+                created = self.ec2.create_placement_group(
+                    GroupName=name,
+                    Strategy=PLACEMENT_STRATEGY,
+                    TagSpecifications=[_tag_spec("placement-group", tags)],
+                )
+            except ClientError as e:
+                if _code(e) != "InvalidPlacementGroup.Duplicate":
+                    raise translate(e, "CreatePlacementGroup") from e
+                with aws_errors("DescribePlacementGroups"):
+                    found = self.ec2.describe_placement_groups(GroupNames=[name])["PlacementGroups"]
+                self._refuse_unless_ours(f"placement group {name}", _tags(found[0]) if found else {}, tags)
+                log.info("reusing placement group %s for %s", name, run_id)
+                return name
+            except BotoCoreError as e:
+                raise translate(e, "CreatePlacementGroup") from e
+            if held.pending:  # the caller will never get to record it
+                _quietly(lambda: self.delete_placement_group(name, attempts=1), f"placement group {name}")
+        group_id = created.get("PlacementGroup", {}).get("GroupId", "")
+        log.info("created placement group %s (%s, %s) for %s", name, group_id, PLACEMENT_STRATEGY, run_id)
+        return name
+
+    def delete_placement_group(self, name: str, attempts: int = 20, delay: float = 3.0) -> None:
+        """Delete the placement group, waiting out the seconds EC2 still counts a terminated
+        instance in it (InvalidPlacementGroup.InUse); one already gone is no error."""
+        for attempt in range(attempts):
+            try:
+                self.ec2.delete_placement_group(GroupName=name)
+                log.info("deleted placement group %s", name)
+                return
+            except ClientError as e:
+                if _code(e) in PLACEMENT_GROUP_GONE:
+                    return
+                if _code(e) != "InvalidPlacementGroup.InUse" or attempt == attempts - 1:
+                    raise translate(e, "DeletePlacementGroup") from e
+                time.sleep(delay)
+            except BotoCoreError as e:
+                raise translate(e, "DeletePlacementGroup") from e
 
     # --- instance profile (S3 data sources) -----------------------------------------------
 
@@ -866,15 +1011,21 @@ class AwsCloud:
 
     def set_run_expiry(self, run_id: str, when: datetime, instance_profile: str | None = None) -> None:
         """Move the ``cloudtrain:expires`` tag of every resource of the run (``--keep``): `gc`
-        judges them by it, so the key pair, the group and the profile stay as long as the
-        instance that needs them."""
+        judges them by it, so the key pair, the groups and the profile stay as long as the
+        instances that need them."""
         found = self.owned_resources(self.settings.owner, run_id)
-        ids = [r.id for r in found if r.kind != "key-pair"]
+        by_name = ("key-pair", "placement-group")  # listed by name, tagged by id
+        ids = [r.id for r in found if r.kind not in by_name]
         names = [r.id for r in found if r.kind == "key-pair"]
+        groups = [r.id for r in found if r.kind == "placement-group"]
         tag = [{"Key": TAG_EXPIRES, "Value": iso(when)}]
         if names:
             with aws_errors("DescribeKeyPairs"):
                 ids += [k["KeyPairId"] for k in self.ec2.describe_key_pairs(KeyNames=names)["KeyPairs"]]
+        if groups:
+            with aws_errors("DescribePlacementGroups"):
+                described = self.ec2.describe_placement_groups(GroupNames=groups)["PlacementGroups"]
+            ids += [g["GroupId"] for g in described if g.get("GroupId")]
         if ids:
             with aws_errors("CreateTags"):
                 self.ec2.create_tags(Resources=ids, Tags=tag)
@@ -954,70 +1105,61 @@ class AwsCloud:
 
     def launch(self, request: LaunchRequest) -> str:
         """run_instances: one hardened instance; the same ClientToken on every retry."""
-        params: dict[str, Any] = {
-            "ImageId": request.image.id,
-            "InstanceType": request.instance_type,
-            "MinCount": 1,
-            "MaxCount": 1,
-            "KeyName": request.key.name,
-            "SecurityGroupIds": [request.security_group_id],
-            "ClientToken": request.client_token,
-            "InstanceInitiatedShutdownBehavior": "terminate",
-            "MetadataOptions": {
-                "HttpTokens": "required",
-                "HttpPutResponseHopLimit": 1,
-                "HttpEndpoint": "enabled",
-            },
-            "BlockDeviceMappings": [
-                {
-                    "DeviceName": request.image.root_device_name,
-                    "Ebs": {
-                        "VolumeSize": request.disk_gb,
-                        "VolumeType": "gp3",
-                        "Encrypted": True,
-                        "DeleteOnTermination": True,
-                    },
-                }
-            ],
-            "TagSpecifications": [
-                _tag_spec("instance", request.tags),
-                _tag_spec("volume", request.tags),
-            ],
-        }
-        if request.zone:
-            params["Placement"] = {"AvailabilityZone": request.zone}
-        if request.spot:
-            options: dict[str, Any] = {
-                "SpotInstanceType": "one-time",
-                "InstanceInterruptionBehavior": "terminate",
-            }
-            if request.max_price is not None:
-                options["MaxPrice"] = f"{request.max_price:.4f}"
-            params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": options}
-            # the spot request EC2 makes for it carries the run's tags too (`cloudtrain gc`);
-            # only here: an on-demand launch makes no spot request to tag
-            params["TagSpecifications"].append(_tag_spec("spot-instances-request", request.tags))
-        if request.instance_profile:
-            params["IamInstanceProfile"] = {"Name": request.instance_profile}
-        # A Ctrl-C now would lose the answer that names the instance: it waits for it.
+        return self._launch(request, 1)[0]
+
+    def launch_cluster(self, request: LaunchRequest, count: int) -> list[str]:
+        """run_instances: ``count`` hardened instances in one call, MinCount = MaxCount (EC2
+        launches all of them or none), in ``request.placement_group`` when it names one;
+        their ids in launch order (AmiLaunchIndex: the first is the chief). Fewer than
+        ``count`` (EC2 should never) are terminated again, and that is a CapacityError."""
+        if count < 1:
+            raise ValueError(f"a cluster has at least one instance, not {count}")
+        ids = self._launch(request, count)
+        if len(ids) < count:
+            for instance_id in ids:
+                try:
+                    self.terminate(instance_id)
+                except CloudtrainError as e:  # teardown finds it by the run's tag
+                    log.warning("could not terminate %s of an incomplete cluster: %s", instance_id, e.message)
+            raise CapacityError(
+                f"AWS launched {len(ids)} of the {count} {request.instance_type} instances asked for "
+                "(terminated again)",
+                hint="Try another zone or GPU, fewer nodes, or try again later.",
+            )
+        return ids
+
+    def _launch(self, request: LaunchRequest, count: int) -> list[str]:
+        """One RunInstances for ``count`` instances; their ids, by AmiLaunchIndex."""
+        params = launch_params(request, count)
+        what, them = (f"{count} instances", "them") if count > 1 else ("an instance", "it")
+        # A Ctrl-C now would lose the answer that names the instances: it waits for it.
         with signals_held(
-            f"the launch of {request.run_id}'s instance",
-            f"it may have started an instance (client token {request.client_token}); "
-            f"`cloudtrain down {request.run_id}` or `cloudtrain gc` terminates it",
+            f"the launch of {request.run_id}'s {what.removeprefix('an ')}",
+            f"it may have started {what} (client token {request.client_token}); "
+            f"`cloudtrain down {request.run_id}` or `cloudtrain gc` terminates {them}",
         ):
-            log.info("RunInstances for %s (client token %s)", request.run_id, request.client_token)
+            log.info(
+                "RunInstances for %s: %d x %s%s (client token %s)",
+                request.run_id,
+                count,
+                request.instance_type,
+                f" in placement group {request.placement_group}" if request.placement_group else "",
+                request.client_token,
+            )
             with aws_errors("RunInstances", instance_type=request.instance_type, spot=request.spot):
                 reply = self._run_instances(params)
-            instance_id: str = reply["Instances"][0]["InstanceId"]
-            self._launched.setdefault(request.run_id, []).append(instance_id)
+            launched = sorted(reply["Instances"], key=lambda i: int(i.get("AmiLaunchIndex", 0)))
+            ids: list[str] = [i["InstanceId"] for i in launched]
+            known = self._launched.setdefault(request.run_id, [])
+            known.extend(i for i in ids if i not in known)  # a retried token answers the same ids
         log.info(
             "launched %s (%s, %s) for %s",
-            instance_id,
+            ", ".join(ids),
             request.instance_type,
             "spot" if request.spot else "on-demand",
             request.run_id,
         )
-        return instance_id
+        return ids
 
     def _run_instances(self, params: dict[str, Any]) -> Any:
         """run_instances, waiting out IAM's eventual consistency: a new instance profile can be
@@ -1057,6 +1199,7 @@ class AwsCloud:
             state=data["State"]["Name"],
             ssh_host=ssh_host,
             ssh_port=ssh_port,
+            private_ip=data.get("PrivateIpAddress"),
         )
 
     def console_output(self, instance_id: str) -> str:
@@ -1192,7 +1335,8 @@ class AwsCloud:
     def owned_resources(self, owner: str, run_id: str | None = None) -> list[TaggedResource]:
         """This region's resources tagged with ``owner`` and a run id (``run_id``: that
         run's only: a run id alone is no filter, two owners' runs may share one): instances
-        not yet terminated, volumes, security groups, key pairs, open or active spot requests.
+        not yet terminated, volumes, security groups, placement groups, key pairs, open or
+        active spot requests.
 
         AWS filters by the tags; they are checked again here, so another owner's (or
         run's) resource never comes back whatever a filter does."""
@@ -1243,6 +1387,13 @@ class AwsCloud:
             for page in self.ec2.get_paginator("describe_security_groups").paginate(Filters=owned):
                 for data in page["SecurityGroups"]:
                     found.append(TaggedResource("security-group", data["GroupId"], _tags(data)))
+        with aws_errors("DescribePlacementGroups"):  # not paginated
+            for data in self.ec2.describe_placement_groups(Filters=owned)["PlacementGroups"]:
+                if data.get("State") in ("deleting", "deleted"):
+                    continue
+                found.append(
+                    TaggedResource("placement-group", data["GroupName"], _tags(data), data.get("State", ""))
+                )
         with aws_errors("DescribeKeyPairs"):
             for data in self.ec2.describe_key_pairs(Filters=owned)["KeyPairs"]:
                 found.append(TaggedResource("key-pair", data["KeyName"], _tags(data)))

@@ -1,7 +1,9 @@
-"""One simulated EC2 instance's host for ``--dry-run``: an SSH server on 127.0.0.1.
+"""One simulated EC2 instance's host for ``--dry-run``: an SSH server on a loopback address.
 
 A ``SimHost`` is what a launched instance becomes in the simulated cloud: an asyncssh
-server on a loopback port, in its own thread and event loop, with fresh host keys
+server on a port of its loopback address (``HostSpec.address``: 127.0.0.1 by default; the
+simulator gives each instance its own 127.0.0.N, its private IP, so a cluster's nodes
+reach each other by address as on AWS), in its own thread and event loop, with fresh host keys
 (ed25519 and ecdsa) whose fingerprints it prints in a cloud-init style console log.
 It accepts one user and one public key. Each exec request runs ``/bin/bash -c CMD`` as a
 local process in the instance's sandbox folder, in its own session, with a clean
@@ -24,7 +26,7 @@ request without a command runs ``/bin/bash`` on the channel's stdin; pty request
 refused. SFTP is served in-process, relative paths resolving under the sandbox's HOME.
 
 Each host also serves its instance's metadata (``SimImds``: IMDSv2 as EC2 does, token
-first, on a loopback port of its own) and its commands find it in
+first, on a port of the host's address) and its commands find it in
 ``CLOUDTRAIN_IMDS_ENDPOINT``. The simulator schedules spot interruption notices and
 rebalance recommendations there (``host.imds``).
 """
@@ -35,6 +37,7 @@ import asyncio
 import contextlib
 import errno
 import http.server
+import ipaddress
 import json
 import logging
 import os
@@ -66,8 +69,8 @@ MARKER_ENV = "CLOUDTRAIN_SIM_INSTANCE"
 HOOK_ENV = "CLOUDTRAIN_POWEROFF_HOOK"
 IMDS_ENV = "CLOUDTRAIN_IMDS_ENDPOINT"
 SYSTEM_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
-LOOPBACK = "127.0.0.1"
-HOSTNAME = "ip-127-0-0-1"
+LOOPBACK = "127.0.0.1"  # a host's address unless its spec names another
+HOSTNAME = "ip-127-0-0-1"  # the default host's name (EC2's ip-A-B-C-D of its private IP)
 POWEROFF_FLAG = "poweroff-requested"
 
 _CHUNK = 256 * 1024
@@ -88,6 +91,12 @@ class HostSpec:
     username: str = "ubuntu"  # the only user accepted
     env: Mapping[str, str] = field(default_factory=dict)  # extra environment for every command
     path_prefix: Sequence[str] = ()  # folders put before /usr/local/bin:/usr/bin:/bin in PATH
+    address: str = LOOPBACK  # the IPv4 loopback address SSH and IMDS listen on (its private IP)
+
+
+def hostname(address: str) -> str:
+    """EC2's host name for a private IP: ``ip-127-0-0-2`` for 127.0.0.2."""
+    return "ip-" + address.replace(".", "-")
 
 
 def _parse_authorized(text: str) -> frozenset[bytes]:
@@ -268,7 +277,8 @@ class _ImdsHandler(http.server.BaseHTTPRequestHandler):
 
 
 class SimImds:
-    """One simulated instance's metadata service (IMDSv2, tokens required) on 127.0.0.1.
+    """One simulated instance's metadata service (IMDSv2, tokens required) on a port of
+    ``address`` (its host's loopback address).
 
     Serves ``PUT /latest/api/token`` (``X-aws-ec2-metadata-token-ttl-seconds`` 1..21600,
     else 400; 403 to a request with X-Forwarded-For), and with a valid token
@@ -278,8 +288,9 @@ class SimImds:
     text/plain like EC2. A missing, unknown or expired token gets 401; other paths 404.
     """
 
-    def __init__(self, instance_id: str) -> None:
+    def __init__(self, instance_id: str, address: str = LOOPBACK) -> None:
         self.instance_id = instance_id
+        self.address = address
         self._lock = threading.Lock()
         self._tokens: dict[str, float] = {}  # token -> time.monotonic() it expires
         self._instance_action: dict[str, str] | None = None
@@ -292,11 +303,11 @@ class SimImds:
     def endpoint(self) -> str:
         if self._server is None:
             raise RuntimeError(f"the IMDS of {self.instance_id} is not listening")
-        return f"http://{LOOPBACK}:{self._server.server_address[1]}"
+        return f"http://{self.address}:{self._server.server_address[1]}"
 
     def start(self) -> None:
         handler = type("_Handler", (_ImdsHandler,), {"imds": self})
-        server = http.server.ThreadingHTTPServer((LOOPBACK, 0), handler)
+        server = http.server.ThreadingHTTPServer((self.address, 0), handler)
         server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(
@@ -567,6 +578,8 @@ class SimHost:
     def __init__(self, spec: HostSpec) -> None:
         if not spec.instance_id or any(c in spec.instance_id for c in "\0=/ "):
             raise ValueError(f"bad instance id {spec.instance_id!r}")
+        if not _is_loopback_ipv4(spec.address):  # a simulated host never listens off loopback
+            raise ValueError(f"a simulated host listens on an IPv4 loopback address, not {spec.address!r}")
         self.spec = spec
         self.sandbox = Path(spec.sandbox).absolute()
         self.home = self.sandbox / "home"
@@ -585,13 +598,19 @@ class SimHost:
         self._init: _HostInit | None = None  # the ancestor of every process of the host
         self._connections: set[asyncssh.SSHServerConnection] = set()
         self._background: set[asyncio.Future[Any]] = set()  # exit codes of commands left by their client
-        self.imds = SimImds(spec.instance_id)
+        self.imds = SimImds(spec.instance_id, spec.address)
 
     # --- public API --------------------------------------------------------------------
 
     @property
     def host(self) -> str:
-        return LOOPBACK
+        """The address it listens on (the instance's private IP in the simulator)."""
+        return self.spec.address
+
+    @property
+    def hostname(self) -> str:
+        """Its EC2 host name, ``ip-127-0-0-N`` (the console shows it)."""
+        return hostname(self.spec.address)
 
     @property
     def port(self) -> int:
@@ -653,7 +672,7 @@ class SimHost:
         with self._lock:
             if self._state == "starting":
                 self._state = "running"
-        log.info("%s: simulated SSH host on %s:%d", self.spec.instance_id, LOOPBACK, self._port)
+        log.info("%s: simulated SSH host on %s:%d", self.spec.instance_id, self.host, self._port)
 
     def host_public_keys(self) -> list[str]:
         """The host's public keys as OpenSSH lines ("ssh-ed25519 AAAA..."), console order."""
@@ -662,13 +681,15 @@ class SimHost:
     def host_key_fingerprints(self) -> list[str]:
         """The lines cloud-init prints: "256 SHA256:... root@ip-127-0-0-1 (ED25519)"."""
         return [
-            f"{bits} {key.get_fingerprint('sha256')} root@{HOSTNAME} ({label})"
+            f"{bits} {key.get_fingerprint('sha256')} root@{self.hostname} ({label})"
             for key, (_, bits, label) in zip(self._host_keys, _HOST_KEY_TYPES, strict=True)
         ]
 
     def console_output(self) -> str:
         """A cloud-init style boot log with the host key fingerprint and key blocks."""
-        return _console_log(self._booted, self.host_key_fingerprints(), self.host_public_keys())
+        return _console_log(
+            self._booted, self.host_key_fingerprints(), self.host_public_keys(), self.spec.address
+        )
 
     def poweroff_requested(self) -> bool:
         """True once a command ran the power-off hook ($CLOUDTRAIN_POWEROFF_HOOK)."""
@@ -766,7 +787,7 @@ class SimHost:
         home = os.fsencode(self.home)
         return await asyncssh.create_server(
             lambda: _Server(self),
-            host=LOOPBACK,
+            host=self.host,
             port=0,
             server_host_keys=self._host_keys,
             process_factory=self._handle,
@@ -937,11 +958,20 @@ class SimHost:
             self._init.kill_all(grace)
 
 
-def _console_log(booted: datetime, fingerprints: list[str], keys: list[str]) -> str:
+def _is_loopback_ipv4(address: str) -> bool:
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return parsed.version == 4 and parsed.is_loopback
+
+
+def _console_log(booted: datetime, fingerprints: list[str], keys: list[str], address: str = LOOPBACK) -> str:
     def at(seconds: float) -> str:
         return (booted + timedelta(seconds=seconds)).strftime("%a, %d %b %Y %H:%M:%S +0000")
 
-    hostkeys = "\n".join(f"{key} root@{HOSTNAME}" for key in keys)
+    name = hostname(address)
+    hostkeys = "\n".join(f"{key} root@{name}" for key in keys)
     generated = "\n".join(
         f"Generating public/private {label.lower()} key pair.\n"
         f"Your identification has been saved in /etc/ssh/ssh_host_{label.lower()}_key\n"
@@ -958,10 +988,11 @@ def _console_log(booted: datetime, fingerprints: list[str], keys: list[str]) -> 
         "[    2.113742] EXT4-fs (nvme0n1p1): mounted filesystem with ordered data mode.\n"
         f"Cloud-init v. 24.4-0ubuntu1~22.04.1 running 'init-local' at {at(3)}. Up 4.02 seconds.\n"
         f"Cloud-init v. 24.4-0ubuntu1~22.04.1 running 'init' at {at(5)}. Up 5.87 seconds.\n"
-        "ci-info: ++++++++++++++++++++++++++++++++Net device info+++++++++++++++++++++++++++++++\n"
-        "ci-info: | Device |  Up  |  Address  |    Mask   | Scope  |     Hw-Address    |\n"
-        f"ci-info: |   lo   | True | {LOOPBACK} | 255.0.0.0 |  host  |         .         |\n"
-        "ci-info: +--------+------+-----------+-----------+--------+-------------------+\n"
+        "ci-info: ++++++++++++++++++++++++++++++++Net device info++++++++++++++++++++++++++++++++\n"
+        "ci-info: | Device |  Up  |    Address    |    Mask   | Scope  |     Hw-Address    |\n"
+        f"ci-info: |  ens5  | True | {address:^13} | 255.0.0.0 | global | 02:00:00:00:00:01 |\n"
+        f"ci-info: |   lo   | True | {LOOPBACK:^13} | 255.0.0.0 |  host  |         .         |\n"
+        "ci-info: +--------+------+---------------+-----------+--------+-------------------+\n"
         f"{generated}\n"
         f"Cloud-init v. 24.4-0ubuntu1~22.04.1 running 'modules:config' at {at(8)}. Up 8.41 seconds.\n"
         "#############################################################\n"
@@ -975,4 +1006,5 @@ def _console_log(booted: datetime, fingerprints: list[str], keys: list[str]) -> 
         f"Cloud-init v. 24.4-0ubuntu1~22.04.1 running 'modules:final' at {at(9)}. Up 9.12 seconds.\n"
         f"Cloud-init v. 24.4-0ubuntu1~22.04.1 finished at {at(9)}. Datasource DataSourceEc2Local.  "
         "Up 9.30 seconds\n"
+        f"\nUbuntu 22.04.5 LTS {name} ttyS0\n"
     )

@@ -7,9 +7,16 @@ background simulator process per CLOUDTRAIN_HOME and returns ``Settings`` whose
 - a moto server on 127.0.0.1 is the AWS API, with what moto leaves canned filled in:
   spot prices by the one simulated rule (catalog on-demand price x a fixed discount),
   each instance's console output (its simulated host's key fingerprints), and
-  ClientToken idempotency for RunInstances;
+  ClientToken idempotency for RunInstances; and what moto lacks: placement groups
+  (CreatePlacementGroup, DescribePlacementGroups, DeletePlacementGroup, RunInstances'
+  Placement.GroupName, the group's tags), and the instance profile on every instance of a
+  RunInstances of several (moto gives it to the first only);
+- each instance gets its own loopback address 127.0.0.N (N >= 2, unique among the live
+  instances) as its private and public IP: what describe_instances says, and where its
+  simulated host listens, so a cluster's nodes reach each other by their private IPs as
+  on AWS, and a dry-run never names moto's 10.x addresses;
 - the cloudtrain image is registered in every catalog region;
-- each running instance becomes a ``SimHost`` (an SSH server on a loopback port,
+- each running instance becomes a ``SimHost`` (an SSH server on a port of its address,
   recorded in the instance's ``cloudtrain:ssh`` tag) whose commands run in a sandbox
   with a writable layer over the simulated image; terminating the instance stops the
   host and every process it started; the host's power-off hook terminates the
@@ -36,6 +43,7 @@ runs the same moto server inside the calling process, for quick unit tests.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import logging
 import os
@@ -127,24 +135,210 @@ def _console_output(self: Any) -> Any:
 
 
 def _idempotent_run_instances(original: Any) -> Any:
-    """RunInstances honouring ClientToken as EC2 does: a retry returns the first reservation
-    (moto would make a second instance)."""
+    """RunInstances as EC2 does it: honouring ClientToken (a retry returns the first
+    reservation; moto would make a second), refusing an unknown Placement.GroupName and
+    recording a known one on the instances, the instance profile on each instance (moto
+    associates it with the first only), and a loopback address for each."""
 
     def run_instances(self: Any) -> Any:
         from moto.core.responses import ActionResult
+        from moto.ec2.exceptions import EC2ClientError
 
         token = self._get_param("ClientToken")
         if token:
             for reservation in list(self.ec2_backend.reservations.values()):
                 if reservation.instances and reservation.instances[0].client_token == token:
                     return ActionResult(reservation)
-        result = original(self)
-        for reservation in list(self.ec2_backend.reservations.values()):
-            for instance in reservation.instances:
-                _loopback(instance)
+        group_name = self._get_param("Placement.GroupName")
+        group = _placement_groups(self.ec2_backend).get(group_name) if group_name else None
+        if group_name and group is None:
+            raise _unknown_group(group_name)
+        count = int(self._get_param("MinCount", if_none="1"))
+        with _addresses_lock:
+            if len(_free_addresses()) < count:  # before moto makes any: all or none
+                raise EC2ClientError(
+                    "InsufficientInstanceCapacity",
+                    f"The simulator has no loopback address left for {count} more instances "
+                    f"(127.0.0.{FIRST_HOST}-{LAST_HOST}, {len(_addresses)} in use).",
+                )
+            result = original(self)
+            launched = result.result.instances
+            for instance in launched:
+                if group is not None:
+                    instance.placement.group_name = group.name
+                    instance.placement.group_id = group.group_id
+            _share_instance_profile(self, launched)
+            for reservation in list(self.ec2_backend.reservations.values()):
+                for instance in reservation.instances:
+                    _loopback(instance)
         return result
 
     return run_instances
+
+
+def _share_instance_profile(response: Any, instances: list[Any]) -> None:
+    """Give every instance of a reservation the instance profile moto gave its first only."""
+    name = response._get_param("IamInstanceProfile.Name")
+    arn = response._get_param("IamInstanceProfile.Arn")
+    if not (name or arn):
+        return
+    associations = getattr(response.ec2_backend, "iam_instance_profile_associations", {})
+    for instance in instances[1:]:
+        if instance.id not in associations:
+            response.ec2_backend.associate_iam_instance_profile(
+                instance_id=instance.id, iam_instance_profile_name=name, iam_instance_profile_arn=arn
+            )
+
+
+# --- what moto lacks: placement groups ---------------------------------------------------
+
+PLACEMENT_STRATEGIES = ("cluster", "spread", "partition")
+_GROUPS_ATTR = "_cloudtrain_placement_groups"
+_GROUP_FIELDS = {"group-name": "name", "group-id": "group_id", "group-arn": "arn", "strategy": "strategy"}
+
+
+@dataclass(frozen=True)
+class _PlacementGroup:
+    """One simulated placement group (its tags live in moto's tag store, by ``group_id``)."""
+
+    name: str
+    group_id: str
+    strategy: str
+    arn: str
+    state: str = "available"
+
+
+def _placement_groups(backend: Any) -> dict[str, _PlacementGroup]:
+    """The placement groups of one moto EC2 backend (one account's region), by name. Kept on
+    the backend, so a moto reset forgets them with everything else."""
+    groups: dict[str, _PlacementGroup] = backend.__dict__.setdefault(_GROUPS_ATTR, {})
+    return groups
+
+
+def _unknown_group(name: str) -> Exception:
+    from moto.ec2.exceptions import EC2ClientError
+
+    return EC2ClientError("InvalidPlacementGroup.Unknown", f"The Placement Group '{name}' is unknown.")
+
+
+def _group_data(backend: Any, group: _PlacementGroup) -> dict[str, Any]:
+    tags = backend.tags.get(group.group_id, {})
+    return {
+        "GroupName": group.name,
+        "GroupId": group.group_id,
+        "GroupArn": group.arn,
+        "State": group.state,
+        "Strategy": group.strategy,
+        "Tags": [{"Key": k, "Value": v} for k, v in tags.items()],
+    }
+
+
+def _group_matches(backend: Any, group: _PlacementGroup, name: str, values: list[str]) -> bool:
+    """Whether ``group`` passes one DescribePlacementGroups filter (values may hold * and ?)."""
+    from moto.ec2.exceptions import EC2ClientError
+
+    tags: dict[str, str] = backend.tags.get(group.group_id, {})
+    if name.startswith("tag:"):
+        candidates = [tags[name[4:]]] if name[4:] in tags else []
+    elif name == "tag-key":
+        candidates = list(tags)
+    elif name == "state":
+        candidates = [group.state]
+    elif name in _GROUP_FIELDS:
+        candidates = [getattr(group, _GROUP_FIELDS[name])]
+    else:
+        raise EC2ClientError("InvalidParameterValue", f"The filter '{name}' is invalid")
+    return any(fnmatch.fnmatchcase(c, v) for c in candidates for v in values)
+
+
+def _create_placement_group(self: Any) -> Any:
+    from moto.core.responses import ActionResult
+    from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.utils import random_id
+
+    name = self._get_param("GroupName")
+    strategy = self._get_param("Strategy")
+    if not name:
+        raise EC2ClientError("MissingParameter", "The request must contain the parameter groupName")
+    if strategy not in PLACEMENT_STRATEGIES:
+        raise EC2ClientError(
+            "InvalidParameterValue", f"Value ({strategy}) for parameter strategy is invalid."
+        )
+    tags = self._parse_tag_specification("placement-group").get("placement-group", {})
+    self.error_on_dryrun()
+    groups = _placement_groups(self.ec2_backend)
+    if name in groups:
+        raise EC2ClientError(
+            "InvalidPlacementGroup.Duplicate", f"The placement group '{name}' already exists."
+        )
+    arn = f"arn:{self.partition}:ec2:{self.region}:{self.current_account}:placement-group/{name}"
+    group = _PlacementGroup(name, random_id("pg"), strategy, arn)
+    groups[name] = group
+    if tags:
+        self.ec2_backend.create_tags([group.group_id], tags)
+    return ActionResult({"PlacementGroup": _group_data(self.ec2_backend, group)})
+
+
+def _describe_placement_groups(self: Any) -> Any:
+    from moto.core.responses import ActionResult
+
+    names = self._get_param("GroupNames", [])
+    ids = self._get_param("GroupIds", [])
+    filters = self._filters_from_querystring()
+    self.error_on_dryrun()
+    groups = list(_placement_groups(self.ec2_backend).values())
+    for wanted, have in ((names, {g.name for g in groups}), (ids, {g.group_id for g in groups})):
+        for one in wanted:
+            if one not in have:
+                raise _unknown_group(one)
+    found = [
+        g
+        for g in groups
+        if (not names or g.name in names)
+        and (not ids or g.group_id in ids)
+        and all(_group_matches(self.ec2_backend, g, f, v) for f, v in filters.items())
+    ]
+    return ActionResult({"PlacementGroups": [_group_data(self.ec2_backend, g) for g in found]})
+
+
+def _delete_placement_group(self: Any) -> Any:
+    from moto.core.responses import EmptyResult
+    from moto.ec2.exceptions import EC2ClientError
+
+    name = self._get_param("GroupName")
+    self.error_on_dryrun()
+    groups = _placement_groups(self.ec2_backend)
+    group = groups.get(name)
+    if group is None:
+        raise _unknown_group(name)
+    members = [
+        i
+        for i in self.ec2_backend.all_instances()
+        if i.placement.group_name == name and i._state.name != "terminated"
+    ]
+    if members:
+        raise EC2ClientError(
+            "InvalidPlacementGroup.InUse", f"The placement group '{name}' is in use and may not be deleted."
+        )
+    del groups[name]
+    self.ec2_backend.tags.pop(group.group_id, None)
+    return EmptyResult()
+
+
+# --- each instance's own loopback address ---------------------------------------------------
+
+FIRST_HOST, LAST_HOST = 2, 254  # 127.0.0.1 is the simulator's own (moto, SimHost's default)
+_addresses: dict[str, Any] = {}  # 127.0.0.N -> the moto instance that has it
+_addresses_lock = threading.RLock()  # moto's server answers each request in a thread
+
+
+def _free_addresses() -> list[str]:
+    """The 127.0.0.N no live instance has, in order (a terminated instance's is free again)."""
+    with _addresses_lock:
+        for address, instance in list(_addresses.items()):
+            if instance._state.name == "terminated":
+                del _addresses[address]
+        return [f"127.0.0.{n}" for n in range(FIRST_HOST, LAST_HOST + 1) if f"127.0.0.{n}" not in _addresses]
 
 
 _last_request = [time.monotonic()]  # when the simulated AWS last answered a call
@@ -158,8 +352,16 @@ def _noting_requests(original: Any) -> Any:
     return call
 
 
+_MISSING = object()
+
+
 @contextmanager
-def _patched_moto() -> Iterator[None]:
+def patched_moto() -> Iterator[None]:
+    """moto (in this process: its server, or an in-process ``mock_aws``) as the simulator
+    completes it: the calls it fills in or adds (see the module docstring), until the end
+    of the block. Each block starts with no loopback address handed out."""
+    from moto.ec2 import utils as ec2_utils
+    from moto.ec2.responses import EC2Response
     from moto.ec2.responses.general import General
     from moto.ec2.responses.instances import InstanceResponse
     from moto.ec2.responses.spot_instances import SpotInstances
@@ -170,15 +372,30 @@ def _patched_moto() -> Iterator[None]:
         (SpotInstances, "describe_spot_price_history", _simulated_price_history),
         (General, "get_console_output", _console_output),
         (InstanceResponse, "run_instances", _idempotent_run_instances(InstanceResponse.run_instances)),
+        (EC2Response, "create_placement_group", _create_placement_group),
+        (EC2Response, "describe_placement_groups", _describe_placement_groups),
+        (EC2Response, "delete_placement_group", _delete_placement_group),
     ]
-    saved = [(cls, name, getattr(cls, name)) for cls, name, _ in patches]
+    saved = [(cls, name, cls.__dict__.get(name, _MISSING)) for cls, name, _ in patches]
     for cls, name, replacement in patches:
         setattr(cls, name, replacement)
+    # pg-... ids are EC2 resource ids to moto's tags (CreateTags, DescribeTags) from now on
+    ec2_utils.EC2_RESOURCE_TO_PREFIX["placement-group"] = "pg"
+    ec2_utils.EC2_PREFIX_TO_RESOURCE["pg"] = "placement-group"
+    with _addresses_lock:
+        _addresses.clear()
     try:
         yield
     finally:
         for cls, name, original in saved:
-            setattr(cls, name, original)
+            if original is _MISSING:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, original)
+        ec2_utils.EC2_RESOURCE_TO_PREFIX.pop("placement-group", None)
+        ec2_utils.EC2_PREFIX_TO_RESOURCE.pop("pg", None)
+        with _addresses_lock:
+            _addresses.clear()
 
 
 @contextmanager
@@ -187,7 +404,7 @@ def _moto_server() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    with _patched_moto():
+    with patched_moto():
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         host, port = server.get_host_and_port()
@@ -559,7 +776,7 @@ class _World:
         backend.terminate_instances([instance.id])
 
     def start_host(self, backend: Any, instance: Any) -> None:
-        from cloudtrain.cloud.simhost import HostSpec, SimHost
+        from cloudtrain.cloud.simhost import LOOPBACK, HostSpec, SimHost
 
         pair = backend.key_pairs.get(instance.key_name) if instance.key_name else None
         if pair is None:
@@ -583,11 +800,11 @@ class _World:
             authorized_key=_text(pair.material_public),
             env=env,
             path_prefix=layer,
+            address=_loopback(instance) or LOOPBACK,  # its private IP: where the others reach it
         )
         host = SimHost(spec)
         host.start()
         self.hosts[instance.id] = host
-        _loopback(instance)
         # The tag first: once the console shows fingerprints, the endpoint is there too.
         backend.create_tags([instance.id], {TAG_SSH: f"{host.host}:{host.port}"})
         _console[instance.id] = _faulty_console(host.console_output(), host.host_key_fingerprints())
@@ -762,12 +979,42 @@ def instance_profile_name(backend: Any, instance_id: str) -> str | None:
     return str(name) if name else None
 
 
-def _loopback(instance: Any) -> None:
-    """A simulated instance's public address is loopback: nothing may ever dial the
-    random public IP moto invents."""
-    for nic in getattr(instance, "nics", {}).values():
-        if getattr(nic, "public_ip", None):
-            nic.public_ip = "127.0.0.1"
+def _loopback(instance: Any) -> str | None:
+    """The instance's own loopback address 127.0.0.N, given on first sight: its private IP
+    (and its public IP, where it has one) from then on, never the random ones moto invents,
+    which nothing may ever dial. None for a terminated instance that never had one."""
+    from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.utils import generate_dns_from_ip
+
+    nics = getattr(instance, "nics", {})
+    nic = nics.get(0)
+    if nic is None:
+        return None
+    with _addresses_lock:
+        if _addresses.get(nic.private_ip_address) is instance:
+            return str(nic.private_ip_address)
+        if instance._state.name == "terminated":
+            return None
+        free = _free_addresses()
+        if not free:
+            raise EC2ClientError(
+                "InsufficientInstanceCapacity",
+                f"The simulator has no loopback address left for {instance.id}.",
+            )
+        address = free[0]
+        _addresses[address] = instance
+    nic.private_ip_address = address
+    for entry in nic.private_ip_addresses:
+        if entry.get("Primary"):
+            entry["PrivateIpAddress"] = address
+            if "PrivateDnsName" in entry:
+                entry["PrivateDnsName"] = generate_dns_from_ip(address)
+    if getattr(nic, "private_dns_name", None):
+        nic.private_dns_name = generate_dns_from_ip(address)
+    for other in nics.values():  # moto's invented public IPs: loopback too
+        if getattr(other, "public_ip", None):
+            other.public_ip = address
+    return address
 
 
 def _text(value: str | bytes) -> str:
