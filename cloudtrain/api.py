@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the rest is imported where it is used: `status`, `logs` and
     from cloudtrain.catalog import Catalog
     from cloudtrain.cloud.aws import ImageInfo
     from cloudtrain.cloud.siminterrupt import SimulatedInterruption
+    from cloudtrain.doctor import Finding
     from cloudtrain.gc import GcResult, Survey
     from cloudtrain.imagebuild import BuildResult
     from cloudtrain.ledger import Ledger, RunRow
@@ -93,6 +94,18 @@ def plan_job(
         return _plan(spec, catalog, active, now or utcnow(), offline)
 
 
+def plan_quota(plan: Plan, settings: Settings) -> Finding | None:
+    """Whether the account's vCPU quota holds the plan's choice, all its nodes (``doctor``'s
+    check); None where there is none to ask: a dry-run (the simulated AWS has no Service
+    Quotas) or no credentials."""
+    from cloudtrain.cloud.aws import AwsCloud, credentials_source
+    from cloudtrain.doctor import MAX_ATTEMPTS, check_plan_quota
+
+    if plan.simulated or credentials_source(settings) is None:
+        return None
+    return check_plan_quota(AwsCloud(settings, plan.region, max_attempts=MAX_ATTEMPTS), plan)
+
+
 @dataclass(frozen=True)
 class RunOutcome:
     run_id: str
@@ -138,6 +151,7 @@ def run_job(
     reporter = reporter or Reporter()
     out = (out_dir or Path.cwd() / "runs").resolve()
     candidate_types(spec, catalog)  # a GPU the backend cannot use is refused before anything starts
+    _check_nodes(spec, job_path, keep=keep, detach=detach, simulate=simulate)
     if dry_run:
         from cloudtrain.cloud.simimage import ensure_image
         from cloudtrain.cloud.siminterrupt import InterruptionSchedule
@@ -181,6 +195,31 @@ def run_job(
             raise
         code = orchestrator.run(ctx)
         return RunOutcome(ctx.run_id, ctx.run_dir, code)
+
+
+def _check_nodes(
+    spec: JobSpec,
+    job_path: str | os.PathLike[str],
+    *,
+    keep: bool,
+    detach: bool,
+    simulate: Sequence[SimulatedInterruption],
+) -> None:
+    """What a run on several nodes cannot do (yet), refused before anything starts."""
+    nodes = spec.resources.nodes
+    if nodes > 1 and (keep or detach):
+        raise InputError(
+            f"{job_path}: resources.nodes: {nodes}: --keep and --detach are for runs on one node",
+            hint="Run it without them (cloudtrain follows the nodes and tears them all down), "
+            "or with resources.nodes: 1.",
+        )
+    for at in simulate:
+        if at.node >= nodes:
+            raise InputError(
+                f"--simulate-interruption {at}: the job has {nodes} node{'s' if nodes > 1 else ''} "
+                f"(resources.nodes in {job_path})",
+                hint=f"Name a node from node0 to node{nodes - 1}.",
+            )
 
 
 def settings_for_run(run: RunRow, settings: Settings) -> Settings:
@@ -312,6 +351,13 @@ def attach_run(ref: str, settings: Settings, *, reporter: Reporter | None = None
                 f"run {run.id} has already {run.state.value}", hint=f"Its results are in {run.run_dir}."
             )
         orchestrator, ctx = _resumed(run, settings, ledger, reporter, need_secrets=True)
+        nodes = orchestrator.spec.resources.nodes
+        if nodes > 1:  # it would follow the chief alone: the workers' failures and losses unseen
+            raise InputError(
+                f"run {run.id} trains on {nodes} nodes: attach follows runs on one node only",
+                hint=f"`cloudtrain logs {run.id} -f` streams the chief's log; `cloudtrain down {run.id}` "
+                "stops every node.",
+            )
         code = orchestrator.resume(ctx)
         return RunOutcome(run.id, ctx.run_dir, code)
 

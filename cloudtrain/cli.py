@@ -233,14 +233,23 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
         highlight=False,
         soft_wrap=False,
     )
+    if plan.nodes > 1:
+        console.print(
+            f"Nodes: {plan.nodes} × {choice.instance.name} in one zone, {plan.nodes} × "
+            f"{_money(choice.price_per_hour)}/h = [bold]{_money(plan.price_per_hour_all_nodes)}/h[/]",
+            highlight=False,
+            soft_wrap=False,
+        )
     if choice.note:
         console.print(f"Note: {escape(choice.note)}.", highlight=False, soft_wrap=False)
     console.print(f"Prices: {escape(price_basis(plan))}", highlight=False, soft_wrap=False)
     if plan.estimate:
         est = plan.estimate
+        several, disks = (f", {plan.nodes} nodes", f"{plan.nodes} × ") if plan.nodes > 1 else ("", "")
         console.print(
-            f"Estimate for budget.max_hours {est.hours:g} h: compute {_money(est.compute_usd)} + "
-            f"EBS {job.resources.disk_gb} GiB {_money(est.ebs_usd)} = [bold]{_money(est.total_usd)}[/]",
+            f"Estimate for budget.max_hours {est.hours:g} h{several}: compute {_money(est.compute_usd)} + "
+            f"EBS {disks}{job.resources.disk_gb} GiB {_money(est.ebs_usd)} = "
+            f"[bold]{_money(est.total_usd)}[/]",
             highlight=False,
             soft_wrap=False,
         )
@@ -251,10 +260,11 @@ def render_plan(plan: Plan, console: Console, top: int = 8) -> None:
     console.print(f"Deadline: {deadline_rule(job.budget)}.", highlight=False, soft_wrap=False)
     if plan.boot_provision_min is not None:
         minutes = plan.boot_provision_min
+        nodes = f" for {plan.nodes} nodes" if plan.nodes > 1 else ""
         console.print(
             f"Image: base (resources.image: base): the {job.backend} environment is installed at boot, "
-            f"about {minutes:g} min (~{_money(choice.price_per_hour * minutes / 60)}) before training "
-            "starts, on every run; `cloudtrain image build` once saves it.",
+            f"about {minutes:g} min (~{_money(plan.price_per_hour_all_nodes * minutes / 60)}{nodes}) "
+            "before training starts, on every run; `cloudtrain image build` once saves it.",
             highlight=False,
             soft_wrap=False,
         )
@@ -298,13 +308,17 @@ def plan_command(ctx: Context, job: str, as_json: bool, dry_run: bool) -> None:
     AWS's, observed now; without AWS credentials they come from the price catalog shipped
     with cloudtrain, each labelled with where it comes from.
     """
-    from cloudtrain.api import plan_job
+    from cloudtrain.api import plan_job, plan_quota
 
     plan = plan_job(job, ctx.settings, dry_run=dry_run, offline=True)
+    quota = plan_quota(plan, ctx.settings)
     if as_json:
-        click.echo(json.dumps(plan.to_json(), indent=2))
-    else:
-        render_plan(plan, out)
+        click.echo(json.dumps({**plan.to_json(), "quota": quota.to_json() if quota else None}, indent=2))
+        return
+    render_plan(plan, out)
+    if quota is not None:
+        fix = f" {quota.fix}" if quota.fix else ""
+        out.print(f"Quota: {escape(quota.summary)}.{escape(fix)}", highlight=False, soft_wrap=False)
 
 
 # --- schema ----------------------------------------------------------------------------
@@ -688,7 +702,8 @@ def _print_record(record: dict[str, Any]) -> None:
     metavar="AT",
     help="With --dry-run: a spot interruption notice at AT (epoch:N, when epoch N starts, or Ns after "
     "training starts), then the instance's termination; AT:no-notice (epoch:N:no-notice, "
-    "Ns:no-notice): no notice, the instance is simply gone at AT; repeat for the relaunched instances.",
+    "Ns:no-notice): no notice, the instance is simply gone at AT; nodeK:AT (node1:epoch:3): node K of "
+    "a run on several nodes is the one taken; repeat for the relaunched instances.",
 )
 @pass_context
 def run_command(
@@ -927,9 +942,9 @@ def plot_command(ctx: Context, run: str, output: Path | None) -> None:
 )
 @pass_context
 def down_command(ctx: Context, runs: tuple[str, ...], all_active: bool) -> None:
-    """Terminate the instances of RUNS (confirmed) and delete their security groups, key
-    pairs and instance profiles. A finished run whose teardown could not remove everything
-    is torn down again; other finished runs are left as they are."""
+    """Terminate the instances of RUNS (confirmed) and delete their placement groups,
+    security groups, key pairs and instance profiles. A finished run whose teardown could
+    not remove everything is torn down again; other finished runs are left as they are."""
     from cloudtrain.api import down_runs
 
     if not runs and not all_active:
@@ -954,8 +969,8 @@ def down_command(ctx: Context, runs: tuple[str, ...], all_active: bool) -> None:
 def gc_command(ctx: Context, all_regions: bool, yes: bool, dry_run: bool, as_json: bool) -> None:
     """Remove what runs of this owner (CLOUDTRAIN_OWNER, else user@host) left in the cloud.
 
-    Finds the instances, volumes, security groups, key pairs, spot requests and
-    instance profiles tagged with this owner in the default region (AWS_REGION, the
+    Finds the instances, volumes, placement groups, security groups, key pairs, spot
+    requests and instance profiles tagged with this owner in the default region (AWS_REGION, the
     profile's, else us-east-1; --all-regions: every catalog region), and removes those
     whose run the ledger knows has finished (unless --keep still keeps it), or whose
     cloudtrain:expires tag has passed (so it works without the ledger). Another owner's

@@ -10,7 +10,8 @@ so one broken check never hides the others:
 - ``keys``: ``$CLOUDTRAIN_HOME/keys`` is 0700 and every private key in it 0600;
 - ``quota.*``: the EC2 vCPU quotas of the GPU families (Service Quotas), spot and on-demand;
   where Service Quotas cannot be asked (no permission, no endpoint, the simulated AWS),
-  a warning that says so;
+  a warning that says so (``check_plan_quota``: the same for a plan's choice, all its nodes,
+  as ``plan`` shows it);
 - ``image``: the cloudtrain image (``cloudtrain-gpu-*``, owned by the account) in the region;
 - ``leftovers``: cloudtrain instances and key pairs still there for runs that ended;
 - ``sim-image``, ``sim-env.<name>`` (dry-run only): the simulated image, its job
@@ -35,10 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 from cloudtrain.catalog import Catalog, load_catalog
 from cloudtrain.errors import CloudtrainError
+from cloudtrain.records import Lifecycle
 from cloudtrain.settings import DEFAULT_REGION, Settings
 
 if TYPE_CHECKING:
     from cloudtrain.cloud.aws import AwsCloud
+    from cloudtrain.planner import Plan
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +341,47 @@ def check_quotas(cloud: AwsCloud, catalog: Catalog) -> list[Finding]:
             )
         )
     return findings
+
+
+def check_plan_quota(cloud: AwsCloud, plan: Plan) -> Finding | None:
+    """Whether the vCPU quota of the plan's choice holds all its nodes (nodes × the type's vCPUs);
+    None for a type outside the G and P families (no quota checked here)."""
+    from cloudtrain.cloud.aws import quota_name
+
+    choice = plan.choice
+    spot = choice.lifecycle is Lifecycle.SPOT
+    check = next((c for c in QUOTA_CHECKS if c.family == choice.instance.name[:1] and c.spot == spot), None)
+    if check is None:
+        return None
+    title = f"quota: {check.label} for {plan.job.name}"
+    need = plan.nodes * choice.instance.vcpus
+    each = f"{plan.nodes} nodes × {choice.instance.vcpus} vCPUs = " if plan.nodes > 1 else ""
+    asked = f"{each}{need} vCPUs of {choice.instance.name}"
+    try:
+        quota = cloud.ec2_quota(check.code)
+    except CloudtrainError as e:
+        return Finding(
+            "quota.job",
+            title,
+            Status.WARN,
+            f"could not check the {check.label} quota for {asked}: {e.message}",
+            data={"error": e.message, "code": check.code, "vcpus": need},
+        )
+    name = quota.name or quota_name(choice.instance.name, spot)
+    data = {"code": check.code, "name": name, "value": quota.value, "nodes": plan.nodes, "vcpus": need}
+    if need <= quota.value:
+        summary = f"{asked}, within quota {quota.value:g} ({name})"
+        return Finding("quota.job", title, Status.OK, summary, data=data)
+    return Finding(
+        "quota.job",
+        title,
+        Status.FAIL,
+        f"{asked} > quota {quota.value:g} ({name}): the run cannot launch",
+        fix=f"Ask for at least {need}: aws service-quotas request-service-quota-increase --region "
+        f"{cloud.region} --service-code ec2 --quota-code {check.code} --desired-value {need} "
+        "(or in the Service Quotas console).",
+        data=data,
+    )
 
 
 def check_image(cloud: AwsCloud) -> Finding:

@@ -688,7 +688,7 @@ class Ledger:
                 raise KeyError(instance_id)
 
     def instances(self, run_id: str) -> list[InstanceRow]:
-        """A run's instances in launch order."""
+        """A run's instances in launch order (a group of nodes: in rank order)."""
         with self.reading(f" (an instance of run {run_id})"):
             return self._instances(run_id)
 
@@ -696,7 +696,7 @@ class Ledger:
         rows = self._conn.execute(
             "SELECT id, run_id, instance_type, zone, lifecycle, price_per_hour,"
             " on_demand_per_hour, launched_at, disk_gb, ebs_per_gb_month, running_at,"
-            " terminated_at FROM instances WHERE run_id = ? ORDER BY launched_at, id",
+            " terminated_at FROM instances WHERE run_id = ? ORDER BY launched_at, rowid",
             (run_id,),
         )
         return [

@@ -15,7 +15,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -43,6 +43,7 @@ from cloudtrain.cloud.aws import (
     run_tags,
     s3_buckets,
 )
+from cloudtrain.cluster import node_environment
 from cloudtrain.errors import (
     BudgetError,
     CapacityError,
@@ -91,16 +92,37 @@ MAX_LAUNCH_OFFERS = 5  # offers tried when AWS has no capacity, before giving up
 STREAM_RECONNECTS = 5
 BUDGET_SHOW_S = 300.0  # the cost so far is shown this often while the log streams
 MAX_RELAUNCHES = 3  # spot interruptions survived per run, before giving up
+WORKERS_END_S = 120.0  # after the chief's command succeeded, how long the workers' may take to end
 
 
 class TrainingWatcher(Protocol):
     """Told of the training as it goes (``run --dry-run``'s scheduled interruptions)."""
 
-    def training_started(self, instance_id: str, instance_number: int) -> None:
-        """Training started on the run's ``instance_number``-th instance (0: the first)."""
+    def training_started(self, nodes: Sequence[str], instance_number: int) -> None:
+        """Training started on the run's ``instance_number``-th instance (0: the first), or
+        group of instances: ``nodes``, their ids in rank order."""
 
-    def log_line(self, instance_id: str, instance_number: int, line: str) -> None:
-        """The training on that instance printed ``line``."""
+    def log_line(self, nodes: Sequence[str], instance_number: int, line: str) -> None:
+        """The training there printed ``line`` (the chief's, on several nodes)."""
+
+
+@dataclass
+class Node:
+    """A worker of a run on several nodes (rank 1 and up; the chief, rank 0, is the
+    RunContext's own instance): cloudtrain starts the same command there, keeps its log in
+    ``logs/node-K.log`` and fails the run when it fails."""
+
+    rank: int
+    instance_id: str
+    launched: LaunchedInstance
+    session: Session | None = None
+    log_offset: int = 0  # bytes of its log brought home
+    exit_code: int | None = None
+    redactor: LogRedactor | None = None  # its log's secrets masked across the pieces
+
+    @property
+    def log_name(self) -> str:
+        return f"node-{self.rank}.log"
 
 
 @dataclass
@@ -126,6 +148,13 @@ class RunContext:
     key: KeyPair | None = None
     tags: dict[str, str] = field(default_factory=dict)
     lost: list[tuple[str, str | None]] = field(default_factory=list)  # (type, zone) taken away
+    workers: list[Node] = field(default_factory=list)  # on several nodes: all but the chief
+    failed_node: Node | None = None  # the worker whose failure ended the run
+
+    @property
+    def node_ids(self) -> list[str]:
+        """The run's instances now, in rank order (the chief first)."""
+        return [i for i in (self.instance_id, *(w.instance_id for w in self.workers)) if i]
 
     @property
     def instance_id(self) -> str | None:
@@ -281,9 +310,11 @@ class Orchestrator:
             assert exit_code is not None
             outcome = RunState.SUCCEEDED if exit_code == 0 else RunState.FAILED
             if exit_code != 0:
+                node = ctx.failed_node
                 raise TrainingFailed(
-                    f"the training command exited with code {exit_code}",
-                    hint=f"Its log is in {ctx.run_dir / 'logs' / 'train.log'}.",
+                    f"the training command {f'of node {node.rank} ' if node else ''}exited with code "
+                    f"{exit_code}",
+                    hint=f"Its log is in {ctx.run_dir / 'logs' / (node.log_name if node else 'train.log')}.",
                 )
             return 0
         except (KeyboardInterrupt, SystemExit) as e:
@@ -315,8 +346,9 @@ class Orchestrator:
             keep = self.keep and ctx.instance_id is not None and ctx.training_started
             if keep:
                 self._keep(ctx)
-            if ctx.session is not None:
-                ctx.session.close()
+            for session in (ctx.session, *(w.session for w in ctx.workers)):
+                if session is not None:
+                    session.close()
             if not keep:
                 problems = teardown(ctx.cloud, self.ledger, ctx.run_id, ctx.handle)
             self._state(ctx, outcome, f"run {outcome.value}", ended_at=utcnow(), exit_code=exit_code)
@@ -336,7 +368,8 @@ class Orchestrator:
         held = [
             f"{what} {name}"
             for what, name in (
-                ("instance", ctx.instance_id),
+                *(("instance", i) for i in ctx.node_ids),
+                ("placement group", ctx.handle.placement_group),
                 ("security group", ctx.security_group_id),
                 ("key pair", ctx.key_name),
                 ("instance profile", ctx.instance_profile),
@@ -379,11 +412,12 @@ class Orchestrator:
 
     def _launch(self, ctx: RunContext) -> None:
         assert self.plan is not None
-        choice = self.plan.choice
+        choice, nodes = self.plan.choice, self.spec.resources.nodes
         self._state(
             ctx,
             RunState.LAUNCHING,
-            f"launching {choice.instance.name} ({choice.lifecycle.value}, ${choice.price_per_hour:.4f}/h) "
+            f"launching {f'{nodes} × ' if nodes > 1 else ''}{choice.instance.name} "
+            f"({choice.lifecycle.value}, ${choice.price_per_hour:.4f}/h{' each' if nodes > 1 else ''}) "
             f"in {choice.zone or self.region}",
         )
         checkpoint_url = self.spec.checkpoint.s3_url(ctx.run_id)
@@ -396,9 +430,13 @@ class Orchestrator:
         ctx.key = key = ctx.cloud.ensure_key_pair(ctx.run_id, tags)
         self._record(ctx, key_name=key.name, key_path=str(key.path))
         ctx.image = image = self._choose_image(ctx)
+        if nodes > 1:  # its instances close together, in one zone
+            self._record(ctx, placement_group=ctx.cloud.create_placement_group(ctx.run_id, tags))
         self._record(
             ctx,
-            security_group_id=ctx.cloud.create_security_group(ctx.run_id, caller_cidr(self.settings), tags),
+            security_group_id=ctx.cloud.create_security_group(
+                ctx.run_id, caller_cidr(self.settings), tags, cluster=nodes > 1
+            ),
             image=image.id,
             owner=self.settings.owner,  # what its tags say, whatever the host is called later
         )
@@ -449,12 +487,13 @@ class Orchestrator:
         return choice.image
 
     def _launch_instance(self, ctx: RunContext, offers: list[Offer], *, token: str) -> None:
-        """Launch the first offer AWS has capacity for; record it and wait until it runs."""
+        """Launch the first offer AWS has capacity for (``resources.nodes`` instances of it,
+        all or none); record them and wait until they run."""
         assert self.plan is not None and ctx.image is not None and ctx.key is not None
         assert ctx.security_group_id is not None
         res = self.spec.resources
         image, key, tags = ctx.image, ctx.key, ctx.tags
-        offer = offers[0]
+        offer, ids = offers[0], []
         for attempt, offer in enumerate(offers, 1):
             request = LaunchRequest(
                 run_id=ctx.run_id,
@@ -469,10 +508,15 @@ class Orchestrator:
                 client_token=f"{token}-{attempt}",
                 tags=tags,
                 instance_profile=ctx.instance_profile,
+                placement_group=ctx.handle.placement_group,
             )
             where = f"{offer.instance.name} ({offer.lifecycle.value}) in {offer.zone or self.region}"
             try:
-                self._record(ctx, instance_id=ctx.cloud.launch(request))
+                if res.nodes > 1:
+                    ids = ctx.cloud.launch_cluster(request, res.nodes)
+                else:
+                    ids = [ctx.cloud.launch(request)]
+                self._record(ctx, instance_id=ids[0])
                 break
             except CapacityError as e:  # not worth waiting for: the next zone or type
                 self.ledger.add_event(ctx.run_id, "no-capacity", f"{where}: {e.message}")
@@ -486,49 +530,132 @@ class Orchestrator:
                     f"no capacity for {where}; trying {following.instance.name} "
                     f"({following.lifecycle.value}) in {following.zone or self.region}"
                 )
-        assert ctx.instance_id is not None
-        self.ledger.record_instance(
-            InstanceRow(
-                id=ctx.instance_id,
-                run_id=ctx.run_id,
-                instance_type=offer.instance.name,
-                zone=offer.zone,
-                lifecycle=offer.lifecycle,
-                price_per_hour=offer.price_per_hour,
-                on_demand_per_hour=offer.on_demand_per_hour,
-                launched_at=utcnow(),
-                disk_gb=res.disk_gb,
-                ebs_per_gb_month=self.plan.ebs_per_gb_month,
+        for instance_id in ids:
+            self.ledger.record_instance(
+                InstanceRow(
+                    id=instance_id,
+                    run_id=ctx.run_id,
+                    instance_type=offer.instance.name,
+                    zone=offer.zone,
+                    lifecycle=offer.lifecycle,
+                    price_per_hour=offer.price_per_hour,
+                    on_demand_per_hour=offer.on_demand_per_hour,
+                    launched_at=utcnow(),
+                    disk_gb=res.disk_gb,
+                    ebs_per_gb_month=self.plan.ebs_per_gb_month,
+                )
             )
-        )
-        ctx.launched = ctx.cloud.wait_running(ctx.instance_id)
-        self.ledger.instance_running(ctx.instance_id, utcnow())
+        ctx.workers = []
+        for rank, instance_id in enumerate(ids):
+            launched = ctx.cloud.wait_running(instance_id)
+            self.ledger.instance_running(instance_id, utcnow())
+            if rank == 0:
+                ctx.launched = launched
+            else:
+                ctx.workers.append(Node(rank, instance_id, launched))
         if ctx.relaunches == 0:
             self.ledger.update_run(ctx.run_id, started_at=utcnow())
-        self.reporter.info(f"{ctx.instance_id} is running in {ctx.launched.zone}")
+        assert ctx.launched is not None
+        if ctx.workers:
+            self.reporter.info(
+                f"{', '.join(ctx.node_ids)} are running in {ctx.launched.zone} "
+                f"(node 0, the chief, is {ctx.instance_id})"
+            )
+        else:
+            self.reporter.info(f"{ctx.instance_id} is running in {ctx.launched.zone}")
 
     # --- surviving interruptions --------------------------------------------------------
 
     def _bring_up(self, ctx: RunContext) -> None:
-        """Provision, sync, restore the checkpoint, start training (Phase.BRING_UP)."""
-        self._provision(ctx)
-        self._sync(ctx)
-        self._push_checkpoint(ctx)
+        """Provision, sync, restore the checkpoint, start training (Phase.BRING_UP); on
+        several nodes, the workers in parallel with the chief, the training on all."""
+        if not ctx.workers:
+            self._provision(ctx)
+            self._sync(ctx)
+            self._push_checkpoint(ctx)
+        else:
+            said: dict[int, _Said] = {node.rank: _Said() for node in ctx.workers}
+            failures: dict[int, BaseException] = {}
+
+            def bring_up(node: Node) -> None:
+                try:
+                    self._bring_up_worker(ctx, node, said[node.rank])
+                except BaseException as e:  # raised on the main thread, below
+                    failures[node.rank] = e
+
+            # Daemon threads: on Ctrl-C, or when the chief fails, nothing waits for them
+            # (teardown ends the calls they are in).
+            threads = [
+                threading.Thread(target=bring_up, args=(n,), name=f"cloudtrain-node-{n.rank}", daemon=True)
+                for n in ctx.workers
+            ]
+            for thread in threads:
+                thread.start()
+            self._provision(ctx)
+            self._sync(ctx)
+            self._push_checkpoint(ctx)
+            for thread in threads:
+                thread.join()
+            for node in ctx.workers:  # what the workers said, from this thread
+                said[node.rank].replay(self.reporter, f"node {node.rank}: ")
+            for node in ctx.workers:
+                failure = failures.get(node.rank)
+                if isinstance(failure, CloudtrainError):
+                    failure.message = f"node {node.rank} ({node.instance_id}): {failure.message}"
+                if failure is not None:
+                    raise failure
         self._start_training(ctx)
+
+    def _bring_up_worker(self, ctx: RunContext, node: Node, reporter: Reporter) -> None:
+        """A worker's provisioning, sync and checkpoint, on a thread of its own: what the
+        chief's do, less the ledger (the main thread's) and the progress bars; what it
+        would say goes to ``reporter``."""
+        assert ctx.key_path is not None
+        node.launched, endpoint = ssh_endpoint(
+            ctx.cloud, node.instance_id, ctx.key_path, loopback_only=self.settings.loopback_hosts
+        )
+        node.session = Session(endpoint, give_up=lambda: self.instance_lost(ctx)).connect()
+        agent = self._remote_agent(node.session, self.spec.backend)
+        agent.install()
+        if self.spec.resources.image == BASE_IMAGE:
+            gpu = self.settings.instance_gpus
+            run_recipe(node.session, [self.spec.backend], reporter, node.instance_id, gpu=gpu)
+        node.session.run(f"mkdir -p {REMOTE_WORKDIR}")
+        verify_backend(agent, self._agent_config(ctx, node.rank), gpu=self.settings.instance_gpus)
+        self._sync_to(node.session, progress=None)
+        self._fetch_s3(node.session, reporter)
+        self._restore_checkpoint(ctx, node.session, reporter, progress=None)
+        log.info("node %d (%s) is ready", node.rank, node.instance_id)
+
+    def _agent_config(self, ctx: RunContext, rank: int) -> AgentConfig:
+        """The job's options for node ``rank``'s agent: on several nodes, with its cluster
+        variables (cluster.py), the nodes named by their private addresses."""
+        node = None
+        if ctx.workers:
+            assert ctx.launched is not None
+            launched = [ctx.launched, *(w.launched for w in ctx.workers)]
+            missing = [i.id for i in launched if not i.private_ip]
+            if missing:
+                raise RemoteError(f"{', '.join(missing)}: no private address for the other nodes to reach")
+            node = node_environment(ctx.run_id, rank, [str(i.private_ip) for i in launched])
+        return AgentConfig.from_spec(self.spec, ctx.run_id, self.region, gpus=self._gpus(ctx), node=node)
 
     def _pull_phase(self, ctx: RunContext) -> None:
         self._state(ctx, RunState.PULLING, "pulling back outputs and logs")
         self.pull(ctx)
 
     def instance_lost(self, ctx: RunContext) -> InstanceLost | None:
-        """The instance, if AWS has taken it away (a failed describe is not proof of that)."""
-        if ctx.instance_id is None:
-            return None
-        try:
-            state = ctx.cloud.describe(ctx.instance_id).state
-        except CloudtrainError:
-            return None
-        return InstanceLost(ctx.instance_id, state) if state in LOST_STATES else None
+        """The instance (on several nodes, the first of them) AWS has taken away, if any (a
+        failed describe is not proof of that). A worker whose command ended is past caring."""
+        live = [ctx.instance_id, *(w.instance_id for w in ctx.workers if w.exit_code is None)]
+        for instance_id in filter(None, live):
+            try:
+                state = ctx.cloud.describe(instance_id).state
+            except CloudtrainError:
+                continue
+            if state in LOST_STATES:
+                return InstanceLost(instance_id, state)
+        return None
 
     def _recover(self, ctx: RunContext, error: RemoteError) -> None:
         """After a remote failure: re-raise it unless the instance was lost; else confirm the
@@ -543,11 +670,17 @@ class Orchestrator:
         else:  # a resumed run: the ledger knows what it was
             row = next(i for i in self.ledger.instances(ctx.run_id) if i.id == lost.instance_id)
             ctx.lost.append((row.instance_type, row.zone))
-        if ctx.session is not None:
-            ctx.session.close()
-            ctx.session = None
-        self.ledger.instance_terminated(lost.instance_id, ctx.cloud.terminate(lost.instance_id))
+        for session in (ctx.session, *(w.session for w in ctx.workers)):
+            if session is not None:
+                session.close()
+        ctx.session = None
+        # the whole group goes: the others cannot train on without it
+        for instance_id in sorted(ctx.node_ids, key=lambda i: i != lost.instance_id):
+            self.ledger.instance_terminated(instance_id, ctx.cloud.terminate(instance_id))
+        ctx.workers = []
         relaunches = ctx.relaunches + 1
+        if self.spec.resources.nodes > 1 and relaunches <= MAX_RELAUNCHES:
+            self._new_placement_group(ctx, relaunches)
         if relaunches > MAX_RELAUNCHES:
             raise CloudError(
                 f"interrupted {relaunches} times; giving up after {MAX_RELAUNCHES} relaunches",
@@ -566,12 +699,27 @@ class Orchestrator:
             raise CloudError(
                 "no other offer to relaunch on after the interruption", hint="Allow more zones or GPUs."
             ) from error
+        nodes = self.spec.resources.nodes
+        each = f"{nodes} × " if nodes > 1 else ""
         self.reporter.warn(
             f"{lost.message}; relaunching ({ctx.relaunches}/{MAX_RELAUNCHES}) on "
-            f"{offers[0].instance.name} in {offers[0].zone or self.region}"
+            f"{each}{offers[0].instance.name} in {offers[0].zone or self.region}"
         )
         self._state(ctx, RunState.RECOVERING, f"relaunching after an interruption of {lost.instance_id}")
         self._launch_instance(ctx, offers, token=f"{ctx.run_id}-r{ctx.relaunches}")
+
+    def _new_placement_group(self, ctx: RunContext, launch: int) -> None:
+        """A group's relaunch goes into a placement group of its own (a cluster group stays
+        in one zone; the relaunch may go to another); the old one goes now if it can, else
+        at teardown (its tags find it)."""
+        old = ctx.handle.placement_group
+        group = ctx.cloud.create_placement_group(ctx.run_id, ctx.tags, launch=launch)
+        self._record(ctx, placement_group=group)
+        if old:
+            try:
+                ctx.cloud.delete_placement_group(old, attempts=1)
+            except CloudtrainError as e:
+                log.info("placement group %s is left for teardown: %s", old, e.message)
 
     def _ready_to_relaunch(self, ctx: RunContext) -> bool:
         """Whether a relaunch can go ahead; for a resumed run (`attach`), first gather what
@@ -597,29 +745,41 @@ class Orchestrator:
         `attach`, when nothing was copying it home)."""
         if ctx.session is None:
             return
+        epoch, source = self._restore_checkpoint(
+            ctx,
+            ctx.session,
+            self.reporter,
+            progress=lambda done, total: self.reporter.transfer("restoring the checkpoint", done, total),
+        )
+        if epoch is not None:
+            message = f"restoring the checkpoint of epoch {epoch} from {source}"
+            self.ledger.add_event(ctx.run_id, "restore", message)
+            self.reporter.info(message)
+
+    def _restore_checkpoint(
+        self,
+        ctx: RunContext,
+        session: Session,
+        reporter: Reporter,
+        progress: Callable[[int, int], None] | None,
+    ) -> tuple[Any, str]:
+        """The run's last checkpoint onto the instance at ``session`` (every node of a run on
+        several gets the chief's); (its epoch, where it came from), (None, "") for none."""
         epoch, source = None, ""
         found = last_checkpoint(ctx.run_dir)
         if found is not None:
             from cloudtrain.remote.sync import upload_tree
 
-            upload_tree(
-                ctx.session,
-                found[0],
-                REMOTE_CHECKPOINT,
-                lambda done, total: self.reporter.transfer("restoring the checkpoint", done, total),
-            )
+            upload_tree(session, found[0], REMOTE_CHECKPOINT, progress)
             epoch, source = found[1].get("epoch"), "the copy at home"
         url = self.spec.checkpoint.s3_url(ctx.run_id)
         if url:
-            report = self._agent(ctx).restore_checkpoint(url, self.region)
+            report = self._remote_agent(session, self.spec.backend).restore_checkpoint(url, self.region)
             if "error" in report:
-                self.reporter.warn(f"the checkpoint in {url} was not restored: {report['error']}")
+                reporter.warn(f"the checkpoint in {url} was not restored: {report['error']}")
             elif report.get("source") == "s3":
                 epoch, source = report.get("epoch"), url
-        if epoch is not None:
-            message = f"restoring the checkpoint of epoch {epoch} from {source}"
-            self.ledger.add_event(ctx.run_id, "restore", message)
-            self.reporter.info(message)
+        return epoch, source
 
     def _pull_checkpoint(self, session: Session, dest: Path) -> None:
         cli = self.agent_cli
@@ -664,8 +824,7 @@ class Orchestrator:
                 ctx.session, [backend], self.reporter, ctx.instance_id, gpu=self.settings.instance_gpus
             )
         ctx.session.run(f"mkdir -p {REMOTE_WORKDIR}")
-        config = AgentConfig.from_spec(self.spec, ctx.run_id, self.region, gpus=self._gpus(ctx))
-        report = verify_backend(agent, config, gpu=self.settings.instance_gpus)
+        report = verify_backend(agent, self._agent_config(ctx, 0), gpu=self.settings.instance_gpus)
         self._record(ctx, backend_report=report)
         self.reporter.info(describe_backend(report))
 
@@ -677,12 +836,22 @@ class Orchestrator:
 
     def _sync(self, ctx: RunContext) -> None:
         assert ctx.session is not None
+        self._state(ctx, RunState.SYNCING, "syncing the workdir and data")
+        report = self._sync_to(
+            ctx.session, progress=lambda done, total: self.reporter.transfer("syncing", done, total)
+        )
+        for warning in report.warnings:
+            self.reporter.warn(warning)
+        self.reporter.info(_describe_sync(report))
+        self._fetch_s3(ctx.session, self.reporter)
+
+    def _sync_to(self, session: Session, progress: Callable[[int, int], None] | None) -> SyncReport:
+        """The workdir and local data onto the instance at ``session``."""
         from cloudtrain.remote.sync import sync_workdir
 
-        self._state(ctx, RunState.SYNCING, "syncing the workdir and data")
         cli = self.agent_cli
-        report = sync_workdir(
-            ctx.session,
+        return sync_workdir(
+            session,
             self.spec.workdir,
             REMOTE_WORKDIR,
             data_sources=self.spec.data,
@@ -690,28 +859,23 @@ class Orchestrator:
             cache_dir=self.settings.home / "cache",
             remote_python=cli.python,
             remote_agent_path=cli.path,
-            progress=lambda done, total: self.reporter.transfer("syncing", done, total),
+            progress=progress,
         )
-        for warning in report.warnings:
-            self.reporter.warn(warning)
-        self.reporter.info(_describe_sync(report))
-        self._fetch_s3(ctx)
 
-    def _fetch_s3(self, ctx: RunContext) -> None:
+    def _fetch_s3(self, session: Session, reporter: Reporter) -> None:
         """Each S3 data source, fetched on the instance with the instance profile's credentials
         (nothing of the controller's goes along)."""
-        assert ctx.session is not None
         for source in self.spec.data:
             if not source.is_s3:
                 continue
             dst = f"{REMOTE_WORKDIR}/{source.dst.strip('/')}"
-            report = self._agent(ctx).fetch_s3(source.src, dst, self.region)
+            report = self._remote_agent(session, self.spec.backend).fetch_s3(source.src, dst, self.region)
             if "error" in report:
                 raise RemoteError(
                     f"fetching {source.src} on the instance failed: {report['error']}",
                     hint=str(report.get("hint") or "See the instance profile's policy and the bucket's."),
                 )
-            self.reporter.info(
+            reporter.info(
                 f"fetched {source.src} -> {source.dst}: {report.get('files', 0)} files "
                 f"({int(report.get('bytes', 0)) / 1e6:.1f} MB), {report.get('skipped', 0)} already there"
             )
@@ -721,27 +885,37 @@ class Orchestrator:
         missing = [name for name in self.spec.secrets if name not in self.secrets]
         if missing:  # checked before launch too; this guards the API
             raise InputError(f"secrets not set locally: {', '.join(missing)}")
-        self._state(ctx, RunState.RUNNING, f"running: {self.spec.run}")
-        self._agent(ctx).start(self.spec.run, self.spec.setup, self.secrets)
+        nodes = f" on {len(ctx.node_ids)} nodes" if ctx.workers else ""
+        self._state(ctx, RunState.RUNNING, f"running{nodes}: {self.spec.run}")
+        for agent in (*self._worker_agents(ctx), self._agent(ctx)):  # the workers first: the chief leads
+            agent.start(self.spec.run, self.spec.setup, self.secrets)
         self._record(ctx, training_started=True)  # `logs -f` from elsewhere waits for this
         self._start_watchdog(ctx)
         if self.watcher is not None:
-            assert ctx.instance_id is not None
-            self.watcher.training_started(ctx.instance_id, ctx.relaunches)
+            self.watcher.training_started(ctx.node_ids, ctx.relaunches)
+
+    def _worker_agents(self, ctx: RunContext, *, running: bool = False) -> list[RemoteAgent]:
+        """The agents on a run's workers (none on one node); ``running``: on those whose
+        command has not ended."""
+        sessions = [w.session for w in ctx.workers if not (running and w.exit_code is not None)]
+        assert all(s is not None for s in sessions)
+        return [self._remote_agent(s, self.spec.backend) for s in sessions if s is not None]
 
     def _start_watchdog(self, ctx: RunContext) -> None:
         """The instance's own guard (agent/watchdog.py): it powers off at the deadline, or when
-        nobody collects the ended run within the grace; the controller need not stay up."""
+        nobody collects the ended run within the grace; the controller need not stay up.
+        Each worker has one too, which saves nothing (outputs come from the chief)."""
         deadline = self._deadline(ctx)
-        self._agent(ctx).watchdog(
-            iso(deadline),
-            self.spec.watchdog.collect_grace_s,
-            self.spec.outputs,
-            self.spec.checkpoint.s3_url(ctx.run_id),
-            self.region,
-            max_idle_s=self.spec.budget.max_idle_minutes * 60,
-            on_idle=self.spec.budget.on_idle,
-        )
+        for agent, chief in (*((a, False) for a in self._worker_agents(ctx)), (self._agent(ctx), True)):
+            agent.watchdog(
+                iso(deadline),
+                self.spec.watchdog.collect_grace_s,
+                self.spec.outputs if chief else (),
+                self.spec.checkpoint.s3_url(ctx.run_id) if chief else None,
+                self.region,
+                max_idle_s=self.spec.budget.max_idle_minutes * 60,
+                on_idle=self.spec.budget.on_idle,
+            )
         ctx.renewed = time.monotonic()
         how = (
             "budget.max_hours" if self.spec.budget.max_hours else "moved on while cloudtrain follows the run"
@@ -759,7 +933,8 @@ class Orchestrator:
             return
         deadline = utcnow() + timedelta(hours=DEFAULT_DEADLINE_HOURS)
         try:
-            self._agent(ctx).renew(iso(deadline))
+            for agent in (self._agent(ctx), *self._worker_agents(ctx, running=True)):
+                agent.renew(iso(deadline))
             ctx.cloud.set_run_expiry(ctx.run_id, deadline + timedelta(minutes=30), ctx.instance_profile)
         except (RemoteError, CloudError) as e:
             log.info("could not move the deadline on: %s", e.message)
@@ -802,15 +977,15 @@ class Orchestrator:
                     budget_checked = time.monotonic()
                     self._check_budget(ctx, keeper)
                 if self.watcher is not None:
-                    assert ctx.instance_id is not None
                     *lines, partial = (partial + data).split(b"\n")
                     for line in lines:
-                        self.watcher.log_line(
-                            ctx.instance_id, ctx.relaunches, line.decode("utf-8", "replace")
-                        )
+                        self.watcher.log_line(ctx.node_ids, ctx.relaunches, line.decode("utf-8", "replace"))
 
             def between_rounds() -> None:
                 nonlocal shown
+                failed = self._watch_workers(ctx)
+                if failed is not None:
+                    raise _WorkerFailed(failed)
                 self.renew_deadline(ctx)
                 self._fetch_metrics(ctx)
                 self._check_budget(ctx, keeper)
@@ -845,12 +1020,101 @@ class Orchestrator:
                 on_beat=on_beat,
             )
             try:
-                code = follower.follow(between=between_rounds)
+                try:
+                    code = follower.follow(between=between_rounds)
+                except _WorkerFailed as e:
+                    return self._worker_failed(ctx, e.node)
                 self._fetch_metrics(ctx)  # the last epochs' lines, before the pull-back's
                 keeper.final_round(ctx.session)  # the training's last checkpoint comes home
+                if not ctx.workers:
+                    return code
+                try:
+                    failed = self._watch_workers(ctx, wait_s=WORKERS_END_S if code == 0 else 10.0)
+                except InstanceLost as e:
+                    if code != 0:  # a node taken away fails the others' collective steps
+                        raise
+                    self.reporter.warn(f"{e.message} after the chief's command succeeded: its log may be cut")
+                    failed = None
+                lost = self.instance_lost(ctx) if code != 0 else None
+                if lost is not None:
+                    raise lost
+                unended = [w for w in ctx.workers if w.exit_code is None]
+                if code == 0 and unended:
+                    self.reporter.warn(
+                        f"node {', '.join(str(w.rank) for w in unended)} still running {WORKERS_END_S:.0f} s "
+                        "after the chief's command succeeded: stopped with the run"
+                    )
+                if failed is not None:  # said either way; the chief's own failure is the run's
+                    worker_code = self._worker_failed(ctx, failed, blamed=code == 0)
+                    return worker_code if code == 0 else code
                 return code
             finally:
                 self._flush_keeper_events(ctx)
+
+    def _watch_workers(self, ctx: RunContext, *, wait_s: float = 0.0) -> Node | None:
+        """Each worker's new log bytes into ``logs/node-K.log``, and its state; the first
+        whose command failed. ``wait_s``: as long as that for every worker to end. A worker
+        AWS took away raises InstanceLost (the group is relaunched)."""
+        until = time.monotonic() + wait_s
+        while True:
+            for node in ctx.workers:
+                if node.exit_code is None:
+                    self._watch_worker(ctx, node)
+            failed = next((n for n in ctx.workers if n.exit_code not in (None, 0)), None)
+            if failed is not None:  # a node taken away makes the others fail: that is no failure
+                lost = self.instance_lost(ctx)
+                if lost is not None:
+                    raise lost
+                return failed
+            if all(n.exit_code is not None for n in ctx.workers) or time.monotonic() >= until:
+                return None
+            time.sleep(2.0)
+
+    def _watch_worker(self, ctx: RunContext, node: Node) -> None:
+        assert node.session is not None
+        agent = self._remote_agent(node.session, self.spec.backend)
+        data = bytearray()
+        try:
+            status = agent.status()  # first: an ended command's log is whole by then
+            agent.tail(node.log_offset, data.extend)
+        except RemoteError as e:
+            lost = self.instance_lost(ctx)
+            if lost is not None:
+                raise lost from e
+            log.info("node %d (%s): %s", node.rank, node.instance_id, e.message)
+            return  # the next round tries again
+        node.log_offset += len(data)
+        if node.redactor is None:
+            node.redactor = LogRedactor(self.secrets.values())
+        code = status.get("exit_code")
+        masked = node.redactor.feed(bytes(data)) + (node.redactor.flush() if code is not None else b"")
+        logs = ctx.run_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        with open(logs / node.log_name, "ab") as logfile:
+            logfile.write(masked)
+        if code is not None:
+            node.exit_code = int(code)
+            with suppress(RemoteError):  # its log is home: its watchdog's grace starts now
+                agent.collected()
+        elif not status.get("running"):
+            lost = self.instance_lost(ctx)
+            if lost is not None:
+                raise lost
+            raise RemoteError(f"node {node.rank}'s training supervisor is gone without an exit code")
+
+    def _worker_failed(self, ctx: RunContext, node: Node, *, blamed: bool = True) -> int:
+        """A worker's command failed: say so, with its log's last line; ``blamed``: the run
+        ends with its exit code."""
+        assert node.exit_code is not None
+        if blamed:
+            ctx.failed_node = node
+        lines = _last_lines(ctx.run_dir / "logs" / node.log_name, 1)
+        message = (
+            f"node {node.rank} ({node.instance_id}): the training command exited with code {node.exit_code}"
+        )
+        self.ledger.add_event(ctx.run_id, "node-failed", message)
+        self.reporter.warn(f"{message}{f': {lines[-1]}' if lines else ''}")
+        return node.exit_code
 
     def _fetch_metrics(self, ctx: RunContext) -> None:
         """Bring the epochs finished since the last call home (metrics.py), a line each on
@@ -928,7 +1192,11 @@ class Orchestrator:
         instance = None
         if running:
             i = running[-1]
-            instance = f"{i.instance_type} in {i.zone or '?'}, {i.lifecycle.value} ${i.price_per_hour:.4f}/h"
+            each = f"{len(running)} × " if len(running) > 1 else ""
+            instance = (
+                f"{each}{i.instance_type} in {i.zone or '?'}, {i.lifecycle.value} ${i.price_per_hour:.4f}/h"
+                f"{' each' if each else ''}"
+            )
         return LiveStatus(
             run_id=ctx.run_id,
             state=run.state if run else RunState.RUNNING,
@@ -1005,6 +1273,12 @@ class Orchestrator:
         self._plot(ctx)
         # The watchdog's grace starts again from here (see agent/watchdog.py).
         self._agent(ctx).collected()
+        try:  # the workers' logs: they hold no outputs
+            self._watch_workers(ctx)
+            for agent in self._worker_agents(ctx, running=True):
+                agent.collected()
+        except RemoteError as e:
+            self.reporter.warn(f"the workers' logs may lack their last lines: {e.message}")
 
     def _plot(self, ctx: RunContext) -> None:
         """metrics.png beside metrics.csv, when matplotlib is there (the ``plot`` extra)."""
@@ -1050,6 +1324,41 @@ class Orchestrator:
         """The resolved spec (secrets are names only, never values)."""
         data = self.spec.model_dump(mode="json")
         (ctx.run_dir / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+class _Said(Reporter):
+    """What a worker's bring-up would say, kept for the main thread to say (a live console
+    is drawn from one thread); transfer and step bars are dropped."""
+
+    def __init__(self) -> None:
+        self.said: list[tuple[str, str]] = []
+
+    def info(self, message: str) -> None:
+        self.said.append(("info", message))
+
+    def warn(self, message: str) -> None:
+        self.said.append(("warn", message))
+
+    def replay(self, reporter: Reporter, prefix: str) -> None:
+        for kind, message in self.said:
+            (reporter.warn if kind == "warn" else reporter.info)(prefix + message)
+
+
+class _WorkerFailed(Exception):
+    """A worker's command failed: the chief's log stops being followed."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(f"node {node.rank} failed")
+        self.node = node
+
+
+def _last_lines(path: Path, count: int) -> list[str]:
+    """The last ``count`` non-blank lines of a log (none if it is not there)."""
+    try:
+        text = path.read_bytes()[-8192:].decode("utf-8", "replace")
+    except OSError:
+        return []
+    return [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()][-count:]
 
 
 def _final_log(run_dir: Path) -> None:

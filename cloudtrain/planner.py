@@ -76,7 +76,7 @@ class Offer:
 
 @dataclass(frozen=True)
 class CostEstimate:
-    """What the job would cost if it ran for ``hours`` (budget.max_hours)."""
+    """What the job would cost, all its nodes together, if it ran for ``hours`` (budget.max_hours)."""
 
     hours: float
     compute_usd: float
@@ -118,6 +118,16 @@ class Plan:
     def lifecycle(self) -> Lifecycle:
         return self.choice.lifecycle
 
+    @property
+    def nodes(self) -> int:
+        """Instances of the chosen type the job runs on (resources.nodes); each offer prices one."""
+        return self.job.resources.nodes
+
+    @property
+    def price_per_hour_all_nodes(self) -> float:
+        """USD per hour of the choice for all the job's nodes."""
+        return self.choice.price_per_hour * self.nodes
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": 1,
@@ -125,6 +135,7 @@ class Plan:
             "backend": self.job.backend,
             "region": self.region,
             "lifecycle": self.lifecycle.value,
+            "nodes": self.nodes,
             "max_price": self.job.resources.max_price,
             "disk_gb": self.job.resources.disk_gb,
             "ebs_per_gb_month": self.ebs_per_gb_month,
@@ -305,12 +316,12 @@ def plan(
     choice = affordable[0]
     ebs_rate = catalog.ebs_price(region)
     estimate = None
-    if spec.budget.max_hours is not None:
+    if spec.budget.max_hours is not None:  # each node has its own instance and root volume
         hours = spec.budget.max_hours
         estimate = CostEstimate(
             hours=hours,
-            compute_usd=choice.price_per_hour * hours,
-            ebs_usd=res.disk_gb * ebs_rate * hours / HOURS_PER_MONTH,
+            compute_usd=res.nodes * choice.price_per_hour * hours,
+            ebs_usd=res.nodes * res.disk_gb * ebs_rate * hours / HOURS_PER_MONTH,
         )
     return Plan(
         job=spec,

@@ -131,6 +131,9 @@ NAME_RE = r"^[a-z0-9][a-z0-9-]{0,39}$"
 REGION_RE = r"^[a-z]{2}(-gov)?-[a-z]+-\d$"
 ENV_NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
 AMI_ID_RE = re.compile(r"^ami-[0-9a-f]{8,17}$")
+MAX_NODES = 16
+# Keras 3's fit fails under MultiWorkerMirroredStrategy upstream; tf-keras (keras: 2) trains.
+KERAS3_MULTIWORKER_BUG = "keras-team/keras#20585"
 
 
 def _relative_path(value: str) -> str:
@@ -231,6 +234,13 @@ class Resources(_Strict):
     fallback: Literal["none", "on-demand"] = Field(
         "none",
         description="When no spot offer has capacity: none (fail), or on-demand (cheapest type, on-demand)",
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=MAX_NODES,
+        description="Instances of the chosen type training together, in one zone "
+        "(tf.distribute.MultiWorkerMirroredStrategy; needs backend: tensorflow with keras: 2)",
     )
 
     @model_validator(mode="after")
@@ -516,6 +526,19 @@ def _iter_semantic_problems(
     if spec.backend == "theano" and spec.keras == 3:
         yield ("keras",), "Keras 3 has no Theano backend: use keras: 2 (Keras 2.3.1), or backend: tensorflow"
     res = spec.resources
+    if res.nodes > 1 and spec.backend == "theano":
+        yield (
+            ("resources", "nodes"),
+            f"{res.nodes} nodes need tf.distribute, which backend: theano does not have: use "
+            "backend: tensorflow with keras: 2, or nodes: 1",
+        )
+    elif res.nodes > 1 and spec.keras != 2:
+        keras3 = "keras: 3" if spec.keras == 3 else "keras: 3 (the default on tensorflow)"
+        yield (
+            ("resources", "nodes"),
+            f"{res.nodes} nodes need keras: 2 (tf-keras): under {keras3}, fit fails with "
+            f"MultiWorkerMirroredStrategy ({KERAS3_MULTIWORKER_BUG}); set keras: 2, or nodes: 1",
+        )
     if res.gpu is not None:
         model, _, count = res.gpu.partition(":")
         if count and not re.fullmatch(r"[1-9][0-9]{0,3}", count):

@@ -74,6 +74,11 @@ def teardown(
         instances += [i.id for i in cloud.find_run_instances(run_id) if i.id not in instances]
     except CloudtrainError as e:
         problems.append(f"listing the run's instances: {e.message}")
+    try:  # and each the ledger bills as running (a node that powered itself off, say): confirmed
+        billed = [r.id for r in ledger.instances(run_id) if r.terminated_at is None]
+        instances += [i for i in billed if i not in instances]
+    except (LedgerError, sqlite3.Error) as e:
+        log.warning("could not read the run's instances from the ledger: %s", e)
     for instance in instances:
         try:
             terminated_at = cloud.terminate(instance)
@@ -89,8 +94,10 @@ def teardown(
         tagged = []
     security_group_id = security_group_id or next((r.id for r in tagged if r.kind == "security-group"), None)
     key_name = key_name or next((r.id for r in tagged if r.kind == "key-pair"), None)
-    placement_group = handle.placement_group or next(
-        (r.id for r in tagged if r.kind == "placement-group"), None
+    placement_groups = list(
+        dict.fromkeys(  # a run on several nodes: one per launch of the group
+            [*filter(None, [handle.placement_group]), *(r.id for r in tagged if r.kind == "placement-group")]
+        )
     )
     for request in (r for r in tagged if r.kind == "spot-request"):
         try:
@@ -102,7 +109,7 @@ def teardown(
         (key_name, "key pair", cloud.delete_key_pair),
         (instance_profile, "instance profile", cloud.delete_instance_profile),
     ]
-    if placement_group:  # a cluster's (its nodes are terminated by now)
+    for placement_group in placement_groups:  # a cluster's (its nodes are terminated by now)
         steps.append((placement_group, "placement group", cloud.delete_placement_group))
     for name, what, delete in steps:
         if not name:

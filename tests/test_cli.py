@@ -116,6 +116,60 @@ def test_plan_dry_run_json() -> None:
     assert data["estimate"]["total_usd"] > 0
 
 
+TWO_NODES = "name: x\nrun: r\nkeras: 2\nresources: {gpu: T4, nodes: 2}\nbudget: {max_hours: 3}\n"
+
+
+def test_plan_of_several_nodes_shows_n_times_the_price_and_estimate(tmp_path: Path) -> None:
+    (tmp_path / "one.yaml").write_text(TWO_NODES.replace("nodes: 2", "nodes: 1"))
+    (tmp_path / "two.yaml").write_text(TWO_NODES)
+    one = json.loads(cli("plan", str(tmp_path / "one.yaml"), "--dry-run", "--json").output)
+    two = json.loads(cli("plan", str(tmp_path / "two.yaml"), "--dry-run", "--json").output)
+    assert (one["nodes"], two["nodes"]) == (1, 2)
+    assert two["choice"] == one["choice"] and two["choice"]["price_per_hour"] == 0.1841  # one instance
+    for key in ("compute_usd", "ebs_usd", "total_usd"):
+        assert two["estimate"][key] == pytest.approx(2 * one["estimate"][key], abs=1e-4)
+    assert two["quota"] is None  # the simulated AWS has no Service Quotas
+    result = cli("plan", str(tmp_path / "two.yaml"), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "Nodes: 2 × g4dn.xlarge in one zone, 2 × $0.1841/h = $0.3682/h" in result.output
+    total = two["estimate"]["total_usd"]
+    assert "Estimate for budget.max_hours 3 h, 2 nodes: compute $1.1046 + EBS 2 × 100 GiB" in result.output
+    assert f"= ${total:.4f}" in result.output
+
+
+@pytest.fixture
+def quota_asked(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every EC2 quota asked for, (region, code); each answers 4 vCPUs (moto has no Service Quotas
+    for EC2, so the quota is injected where the cloud layer reads it)."""
+    from cloudtrain.cloud.aws import AwsCloud, ServiceQuota
+
+    asked: list[tuple[str, str]] = []
+
+    def quota(cloud: AwsCloud, code: str) -> ServiceQuota:
+        asked.append((cloud.region, code))
+        return ServiceQuota(code, "All G and VT Spot Instance Requests", 4.0, True)
+
+    monkeypatch.setattr(AwsCloud, "ec2_quota", quota)
+    return asked
+
+
+def test_plan_checks_the_vcpu_quota_for_every_node(
+    tmp_path: Path, quota_asked: list[tuple[str, str]]
+) -> None:
+    from moto import mock_aws
+
+    job = tmp_path / "job.yaml"
+    job.write_text(TWO_NODES.replace("{gpu: T4,", "{instance_type: g4dn.xlarge, region: us-east-1,"))
+    with mock_aws():
+        result = cli("plan", str(job))
+        data = json.loads(cli("plan", str(job), "--json").output)
+    assert result.exit_code == 0, result.output
+    assert quota_asked == [("us-east-1", "L-3819A6DF")] * 2
+    assert "Quota: 2 nodes × 4 vCPUs = 8 vCPUs of g4dn.xlarge > quota 4" in result.output
+    assert "--desired-value 8" in result.output
+    assert data["quota"]["status"] == "fail" and data["quota"]["data"]["vcpus"] == 8
+
+
 def test_invalid_job_exits_2_before_any_aws_call(tmp_path: Path, no_aws: None) -> None:
     job = tmp_path / "job.yaml"
     job.write_text("name: x\nrun: r\nresources:\n  gpu: T5\n")
@@ -187,7 +241,9 @@ def test_without_credentials_plan_prices_from_the_catalog_and_run_exits_3(
     assert json.loads(cli("status", "--json").output)["runs"] == []  # no run was begun
 
 
-def test_profile_gives_the_region_and_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_profile_gives_the_region_and_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quota_asked: list[tuple[str, str]]
+) -> None:
     """--profile NAME: its region is the plan's when the job names none; a missing one exits 2."""
     from moto import mock_aws
 
@@ -208,6 +264,7 @@ def test_profile_gives_the_region_and_credentials(tmp_path: Path, monkeypatch: p
     plan = json.loads(result.output)
     assert plan["region"] == "eu-west-1"
     assert {offer["zone"][:-1] for offer in plan["offers"]} == {"eu-west-1"}
+    assert quota_asked == [("eu-west-1", "L-3819A6DF")] and plan["quota"]["status"] == "ok"
 
     missing = cli("--profile", "nope", "plan", str(job))
     assert missing.exit_code == ExitCode.INVALID_INPUT

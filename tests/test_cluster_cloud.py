@@ -275,3 +275,62 @@ def test_a_signal_while_the_placement_group_is_created_undoes_it(
         cloud.create_placement_group(RUN_ID, tags)
     assert time.monotonic() - started >= 1.0, "the Ctrl-C waited for the answer"
     assert placement_groups(cloud) == {}
+
+
+def test_teardown_ends_every_node_the_ledger_bills_and_every_launchs_group(
+    cloud: AwsCloud, tags: dict[str, str]
+) -> None:
+    """A node that powered itself off is gone from AWS's live list but not from the bill:
+    teardown confirms it and records its end; a relaunched group's placement group (its
+    own, ``-r1``) goes with the first's."""
+    from pathlib import Path
+
+    from cloudtrain.ledger import InstanceRow, RunRow
+    from cloudtrain.records import Lifecycle, RunState
+
+    first = cluster_request(cloud, tags)
+    second = cloud.create_placement_group(RUN_ID, tags, launch=1)
+    assert second == f"cloudtrain-{RUN_ID}-r1"
+    ids = cloud.launch_cluster(dataclasses.replace(first, placement_group=second), 2)
+    now = utcnow()
+    with Ledger.open(cloud.settings) as ledger:
+        ledger.create_run(
+            RunRow(
+                id=RUN_ID,
+                name="two-nodes",
+                state=RunState.RUNNING,
+                created_at=now,
+                job_path="job.yaml",
+                backend="tensorflow",
+                simulated=True,
+                region="us-east-1",
+                run_dir=str(Path.cwd()),
+            )
+        )
+        for instance_id in ids:
+            ledger.record_instance(
+                InstanceRow(
+                    id=instance_id,
+                    run_id=RUN_ID,
+                    instance_type="g4dn.xlarge",
+                    zone="us-east-1b",
+                    lifecycle=Lifecycle.SPOT,
+                    price_per_hour=0.2,
+                    on_demand_per_hour=0.5,
+                    launched_at=now,
+                    disk_gb=50,
+                    ebs_per_gb_month=0.08,
+                )
+            )
+            ledger.instance_running(instance_id, now)
+        cloud.ec2.terminate_instances(InstanceIds=[ids[1]])  # powered itself off, unrecorded
+        handle = RunHandle(
+            instance_id=ids[0],
+            security_group_id=first.security_group_id,
+            key_name=first.key.name,
+            placement_group=second,
+        )
+        assert teardown(cloud, ledger, RUN_ID, handle) == []
+        assert [row.terminated_at is not None for row in ledger.instances(RUN_ID)] == [True, True]
+    assert placement_groups(cloud) == {}  # both launches' groups
+    assert cloud.owned_resources(OWNER, RUN_ID) == []

@@ -35,14 +35,17 @@ from cloudtrain.doctor import (
     Status,
     check_keys,
     check_leftovers,
+    check_plan_quota,
     check_quotas,
     check_sim_image,
     diagnose,
     region_finding,
 )
 from cloudtrain.ledger import Ledger, RunRow
+from cloudtrain.planner import Plan, plan
 from cloudtrain.records import RunState, utcnow
 from cloudtrain.settings import Settings
+from cloudtrain.spec import load_job
 
 CLOSED_PORT = "http://127.0.0.1:9"  # loopback, nothing listens: a call that is sent fails at once
 
@@ -307,6 +310,57 @@ def test_quota_endpoint_unreachable_is_a_warning(settings: Settings) -> None:
     findings = check_quotas(cloud, load_catalog())
     assert [(f.check, f.status) for f in findings] == [("quotas", Status.WARN)]
     assert "cannot reach AWS" in findings[0].summary
+
+
+def g5_plan(tmp_path: Path, nodes: int, spot: bool = True) -> Plan:
+    """The plan of a job on ``nodes`` g5.12xlarge (48 vCPUs each), priced from the catalog."""
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "name: big\nrun: r\nkeras: 2\nresources:\n  instance_type: g5.12xlarge\n"
+        f"  region: us-east-1\n  nodes: {nodes}\n  spot: {str(spot).lower()}\n"
+    )
+    return plan(load_job(job), load_catalog(), None, region="us-east-1", now=utcnow())
+
+
+def test_a_plans_quota_counts_every_node(stubbed: tuple[AwsCloud, Stubber], tmp_path: Path) -> None:
+    cloud, stubber = stubbed
+    for _ in range(2):
+        stubber.add_response(
+            "get_service_quota",
+            quota_reply("L-3819A6DF", QUOTA_NAMES["L-3819A6DF"], 64.0),
+            expected_params={"ServiceCode": "ec2", "QuotaCode": "L-3819A6DF"},
+        )
+    one = check_plan_quota(cloud, g5_plan(tmp_path, 1))
+    assert one is not None and one.status is Status.OK
+    assert one.summary == "48 vCPUs of g5.12xlarge, within quota 64 (All G and VT Spot Instance Requests)"
+    two = check_plan_quota(cloud, g5_plan(tmp_path, 2))
+    assert two is not None and (two.check, two.status) == ("quota.job", Status.FAIL)
+    assert "2 nodes × 48 vCPUs = 96 vCPUs of g5.12xlarge > quota 64" in two.summary
+    assert "--quota-code L-3819A6DF --desired-value 96" in (two.fix or "")
+    assert (two.data["nodes"], two.data["vcpus"]) == (2, 96)
+
+
+def test_an_on_demand_plan_asks_the_on_demand_quota(
+    stubbed: tuple[AwsCloud, Stubber], tmp_path: Path
+) -> None:
+    cloud, stubber = stubbed
+    stubber.add_response(
+        "get_service_quota",
+        quota_reply("L-DB2E81BA", QUOTA_NAMES["L-DB2E81BA"], 96.0),
+        expected_params={"ServiceCode": "ec2", "QuotaCode": "L-DB2E81BA"},
+    )
+    found = check_plan_quota(cloud, g5_plan(tmp_path, 2, spot=False))
+    assert found is not None and found.status is Status.OK and "= 96 vCPUs" in found.summary
+
+
+def test_a_plans_quota_unreadable_is_a_warning(stubbed: tuple[AwsCloud, Stubber], tmp_path: Path) -> None:
+    cloud, stubber = stubbed
+    stubber.add_client_error(
+        "get_service_quota", "AccessDeniedException", "not for you", http_status_code=400
+    )
+    found = check_plan_quota(cloud, g5_plan(tmp_path, 2))
+    assert found is not None and found.status is Status.WARN
+    assert "could not check" in found.summary and "96 vCPUs" in found.summary
 
 
 # --- region, leftovers ------------------------------------------------------------------------

@@ -153,6 +153,24 @@ def test_cost_estimate_compute_plus_ebs(tmp_path: Path) -> None:
     assert result.to_json()["estimate"]["total_usd"] == round(result.estimate.total_usd, 4)
 
 
+def test_several_nodes_multiply_the_estimate_not_the_offers(tmp_path: Path) -> None:
+    """Each node is an instance with its own root volume; an offer prices one instance (the ledger
+    records one row per instance at the offer's price)."""
+    resources = "  instance_type: g4dn.xlarge\n  disk_gb: 100\n  nodes: 3\n"
+    spec = job(tmp_path, resources, extra="keras: 2\nbudget: {max_hours: 4}\n")
+    result = plan(spec, CATALOG, [quote("g4dn.xlarge", "us-east-1a", 0.2)], region="us-east-1", now=NOW)
+    assert result.nodes == 3
+    assert [o.price_per_hour for o in result.offers] == [0.2] and result.choice.price_per_hour == 0.2
+    assert result.price_per_hour_all_nodes == pytest.approx(0.6)
+    assert result.estimate is not None
+    ebs = CATALOG.ebs_price("us-east-1")
+    assert result.estimate.compute_usd == pytest.approx(3 * 0.8)
+    assert result.estimate.ebs_usd == pytest.approx(3 * 100 * ebs * 4 / 730)
+    data = json.loads(json.dumps(result.to_json()))
+    assert data["nodes"] == 3 and data["choice"]["price_per_hour"] == 0.2
+    assert data["estimate"]["total_usd"] == round(3 * (0.8 + 100 * ebs * 4 / 730), 4)
+
+
 def test_no_budget_no_estimate(tmp_path: Path) -> None:
     result = plan(job(tmp_path, "  gpu: T4\n"), CATALOG, [], region="us-east-1", now=NOW)
     assert result.estimate is None
@@ -168,7 +186,7 @@ def test_plan_json_contract(tmp_path: Path) -> None:
         simulated=True,
     )
     data = result.to_json()
-    assert data["schema"] == 1
+    assert data["schema"] == 1 and data["nodes"] == 1
     # the simulator quotes the catalog, which has no observation of g4dn.xlarge: an estimate
     assert data["choice"]["price_source"] == "estimate"
     assert data["choice"]["price_label"] == "estimate: on-demand × 0.35"

@@ -49,6 +49,23 @@ def test_bad_interruption_refused(text: str) -> None:
         SimulatedInterruption.parse(text)
 
 
+@pytest.mark.parametrize(
+    ("text", "node", "epoch", "notice"),
+    [("node1:epoch:3", 1, 3, True), ("node2:epoch:4:no-notice", 2, 4, False), ("node0:epoch:2", 0, 2, True)],
+)
+def test_an_interruption_of_one_node(text: str, node: int, epoch: int, notice: bool) -> None:
+    parsed = SimulatedInterruption.parse(text)
+    assert (parsed.node, parsed.epoch, parsed.notice) == (node, epoch, notice)
+    assert SimulatedInterruption.parse(str(parsed)) == parsed
+    assert SimulatedInterruption.parse("epoch:3").node == 0
+
+
+@pytest.mark.parametrize("text", ["node:epoch:3", "nodeA:epoch:3", "node1", "node1:", "epoch:3:node1"])
+def test_bad_node_interruption_refused(text: str) -> None:
+    with pytest.raises(InputError, match="nodeK"):
+        SimulatedInterruption.parse(text)
+
+
 def test_epoch_marker_is_keras_progress_line() -> None:
     at = SimulatedInterruption.parse("epoch:3")
     assert at.due_in_log("Epoch 3/10") and at.due_in_log("  Epoch 3/10\r")

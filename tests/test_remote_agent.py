@@ -295,6 +295,25 @@ def test_a_supervisor_gone_with_its_instance_is_the_instance_lost() -> None:
         alive.follow(round_s=0.01)
 
 
+def test_each_node_hears_the_cluster_and_only_the_chief_keeps_checkpoints_in_s3() -> None:
+    from cloudtrain.cluster import node_environment
+    from cloudtrain.spec import JobSpec
+
+    spec = JobSpec.model_validate(
+        {"name": "j", "run": "python train.py", "keras": 2, "checkpoint": {"s3": "s3://my-bucket/ckpt/"}}
+    )
+    addresses = ["10.0.0.5", "10.0.0.6"]
+    chief, worker = (
+        AgentConfig.from_spec(
+            spec, "run-1", "us-east-1", gpus=1, node=node_environment("run-1", rank, addresses)
+        )
+        for rank in (0, 1)
+    )
+    assert chief.env["CLOUDTRAIN_NODE_RANK"] == "0" and worker.env["CLOUDTRAIN_NODE_RANK"] == "1"
+    assert worker.env["CLOUDTRAIN_NUM_NODES"] == "2" and worker.env["CLOUDTRAIN_GPUS_PER_NODE"] == "1"
+    assert chief.checkpoint_s3 == "s3://my-bucket/ckpt/run-1/" and worker.checkpoint_s3 is None
+
+
 def test_the_job_hears_its_instance_types_gpu_count() -> None:
     from cloudtrain.spec import JobSpec
 

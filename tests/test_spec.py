@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cloudtrain.errors import ExitCode, SpecError
-from cloudtrain.spec import JobSpec, json_schema, load_job
+from cloudtrain.spec import KERAS3_MULTIWORKER_BUG, JobSpec, json_schema, load_job
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,6 +80,18 @@ def test_minimal_job_gets_defaults(tmp_path: Path) -> None:
 )
 def test_the_keras_api_is_settled_when_loaded(tmp_path: Path, lines: str, keras: int) -> None:
     assert load_job(write_job(tmp_path, f"name: x\nrun: r\n{lines}")).keras == keras
+
+
+def test_nodes_default_to_one_and_several_train_on_tf_keras(tmp_path: Path) -> None:
+    assert load_job(write_job(tmp_path, "name: x\nrun: r\n")).resources.nodes == 1
+    spec = load_job(write_job(tmp_path, "name: x\nrun: r\nkeras: 2\nresources: {nodes: 16, gpu: 'T4:4'}\n"))
+    assert (spec.resources.nodes, spec.keras, spec.backend) == (16, 2, "tensorflow")
+
+
+def test_several_nodes_on_keras_3_name_the_upstream_bug_and_exit_2(tmp_path: Path) -> None:
+    """One constant names the bug, so the refusal can be lifted where it is written."""
+    message = refused(tmp_path, "name: x\nrun: r\nresources: {nodes: 2}\n")
+    assert KERAS3_MULTIWORKER_BUG in message and "keras: 2" in message
 
 
 def test_gpu_with_count(tmp_path: Path) -> None:
@@ -179,6 +191,32 @@ def test_example_jobs_are_valid() -> None:
             "job.yaml:4: keras: Keras 3 has no Theano backend: use keras: 2",
         ),
         ("name: x\nrun: r\nkeras: 1\n", "job.yaml:3: keras: Input should be 2 or 3"),
+        (
+            "name: x\nrun: r\nkeras: 2\nresources:\n  nodes: 0\n",
+            "job.yaml:5: resources.nodes: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            "name: x\nrun: r\nkeras: 2\nresources:\n  nodes: 17\n",
+            "job.yaml:5: resources.nodes: Input should be less than or equal to 16 (got 17)",
+        ),
+        (
+            "name: x\nrun: r\nkeras: 2\nresources: {nodes: true}\n",
+            "job.yaml:4: resources.nodes: Input should be a valid integer (got True)",
+        ),
+        (
+            "name: x\nrun: r\nbackend: theano\nresources:\n  nodes: 2\n",
+            "job.yaml:5: resources.nodes: 2 nodes need tf.distribute, which backend: theano does not have: "
+            "use backend: tensorflow with keras: 2, or nodes: 1",
+        ),
+        (
+            "name: x\nrun: r\nresources:\n  nodes: 2\n",
+            "job.yaml:4: resources.nodes: 2 nodes need keras: 2 (tf-keras): under keras: 3 (the default on "
+            "tensorflow), fit fails with MultiWorkerMirroredStrategy (keras-team/keras#20585); set keras: 2",
+        ),
+        (
+            "name: x\nrun: r\nkeras: 3\nresources:\n  nodes: 4\n",
+            "job.yaml:5: resources.nodes: 4 nodes need keras: 2 (tf-keras): under keras: 3, fit fails",
+        ),
         # wrong types are refused, not coerced
         (
             "name: x\nrun: r\nresources: {disk_gb: true}\n",

@@ -872,14 +872,16 @@ class AwsCloud:
     # --- placement group (a cluster's instances, close together in one zone) ----------------
 
     @staticmethod
-    def placement_group_name(run_id: str) -> str:
-        return f"cloudtrain-{run_id}"
+    def placement_group_name(run_id: str, launch: int = 0) -> str:
+        return f"cloudtrain-{run_id}" + (f"-r{launch}" if launch else "")
 
-    def create_placement_group(self, run_id: str, tags: Mapping[str, str]) -> str:
-        """The run's cluster placement group ``cloudtrain-<run-id>``, tagged with ``tags``;
-        returns its name (what RunInstances and DeletePlacementGroup take). One the run
-        made before (a relaunch) is reused; another's of the same name is refused."""
-        name = self.placement_group_name(run_id)
+    def create_placement_group(self, run_id: str, tags: Mapping[str, str], *, launch: int = 0) -> str:
+        """The run's cluster placement group ``cloudtrain-<run-id>`` (``-r<launch>`` for the
+        group of its ``launch``-th relaunch: a cluster group lives in one zone, and a relaunch
+        may go to another), tagged with ``tags``; returns its name (what RunInstances and
+        DeletePlacementGroup take). One the run made before under that name (a retry) is
+        reused; another's of the same name is refused."""
+        name = self.placement_group_name(run_id, launch)
         # a Ctrl-C now would leave a group the run never records: it waits, and it is undone
         with signals_held(
             f"the creation of placement group {name}", f"`cloudtrain gc` removes {name}"

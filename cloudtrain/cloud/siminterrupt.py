@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from cloudtrain.errors import InputError
 from cloudtrain.settings import Settings
 
-_AT_RE = re.compile(r"^(?:epoch:(?P<epoch>[1-9]\d*)|(?P<seconds>\d+)s)(?P<silent>:no-notice)?$")
+_AT_RE = re.compile(
+    r"^(?:node(?P<node>\d+):)?(?:epoch:(?P<epoch>[1-9]\d*)|(?P<seconds>\d+)s)(?P<silent>:no-notice)?$"
+)
 
 
 @dataclass(frozen=True)
@@ -24,27 +26,32 @@ class SimulatedInterruption:
     """``--simulate-interruption AT``: a spot notice at the start of an epoch, or seconds
     after training starts on an instance (the first AT for the first instance, ...).
     ``AT:no-notice`` (``notice=False``): no notice at all, the instance is simply gone at
-    AT, as when AWS takes it with a notice the agent never saw, or the hardware fails."""
+    AT, as when AWS takes it with a notice the agent never saw, or the hardware fails.
+    ``nodeK:AT`` (``node=K``): in a run on several nodes, node K's instance is the one
+    interrupted (AT is read from the chief's log: the nodes train in step)."""
 
     epoch: int | None = None
     seconds: int | None = None
     notice: bool = True
+    node: int = 0
 
     @classmethod
     def parse(cls, text: str) -> SimulatedInterruption:
         found = _AT_RE.match(text.strip())
         if found is None:
             raise InputError(
-                f"--simulate-interruption {text!r}: expected epoch:N or Ns, optionally with :no-notice",
-                hint="For example --simulate-interruption epoch:3, 90s or epoch:12:no-notice.",
+                f"--simulate-interruption {text!r}: expected epoch:N or Ns, optionally with :no-notice "
+                "and after nodeK:",
+                hint="For example --simulate-interruption epoch:3, 90s, epoch:12:no-notice or node1:epoch:3.",
             )
-        notice = not found["silent"]
+        notice, node = not found["silent"], int(found["node"] or 0)
         if found["epoch"]:
-            return cls(epoch=int(found["epoch"]), notice=notice)
-        return cls(seconds=int(found["seconds"]), notice=notice)
+            return cls(epoch=int(found["epoch"]), notice=notice, node=node)
+        return cls(seconds=int(found["seconds"]), notice=notice, node=node)
 
     def __str__(self) -> str:
         at = f"epoch:{self.epoch}" if self.epoch is not None else f"{self.seconds}s"
+        at = f"node{self.node}:{at}" if self.node else at
         return at if self.notice else f"{at}:no-notice"
 
     def due_in_log(self, line: str) -> bool:
@@ -61,20 +68,23 @@ class InterruptionSchedule:
         self.settings = settings
         self.pending: dict[int, SimulatedInterruption] = dict(enumerate(interruptions))
 
-    def training_started(self, instance_id: str, instance_number: int) -> None:
-        """Training started on the run's ``instance_number``-th instance (0: the first)."""
+    def training_started(self, nodes: Sequence[str], instance_number: int) -> None:
+        """Training started on the run's ``instance_number``-th instance (0: the first), or
+        group of them: ``nodes``, their ids in rank order."""
         at = self.pending.get(instance_number)
         if at is not None and at.seconds is not None:
-            self._schedule(instance_id, instance_number, at)
+            self._schedule(nodes, instance_number, at)
 
-    def log_line(self, instance_id: str, instance_number: int, line: str) -> None:
-        """The training on that instance printed ``line``."""
+    def log_line(self, nodes: Sequence[str], instance_number: int, line: str) -> None:
+        """The training there printed ``line`` (the chief's, on several nodes)."""
         at = self.pending.get(instance_number)
         if at is not None and at.due_in_log(line):
-            self._schedule(instance_id, instance_number, at)
+            self._schedule(nodes, instance_number, at)
 
-    def _schedule(self, instance_id: str, instance_number: int, at: SimulatedInterruption) -> None:
+    def _schedule(self, nodes: Sequence[str], instance_number: int, at: SimulatedInterruption) -> None:
         from cloudtrain.cloud.simulator import schedule_interruption
 
         del self.pending[instance_number]  # due for nothing more
-        schedule_interruption(self.settings, instance_id, delay_s=at.seconds or 0, notice=at.notice)
+        if at.node >= len(nodes):  # api.run_job refuses it first
+            raise InputError(f"--simulate-interruption {at}: the run has {len(nodes)} nodes")
+        schedule_interruption(self.settings, nodes[at.node], delay_s=at.seconds or 0, notice=at.notice)

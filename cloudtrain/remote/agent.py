@@ -24,6 +24,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cloudtrain.cluster import NODE_RANK_ENV
 from cloudtrain.errors import RemoteError
 
 if TYPE_CHECKING:
@@ -158,12 +159,23 @@ class AgentConfig:
     region: str | None = None  # for S3
 
     @classmethod
-    def from_spec(cls, spec: JobSpec, run_id: str, region: str, *, gpus: int | None = None) -> AgentConfig:
+    def from_spec(
+        cls,
+        spec: JobSpec,
+        run_id: str,
+        region: str,
+        *,
+        gpus: int | None = None,
+        node: Mapping[str, str] | None = None,
+    ) -> AgentConfig:
         """``gpus``: the instance type's GPU count, for the job as CLOUDTRAIN_GPUS_PER_NODE
         (also in a dry-run, whose simulated instance has none: a script can split the CPU
-        into as many devices, and mirror across as many replicas as the real run would)."""
-        url = spec.checkpoint.s3_url(run_id)
-        ours = {GPUS_PER_NODE_ENV: str(gpus)} if gpus is not None else {}
+        into as many devices, and mirror across as many replicas as the real run would).
+        ``node``: a node's cluster variables (cluster.node_environment) in a run on several;
+        only the chief (rank 0) keeps checkpoints in S3."""
+        chief = (node or {}).get(NODE_RANK_ENV, "0") == "0"
+        url = spec.checkpoint.s3_url(run_id) if chief else None
+        ours = {**(node or {}), **({GPUS_PER_NODE_ENV: str(gpus)} if gpus is not None else {})}
         return cls(
             backend=spec.backend,
             seed=spec.seed,
