@@ -406,7 +406,8 @@ class HashCache:
         self._entries.update(fresh)
         with contextlib.suppress(OSError):
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self._path.with_name(f"{self._path.name}.{os.getpid()}.tmp")
+            # one per thread too: a run's nodes are synced in parallel
+            tmp = self._path.with_name(f"{self._path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps(self._entries, separators=(",", ":")))
             os.replace(tmp, self._path)
 
