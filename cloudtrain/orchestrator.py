@@ -674,7 +674,9 @@ class Orchestrator:
             if session is not None:
                 session.close()
         ctx.session = None
-        # the whole group goes: the others cannot train on without it
+        # the whole group goes, together: the others cannot train on without it
+        if ctx.workers:
+            ctx.cloud.ask_to_terminate(ctx.node_ids)
         for instance_id in sorted(ctx.node_ids, key=lambda i: i != lost.instance_id):
             self.ledger.instance_terminated(instance_id, ctx.cloud.terminate(instance_id))
         ctx.workers = []

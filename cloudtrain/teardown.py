@@ -79,6 +79,8 @@ def teardown(
         instances += [i for i in billed if i not in instances]
     except (LedgerError, sqlite3.Error) as e:
         log.warning("could not read the run's instances from the ledger: %s", e)
+    if len(instances) > 1:  # several nodes shut down together, then each is confirmed
+        cloud.ask_to_terminate(instances)
     for instance in instances:
         try:
             terminated_at = cloud.terminate(instance)

@@ -242,6 +242,32 @@ def test_teardown_removes_the_placement_group_once_every_node_is_gone(
     assert cloud.owned_resources(OWNER, RUN_ID) == []
 
 
+def test_teardown_asks_every_node_to_terminate_before_waiting_on_one(
+    cloud: AwsCloud, tags: dict[str, str]
+) -> None:
+    """Nodes shut down together: confirming one after the other would bill the last for
+    the waits of all the others."""
+    request = cluster_request(cloud, tags)
+    ids = cloud.launch_cluster(request, 3)
+    calls: list[tuple[str, tuple[str, ...]]] = []
+    for operation in ("TerminateInstances", "DescribeInstances"):
+        cloud.ec2.meta.events.register(
+            f"provide-client-params.ec2.{operation}",
+            lambda params, operation=operation, **_: calls.append(
+                (operation, tuple(params.get("InstanceIds", ())))
+            ),
+        )
+    handle = RunHandle(
+        instance_id=ids[0], security_group_id=request.security_group_id, key_name=request.key.name
+    )
+    with Ledger.open(cloud.settings) as ledger:
+        assert teardown(cloud, ledger, RUN_ID, handle) == []
+    first_terminate = calls.index(("TerminateInstances", (ids[0],)))
+    first_wait = calls.index(("DescribeInstances", (ids[0],)), first_terminate)
+    asked = {ids for operation, ids in calls[first_terminate:first_wait] if operation == "TerminateInstances"}
+    assert asked == {(i,) for i in ids}
+
+
 def test_every_node_gets_the_instance_profile(cloud: AwsCloud, tags: dict[str, str]) -> None:
     """moto associates RunInstances' profile with the first instance only; EC2 with each."""
     profile = cloud.ensure_instance_profile(RUN_ID, ["data-bucket"], tags)

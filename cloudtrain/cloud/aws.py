@@ -1292,6 +1292,15 @@ class AwsCloud:
                 found.append(instance)
         return found
 
+    def ask_to_terminate(self, instance_ids: Sequence[str]) -> None:
+        """TerminateInstances for each, without waiting: several nodes then shut down
+        together, and ``terminate`` confirms each in turn. What fails here is left to it."""
+        for instance_id in instance_ids:
+            try:
+                self.ec2.terminate_instances(InstanceIds=[instance_id])
+            except (ClientError, BotoCoreError) as e:
+                log.info("asking %s to terminate: %s", instance_id, e)
+
     def terminate(
         self, instance_id: str, delay: int = 5, max_attempts: int = 120, not_found_delay: float = 2.0
     ) -> datetime:
