@@ -545,6 +545,34 @@ def _undone_unless_done(undo: Callable[[], object], what: str, held: Held) -> It
         _quietly(undo, what)
 
 
+def _delete_once_free(
+    delete: Callable[[], object],
+    what: str,
+    operation: str,
+    *,
+    gone: Sequence[str],
+    busy: str,
+    attempts: int,
+    delay: float,
+) -> None:
+    """Call ``delete`` until AWS stops answering ``busy`` (a terminated instance still holds
+    what is deleted for a few seconds), at most ``attempts`` times ``delay`` apart; an error
+    code in ``gone`` (already deleted) is no error."""
+    for attempt in range(attempts):
+        try:
+            delete()
+            log.info("deleted %s", what)
+            return
+        except ClientError as e:
+            if _code(e) in gone:
+                return
+            if _code(e) != busy or attempt == attempts - 1:
+                raise translate(e, operation) from e
+            time.sleep(delay)
+        except BotoCoreError as e:
+            raise translate(e, operation) from e
+
+
 def _quietly(undo: Callable[[], object], what: str) -> None:
     try:
         undo()
@@ -854,20 +882,15 @@ class AwsCloud:
 
     def delete_security_group(self, group_id: str, attempts: int = 20, delay: float = 3.0) -> None:
         """Delete the group, waiting out the seconds AWS keeps it attached after termination."""
-        for attempt in range(attempts):
-            try:
-                self.ec2.delete_security_group(GroupId=group_id)
-                log.info("deleted security group %s", group_id)
-                return
-            except ClientError as e:
-                code = e.response.get("Error", {}).get("Code", "")
-                if code == "InvalidGroup.NotFound":
-                    return
-                if code != "DependencyViolation" or attempt == attempts - 1:
-                    raise translate(e, "DeleteSecurityGroup") from e
-                time.sleep(delay)
-            except BotoCoreError as e:
-                raise translate(e, "DeleteSecurityGroup") from e
+        _delete_once_free(
+            lambda: self.ec2.delete_security_group(GroupId=group_id),
+            f"security group {group_id}",
+            "DeleteSecurityGroup",
+            gone=("InvalidGroup.NotFound",),
+            busy="DependencyViolation",
+            attempts=attempts,
+            delay=delay,
+        )
 
     # --- placement group (a cluster's instances, close together in one zone) ----------------
 
@@ -911,19 +934,15 @@ class AwsCloud:
     def delete_placement_group(self, name: str, attempts: int = 20, delay: float = 3.0) -> None:
         """Delete the placement group, waiting out the seconds EC2 still counts a terminated
         instance in it (InvalidPlacementGroup.InUse); one already gone is no error."""
-        for attempt in range(attempts):
-            try:
-                self.ec2.delete_placement_group(GroupName=name)
-                log.info("deleted placement group %s", name)
-                return
-            except ClientError as e:
-                if _code(e) in PLACEMENT_GROUP_GONE:
-                    return
-                if _code(e) != "InvalidPlacementGroup.InUse" or attempt == attempts - 1:
-                    raise translate(e, "DeletePlacementGroup") from e
-                time.sleep(delay)
-            except BotoCoreError as e:
-                raise translate(e, "DeletePlacementGroup") from e
+        _delete_once_free(
+            lambda: self.ec2.delete_placement_group(GroupName=name),
+            f"placement group {name}",
+            "DeletePlacementGroup",
+            gone=PLACEMENT_GROUP_GONE,
+            busy="InvalidPlacementGroup.InUse",
+            attempts=attempts,
+            delay=delay,
+        )
 
     # --- instance profile (S3 data sources) -----------------------------------------------
 
@@ -1453,19 +1472,15 @@ class AwsCloud:
     def delete_volume(self, volume_id: str, attempts: int = 20, delay: float = 3.0) -> None:
         """Delete the volume, waiting out the seconds it stays in use after its instance
         terminated; one already gone (DeleteOnTermination) is no error."""
-        for attempt in range(attempts):
-            try:
-                self.ec2.delete_volume(VolumeId=volume_id)
-                log.info("deleted volume %s", volume_id)
-                return
-            except ClientError as e:
-                if _code(e) == "InvalidVolume.NotFound":
-                    return
-                if _code(e) != "VolumeInUse" or attempt == attempts - 1:
-                    raise translate(e, "DeleteVolume") from e
-                time.sleep(delay)
-            except BotoCoreError as e:
-                raise translate(e, "DeleteVolume") from e
+        _delete_once_free(
+            lambda: self.ec2.delete_volume(VolumeId=volume_id),
+            f"volume {volume_id}",
+            "DeleteVolume",
+            gone=("InvalidVolume.NotFound",),
+            busy="VolumeInUse",
+            attempts=attempts,
+            delay=delay,
+        )
 
     def cancel_spot_request(self, request_id: str) -> None:
         """Cancel a spot instance request (its instance, if any, is not terminated by this)."""
